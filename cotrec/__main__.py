@@ -1,0 +1,3 @@
+from cotrec.cli import main
+
+raise SystemExit(main())

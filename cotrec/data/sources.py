@@ -1,0 +1,34 @@
+"""Which loader reads which `data.source`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cotrec.config import DataConfig
+from cotrec.data.amazon import load_amazon_folder
+from cotrec.data.mind import load_mind_folder
+from cotrec.data.movielens import load_movielens_folder, load_recbole_ml1m, load_recbole_ml100k
+from cotrec.data.raw import RawDataset
+from cotrec.data.yelp import load_yelp_folder
+
+
+def load_source(data: DataConfig) -> RawDataset:
+    if data.source == "ml-100k":
+        raw = load_recbole_ml100k()
+    elif data.source == "ml-1m":
+        raw = load_recbole_ml1m()
+    else:
+        folder = Path(data.path).expanduser()
+        if data.source == "movielens":
+            raw = load_movielens_folder(folder)
+        elif data.source == "mind":
+            raw = load_mind_folder(folder)
+        elif data.source == "amazon":
+            raw = load_amazon_folder(folder, data.amazon_category)
+        elif data.source == "yelp":
+            raw = load_yelp_folder(folder)
+        else:  # the config's Literal makes this unreachable
+            raise AssertionError(data.source)
+    if data.domain:
+        raw.domain = data.domain
+    return raw

@@ -1,0 +1,90 @@
+"""The run directory: where stages find their inputs and leave their outputs.
+
+Every stage writes into a hidden sibling folder first and renames it into place only when it is
+whole, with a `.complete.json` marker that records the fingerprint of the config it was made
+from. A folder without a matching marker is never taken as a finished output, so an interrupted
+stage leaves nothing that looks complete, and a rerun with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from cotrec.config import Config
+
+COMPLETE_MARKER = ".complete.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+class RunDir:
+    """Paths and completion markers of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __truediv__(self, part: str) -> Path:
+        return self.root / part
+
+    def write_config(self, config: Config) -> Path:
+        path = self.root / "config.yaml"
+        atomic_write_text(path, config.to_yaml())
+        return path
+
+    def completion(self, stage_dir: str) -> dict[str, Any] | None:
+        """The completion record of a stage folder, or None when it is absent or unfinished."""
+        marker = self.root / stage_dir / COMPLETE_MARKER
+        try:
+            return json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_complete(self, stage_dir: str, fingerprint: str) -> bool:
+        record = self.completion(stage_dir)
+        return record is not None and record.get("fingerprint") == fingerprint
+
+    @contextmanager
+    def staged(self, stage_dir: str, fingerprint: str) -> Iterator[Path]:
+        """Yield an empty folder to write a stage's outputs into; publish it only on success.
+
+        On success the folder gets its completion marker and replaces `<run>/<stage_dir>`
+        (the old outputs, if any, are removed). On any exception it is deleted.
+        """
+        final = self.root / stage_dir
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            write_json(
+                tmp / COMPLETE_MARKER,
+                {"stage": stage_dir, "fingerprint": fingerprint, "finished_at": time.time()},
+            )
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
