@@ -1,0 +1,114 @@
+"""OpenAI-compatible HTTP backend: a `vllm serve` endpoint, or a hosted model.
+
+Chat goes to `POST {base_url}/chat/completions`; a JSON schema is sent as
+`response_format: {type: json_schema}`. Choice scoring asks for one token with
+`logprobs`/`top_logprobs` and reads the choices' log-probabilities from the top list (a choice
+absent from it gets probability 0 before renormalising). With `llm.vllm_extensions` and a
+tokenizer that can be loaded locally, it also sends vLLM's `allowed_token_ids`; start such a
+server with `--logprobs-mode processed_logprobs` so its top list is exactly the choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from typing import Any
+
+from cotrec.config import LLMConfig
+from cotrec.errors import CotrecError
+from cotrec.llm.base import (ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings,
+                             normalise_logprobs, single_token_ids)
+
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+
+
+class HTTPEngine(LLMEngine):
+    backend = "openai"
+
+    def __init__(self, config: LLMConfig):
+        super().__init__(config.model, config.json_retries)
+        import httpx
+
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        headers = {}
+        key = os.environ.get(config.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.AsyncClient(headers=headers, timeout=config.request_timeout_s)
+        self.limit = asyncio.Semaphore(config.max_concurrency)
+        self.tokenizer = self._local_tokenizer()
+
+    def _local_tokenizer(self) -> Any:
+        """The served model's tokenizer, if it can be had without a hub (embedded or local path)."""
+        from cotrec.llm.embedded import EMBEDDED_NAMES, resolve_model
+
+        if not self.config.vllm_extensions:
+            return None
+        if self.config.model not in EMBEDDED_NAMES and not os.path.isdir(os.path.expanduser(self.config.model)):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(resolve_model(self.config.model))
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        async with self.limit:
+            try:
+                response = await self.client.post(f"{self.base_url}/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                raise CotrecError(f"{self.base_url}: request failed: {exc!r}") from exc
+        if response.status_code != 200:
+            raise CotrecError(f"{self.base_url}/chat/completions answered {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
+                        json_schema: dict[str, Any] | None) -> list[Generation]:
+        return list(await asyncio.gather(*(self._generate_one(c, settings, json_schema) for c in conversations)))
+
+    async def _generate_one(self, conversation: Conversation, settings: SamplingSettings,
+                            json_schema: dict[str, Any] | None) -> Generation:
+        body: dict[str, Any] = {"model": self.config.model, "messages": conversation,
+                                "max_tokens": settings.max_tokens, "temperature": settings.temperature,
+                                "top_p": settings.top_p}
+        if json_schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "reply", "schema": json_schema}}
+        try:
+            reply = await self._post(body)
+        except CotrecError as exc:
+            return Generation("", status="error", error=str(exc))
+        choice = reply["choices"][0]
+        usage = reply.get("usage") or {}
+        return Generation(choice["message"].get("content") or "", finish_reason=choice.get("finish_reason"),
+                          prompt_tokens=usage.get("prompt_tokens", 0),
+                          completion_tokens=usage.get("completion_tokens", 0))
+
+    async def _score_choices(self, conversations: list[Conversation], choices: list[str]) -> list[ChoiceScores]:
+        if len(choices) > MAX_TOP_LOGPROBS:
+            raise CotrecError(f"the HTTP backend scores at most {MAX_TOP_LOGPROBS} choices, got {len(choices)}")
+        token_ids = single_token_ids(self.tokenizer, choices) if self.tokenizer is not None else None
+        return list(await asyncio.gather(*(self._score_one(c, choices, token_ids) for c in conversations)))
+
+    async def _score_one(self, conversation: Conversation, choices: list[str], token_ids: list[int] | None) -> ChoiceScores:
+        body: dict[str, Any] = {"model": self.config.model, "messages": conversation, "max_tokens": 1,
+                                "temperature": 0.0, "logprobs": True,
+                                "top_logprobs": len(choices) if token_ids else MAX_TOP_LOGPROBS}
+        if token_ids:
+            body["allowed_token_ids"] = token_ids
+        reply = await self._post(body)
+        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        best: dict[str, float] = {}
+        for entry in top:
+            token = entry["token"].strip()
+            best[token] = max(best.get(token, -math.inf), entry["logprob"])
+        probs = normalise_logprobs([best.get(c, -math.inf) for c in choices])
+        return ChoiceScores(list(choices), probs, prompt_tokens=(reply.get("usage") or {}).get("prompt_tokens", 0))
+
+    def _shutdown(self) -> None:
+        try:
+            self._run(self.client.aclose())
+        except RuntimeError:
+            pass

@@ -1,0 +1,97 @@
+"""The LLM interface's own logic: normalisation, JSON validation, bounded retries, model names."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cotrec.config import LLMConfig, load_config
+from cotrec.errors import ConfigError, CotrecError
+from cotrec.llm import letters
+from cotrec.llm.base import ChoiceScores, Generation, LLMEngine, SamplingSettings, normalise_logprobs, validate_json
+from cotrec.llm.embedded import resolve_model
+
+
+class ScriptedFakeEngine(LLMEngine):
+    """A fake engine for testing the retry orchestration only: replies come from a script."""
+
+    backend = "fake"
+
+    def __init__(self, script, retries=2):
+        super().__init__("fake", retries)
+        self.script = list(script)
+        self.calls = []
+
+    async def _generate(self, conversations, settings, json_schema):
+        self.calls.append((len(conversations), settings.temperature))
+        return [Generation(text, finish_reason=reason) for text, reason in (self.script.pop(0) for _ in conversations)]
+
+    async def _score_choices(self, conversations, choices):
+        return [ChoiceScores(choices, normalise_logprobs([0.0] * len(choices))) for _ in conversations]
+
+
+SCHEMA = {"type": "object", "properties": {"k": {"type": "array"}}, "required": ["k"]}
+
+
+def test_normalise_logprobs():
+    probs = normalise_logprobs([np.log(0.2), np.log(0.6), -np.inf])
+    assert probs == pytest.approx([0.25, 0.75, 0.0])
+    assert normalise_logprobs([-np.inf, -np.inf]) == pytest.approx([0.5, 0.5])
+
+
+def test_validate_json():
+    assert validate_json('{"k": [1]}', SCHEMA) == ({"k": [1]}, None)
+    assert "not JSON" in validate_json("{", SCHEMA)[1]
+    assert "schema" in validate_json('{"x": 1}', SCHEMA)[1]
+
+
+def test_bad_replies_are_retried_then_reported_not_raised():
+    engine = ScriptedFakeEngine([("", "stop"), ('{"k": []}', "stop"),  # attempt 1: empty, ok
+                                 ("{oops", "stop"),  # attempt 2 of the first
+                                 ('{"k": [', "length")])  # attempt 3: truncated, give up
+    try:
+        first, second = engine.chat_sync([[{"role": "user", "content": "a"}]] * 2, SamplingSettings(), SCHEMA)
+    finally:
+        engine.close()
+    assert second.ok and second.parsed == {"k": []} and second.attempts == 1
+    assert first.status == "truncated" and first.attempts == 3 and "max_tokens" in first.error
+    # one retry batch per attempt, and retries sample instead of repeating the greedy reply
+    assert engine.calls == [(2, 0.0), (1, 0.7), (1, 0.7)]
+
+
+def test_engine_is_usable_from_another_event_loop():
+    engine = ScriptedFakeEngine([("fine", "stop")] * 4)
+
+    async def two_programs():
+        return await asyncio.gather(engine.chat([[{"role": "user", "content": "x"}]]),
+                                    engine.score_choices([[{"role": "user", "content": "x"}]], ["A", "B"]))
+
+    try:
+        (reply,), (scores,) = asyncio.run(two_programs())
+    finally:
+        engine.close()
+    assert reply.text == "fine" and scores.probs.sum() == pytest.approx(1.0)
+
+
+def test_letters():
+    assert letters(10) == list("ABCDEFGHIJ")
+    with pytest.raises(ValueError):
+        letters(27)
+
+
+def test_model_names_resolve_or_fail_clearly(tmp_path):
+    with pytest.raises(CotrecError, match="not a model folder"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(CotrecError, match="no such model folder"):
+        resolve_model("./no/such/model")
+    assert resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_llm_config_keys():
+    config = load_config("demo", ["llm.backend=transformers", "llm.max_model_len=1024"])
+    assert config.llm.backend == "transformers" and config.llm.max_model_len == 1024
+    with pytest.raises(ConfigError, match="llm.base_url"):
+        load_config("demo", ["llm.backend=openai"])
+    with pytest.raises(ConfigError, match=r"llm\.kv_cache: unknown key"):
+        load_config("demo", ["llm.kv_cache=3"])
+    assert LLMConfig().model == "embedded"
