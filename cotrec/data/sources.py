@@ -7,16 +7,16 @@ from pathlib import Path
 from cotrec.config import DataConfig
 from cotrec.data.amazon import load_amazon_folder
 from cotrec.data.mind import load_mind_folder
-from cotrec.data.movielens import load_movielens_folder, load_recbole_ml1m, load_recbole_ml100k
+from cotrec.data.movielens import RECBOLE_ML1M, RECBOLE_ML100K, load_movielens_folder, load_recbole
 from cotrec.data.raw import RawDataset
 from cotrec.data.yelp import load_yelp_folder
 
 
 def load_source(data: DataConfig) -> RawDataset:
     if data.source == "ml-100k":
-        raw = load_recbole_ml100k()
+        raw = load_recbole(RECBOLE_ML100K)
     elif data.source == "ml-1m":
-        raw = load_recbole_ml1m()
+        raw = load_recbole(RECBOLE_ML1M)
     else:
         folder = Path(data.path).expanduser()
         if data.source == "movielens":
