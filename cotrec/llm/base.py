@@ -142,10 +142,10 @@ class LLMEngine(ABC):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         try:
             self._shutdown()
         finally:
+            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 

@@ -151,9 +151,19 @@ class VLLMEngine(LLMEngine):
         logprobs = [step[t].logprob if t in step else -math.inf for t in token_ids]
         return ChoiceScores(list(choices), normalise_logprobs(logprobs), prompt_tokens=len(ids))
 
+    @staticmethod
+    async def _stop_output_handler(engine: Any) -> None:
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None and not handler.done():
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+
     def _shutdown(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
+            # Stop the output handler before the engine core goes, or it reports the core's
+            # exit as an EngineDeadError.
+            self._run(self._stop_output_handler(engine))
             engine.shutdown()
             # AsyncLLM.__del__ shuts down again; at interpreter exit that fails noisily.
             self.engine = None
