@@ -101,6 +101,8 @@ class RetrieverConfig(Section):
     max_epochs: int = Field(200, ge=1)
     # Early stopping: stop after this many epochs without a better valid ndcg@10.
     patience: int = Field(5, ge=1)
+    # Save the best state as a Ray Train checkpoint every this many epochs (when it changed) and at the end.
+    checkpoint_every: int = Field(10, ge=1)
     # ce: cross-entropy over all items; sampled: sampled softmax with logQ correction.
     loss: Literal["ce", "sampled"] = "ce"
     negatives: int = Field(1024, ge=1)

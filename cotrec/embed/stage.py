@@ -1,0 +1,137 @@
+"""The `embed` stage: `<run>/embed/<kind>/{matrix.npy, reduction.joblib, meta.json}` per text kind.
+
+Kinds: `caption` (items), `description` (items: caption + the LLM's description) and `preference`
+(users, one row per horizon train/valid/test). Each kind is its own staged folder with its own
+fingerprint (data + embed config + SASRec width + the extraction shards it read), so adding the
+descriptions later re-embeds only what changed, and the retriever asks for exactly the kind a
+variant needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import joblib
+import numpy as np
+
+from cotrec.config import Config
+from cotrec.data.prepare import read_table
+from cotrec.embed.encoder import encode, load_encoder
+from cotrec.embed.mapping import apply_map, fit_map
+from cotrec.embed.texts import (DESCRIPTIONS_DIR, HORIZONS, PREFERENCES_DIR, caption_texts,
+                                description_texts, preference_texts, shards_digest)
+from cotrec.errors import CotrecError
+from cotrec.progress import log
+from cotrec.rundir import RunDir, write_json
+
+STAGE_DIR = "embed"
+EMBED_KINDS = ("caption", "description", "preference")
+_NEEDS = {"description": DESCRIPTIONS_DIR, "preference": PREFERENCES_DIR}
+
+
+def fingerprint(config: Config, run: RunDir, kind: str) -> str:
+    parts = {"config": config.fingerprint("data", "embed"), "dim": config.retriever.dim, "kind": kind}
+    if kind in _NEEDS:
+        parts["extract"] = shards_digest(run, _NEEDS[kind], f"{kind} embeddings")
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def available_kinds(run: RunDir) -> list[str]:
+    """caption always; description / preference when their extraction output exists."""
+    kinds = ["caption"]
+    for kind, folder in _NEEDS.items():
+        if any(Path(run / folder).glob("*.parquet")):
+            kinds.append(kind)
+    return kinds
+
+
+class _Encoder:
+    """Loads the sentence encoder on first use only (a fully up-to-date run never loads it)."""
+
+    def __init__(self, config: Config):
+        self.config, self.model = config, None
+
+    def __call__(self, texts: list[str], label: str) -> np.ndarray:
+        if self.model is None:
+            log(f"embed: loading sentence encoder {self.config.embed.model}")
+            self.model = load_encoder(self.config.embed.model, self.config.embed.device)
+        return encode(self.model, texts, self.config.embed.batch_size, label)
+
+
+def _embed_kind(config: Config, run: RunDir, kind: str, encoder: _Encoder, force: bool) -> dict[str, Any]:
+    stage = f"{STAGE_DIR}/{kind}"
+    fp = fingerprint(config, run, kind)
+    if not force and run.is_complete(stage, fp):
+        meta = json.loads((run / stage / "meta.json").read_text())
+        return {"skipped": True, **meta}
+    started = time.perf_counter()
+    items = read_table(run, "items")
+    found = None
+    if kind == "caption":
+        texts = caption_texts(items)
+        covered = len(texts)
+    elif kind == "description":
+        texts, covered = description_texts(run, items)
+    else:
+        users = read_table(run, "users")
+        texts, found = preference_texts(run, len(users))
+        covered = int(found.sum())
+    log(f"embed: {kind}: {len(texts):,} texts ({covered:,} from their source)")
+    vectors = encoder(texts, kind)
+    # Fit the reduction on real texts only (empty placeholders of missing preferences are left out).
+    fit_rows = vectors if found is None else vectors[found.reshape(-1)]
+    pipeline = fit_map(fit_rows, config.embed.reduction, config.retriever.dim)
+    matrix = apply_map(pipeline, vectors)
+    meta = {"kind": kind, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
+            "covered": covered, "encoder": config.embed.model, "encoder_dim": int(vectors.shape[1]),
+            "reduction": config.embed.reduction, "seconds": round(time.perf_counter() - started, 3)}
+    if found is not None:
+        meta["horizons"] = list(HORIZONS)
+        matrix = matrix.reshape(len(HORIZONS), -1, matrix.shape[1])
+        meta["users_per_horizon"] = {h: int(n) for h, n in zip(HORIZONS, found.sum(axis=1))}
+    with run.staged(stage, fp) as folder:
+        np.save(folder / "matrix.npy", matrix)
+        if found is not None:
+            np.save(folder / "found.npy", found)
+        joblib.dump(pipeline, folder / "reduction.joblib")
+        write_json(folder / "meta.json", meta)
+    return {"skipped": False, **meta}
+
+
+def embed(config: Config, run: RunDir, force: bool = False,
+          kinds: Iterable[str] | None = None) -> dict[str, Any]:
+    """Embed the given kinds (default: every kind whose source exists); skipped when up to date."""
+    wanted = list(kinds) if kinds is not None else available_kinds(run)
+    for kind in wanted:
+        if kind not in EMBED_KINDS:
+            raise CotrecError(f"embed: unknown kind {kind!r} (kinds: {', '.join(EMBED_KINDS)})")
+    encoder = _Encoder(config)
+    done = {kind: _embed_kind(config, run, kind, encoder, force) for kind in wanted}
+    missing = [k for k in EMBED_KINDS if k not in wanted]
+    return {"skipped": all(v["skipped"] for v in done.values()), "kinds": done, "not_available": missing,
+            "folder": str(run / STAGE_DIR)}
+
+
+def load_embedding(config: Config, run: RunDir, kind: str) -> dict[str, np.ndarray]:
+    """The `matrix` (and `found` for preference) of one kind, embedding it first when needed."""
+    embed(config, run, kinds=[kind])
+    folder = Path(run / STAGE_DIR / kind)
+    out = {"matrix": np.load(folder / "matrix.npy")}
+    if (folder / "found.npy").exists():
+        out["found"] = np.load(folder / "found.npy")
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for kind, meta in summary["kinds"].items():
+        state = "  [up to date, skipped]" if meta.get("skipped") else f"  {meta['seconds']:.1f} s"
+        lines.append(f"{kind:<12} {meta['rows']:>7,} x {meta['dim']}  ({meta['covered']:,} from source; "
+                     f"{meta['encoder']} -> {meta['reduction']}){state}")
+    for kind in summary["not_available"]:
+        lines.append(f"{kind:<12} not available (no {_NEEDS.get(kind, kind)} output yet)")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Ranking metrics over target ranks, named as in the paper (`hit@10`, `ndcg@10`).
+
+Every function takes the 0-based rank of each user's target (0 = ranked first; a target that
+could not be ranked at all, e.g. masked or missing from a candidate list, gets any rank >= K)
+and returns the mean over users. Leave-one-out has one target per user, so NDCG@K is
+1 / log2(rank + 2) when the target is in the top K and 0 otherwise (the ideal DCG is 1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+
+def hit_at_k(ranks: np.ndarray, k: int) -> float:
+    """Share of users whose target is among the top k."""
+    ranks = np.asarray(ranks)
+    return float(np.mean(ranks < k)) if ranks.size else 0.0
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """Mean NDCG@k with one relevant item per user."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if not ranks.size:
+        return 0.0
+    gains = np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+    return float(gains.mean())
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
+    """`{"hit@K": ..., "ndcg@K": ...}` for every K, in the order given."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"hit@{k}"] = hit_at_k(ranks, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
+    return out

@@ -1,0 +1,211 @@
+"""The retriever stages: train one variant (`retriever train`) and Table 1 (`retriever grid`).
+
+Each (variant, seed) is a staged folder `<run>/retriever/<user>-<item>[-seed<k>]/` with
+  model.pt            the best checkpoint (state dict + SASRec config + epoch)
+  metrics.json        test metrics at the top level (hit@K, ndcg@K, users, seed, wall time, ...)
+                      and the valid metrics under "valid"
+  candidates.parquet  per user and split (valid, test): the top-M items and scores, the target,
+                      its full-ranking rank and whether it is among the candidates
+  history.json        per-epoch loss, valid metrics and timings
+Its fingerprint covers the data and retriever config, the variant, the seed and the embeddings
+it starts from, so a rerun with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cotrec.config import Config
+from cotrec.data.prepare import read_table
+from cotrec.progress import log
+from cotrec.retriever.data import Sequences, eval_queries, training_windows
+from cotrec.retriever.evaluate import evaluate_split
+from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.retriever.train import fit, peak_memory_mb
+from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
+                                       variant_dir, variant_name)
+from cotrec.rundir import RunDir, atomic_write_text, write_json
+
+REPORT = "reports/table1.md"
+
+
+def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
+    # What one variant's training depends on: data + retriever settings, minus the grid's own keys
+    # (asking for more seeds must not retrain the seeds already done).
+    retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds"})
+    parts = {"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
+             "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> tuple[dict, Sequences, dict]:
+    rc = config.retriever
+    items = read_table(run, "items")
+    seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))
+    item_init, user_init, notes = initial_tables(config, run, user, item, seqs.num_users, seed)
+    model = {"num_items": seqs.num_items, "num_users": seqs.num_users if user != "none" else 0,
+             "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads,
+             "dropout": rc.dropout}
+    windows = training_windows(seqs, rc.max_len, user_token=user != "none")
+    counts = np.bincount(np.concatenate(seqs.train), minlength=seqs.num_items)
+    job = {"name": variant_name(user, item), "seed": seed, "model": model, "item_init": item_init,
+           "user_init": user_init, "windows": windows, "valid": eval_queries(seqs, "valid", rc.max_len),
+           "item_counts": counts, "lr": rc.lr, "weight_decay": rc.weight_decay, "batch_size": rc.batch_size,
+           "max_epochs": rc.max_epochs, "patience": rc.patience, "loss": rc.loss, "negatives": rc.negatives,
+           "sampler": rc.sampler, "mask_history": rc.mask_history, "eval_batch_size": rc.eval_batch_size,
+           "cpus_per_worker": rc.cpus_per_worker, "checkpoint_every": rc.checkpoint_every, "log": True}
+    return job, seqs, notes
+
+
+def train_variant(config: Config, run: RunDir, variant: str = "none/random", seed: Optional[int] = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Train, evaluate and save one variant for one seed; skipped when up to date."""
+    user, item = parse_variant(variant)
+    seed = config.seed if seed is None else seed
+    stage = variant_dir(config, user, item, seed)
+    fp = variant_fingerprint(config, run, user, item, seed)
+    if not force and run.is_complete(stage, fp):
+        log(f"retriever: {run / stage} is up to date; skipped")
+        return {"skipped": True, "folder": str(run / stage), **read_metrics(run / stage)}
+    rc = config.retriever
+    started = time.perf_counter()
+    job, seqs, notes = _build_job(config, run, user, item, seed)
+    log(f"retriever: training {variant_name(user, item)} seed {seed} ({rc.trainer}, {rc.num_workers} "
+        f"worker(s)) on {len(job['windows']['users']):,} windows of {seqs.num_users:,} users, "
+        f"{seqs.num_items:,} items")
+    with run.staged(stage, fp) as folder:
+        state, result = fit(job, rc, folder / ".ray")
+        trained = time.perf_counter()
+        model = SASRec(SASRecConfig(**state["sasrec"]))
+        model.load_state_dict(state["model"])
+        evaluated, tables = {}, []
+        for split in ("valid", "test"):
+            t0 = time.perf_counter()
+            queries = job["valid"] if split == "valid" else eval_queries(seqs, "test", rc.max_len)
+            metrics, candidates = evaluate_split(model, queries, split, rc.ks, rc.mask_history, rc.top_m,
+                                                 rc.eval_batch_size)
+            seconds = time.perf_counter() - t0
+            evaluated[split] = {**metrics, "users": len(candidates),
+                                "eval_users_per_second": len(candidates) / max(seconds, 1e-9)}
+            tables.append(candidates)
+        candidates = pd.concat(tables, ignore_index=True)
+        metrics = {
+            "variant": variant_name(user, item), "user_init": user, "item_init": item,
+            "split": "test", **{k: v for k, v in evaluated["test"].items()},
+            "valid": {"split": "valid", **evaluated["valid"]},
+            "seed": seed, "mask_history": rc.mask_history, "ks": list(rc.ks), "top_m": rc.top_m,
+            "best_epoch": state["epoch"], "epochs": len(result["history"]),
+            "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss,
+            "train_seconds": round(trained - started, 3),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "peak_memory_mb": max([peak_memory_mb()] + [h["peak_memory_mb"] for h in result["history"]]),
+            **notes,
+        }
+        torch.save(state, folder / "model.pt")
+        write_json(folder / "metrics.json", metrics)
+        write_json(folder / "history.json", result["history"])
+        candidates.to_parquet(folder / "candidates.parquet", index=False)
+        shutil.rmtree(folder / ".ray", ignore_errors=True)
+    log(f"retriever: {variant_name(user, item)} seed {seed}: test ndcg@10 {metrics['ndcg@10']:.4f} "
+        f"hit@10 {metrics['hit@10']:.4f} (best epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
+    return {"skipped": False, "folder": str(run / stage), **metrics}
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+def format_train_summary(summary: dict[str, Any]) -> str:
+    ks = summary.get("ks", [10])
+    head = f"variant       {summary['variant']} (seed {summary['seed']})" + (
+        "  [up to date, skipped]" if summary.get("skipped") else "")
+    lines = [head,
+             f"best epoch    {summary['best_epoch']} of {summary['epochs']}",
+             f"history mask  {'on' if summary['mask_history'] else 'off'}",
+             "test          " + "  ".join(f"hit@{k} {summary[f'hit@{k}']:.4f} ndcg@{k} {summary[f'ndcg@{k}']:.4f}"
+                                         for k in ks if k in (5, 10, 20)),
+             "valid         " + "  ".join(f"ndcg@{k} {summary['valid'][f'ndcg@{k}']:.4f}" for k in ks if k == 10),
+             f"users         {summary['users']:,}",
+             f"time          {summary['wall_seconds']:.1f} s",
+             f"folder        {summary['folder']}"]
+    return "\n".join(lines)
+
+
+# --- Table 1 ---------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _label(name: str) -> tuple[str, str]:
+    user, item = parse_variant(name)
+    return user.capitalize(), item.capitalize()
+
+
+def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+    """Train every `retriever.grid` variant for `retriever.grid_seeds` seeds; write reports/table1.md."""
+    rc = config.retriever
+    seeds = [config.seed + i for i in range(rc.grid_seeds)]
+    # Check up front that every variant's inputs exist, so a missing extraction fails in one line
+    # before any training.
+    for name in rc.grid:
+        user, item = parse_variant(name)
+        embedding_fingerprints(config, run, user, item)
+    started = time.perf_counter()
+    rows, skipped = [], True
+    for name in rc.grid:
+        results = [train_variant(config, run, name, seed, force) for seed in seeds]
+        skipped &= all(r["skipped"] for r in results)
+        row: dict[str, Any] = {"variant": name, "seeds": seeds}
+        for metric in ("hit@10", "ndcg@10"):
+            row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in results])
+        row["best_epoch"] = float(np.mean([r["best_epoch"] for r in results]))
+        row["users"] = results[0]["users"]
+        rows.append(row)
+    summary = {"skipped": skipped, "rows": rows, "seeds": seeds, "mask_history": rc.mask_history,
+               "report": str(run / REPORT), "seconds": round(time.perf_counter() - started, 3)}
+    write_table1(run, config, summary)
+    return summary
+
+
+def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
+    seeds = summary["seeds"]
+    lines = [
+        "# Table 1: SASRec retriever, user / item initialisation",
+        "",
+        f"Dataset `{config.data.source}` ({summary['rows'][0]['users'] if summary['rows'] else 0} test users), "
+        f"leave-one-out, full ranking over all items, history {'masked' if summary['mask_history'] else 'not masked'}; "
+        f"mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).",
+        "",
+        "| User | Item | Hit@10 | NDCG@10 | best epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        user, item = _label(row["variant"])
+        lines.append(f"| {user} | {item} | {row['hit@10']:.4f} ± {row['hit@10_std']:.4f} | "
+                     f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f} | {row['best_epoch']:.1f} |")
+    path = Path(run / REPORT)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def format_grid_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'variant':<24} {'hit@10':>17} {'ndcg@10':>17}"]
+    for row in summary["rows"]:
+        lines.append(f"{row['variant']:<24} {row['hit@10']:.4f} ± {row['hit@10_std']:.4f} "
+                     f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f}")
+    lines.append(f"seeds {', '.join(map(str, summary['seeds']))}; "
+                 f"history {'masked' if summary['mask_history'] else 'not masked'}"
+                 + ("  [up to date, skipped]" if summary.get("skipped") else f"; {summary['seconds']:.0f} s"))
+    lines.append(f"report {summary['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The training recipe: one loop that runs under Ray Train (TorchTrainer, DDP) or in-process.
+
+`train_loop(job)` is the per-worker function. Each epoch every worker takes its share of one
+seeded permutation of the training windows (same permutation on all workers, strided by rank,
+per-worker batch = batch_size / workers, so the effective batch and the number of steps do not
+depend on the worker count), steps Adam, then the workers evaluate valid NDCG@10 on disjoint
+slices of the users and all-reduce the sums, so they all take the same early-stopping decision.
+Rank 0 keeps the best state and reports it as a checkpoint every `checkpoint_every` epochs when it
+changed, and at the end; only improvements are ever checkpointed, so with `num_to_keep=1` the
+checkpoint Ray Train holds is the best one. The loop stops after `patience` epochs without
+improvement or at `max_epochs`.
+
+`fit(job, rcfg, storage)` launches it: Ray Train's TorchTrainer (workers, CPUs and GPUs per
+worker from the config; gloo on CPU, nccl on GPU) or, with `trainer: local`, a plain call.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cotrec.config import RetrieverConfig
+from cotrec.metrics import ranking_metrics
+from cotrec.retriever.evaluate import score_queries
+from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
+from cotrec.retriever.sasrec import SASRec, SASRecConfig
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Local:
+    """The single-process stand-in for Ray Train's context and report()."""
+
+    world_rank, world_size = 0, 1
+
+    def __init__(self):
+        self.best_state: Optional[dict[str, Any]] = None
+
+    def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+        if state is not None:
+            self.best_state = state
+
+
+class _RayTrain:
+    def __init__(self):
+        import ray.train
+
+        self.train = ray.train
+        context = ray.train.get_context()
+        self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+        if state is None:
+            self.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(folder))
+
+
+def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: dict[str, Any],
+                device: torch.device) -> torch.Tensor:
+    """(hit@10 sum, ndcg@10 sum, users) over this worker's slice of the valid users."""
+    rows = np.arange(len(queries["users"]))[rank::world]
+    out = score_queries(model, queries, rows, job["mask_history"], top_m=1,
+                        batch_size=job["eval_batch_size"], device=device)
+    m = ranking_metrics(out["ranks"], [10])
+    n = len(rows)
+    return torch.tensor([m["hit@10"] * n, m["ndcg@10"] * n, float(n)], dtype=torch.float64)
+
+
+def train_loop(job: dict[str, Any]) -> dict[str, Any]:
+    """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
+    ctx = _Local() if job.get("local") else _RayTrain()
+    rank, world = ctx.world_rank, ctx.world_size
+    if job.get("local"):
+        device = torch.device("cuda" if job.get("use_gpu") and torch.cuda.is_available() else "cpu")
+    else:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    seed = int(job["seed"])
+    # One intra-op thread per CPU the worker was given: a small model gains nothing from more, and
+    # oversubscribed threads on a busy machine stall every tiny op.
+    torch.set_num_threads(max(1, int(job.get("cpus_per_worker", 1))))
+    # Same seed on every worker for the initial weights (DDP also broadcasts rank 0's), then a
+    # per-rank stream for dropout and negative sampling.
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(**job["model"])
+    to_tensor = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    model = SASRec(cfg, to_tensor(job.get("item_init")), to_tensor(job.get("user_init"))).to(device)
+    torch.manual_seed(seed * 1009 + rank + 1)
+    generator = torch.Generator().manual_seed(seed * 7919 + rank)
+    wrapped = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optim = torch.optim.Adam(model.parameters(), lr=job["lr"], weight_decay=job["weight_decay"])
+    sampled = (SampledSoftmax(job["item_counts"], job["negatives"], job["sampler"])
+               if job["loss"] == "sampled" else None)
+
+    windows, queries = job["windows"], job["valid"]
+    rows_total = len(windows["users"]) // world * world    # equal shards: same step count everywhere
+    per_worker = max(1, math.ceil(job["batch_size"] / world))
+    steps = math.ceil(rows_total / world / per_worker)
+    use_users = cfg.user_token
+
+    history: list[dict[str, Any]] = []
+    best, best_epoch, since_best = -1.0, -1, 0
+    best_state: Optional[dict[str, Any]] = None
+    unsaved = False
+    started = time.perf_counter()
+    for epoch in range(job["max_epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        order = np.random.default_rng(seed * 100_003 + epoch).permutation(len(windows["users"]))
+        shard = order[:rows_total][rank::world]
+        total_loss = 0.0
+        for step in range(steps):
+            idx = shard[step * per_worker:(step + 1) * per_worker]
+            items = torch.as_tensor(windows["items"][idx], device=device)
+            targets = torch.as_tensor(windows["targets"][idx], device=device)
+            users = torch.as_tensor(windows["users"][idx], device=device) if use_users else None
+            hidden = wrapped(items, users)
+            table = model.item_table()
+            loss = (sampled(hidden, table, targets, generator) if sampled is not None
+                    else full_softmax_loss(hidden, table, targets))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            total_loss += loss.detach().item()
+        train_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        sums = _valid_sums(model, queries, rank, world, job, device)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        hit, ndcg = float(sums[0] / sums[2]), float(sums[1] / sums[2])
+        eval_seconds = time.perf_counter() - t1
+        improved = ndcg > best
+        if improved:
+            best, best_epoch, since_best = ndcg, epoch, 0
+        else:
+            since_best += 1
+        record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "valid_hit@10": hit,
+                  "valid_ndcg@10": ndcg, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                  "eval_users": int(sums[2]), "elapsed": time.perf_counter() - started,
+                  "peak_memory_mb": peak_memory_mb(), "improved": improved}
+        history.append(record)
+        if improved and rank == 0:
+            best_state = {"model": copy.deepcopy(model.state_dict()), "sasrec": job["model"], "epoch": epoch,
+                          "valid_ndcg@10": ndcg}
+        unsaved |= improved
+        stop = since_best >= job["patience"] or epoch == job["max_epochs"] - 1
+        # Checkpoint the best state every `checkpoint_every` epochs (when it changed) and at the end.
+        # Every rank takes the same decision (the metrics were all-reduced), as report() is collective.
+        # Not every epoch: a Ray Train report blocks until the controller polls it (~2 s).
+        if stop or (unsaved and (epoch + 1) % job.get("checkpoint_every", 10) == 0):
+            ctx.report({k: v for k, v in record.items() if k != "improved"},
+                       best_state if (unsaved and rank == 0) else None)
+            unsaved = False
+        if job.get("log") and rank == 0:
+            mark = " *" if improved else ""
+            print(f"[retriever {job.get('name', '')} rank {rank}] epoch {epoch:3d} loss {record['loss']:.4f} "
+                  f"valid ndcg@10 {ndcg:.4f} hit@10 {hit:.4f} ({train_seconds:.1f}+{eval_seconds:.1f} s){mark}",
+                  flush=True)
+        if stop:
+            break
+    out: dict[str, Any] = {"history": history, "best_epoch": best_epoch, "best_valid_ndcg@10": best,
+                           "world_size": world, "seconds": time.perf_counter() - started}
+    if job.get("local"):
+        out["best_state"] = ctx.best_state
+    return out
+
+
+def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train with the configured trainer; returns (best checkpoint state, the loop's result)."""
+    use_gpu = rcfg.gpus_per_worker > 0
+    if rcfg.trainer == "local":
+        threads = torch.get_num_threads()
+        try:
+            result = train_loop({**job, "local": True, "use_gpu": use_gpu})
+        finally:
+            torch.set_num_threads(threads)
+        return result.pop("best_state"), result
+
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cotrec.cluster import ensure_ray
+
+    ensure_ray()
+    resources = {"CPU": rcfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = rcfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="train", storage_path=str(Path(storage).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    return state, result.return_value

@@ -1,0 +1,90 @@
+"""Encode & Map on a small synthetic run: the packaged MiniLM encoder, PCA to the SASRec width."""
+
+import json
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from cotrec.embed import embed, load_embedding
+from cotrec.embed.encoder import encode, load_encoder
+from cotrec.errors import CotrecError
+from retriever_data import fake_extraction, synthetic_run
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("all-MiniLM-L6-v2")
+
+
+def test_encoder_puts_related_texts_closer(encoder):
+    vectors = encode(encoder, ["a space adventure with starships", "science fiction voyage among the stars",
+                               "a romantic comedy in Paris"], batch_size=2)
+    assert vectors.shape == (3, 384)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2]
+
+
+def test_caption_embedding_is_reduced_normalised_saved_and_skipped(tmp_path):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16",))
+    summary = embed(config, run)
+    assert list(summary["kinds"]) == ["caption"]            # no extraction output yet
+    assert summary["not_available"] == ["description", "preference"]
+    folder = tmp_path / "run" / "embed" / "caption"
+    matrix = np.load(folder / "matrix.npy")
+    assert matrix.shape == (80, 16) and matrix.dtype == np.float32
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+    # the fitted reduction maps new encoder outputs into the same space
+    mapper = joblib.load(folder / "reduction.joblib")
+    fresh = encode(load_encoder("all-MiniLM-L6-v2"), [pd.read_parquet(tmp_path / "run" / "data" / "items.parquet").caption[50], "a horror film"])
+    mapped = mapper.transform(fresh.astype(np.float64))
+    assert mapped.shape == (2, 16) and np.allclose(np.linalg.norm(mapped, axis=1), 1.0)
+    assert np.allclose(mapped[0], matrix[50], atol=1e-4)          # same text, same row
+    nearest = np.argsort(-(matrix @ mapped[1]))[:5]
+    assert all(20 <= i < 30 for i in nearest)                     # items 20-29 are the horror ones
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["reduction"] == "pca" and meta["encoder_dim"] == 384
+    assert embed(config, run)["kinds"]["caption"]["skipped"]
+
+
+def test_description_and_preference_need_the_extraction_outputs(tmp_path):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16",))
+    with pytest.raises(CotrecError, match="extract/item_descriptions"):
+        embed(config, run, kinds=["description"])
+    with pytest.raises(CotrecError, match="extract/preferences"):
+        load_embedding(config, run, "preference")
+
+
+def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_path):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16",))
+    fake_extraction(run, status_failed_items={3}, missing_users={5})
+    summary = embed(config, run)
+    assert set(summary["kinds"]) == {"caption", "description", "preference"}
+    desc = summary["kinds"]["description"]
+    assert desc["rows"] == 80 and desc["covered"] == 79      # the failed row falls back to its caption
+    pref = load_embedding(config, run, "preference")
+    assert pref["matrix"].shape == (3, 60, 16)
+    assert pref["found"].sum(axis=1).tolist() == [59, 59, 59] and not pref["found"][:, 5].any()
+    assert np.allclose(np.linalg.norm(pref["matrix"][pref["found"]], axis=1), 1.0, atol=1e-5)
+    # descriptions change -> only the description embedding is redone
+    shard = tmp_path / "run" / "extract" / "item_descriptions" / "part-0.parquet"
+    table = pd.read_parquet(shard)
+    table["status"] = "ok"
+    table.to_parquet(shard, index=False)
+    again = embed(config, run)
+    assert again["kinds"]["caption"]["skipped"] and again["kinds"]["preference"]["skipped"]
+    assert not again["kinds"]["description"]["skipped"] and again["kinds"]["description"]["covered"] == 80
+
+
+def test_unknown_encoder_is_one_clear_error(tmp_path):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("embed.model=/nonexistent/encoder",))
+    with pytest.raises(CotrecError, match="embed.model: cannot load sentence encoder .*/nonexistent/encoder"):
+        embed(config, run)
+
+
+def test_embed_cli_on_synthetic_run(tmp_path, cli):
+    synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16",))
+    result = cli("embed", "--run-dir", str(tmp_path / "run"), "--set", "retriever.dim=16")
+    assert result.returncode == 0, result.stderr
+    assert "caption" in result.stdout and "80 x 16" in result.stdout and "not available" in result.stdout

@@ -1,0 +1,220 @@
+"""SASRec retriever: model, windows, losses, evaluation, variants, Table 1 grid and Ray Train.
+
+Most tests use a small synthetic catalogue (tests/retriever_data.py) where users mostly walk
+item k -> k+1, so a working SASRec must learn it in a few seconds; the Description / Preference
+variants use SYNTHETIC extraction outputs written by the test. One test runs the grid on the real
+demo preset; one module-scoped Ray session serves the Ray Train tests.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cotrec.config import load_config
+from cotrec.errors import CotrecError
+from cotrec.metrics import hit_at_k, ndcg_at_k, ranking_metrics
+from cotrec.retriever import retriever_grid, train_variant
+from cotrec.retriever.data import Sequences, eval_queries, training_windows
+from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
+from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.retriever.variants import parse_variant
+from retriever_data import fake_extraction, synthetic_run
+
+SMALL = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
+         "retriever.trainer=local", "retriever.grid_seeds=1")
+
+
+def small_run(tmp_path, *extra):
+    return synthetic_run(tmp_path / "run", config_overrides=SMALL + tuple(extra))
+
+
+def test_metrics_from_ranks():
+    ranks = np.array([0, 1, 9, 10, 500])
+    assert hit_at_k(ranks, 10) == pytest.approx(3 / 5)
+    assert ndcg_at_k(ranks, 10) == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5)
+    assert ranking_metrics(ranks, [1, 10]) == {"hit@1": 0.2, "ndcg@1": 0.2, "hit@10": 0.6,
+                                               "ndcg@10": pytest.approx(ndcg_at_k(ranks, 10))}
+
+
+def test_training_windows_cover_every_train_transition_and_no_target(tmp_path):
+    config, run = small_run(tmp_path)
+    inter = pd.read_parquet(tmp_path / "run" / "data" / "interactions.parquet")
+    seqs = Sequences.from_interactions(inter, num_items=80)
+    for user_token in (False, True):
+        w = training_windows(seqs, max_len=8, user_token=user_token)
+        pairs = set()
+        for items, targets, user in zip(w["items"], w["targets"], w["users"]):
+            offset = int(user_token)
+            for t, target in enumerate(targets):
+                if target:
+                    previous = items[t - offset] if t - offset >= 0 else None
+                    pairs.add((int(user), None if previous is None else int(previous) - 1, int(target) - 1))
+        expected = {(u, int(a), int(b)) for u, s in enumerate(seqs.train) for a, b in zip(s[:-1], s[1:])}
+        assert expected <= pairs
+        targets = {(u, b) for u, _, b in pairs}
+        assert not any((u, seqs.valid[u]) in targets or (u, seqs.test[u]) in targets for u in range(seqs.num_users))
+    q = eval_queries(seqs, "test", max_len=8)
+    assert (q["targets"] == seqs.test).all() and q["lengths"].max() == 8
+    assert q["seen_indptr"][-1] == sum(len(s) + 1 for s in seqs.train)     # train + valid items are masked
+
+
+def test_sasrec_is_causal_ignores_padding_and_uses_the_user_token():
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=30, num_users=4, dim=16, max_len=6, dropout=0.0)).eval()
+    items = torch.tensor([[3, 4, 5, 6, 0, 0]])
+    users = torch.tensor([1])
+    h = model(items, users)
+    assert h.shape == (1, 7, 16)                                  # user token + 6 positions
+    changed = torch.tensor([[3, 4, 9, 6, 0, 0]])
+    h2 = model(changed, users)
+    assert torch.allclose(h[:, :3], h2[:, :3], atol=1e-6)          # the future does not leak back
+    assert not torch.allclose(h[:, 3], h2[:, 3])
+    assert not torch.allclose(h, model(items, torch.tensor([2])))  # the user token matters
+    plain = SASRec(SASRecConfig(num_items=30, dim=16, max_len=6, dropout=0.0)).eval()
+    short = plain(torch.tensor([[3, 4, 0, 0, 0, 0]]))
+    assert torch.allclose(short[:, :2], plain(torch.tensor([[3, 4, 7, 8, 0, 0]]))[:, :2], atol=1e-6)
+
+
+def test_sampled_softmax_with_logq_converges_to_the_full_softmax():
+    torch.manual_seed(0)
+    table = torch.randn(300, 8) * 0.5
+    targets = torch.randint(1, 301, (256,))
+    counts = np.random.default_rng(0).zipf(1.5, 300).clip(max=5000)   # a skewed popularity
+
+    def loss_and_grad(loss_fn):
+        hidden = torch.randn(256, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss = loss_fn(hidden)
+        loss.backward()
+        return float(loss.detach()), hidden.grad.flatten()
+
+    full, full_grad = loss_and_grad(lambda h: full_softmax_loss(h, table, targets))
+    found = {}
+    for logq in (True, False):
+        sampled = SampledSoftmax(counts, negatives=2000, sampler="popularity", logq=logq)
+        loss, grad = loss_and_grad(lambda h: sampled(h, table, targets, torch.Generator().manual_seed(2)))
+        found[logq] = (abs(loss - full), float(torch.nn.functional.cosine_similarity(full_grad, grad, dim=0)))
+    # corrected: the loss and its gradient track the full softmax; uncorrected: biased by popularity
+    assert found[True][0] < 0.3 and found[False][0] > 1.0
+    assert found[True][1] > 0.93 and found[True][1] > found[False][1]
+
+
+def test_train_variant_writes_metrics_and_candidates_that_agree(tmp_path):
+    config, run = small_run(tmp_path)
+    summary = train_variant(config, run, "none/random")
+    folder = tmp_path / "run" / "retriever" / "none-random"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("hit@10", "ndcg@10", "split", "users", "seed", "wall_seconds", "mask_history", "best_epoch"):
+        assert key in metrics
+    assert metrics["split"] == "test" and metrics["users"] == 60 and metrics["mask_history"] is True
+    assert metrics["ndcg@10"] > 0.3                # the k -> k+1 walk is learnt (random is ~0.07)
+    assert (folder / "model.pt").exists() and not (folder / ".ray").exists()
+    cands = pd.read_parquet(folder / "candidates.parquet")
+    assert sorted(cands.split.unique()) == ["test", "valid"] and len(cands) == 120
+    assert all(len(c) == 10 for c in cands.candidates)
+    for split, m in (("test", metrics), ("valid", metrics["valid"])):
+        part = cands[cands.split == split]
+        # the target's position among the candidates gives back Hit@10 / NDCG@10 ...
+        pos = np.array([list(c).index(t) if t in list(c) else 99 for c, t in zip(part.candidates, part.target_item)])
+        assert hit_at_k(pos, 10) == pytest.approx(m["hit@10"]) and ndcg_at_k(pos, 10) == pytest.approx(m["ndcg@10"])
+        assert (part.target_in_candidates == (pos < 10)).all()
+        # ... and the recorded full-ranking rank gives back the larger K
+        assert ndcg_at_k(part.target_rank.to_numpy(), 20) == pytest.approx(m["ndcg@20"])
+    # history masking: no candidate was already seen before the target
+    inter = pd.read_parquet(tmp_path / "run" / "data" / "interactions.parquet")
+    seen = inter[inter.split != "test"].groupby("user_idx").item_idx.apply(set)
+    test = cands[cands.split == "test"]
+    assert not any(set(c) & seen[u] for u, c in zip(test.user_idx, test.candidates))
+    # same inputs: skipped; another seed: its own folder
+    assert train_variant(config, run, "none/random")["skipped"]
+    other = train_variant(config, run, "none/random", seed=1)
+    assert other["seed"] == 1 and (tmp_path / "run" / "retriever" / "none-random-seed1" / "metrics.json").exists()
+
+
+def test_seeds_are_honoured(tmp_path):
+    config, run = small_run(tmp_path, "retriever.max_epochs=3")
+    first = train_variant(config, run, "random/random", seed=3)
+    first_history = json.loads((tmp_path / "run" / "retriever" / "random-random-seed3" / "history.json").read_text())
+    again = train_variant(config, run, "random/random", seed=3, force=True)
+    assert first["ndcg@10"] == again["ndcg@10"] and first["valid"]["ndcg@10"] == again["valid"]["ndcg@10"]
+    history = json.loads((tmp_path / "run" / "retriever" / "random-random-seed3" / "history.json").read_text())
+    assert [h["loss"] for h in history] == [h["loss"] for h in first_history]
+
+
+def test_history_masking_is_configurable_and_recorded(tmp_path):
+    config, run = small_run(tmp_path, "retriever.mask_history=false", "retriever.max_epochs=3")
+    metrics = train_variant(config, run, "none/random")
+    assert metrics["mask_history"] is False
+
+
+def test_sampled_softmax_option_trains(tmp_path):
+    config, run = small_run(tmp_path, "retriever.loss=sampled", "retriever.negatives=20")
+    metrics = train_variant(config, run, "none/random")
+    assert metrics["loss"] == "sampled" and metrics["ndcg@10"] > 0.2
+
+
+def test_variants_needing_extraction_fail_clearly_and_others_do_not(tmp_path):
+    config, run = small_run(tmp_path)
+    with pytest.raises(CotrecError, match="extract/item_descriptions"):
+        train_variant(config, run, "none/description")
+    with pytest.raises(CotrecError, match="extract/preferences"):
+        train_variant(config, run, "preference/caption")
+    with pytest.raises(CotrecError, match="variant 'users/items'"):
+        parse_variant("users/items")
+    with pytest.raises(CotrecError, match="extract/"):          # the grid checks before training anything
+        retriever_grid(config, run)
+    assert not (tmp_path / "run" / "retriever").exists()
+
+
+@pytest.mark.slow
+def test_grid_on_the_demo_preset_writes_table1_with_seven_rows(tmp_path, cli):
+    """The real demo data (100 ml-100k users); descriptions / preferences are SYNTHETIC stand-ins."""
+    run_dir = str(tmp_path / "run")
+    assert cli("prepare", "--config", "demo", "--run-dir", run_dir).returncode == 0
+    fake_extraction(tmp_path / "run")
+    args = ["retriever", "grid", "--config", "demo", "--run-dir", run_dir, "--seeds", "2",
+            "--set", "retriever.trainer=local", "--set", "retriever.max_epochs=3"]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "run" / "reports" / "table1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    assert [r.split("|")[1].strip() + "/" + r.split("|")[2].strip() for r in rows] == [
+        "None/Random", "None/Caption", "None/Description", "Random/Caption", "Random/Description",
+        "Preference/Caption", "Preference/Description"]
+    assert "2 seed(s)" in table and "(100 test users)" in table
+    pref = json.loads((tmp_path / "run" / "retriever" / "preference-description-seed1" / "metrics.json").read_text())
+    assert pref["user_init_horizon"] == "train" and pref["users_with_preference"] == 100
+    assert pref["seed"] == 1 and pref["users"] == 100
+    again = cli(*args)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    # one more seed trains only the new seed
+    more = cli(*[a if a != "2" else "3" for a in args])
+    assert more.returncode == 0, more.stderr
+    assert more.stderr.count("up to date; skipped") == 14 and "3 seed(s)" in (
+        tmp_path / "run" / "reports" / "table1.md").read_text()
+
+
+# --- Ray Train ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_train_two_workers_match_one(tmp_path, ray_session):
+    """2 DDP workers (gloo) reach the quality of 1 (same effective batch), under Ray Train."""
+    results = {}
+    for workers in (1, 2):
+        config, run = synthetic_run(tmp_path / f"run{workers}", config_overrides=SMALL + (
+            "retriever.trainer=ray", f"retriever.num_workers={workers}", "retriever.cpus_per_worker=1",
+            "retriever.max_epochs=25"))
+        results[workers] = train_variant(config, run, "none/random")
+        assert results[workers]["trainer"] == "ray" and results[workers]["num_workers"] == workers
+    assert results[1]["ndcg@10"] > 0.3 and results[2]["ndcg@10"] > 0.3
+    assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
