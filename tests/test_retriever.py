@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cotrec.config import load_config
 from cotrec.errors import CotrecError
 from cotrec.metrics import hit_at_k, ndcg_at_k, ranking_metrics
 from cotrec.retriever import retriever_grid, train_variant
@@ -103,7 +102,7 @@ def test_sampled_softmax_with_logq_converges_to_the_full_softmax():
 
 def test_train_variant_writes_metrics_and_candidates_that_agree(tmp_path):
     config, run = small_run(tmp_path)
-    summary = train_variant(config, run, "none/random")
+    train_variant(config, run, "none/random")
     folder = tmp_path / "run" / "retriever" / "none-random"
     metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("hit@10", "ndcg@10", "split", "users", "seed", "wall_seconds", "mask_history", "best_epoch"):
