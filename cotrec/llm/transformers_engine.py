@@ -18,8 +18,7 @@ import numpy as np
 from cotrec.config import LLMConfig
 from cotrec.llm.base import (ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings,
                              single_token_ids)
-from cotrec.llm.embedded import resolve_model
-from cotrec.llm.vllm_engine import pick_device, pick_dtype
+from cotrec.llm.placement import resolve_placement
 
 class TransformersEngine(LLMEngine):
     backend = "transformers"
@@ -30,8 +29,8 @@ class TransformersEngine(LLMEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
-        self.path = resolve_model(config.model)
-        self.device = pick_device(config.device)
+        placement = resolve_placement(config)
+        self.path, self.device, self.dtype = placement.path, placement.device, placement.dtype
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -39,7 +38,6 @@ class TransformersEngine(LLMEngine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dtype = pick_dtype(config.dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers")
 

@@ -22,37 +22,7 @@ from cotrec.cache import cache_dir
 from cotrec.config import LLMConfig
 from cotrec.llm.base import (ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings,
                              normalise_logprobs, single_token_ids)
-from cotrec.llm.embedded import resolve_model
-
-
-def pick_device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(requested: str, device: str) -> str:
-    """`auto`: bfloat16 on GPUs and on CPUs with native bf16, else float32.
-
-    Measured on a 2-core AVX2 machine: a SmolLM2-135M forward pass in emulated bfloat16 took
-    4x as long as in float32.
-    """
-    if requested != "auto":
-        return requested
-    if device == "cuda" or cpu_has_bf16():
-        return "bfloat16"
-    return "float32"
+from cotrec.llm.placement import resolve_placement
 
 
 def set_cpu_environment(config: LLMConfig) -> None:
@@ -71,12 +41,10 @@ class VLLMEngine(LLMEngine):
     def __init__(self, config: LLMConfig):
         super().__init__(config.model, config.json_retries)
         self.config = config
-        self.path = resolve_model(config.model)
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
+        placement = resolve_placement(config)
+        self.path, self.device, self.dtype = placement.path, placement.device, placement.dtype
         if self.device == "cpu":
             set_cpu_environment(config)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1" if os.path.isdir(self.path) else "0")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

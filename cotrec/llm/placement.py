@@ -1,0 +1,59 @@
+"""Where and how a backend loads its model: the local path, the device and the dtype.
+
+Shared by every in-process backend and by the vLLM server launcher, so they all resolve a
+config the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from cotrec.config import LLMConfig
+from cotrec.llm.embedded import resolve_model
+
+
+@dataclass(frozen=True)
+class Placement:
+    path: str  # a local model folder or an HF id
+    device: str  # cpu | cuda
+    dtype: str  # bfloat16 | float16 | float32
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str, device: str) -> str:
+    """`auto`: bfloat16 on GPUs and on CPUs with native bf16, else float32.
+
+    Measured on a 2-core AVX2 machine: a SmolLM2-135M forward pass in emulated bfloat16 took
+    4x as long as in float32, and vLLM generated 13.3 tokens/s in bfloat16 against 60.7 in float32.
+    """
+    if requested != "auto":
+        return requested
+    if device == "cuda" or cpu_has_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_placement(config: LLMConfig) -> Placement:
+    """Resolve `llm.model`, `llm.device` and `llm.dtype`; a local model never touches a hub."""
+    path = resolve_model(config.model)
+    if os.path.isdir(path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = pick_device(config.device)
+    return Placement(path, device, pick_dtype(config.dtype, device))
