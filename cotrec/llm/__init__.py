@@ -19,6 +19,10 @@ def make_engine(config: LLMConfig) -> LLMEngine:
         from cotrec.llm.transformers_engine import TransformersEngine
 
         return TransformersEngine(config)
+    if config.backend == "zero-latency":
+        from cotrec.llm.zero_latency import ZeroLatencyEngine
+
+        return ZeroLatencyEngine(config)
     from cotrec.llm.http_engine import HTTPEngine
 
     return HTTPEngine(config)

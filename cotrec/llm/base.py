@@ -21,7 +21,7 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,6 +40,11 @@ class SamplingSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    # > 1 discourages repeating tokens already in the prompt or reply (small models loop otherwise).
+    repetition_penalty: float = 1.0
+    # Retry a reply cut at max_tokens. Free text that can be trimmed to its last sentence is
+    # better kept: a retry samples (temperature >= 0.7) and so is not reproducible.
+    retry_truncated: bool = True
 
 
 @dataclass
@@ -107,6 +112,7 @@ class LLMEngine(ABC):
 
     def __init__(self, model: str, json_retries: int = 2):
         self.model = model
+        self.model_name = model  # backends may reuse `model` for the loaded model object
         self.json_retries = json_retries  # the name it was configured with, recorded next to every output
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{self.backend}-engine",
@@ -133,6 +139,10 @@ class LLMEngine(ABC):
 
     async def score_choices(self, conversations: list[Conversation], choices: Sequence[str]) -> list[ChoiceScores]:
         return await self._on_engine_loop(self._score_choices(list(conversations), list(choices)))
+
+    async def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` on the engine's own loop: a whole program of calls then needs no thread hops."""
+        return await self._on_engine_loop(coro)
 
     def chat_sync(self, conversations: list[Conversation], settings: SamplingSettings = SamplingSettings(),
                   json_schema: dict[str, Any] | None = None) -> list[Generation]:
@@ -177,12 +187,12 @@ class LLMEngine(ABC):
                 reply.attempts = attempt
                 self._judge(reply, json_schema)
                 results[index] = reply
-                if reply.status in ("empty", "truncated", "invalid_json"):
+                if reply.status in ("empty", "invalid_json") or (reply.status == "truncated" and settings.retry_truncated):
                     retry.append(index)
             pending = retry
             if not pending:
                 break
-            attempt_settings = SamplingSettings(settings.max_tokens, max(settings.temperature, 0.7), settings.top_p)
+            attempt_settings = replace(settings, temperature=max(settings.temperature, 0.7))
         return results  # type: ignore[return-value]
 
     @staticmethod

@@ -73,6 +73,8 @@ class HTTPEngine(LLMEngine):
         body: dict[str, Any] = {"model": self.config.model, "messages": conversation,
                                 "max_tokens": settings.max_tokens, "temperature": settings.temperature,
                                 "top_p": settings.top_p}
+        if settings.repetition_penalty != 1.0 and self.config.vllm_extensions:
+            body["repetition_penalty"] = settings.repetition_penalty  # a vLLM server extension
         if json_schema is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "reply", "schema": json_schema}}

@@ -58,6 +58,8 @@ class TransformersEngine(LLMEngine):
                     for n in lengths]
         sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) \
             if settings.temperature > 0 else dict(do_sample=False)
+        if settings.repetition_penalty != 1.0:
+            sampling["repetition_penalty"] = settings.repetition_penalty
         with torch.inference_mode():
             output = self.model.generate(**batch, max_new_tokens=min(settings.max_tokens, room),
                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)

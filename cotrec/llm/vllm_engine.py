@@ -98,6 +98,7 @@ class VLLMEngine(LLMEngine):
                               error=f"prompt of {len(ids)} tokens leaves no room in the context of {self.max_model_len}")
         params = SamplingParams(
             max_tokens=min(settings.max_tokens, room), temperature=settings.temperature, top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty,
             structured_outputs=StructuredOutputsParams(json=json_schema) if json_schema is not None else None,
         )
         output = await self._request(ids, params)

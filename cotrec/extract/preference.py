@@ -1,0 +1,157 @@
+"""The user preference recurrence: an RNN over the chronological history, one window at a time.
+
+Each window of W items (overlapping the previous one by O) is summarised as a short-term
+interest; the first one becomes the long-term preference and every later one is merged into it
+(the merge is the recurrence's update). The short-term interests are kept.
+
+Horizons (what the preference may have seen, by the target it serves):
+- `train`: the training items, i.e. the history without its last two items (the retriever's
+  user token starts from it; it has seen neither the valid nor the test target);
+- `valid`: the history before the valid target, which is the same items, so the same state;
+- `test`: the history before the test target (the training items and the valid target),
+  continued from the `train` state with the one extra item, not started again.
+
+A walk stores its resume point: the state after its last *complete* window (`settled_*`).
+Windows lie on a fixed grid (see `windows.py`), so continuing from the resume point over a longer
+history gives what a fresh walk over that history gives, while calling the LLM only for the
+windows that changed. `--incremental` and the `test` horizon both continue this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cotrec.config import ExtractConfig
+from cotrec.extract.prompts import Domain, merge_preference, short_term_interest
+from cotrec.extract.steps import StepStats, Steps, describe_failure, is_context_overflow
+from cotrec.extract.windows import capped_start, history_digest, window_bounds
+
+HORIZONS = ("train", "valid", "test")
+
+
+@dataclass
+class WalkState:
+    """Where a user's recurrence stands after walking items [start, items_consumed)."""
+
+    start: int = 0
+    items_consumed: int = 0
+    windows: int = 0
+    preference: str | None = None
+    short_terms: list[str] = field(default_factory=list)
+    # The resume point: the state after the last complete (W-item) window.
+    settled_windows: int = 0
+    settled_preference: str | None = None
+
+
+async def summarise_window(steps: Steps, domain: Domain, labels: list[str], budget: int,
+                           stats: StepStats) -> str | None:
+    """A window's short-term interest; a prompt over the context drops the oldest items first."""
+    while True:
+        text, reply = await steps.text(short_term_interest(domain, labels), budget, stats)
+        if text:
+            return text
+        if is_context_overflow(reply) and len(labels) > 1:
+            labels = labels[len(labels) // 2:]
+            continue
+        stats.fail(f"short-term interest: {describe_failure(reply)}")
+        return None
+
+
+async def walk(steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, state: WalkState,
+               length: int, config: ExtractConfig, stats: StepStats) -> WalkState:
+    """Continue `state` from its resume point over history[:length]; returns the new state."""
+    settled_windows, preference = state.settled_windows, state.settled_preference
+    short_terms = state.short_terms[:settled_windows]
+    settled_preference = preference
+    first = state.start + settled_windows * (config.window - config.overlap)
+    for begin, end in window_bounds(first, length, config.window, config.overlap):
+        interest = await summarise_window(steps, domain, labels_of(history[begin:end]), config.interest_tokens, stats)
+        short_terms.append(interest or "")
+        if interest is not None:
+            if preference is None:
+                preference = interest
+            else:
+                merged, reply = await steps.text(merge_preference(domain, preference, interest),
+                                                 config.preference_tokens, stats)
+                if merged:
+                    preference = merged
+                else:
+                    stats.fail(f"merge: {describe_failure(reply)}")
+        if end - begin == config.window:
+            settled_windows, settled_preference = len(short_terms), preference
+    return WalkState(start=state.start, items_consumed=length, windows=len(short_terms),
+                     preference=preference, short_terms=short_terms, settled_windows=settled_windows,
+                     settled_preference=settled_preference)
+
+
+def prior_state(row: dict[str, Any], history: np.ndarray, train_length: int) -> WalkState | None:
+    """The stored `train` state to continue from, when it was made from a prefix of this history."""
+    consumed = row.get("prior_items_consumed")
+    if consumed is None or (isinstance(consumed, float) and np.isnan(consumed)):
+        return None
+    consumed = int(consumed)
+    if consumed > train_length or history_digest(history[:consumed]) != row.get("prior_consumed_digest"):
+        return None
+    return WalkState(start=int(row["prior_history_start"]), items_consumed=consumed,
+                     windows=int(row["prior_windows"]), preference=row["prior_preference"],
+                     short_terms=list(row["prior_short_term"]), settled_windows=int(row["prior_settled_windows"]),
+                     settled_preference=row["prior_settled_preference"])
+
+
+async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
+    """All three horizons of one user: walk the training items, then continue for `test`."""
+    config: ExtractConfig = ctx.config
+    history = np.asarray(row["history"], dtype=np.int64)
+    n = len(history)
+    train_length = n - 2
+    stats = StepStats()
+    state = prior_state(row, history, train_length) if ctx.incremental else None
+    continued = state is not None
+    if state is None:
+        state = WalkState(start=capped_start(train_length, config.window, config.overlap, config.max_windows))
+    train = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, state, train_length, config, stats)
+    train_stats, stats = stats, StepStats()
+    test = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, train, n - 1, config, stats)
+    source = history_digest(history)
+    rows = []
+    for horizon, walked, spent, target in (("train", train, train_stats, history[n - 2]),
+                                           ("valid", train, StepStats(), history[n - 2]),
+                                           ("test", test, stats, history[n - 1])):
+        failures = train_stats.errors + (stats.errors if horizon == "test" else [])
+        rows.append({
+            "user_idx": int(row["user_idx"]), "horizon": horizon,
+            "preference": walked.preference or "",
+            "short_term": walked.short_terms,
+            "windows": walked.windows, "items_consumed": walked.items_consumed,
+            "history_start": walked.start, "target_item_idx": int(target),
+            "settled_windows": walked.settled_windows, "settled_preference": walked.settled_preference,
+            "consumed_digest": history_digest(history[:walked.items_consumed]), "source_digest": source,
+            "continued": continued,
+            "status": "ok" if walked.preference else "failed",
+            "error": failures[-1] if failures else None, "failed_steps": len(failures),
+            "calls": spent.calls, "prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens,
+        })
+    return rows
+
+
+def failed_user_rows(row: dict[str, Any], error: str) -> list[dict[str, Any]]:
+    """The rows a user gets when its program crashed: a failure status, no preference."""
+    history = np.asarray(row["history"], dtype=np.int64)
+    return [{"user_idx": int(row["user_idx"]), "horizon": horizon, "preference": "", "short_term": [],
+             "windows": 0, "items_consumed": 0, "history_start": 0,
+             "target_item_idx": int(history[-1] if horizon == "test" else history[-2]),
+             "settled_windows": 0, "settled_preference": None, "consumed_digest": None,
+             "source_digest": history_digest(history), "continued": False, "status": "error", "error": error,
+             "failed_steps": 1, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+            for horizon in HORIZONS]
+
+
+def planned_steps(length: int, config: ExtractConfig) -> int:
+    """Windows a fresh user of `length` items needs (train walk + test continuation): for ordering."""
+    train = length - 2
+    start = capped_start(train, config.window, config.overlap, config.max_windows)
+    return len(window_bounds(start, train, config.window, config.overlap)) + 1
+

@@ -1,0 +1,91 @@
+"""One LLM step of an extraction program, with the program's bookkeeping and failure policy.
+
+Every program (a user's recurrence, an item's description, a perception chain) makes its calls
+through `Steps`, which counts calls and tokens for the run summary and turns replies into
+(text, error) pairs so a program never raises on a bad reply:
+- empty or unparsable replies are retried by the engine a bounded number of times, then
+  reported as an error string;
+- a free-text reply cut at its token budget is kept up to its last full sentence (retrying it
+  would sample, and greedy runs would stop being reproducible);
+- a prompt over the context length comes back as an error the caller may shorten and retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotrec.llm.base import Conversation, Generation, LLMEngine, SamplingSettings
+
+
+@dataclass
+class StepStats:
+    """What one program spent: LLM calls (retries included), tokens, failed steps."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failed_steps: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def record(self, reply: Generation) -> None:
+        self.calls += reply.attempts
+        self.prompt_tokens += reply.prompt_tokens * reply.attempts
+        self.completion_tokens += reply.completion_tokens
+
+    def fail(self, error: str) -> None:
+        self.failed_steps += 1
+        self.errors.append(error)
+
+    @property
+    def last_error(self) -> str | None:
+        return self.errors[-1] if self.errors else None
+
+
+def is_context_overflow(reply: Generation) -> bool:
+    return reply.status == "error" and "context" in (reply.error or "")
+
+
+def trim_to_sentence(text: str, min_chars: int = 20) -> str:
+    """Cut a truncated reply after its last full sentence, when that leaves enough text."""
+    text = text.strip()
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
+    if text.endswith((".", "!", "?")):
+        return text
+    return text[: cut + 1] if cut + 1 >= min_chars else text
+
+
+class Steps:
+    """The engine as an extraction program sees it."""
+
+    def __init__(self, engine: LLMEngine, temperature: float = 0.0, repetition_penalty: float = 1.0):
+        self.engine = engine
+        self.temperature = temperature
+        self.repetition_penalty = repetition_penalty
+
+    async def reply(self, conversation: Conversation, max_tokens: int, stats: StepStats,
+                    json_schema: dict[str, Any] | None = None) -> Generation:
+        settings = SamplingSettings(max_tokens=max_tokens, temperature=self.temperature,
+                                    repetition_penalty=self.repetition_penalty if json_schema is None else 1.0,
+                                    retry_truncated=json_schema is not None)
+        reply = (await self.engine.chat([conversation], settings, json_schema))[0]
+        stats.record(reply)
+        return reply
+
+    async def text(self, conversation: Conversation, max_tokens: int, stats: StepStats) -> tuple[str | None, Generation]:
+        """Free text, or None (with the reply, whose error says why)."""
+        reply = await self.reply(conversation, max_tokens, stats)
+        if reply.status == "truncated":
+            return trim_to_sentence(reply.text), reply
+        if reply.ok:
+            return reply.text.strip(), reply
+        return None, reply
+
+    async def json(self, conversation: Conversation, schema: dict[str, Any], max_tokens: int,
+                   stats: StepStats) -> tuple[Any, Generation]:
+        reply = await self.reply(conversation, max_tokens, stats, json_schema=schema)
+        return (reply.parsed if reply.ok else None), reply
+
+
+def describe_failure(reply: Generation) -> str:
+    return f"{reply.status}: {reply.error or 'no reply'}"

@@ -1,0 +1,53 @@
+"""Windows over a chronological history, on one fixed grid.
+
+Window k covers items [k*S, k*S + W) with stride S = W - O (W items, O of them shared with the
+previous window); the last window may be partial. Because the grid depends only on W and O, a
+history that grows keeps its earlier windows: a walk over the first L items and a walk over
+L' > L items agree on every window that was complete (held W items) at L. That is what lets
+the recurrence continue from a stored state instead of starting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def stride(window: int, overlap: int) -> int:
+    return window - overlap
+
+
+def count_windows(length: int, window: int, overlap: int) -> int:
+    """Windows of the grid that start inside a history of `length` items."""
+    if length <= 0:
+        return 0
+    return 1 + math.ceil(max(0, length - window) / stride(window, overlap))
+
+
+def capped_start(length: int, window: int, overlap: int, max_windows: int | None) -> int:
+    """First item walked when only the last `max_windows` windows are (a grid-aligned start)."""
+    total = count_windows(length, window, overlap)
+    if max_windows is None or total <= max_windows:
+        return 0
+    return (total - max_windows) * stride(window, overlap)
+
+
+def window_bounds(start: int, length: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[begin, end) of each grid window from item `start` (grid-aligned) to the end of the history."""
+    bounds = []
+    begin = start
+    while begin < length:
+        end = min(begin + window, length)
+        bounds.append((begin, end))
+        if end == length:
+            break
+        begin += stride(window, overlap)
+    return bounds
+
+
+def history_digest(items: Sequence[int] | np.ndarray) -> str:
+    """A short digest of an item sequence: tells whether a stored state was made from this prefix."""
+    return hashlib.blake2b(np.asarray(items, dtype=np.int64).tobytes(), digest_size=8).hexdigest()

@@ -1,0 +1,263 @@
+"""Extraction: the window grid, the recurrence's horizons, the Ray Data runner, resume, incremental.
+
+Orchestration tests use the zero-latency engine (named as such: it has no model). The tests of
+what the LLM writes, of resume after a kill and of `--incremental` use the real embedded model
+(transformers backend: it loads in seconds inside the Ray Data actor; vLLM in-process through
+the shared session engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_cli
+from cotrec.config import ExtractConfig, load_config
+from cotrec.extract.runner import PROGRAMS, ProgramPool, read_shards, shard_files
+from cotrec.extract.stage import item_rows, pair_rows, user_histories, user_rows
+from cotrec.extract.windows import capped_start, count_windows, history_digest, window_bounds
+from cotrec.rundir import RunDir
+
+# Short budgets keep the real-model tests quick; greedy decoding keeps them reproducible.
+REAL = ["--set", "extract.max_windows=null", "--set", "llm.backend=transformers", "--set", "llm.batch_size=1", "--set", "extract.interest_tokens=24",
+        "--set", "extract.preference_tokens=32", "--set", "extract.batch_size=1", "--set", "extract.cpus_per_actor=1"]
+ZERO = ["--set", "llm.backend=zero-latency", "--set", "extract.cpus_per_actor=0.5", "--set", "extract.max_windows=null"]
+
+
+# -- the window grid ---------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 9, 10, 11, 18, 19, 26, 27, 100])
+def test_windows_cover_the_history_on_a_fixed_grid(length):
+    bounds = window_bounds(0, length, 10, 2)
+    assert len(bounds) == count_windows(length, 10, 2)
+    assert bounds[0][0] == 0 and bounds[-1][1] == length
+    for (b0, e0), (b1, _) in zip(bounds, bounds[1:]):
+        assert e0 - b0 == 10 and b1 == b0 + 8 and e0 - b1 == 2  # full windows overlapping by 2
+    # A longer history keeps every window that was complete.
+    longer = window_bounds(0, length + 7, 10, 2)
+    complete = [b for b in bounds if b[1] - b[0] == 10]
+    assert longer[: len(complete)] == complete
+
+
+def test_the_history_cap_walks_the_last_windows_on_the_grid():
+    start = capped_start(100, 10, 2, max_windows=3)
+    assert start % 8 == 0
+    assert len(window_bounds(start, 100, 10, 2)) == 3
+    assert capped_start(100, 10, 2, None) == 0 and capped_start(15, 10, 2, 3) == 0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    result = run_cli("prepare", "--config", "demo", "--run-dir", str(root))
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def small_run(demo: Path, dest: Path, users: list[int], drop_last: int = 0) -> RunDir:
+    """A run directory holding only `users`, each history without its last `drop_last` items."""
+    shutil.copytree(demo / "data", dest / "data")
+    shutil.copy(demo / "config.yaml", dest / "config.yaml")
+    frame = pd.read_parquet(dest / "data" / "interactions.parquet")
+    frame = frame[frame["user_idx"].isin(users)].sort_values(["user_idx", "position"])
+    if drop_last:
+        length = frame.groupby("user_idx")["position"].transform("size")
+        frame = frame[frame["position"] < length - drop_last]
+    frame.to_parquet(dest / "data" / "interactions.parquet", index=False)
+    return RunDir(dest)
+
+
+def preferences(run: Path) -> pd.DataFrame:
+    frame = read_shards(Path(run) / "extract" / "preferences")
+    return frame.sort_values(["user_idx", "horizon"]).reset_index(drop=True)
+
+
+def histories(run: Path) -> dict[int, np.ndarray]:
+    table = user_histories(pd.read_parquet(Path(run) / "data" / "interactions.parquet"))
+    return {int(u): np.asarray(h) for u, h in zip(table["user_idx"], table["history"])}
+
+
+# -- the users job through Ray Data (zero-latency engine: orchestration only) -------------------------
+@pytest.mark.slow
+def test_users_job_windows_horizons_and_resume_with_zero_latency_engine(demo_data, tmp_path):
+    run = small_run(demo_data, tmp_path, users=list(range(30)))
+    args = ["extract", "users", "--run-dir", str(run.root), *ZERO, "--set", "extract.batch_size=4"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "LLM calls" in first.stdout and "rows          30 run" in first.stdout
+    table = preferences(run.root)
+    assert len(table) == 90 and not table.duplicated(["user_idx", "horizon"]).any()
+    for row in table.itertuples():
+        history = histories(run.root)[row.user_idx]
+        seen = history[row.history_start:row.items_consumed]
+        expected_length = len(history) - (1 if row.horizon == "test" else 2)
+        assert row.items_consumed == expected_length
+        assert row.windows == count_windows(expected_length, 10, 2) == len(row.short_term)
+        assert row.target_item_idx == history[expected_length]  # the item right after what it saw
+        assert row.target_item_idx not in seen
+        assert row.status == "ok" and row.preference
+        assert row.model == "zero-latency" and row.prompt_version
+    assert (run.root / "extract" / "preferences" / ".complete.json").is_file()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "all 30 rows already done" in again.stderr
+    assert len(preferences(run.root)) == 90
+
+
+def test_a_crashing_row_fails_alone_and_the_rest_of_its_batch_is_kept():
+    from cotrec.config import LLMConfig
+    from cotrec.llm import make_engine
+
+    engine = make_engine(LLMConfig(backend="zero-latency"))
+    try:
+        pool = ProgramPool("users", engine, ExtractConfig(), "movie", labels=[f"item {i}" for i in range(20)])
+        rows = [{"user_idx": 0, "history": np.arange(12)}, {"user_idx": 1, "history": np.array([1, 2, 99, 3])},
+                {"user_idx": 2, "history": np.arange(5)}]
+        records = asyncio.run(pool.run(rows))
+    finally:
+        engine.close()
+    by_user = {u: [r for r in records if r["user_idx"] == u] for u in (0, 1, 2)}
+    assert all(len(v) == 3 for v in by_user.values())
+    assert {r["status"] for r in by_user[1]} == {"error"} and "IndexError" in by_user[1][0]["error"]
+    assert {r["status"] for r in by_user[0] + by_user[2]} == {"ok"}
+
+
+def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
+    run = small_run(demo_data, tmp_path, users=[0, 1])
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("user_idx,horizon,item_idx\n0,later,3\n")
+    result = run_cli("extract", "perceptions", "--run-dir", str(run.root), "--pairs", str(bad), *ZERO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cotrec: error: {bad}: row 1: horizon 'later' is not train, valid or test")
+    result = run_cli("extract", "users", "--run-dir", str(tmp_path / "nothing"), *ZERO)
+    assert result.returncode == 2 and "run `cotrec prepare` first" in result.stderr
+    result = run_cli("extract", "users", "--run-dir", str(run.root), "--set", "extract.overlap=10")
+    assert result.returncode == 2 and "extract: overlap (10) must be smaller than window (10)" in result.stderr
+
+
+# -- the real model ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_incremental_update_matches_a_full_run_with_far_fewer_calls(demo_data, tmp_path):
+    """Greedy decoding: continuing stored states over new items == walking the longer histories."""
+    users = [97, 82]  # the shortest demo histories (20 items); small windows make several of them
+    small = [*REAL, "--set", "extract.window=4", "--set", "extract.overlap=1"]
+    old = small_run(demo_data, tmp_path / "inc", users, drop_last=2)
+    first = run_cli("extract", "users", "--run-dir", str(old.root), *small)
+    assert first.returncode == 0, first.stderr
+    # New interactions arrive: the full histories replace the truncated ones.
+    full = small_run(demo_data, tmp_path / "full", users)
+    shutil.copy(full.root / "data" / "interactions.parquet", old.root / "data" / "interactions.parquet")
+    incremental = run_cli("extract", "users", "--run-dir", str(old.root), "--incremental", *small)
+    assert incremental.returncode == 0, incremental.stderr
+    fresh = run_cli("extract", "users", "--run-dir", str(full.root), *small)
+    assert fresh.returncode == 0, fresh.stderr
+
+    def calls(output: str) -> int:
+        return int(next(line for line in output.splitlines() if line.startswith("LLM calls")).split()[2].replace(",", ""))
+
+    a, b = preferences(old.root), preferences(full.root)
+    assert len(a) == len(b) == 6 and a["continued"].all() and not b["continued"].any()
+    assert (a["windows"] == b["windows"]).all()
+    assert a["preference"].tolist() == b["preference"].tolist()
+    assert [list(x) for x in a["short_term"]] == [list(x) for x in b["short_term"]]
+    assert calls(incremental.stdout) <= 0.4 * calls(fresh.stdout)
+
+
+@pytest.mark.slow
+def test_a_killed_users_job_resumes_without_redoing_or_duplicating_users(demo_data, tmp_path):
+    run = small_run(demo_data, tmp_path, users=[97, 82, 91, 98, 93, 81])
+    folder = run.root / "extract" / "preferences"
+    command = [sys.executable, "-m", "cotrec", "extract", "users", "--run-dir", str(run.root), *REAL,
+               "--set", "extract.in_flight=1"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(shard_files(folder)) < 2 and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the job and the Ray it started: everything in its session
+        job.wait()
+    before = read_shards(folder)
+    done_before = set(before["user_idx"])
+    assert 1 <= len(done_before) < 6, "the kill should land part-way"
+    (folder / ".part-00000000000000000000-halfwritten.parquet.tmp").write_bytes(b"PAR1 truncated")
+    rerun = run_cli("extract", "users", "--run-dir", str(run.root), *REAL, "--set", "extract.in_flight=1")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"rows          {6 - len(done_before)} run, {len(done_before)} already done" in rerun.stdout
+    after = preferences(run.root)
+    assert len(after) == 18 and not after.duplicated(["user_idx", "horizon"]).any()
+    kept = after[after["user_idx"].isin(done_before)].set_index(["user_idx", "horizon"])["created_at"]
+    original = before.set_index(["user_idx", "horizon"])["created_at"]
+    assert (kept == original.loc[kept.index]).all()  # finished users were not redone
+
+
+@pytest.mark.slow
+def test_descriptions_and_perceptions_on_vllm(vllm_engine, demo_data):
+    """What the embedded model writes: descriptions, role-played reviews, JSON key terms."""
+    run = RunDir(demo_data)
+    config = load_config("demo")
+    items = pd.read_parquet(demo_data / "data" / "items.parquet")
+    pool = ProgramPool("items", vllm_engine, config.extract, "movie")
+    described = asyncio.run(pool.run(item_rows(items).head(6).to_dict("records")))
+    assert [r["status"] for r in described] == ["ok"] * 6
+    assert all(len(r["description"].split()) >= 5 for r in described)
+
+    pairs = pd.DataFrame({"user_idx": [0, 0, 1, 1], "horizon": ["test"] * 4, "item_idx": [0, 1, 2, 3]})
+    folder = demo_data / "extract" / "preferences"
+    folder.mkdir(parents=True, exist_ok=True)
+    from cotrec.extract.runner import write_shard
+
+    write_shard(folder, [{"user_idx": u, "horizon": "test", "preference": text, "short_term": [text], "status": "ok",
+                          "created_at": time.time()} for u, text in
+                         ((0, "Likes light-hearted animated comedies for the whole family."),
+                          (1, "Likes tense thrillers and spy action."))], PROGRAMS["users"].schema)
+    rows = pair_rows(pairs, run, items)
+    perceived = asyncio.run(ProgramPool("perceptions", vllm_engine, config.extract, "movie").run(
+        rows.to_dict("records")))
+    shutil.rmtree(folder)
+    for record in perceived:
+        assert record["status"] == "ok", record["error"]
+        assert len(record["review"].split()) >= 5
+        assert 1 <= len(record["key_terms"]) <= config.extract.max_key_terms
+        assert all(isinstance(t, str) and t for t in record["key_terms"])
+
+
+def test_user_rows_put_the_longest_walks_first(demo_data):
+    config = load_config("demo")
+    rows = user_rows(user_histories(pd.read_parquet(demo_data / "data" / "interactions.parquet")), config)
+    lengths = rows["history"].map(len).to_numpy()
+    assert lengths[0] == lengths.max() and lengths[-1] == lengths.min()
+    assert rows["source_digest"].iloc[0] == history_digest(rows["history"].iloc[0])
+
+
+def test_the_cap_walks_only_the_last_windows_and_test_continues_train():
+    from cotrec.config import LLMConfig
+    from cotrec.llm import make_engine
+
+    engine = make_engine(LLMConfig(backend="zero-latency"))
+    try:
+        config = ExtractConfig(max_windows=2)
+        pool = ProgramPool("users", engine, config, "movie", labels=[f"item {i}" for i in range(100)])
+        history = np.arange(60)
+        records = {r["horizon"]: r for r in asyncio.run(pool.run([{"user_idx": 0, "history": history}]))}
+    finally:
+        engine.close()
+    train, test = records["train"], records["test"]
+    assert train["windows"] == 2 and train["history_start"] == capped_start(58, 10, 2, 2) > 0
+    assert records["valid"]["preference"] == train["preference"] and records["valid"]["calls"] == 0
+    assert test["history_start"] == train["history_start"] and test["items_consumed"] == 59
+    assert test["windows"] == len(window_bounds(train["history_start"], 59, 10, 2))
+    assert test["calls"] <= 2  # the partial last window again, with the valid item, and its merge
+    assert history[58] not in history[train["history_start"]:58] and test["target_item_idx"] == 59

@@ -1,0 +1,42 @@
+"""The job drivers under `ray job submit`, on a private Ray head node (see tests/ray_head.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pandas as pd
+import pytest
+
+from ray_head import REPO, ray_head
+
+
+def job_env() -> dict[str, str]:
+    """What the job needs to find the shared data cache (`cotrec.cache`: COTREC_CACHE, XDG, ~)."""
+    return {name: os.environ[name] for name in ("COTREC_CACHE", "XDG_CACHE_HOME", "HOME") if name in os.environ}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prepare_and_users_jobs_run_on_a_ray_head(tmp_path):
+    run = tmp_path / "run"
+    # The users job on the real embedded model (transformers backend: quick to load), 2 users.
+    users_job = (f"{sys.executable} jobs/extract.py users --config demo --run-dir {run} --limit 2 "
+                 "--set llm.backend=transformers --set extract.max_windows=1 --set extract.interest_tokens=16 "
+                 "--set extract.preference_tokens=16")
+    with ray_head(tmp_path) as head:
+        job_id = head.submit(f"{sys.executable} jobs/prepare.py --config demo --run-dir {run}",
+                             working_dir=REPO, env=job_env())
+        status, logs = head.wait(job_id, timeout=300)
+        assert status == "SUCCEEDED", f"job {job_id} ended {status}:\n{logs[-4000:]}"
+        assert (run / "data" / "interactions.parquet").is_file()
+        assert (run / "data" / ".complete.json").is_file()
+        assert f"wrote {run / 'data'}" in logs
+
+        job_id = head.submit(users_job, working_dir=REPO, env=job_env())
+        status, logs = head.wait(job_id, timeout=400)
+        assert status == "SUCCEEDED", f"job {job_id} ended {status}:\n{logs[-4000:]}"
+    assert "rows          2 run, 0 already done" in logs
+    shards = list((run / "extract" / "preferences").glob("part-*.parquet"))
+    table = pd.concat([pd.read_parquet(f) for f in shards])
+    assert len(table) == 6 and (table["status"] == "ok").all()
