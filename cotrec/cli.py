@@ -246,12 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run directory whose prepared data is copied (not modified); default: runs/<config name>")
     bench_ext.add_argument("--parts", default="users,ceiling,naive,waves,scale",
                            help="comma-separated: users,ceiling,naive,waves,scale (ceiling needs users)")
-    bench_ext.add_argument("--users", type=int, default=40, help="users in the users job (first by user_idx)")
-    bench_ext.add_argument("--naive-users", type=int, default=8, help="users run one at a time on transformers")
-    bench_ext.add_argument("--waves-users", type=int, default=24, help="users in the waves / async comparison")
-    bench_ext.add_argument("--waves-max-windows", type=int, default=4,
-                           help="extract.max_windows for the waves / async comparison")
-    bench_ext.add_argument("--scale-users", type=int, default=1_000_000, help="synthetic users in the scale part")
+    bench_ext.add_argument("--users", type=int, default=48,
+                           help="users in the users job, first by user_idx (default 48)")
+    bench_ext.add_argument("--naive-users", type=int, default=4,
+                           help="users run one at a time on transformers (default 4)")
+    bench_ext.add_argument("--waves-users", type=int, default=12,
+                           help="users in the waves / async comparison (default 12)")
+    bench_ext.add_argument("--waves-max-windows", type=int, default=5,
+                           help="extract.max_windows of the waves / async comparison (default 5)")
+    bench_ext.add_argument("--scale-users", type=int, default=1_000_000,
+                           help="synthetic users in the scale part (default 1,000,000)")
     bench_ext.add_argument("--out", default="bench/extract.json", help="JSON output path")
     bench_ext.set_defaults(handler=cmd_bench_extract)
 

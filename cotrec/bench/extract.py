@@ -1,0 +1,735 @@
+"""`cotrec bench extract`: the extraction runner against its ceiling and against the alternatives.
+
+Each comparison is measured in one run, on one machine, with every setting written to the JSON:
+
+- `users` vs `ceiling`: the real users job (`extract_users` through the Ray Data runner, vLLM
+  backend) on a temporary copy of the run's prepared data; then, in the bench process, one vLLM
+  engine with the same LLM settings gets the same number of requests, of the job's mean prompt
+  length and mean reply length, all at once (one offline batch, no dependencies between them).
+  generated tokens/s of the job (after its engine loaded) over the ceiling's is the fraction of
+  the engine's batch throughput the dependent, per-user programs keep.
+- `naive`: the reference code's way: one user at a time, one call at a time, on the transformers
+  backend (in-process `ProgramPool` with `in_flight=1`, one row per run), over the first users of
+  the job's own users (by user_idx).
+- `waves` vs `async`: one Ray Data stage per window step (a barrier after every batch of
+  short-term interests and every batch of merges) against the per-row async programs, over the
+  same users on the same in-process vLLM engine, back to back. The stage-per-step baseline is
+  simulated at its best: no stage start-up, no actor or engine reload per stage.
+- `scale`: orchestration overhead: a million synthetic users through the real runner on the
+  zero-latency engine (no model): users/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cotrec.config import Config, load_config
+from cotrec.errors import CotrecError
+from cotrec.extract.preference import planned_steps
+from cotrec.extract.prompts import Domain, domain_of, item_labels, merge_preference, short_term_interest
+from cotrec.extract.steps import trim_to_sentence
+from cotrec.extract.windows import capped_start, history_digest, stride, window_bounds
+from cotrec.llm.base import Generation, SamplingSettings
+from cotrec.progress import log
+from cotrec.rundir import RunDir, write_json
+
+PARTS = ("users", "ceiling", "naive", "waves", "scale")
+DEFAULT_OUT = "bench/extract.json"
+
+# Chosen so that every part together runs in about 15 minutes on a 2-core CPU with the embedded
+# SmolLM2-135M (vLLM ~60 generated tokens/s for batches). The user's --set overrides win.
+BENCH_DEFAULTS = ["extract.max_windows=2"]  # the users job / ceiling / naive: 5 LLM calls per user
+DEFAULT_USERS = 48  # the users job (and the ceiling's request count comes from it)
+DEFAULT_NAIVE_USERS = 4
+DEFAULT_WAVES_USERS = 12
+DEFAULT_WAVES_MAX_WINDOWS = 5  # 4..6 windows per user (train + test continuation) on the demo's real histories
+DEFAULT_SCALE_USERS = 1_000_000
+# The scale part's runner settings (zero-latency engine; tuned on the 2-core machine).
+SCALE_SETTINGS = {"extract.batch_size": 2000, "extract.in_flight": 8000, "extract.min_actors": 2,
+                  "extract.max_actors": 2, "extract.cpus_per_actor": 1.0}
+SCALING_CONCURRENCY = (1, 4, 16)  # batch sizes the ceiling's engine is also timed at
+SCALE_ITEMS = 1000
+SCALE_HISTORY = (5, 12)  # synthetic history lengths, uniform, inclusive
+
+
+def bench_config(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config the bench runs with: the bench's defaults, then the user's --set overrides."""
+    return load_config(spec, [*BENCH_DEFAULTS, *overrides])
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _rate(numerator: float, seconds: float) -> float:
+    return round(numerator / seconds, 4) if seconds > 0 else 0.0
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+class MemorySampler:
+    """Peak RSS of this process and of its descendants (the local Ray's processes), sampled in a thread;
+    also their CPU seconds (the last sample of each process: up to one interval of a process that
+    exited before it is missed)."""
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self.psutil = psutil
+        self.interval = interval
+        self.me = psutil.Process()
+        self.peak = {"driver_rss_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0}
+        self.cpu: dict[int, tuple[str, str, float]] = {}  # pid -> (kind, name, user + system seconds)
+        self._cpu_start = sum(self.me.cpu_times()[:2])
+        self._baseline: dict[int, float] = {}  # CPU seconds of processes that were there before sampling
+        for child in self.me.children(recursive=True):
+            try:
+                self._baseline[child.pid] = sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        mb = 1024 * 1024
+        driver = self.me.memory_info().rss / mb
+        self.cpu[self.me.pid] = ("driver", "driver", sum(self.me.cpu_times()[:2]) - self._cpu_start)
+        workers = others = 0.0
+        for child in self.me.children(recursive=True):
+            try:
+                with child.oneshot():
+                    if child.status() == self.psutil.STATUS_ZOMBIE:
+                        continue
+                    rss = child.memory_info().rss / mb
+                    name = child.name()
+                    cpu = sum(child.cpu_times()[:2]) - self._baseline.get(child.pid, 0.0)
+            except self.psutil.Error:
+                continue
+            kind = "extract_workers" if "ExtractWorker" in name or "MapWorker" in name else \
+                "other_ray_workers" if name.startswith("ray::") else "ray_system"
+            if kind == "extract_workers":  # the process title changes (and is cut to 15 characters at times)
+                name = "ray::MapWorker(MapBatches(ExtractWorker))"
+            self.cpu[child.pid] = (kind, name, cpu)
+            if name.startswith("ray::"):
+                workers += rss
+            else:
+                others += rss
+        for key, value in (("driver_rss_mb", driver), ("ray_workers_rss_mb", workers),
+                           ("ray_all_rss_mb", workers + others), ("total_rss_mb", driver + workers + others)):
+            self.peak[key] = max(self.peak[key], round(value, 1))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - a process vanished mid-sample
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_seconds(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        names: dict[str, float] = {}
+        for kind, name, seconds in self.cpu.values():
+            out[kind] = round(out.get(kind, 0.0) + seconds, 2)
+            names[name] = round(names.get(name, 0.0) + seconds, 2)
+        out["total"] = round(sum(out.values()), 2)
+        out["by_process_name"] = dict(sorted(names.items(), key=lambda kv: -kv[1]))
+        return out
+
+
+def temp_run(config: Config, run: RunDir) -> RunDir:
+    """A temporary run directory holding the run's prepared data (prepared afresh if the run has none)."""
+    from cotrec.data.prepare import STAGE_DIR, prepare
+
+    tmp = RunDir(tempfile.mkdtemp(prefix="cotrec-bench-extract-"))
+    if run.is_complete(STAGE_DIR, config.fingerprint("data")):
+        shutil.copytree(run / STAGE_DIR, tmp / STAGE_DIR)
+    else:
+        log(f"bench extract: {run / STAGE_DIR} is not prepared for this config; preparing into {tmp.root}")
+        prepare(config, tmp)
+    tmp.write_config(config)
+    return tmp
+
+
+def first_users(run: RunDir, config: Config, count: int) -> pd.DataFrame:
+    """The first `count` users by user_idx, as the users job's rows (what `extract_users --limit` runs)."""
+    from cotrec.data.prepare import read_table
+    from cotrec.extract.stage import user_histories, user_rows
+
+    rows = user_rows(user_histories(read_table(run, "interactions")), config)
+    return rows.sort_values("user_idx").head(count).reset_index(drop=True)
+
+
+def run_labels(run: RunDir) -> list[str]:
+    from cotrec.data.prepare import read_table
+
+    return item_labels(read_table(run, "items"))
+
+
+def run_domain(run: RunDir) -> str:
+    from cotrec.data.prepare import read_stats
+
+    return read_stats(run)["domain"]
+
+
+def record_totals(records: list[dict[str, Any]]) -> dict[str, int]:
+    return {"calls": sum(r["calls"] for r in records), "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "completion_tokens": sum(r["completion_tokens"] for r in records),
+            "failed_rows": sum(r["status"] != "ok" for r in records)}
+
+
+# -- 1. the users job ---------------------------------------------------------------------------
+def measure_users_job(config: Config, tmp: RunDir, users: int) -> dict[str, Any]:
+    from cotrec.extract.stage import extract_users
+
+    log(f"bench extract: users job: {users} users, {config.llm.backend}, max_windows {config.extract.max_windows}")
+    load_before = _load()
+    started = time.perf_counter()
+    summary = extract_users(config, tmp, force=True, limit=users)
+    wall = time.perf_counter() - started
+    after = max(summary["seconds_after_load"], 1e-9)
+    calls = max(summary["calls"], 1)
+    return {
+        "users": summary["rows"], "records": summary["records"], "failed_records": summary["failed"],
+        "calls": summary["calls"], "prompt_tokens": summary["prompt_tokens"],
+        "completion_tokens": summary["completion_tokens"],
+        "mean_prompt_tokens": round(summary["prompt_tokens"] / calls, 1),
+        "mean_completion_tokens": round(summary["completion_tokens"] / calls, 1),
+        "engine_load_s": summary["engine_load_s"], "runner_seconds": summary["seconds"],
+        "seconds_after_load": summary["seconds_after_load"], "stage_wall_s": round(wall, 2),
+        "users_per_s": _rate(summary["rows"], after),
+        "generated_tokens_per_s": _rate(summary["completion_tokens"], after),
+        "load_avg_before": load_before, "load_avg_after": _load(),
+        "runner": {k: getattr(config.extract, k) for k in ("min_actors", "max_actors", "cpus_per_actor",
+                                                            "batch_size", "in_flight")},
+    }
+
+
+# -- 2. the engine's ceiling --------------------------------------------------------------------
+def ceiling_prompts(engine: Any, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` prompts of exactly `length` token ids: realistic window prompts (bench movie titles),
+    truncated or padded (by repeating the prompt) to the length."""
+    from cotrec.bench.prompts import MOVIES
+
+    rng = random.Random(seed)
+    domain = domain_of("movie")
+    prompts = []
+    for _ in range(count):
+        ids = engine.encode(short_term_interest(domain, rng.sample(MOVIES, len(MOVIES))))
+        while len(ids) < length:
+            ids = ids + ids
+        prompts.append(ids[:length])
+    return prompts
+
+
+async def _offline_batch(engine: Any, prompts: list[list[int]], params: Any) -> list[Any]:
+    return list(await asyncio.gather(*(engine._request(ids, params) for ids in prompts)))
+
+
+def measure_ceiling(engine: Any, config: Config, requests: int, prompt_length: int,
+                    output_length: int) -> dict[str, Any]:
+    """The same number of requests, mean prompt and mean reply as the job, in one batch."""
+    from vllm import SamplingParams
+
+    log(f"bench extract: ceiling: {requests} requests x {prompt_length} prompt / {output_length} generated tokens")
+    prompts = ceiling_prompts(engine, requests, prompt_length)
+    params = SamplingParams(max_tokens=output_length, min_tokens=output_length, ignore_eos=True, temperature=0.0,
+                            repetition_penalty=config.extract.repetition_penalty)
+    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    load_before = _load()
+    started = time.perf_counter()
+    outputs = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts, params)))
+    seconds = time.perf_counter() - started
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    by_concurrency = {}
+    for concurrency in SCALING_CONCURRENCY:  # how the engine's throughput grows with the batch
+        if concurrency >= requests:
+            break
+        asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+        t0 = time.perf_counter()
+        few = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts[:concurrency], params)))
+        by_concurrency[str(concurrency)] = _rate(sum(len(o.outputs[0].token_ids) for o in few), time.perf_counter() - t0)
+    by_concurrency[str(requests)] = _rate(generated, seconds)
+    return {
+        "requests": requests, "prompt_tokens_each": prompt_length, "completion_tokens_each": output_length,
+        "prompt_tokens": requests * prompt_length, "completion_tokens": generated, "seconds": round(seconds, 2),
+        "generated_tokens_per_s": _rate(generated, seconds),
+        "sampling": {"temperature": 0.0, "ignore_eos": True, "min_tokens": output_length,
+                     "repetition_penalty": config.extract.repetition_penalty},
+        "max_num_seqs": config.llm.max_num_seqs, "prefix_cache_reset_before": True,
+        "generated_tokens_per_s_by_batch": by_concurrency,
+        "load_avg_before": load_before, "load_avg_after": _load(),
+    }
+
+
+# -- 3. naive: one user at a time, one call at a time -------------------------------------------
+def measure_naive(config: Config, tmp: RunDir, users: int) -> dict[str, Any]:
+    from cotrec.extract.runner import ProgramPool
+    from cotrec.llm import make_engine
+
+    llm = config.llm.model_copy(update={"backend": "transformers"})
+    extract = config.extract.model_copy(update={"in_flight": 1})
+    rows = first_users(tmp, config, users).to_dict("records")
+    log(f"bench extract: naive: {len(rows)} users one at a time on transformers")
+    started = time.perf_counter()
+    engine = make_engine(llm)
+    loaded = time.perf_counter() - started
+    try:
+        pool = ProgramPool("users", engine, extract, run_domain(tmp), run_labels(tmp))
+        load_before = _load()
+        started = time.perf_counter()
+        records = []
+        for row in rows:
+            records += asyncio.run(pool.run([row]))
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    totals = record_totals(records)
+    return {
+        "backend": "transformers", "dtype": getattr(engine, "dtype", llm.dtype), "users": len(rows),
+        "user_idx": [int(r["user_idx"]) for r in rows], "in_flight": 1, "engine_load_s": round(loaded, 2),
+        **totals, "seconds": round(seconds, 2),
+        "users_per_s": _rate(len(rows), seconds), "generated_tokens_per_s": _rate(totals["completion_tokens"], seconds),
+        "load_avg_before": load_before, "load_avg_after": _load(),
+    }
+
+
+# -- 4. waves (one stage per window step) vs the async programs ----------------------------------
+class WavePlan:
+    """One user's windows as the recurrence walks them: the train walk, then the test continuation."""
+
+    def __init__(self, row: dict[str, Any], config: Any, labels_of: Any):
+        history = np.asarray(row["history"], dtype=np.int64)
+        n = len(history)
+        window, overlap = config.window, config.overlap
+        start = capped_start(n - 2, window, overlap, config.max_windows)
+        train = window_bounds(start, n - 2, window, overlap)
+        self.settled = max([k + 1 for k, (b, e) in enumerate(train) if e - b == window], default=0)
+        test = window_bounds(start + self.settled * stride(window, overlap), n - 1, window, overlap)
+        self.user_idx = int(row["user_idx"])
+        self.windows = [labels_of(history[b:e]) for b, e in train + test]
+        self.train_count = len(train)
+        self.preference: str | None = None
+        self.after: list[str | None] = []  # the preference after each train window
+        self.train_preference: str | None = None
+
+    def begin_step(self, t: int) -> None:
+        if t == self.train_count:  # the test walk continues from the settled train state
+            self.train_preference = self.preference
+            self.preference = self.after[self.settled - 1] if self.settled else None
+
+    def end_step(self, t: int) -> None:
+        if t < self.train_count:
+            self.after.append(self.preference)
+
+
+async def _texts(engine: Any, conversations: list[Any], max_tokens: int, config: Any) -> list[tuple[str | None, Generation]]:
+    """One batch through the engine, read the way `Steps.text` reads each reply."""
+    settings = SamplingSettings(max_tokens=max_tokens, temperature=config.temperature,
+                                repetition_penalty=config.repetition_penalty, retry_truncated=False)
+    replies = await engine.chat(conversations, settings)
+    out = []
+    for reply in replies:
+        if reply.status == "truncated":
+            out.append((trim_to_sentence(reply.text), reply))
+        elif reply.ok:
+            out.append((reply.text.strip(), reply))
+        else:
+            out.append((None, reply))
+    return out
+
+
+async def run_waves(engine: Any, rows: list[dict[str, Any]], config: Any, domain: Domain,
+                    labels: list[str]) -> dict[str, Any]:
+    """Window step t of every user that has one: all interests (barrier), then all merges (barrier)."""
+    plans = [WavePlan(row, config, lambda items: [labels[int(i)] for i in items]) for row in rows]
+    calls = prompt_tokens = completion_tokens = 0
+    steps = []
+    t = 0
+    while True:
+        active = [p for p in plans if t < len(p.windows)]
+        if not active:
+            break
+        for plan in active:
+            plan.begin_step(t)
+        started = time.perf_counter()
+        interests = await _texts(engine, [short_term_interest(domain, p.windows[t]) for p in active],
+                                 config.interest_tokens, config)
+        merging = []
+        for plan, (text, reply) in zip(active, interests):
+            calls, prompt_tokens = calls + reply.attempts, prompt_tokens + reply.prompt_tokens * reply.attempts
+            completion_tokens += reply.completion_tokens
+            if text:
+                if plan.preference is None:
+                    plan.preference = text
+                else:
+                    merging.append((plan, text))
+        interest_s = time.perf_counter() - started
+        started = time.perf_counter()
+        if merging:
+            merged = await _texts(engine, [merge_preference(domain, p.preference, s) for p, s in merging],
+                                  config.preference_tokens, config)
+            for (plan, _), (text, reply) in zip(merging, merged):
+                calls, prompt_tokens = calls + reply.attempts, prompt_tokens + reply.prompt_tokens * reply.attempts
+                completion_tokens += reply.completion_tokens
+                if text:
+                    plan.preference = text
+        for plan in active:
+            plan.end_step(t)
+        steps.append({"step": t, "users": len(active), "merges": len(merging), "interest_s": round(interest_s, 2),
+                      "merge_s": round(time.perf_counter() - started, 2)})
+        t += 1
+    return {"calls": calls, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "steps": steps,
+            "test_preferences": {p.user_idx: p.preference for p in plans}}
+
+
+def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    from cotrec.extract.runner import ProgramPool
+
+    rows = first_users(tmp, config, users).to_dict("records")
+    labels, domain = run_labels(tmp), run_domain(tmp)
+    windows = [planned_steps(len(r["history"]), config.extract) for r in rows]
+    common = {"users": len(rows), "max_windows": config.extract.max_windows,
+              "windows_per_user": {"min": int(min(windows)), "max": int(max(windows)),
+                                   "mean": round(float(np.mean(windows)), 2)}}
+    log(f"bench extract: waves: {len(rows)} users, {sum(windows)} windows (max {max(windows)} for one user)")
+    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    load_before = _load()
+    started = time.perf_counter()
+    waves = asyncio.run(engine.run_on_loop(run_waves(engine, rows, config.extract, domain_of(domain), labels)))
+    waves_s = time.perf_counter() - started
+    waves_load = [load_before, _load()]
+
+    log(f"bench extract: async: the same {len(rows)} users as per-row programs")
+    extract = config.extract.model_copy(update={"in_flight": max(config.extract.in_flight, len(rows))})
+    pool = ProgramPool("users", engine, extract, domain, labels)
+    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    load_before = _load()
+    started = time.perf_counter()
+    records = asyncio.run(pool.run(rows))
+    async_s = time.perf_counter() - started
+    totals = record_totals(records)
+    test_async = {int(r["user_idx"]): r["preference"] for r in records if r["horizon"] == "test"}
+    same = sum(test_async.get(u) == (p or "") for u, p in waves.pop("test_preferences").items())
+
+    wave_result = {**common, "design": "one batch per window step and kind (barrier), in-process",
+                   "seconds": round(waves_s, 2), "calls": waves["calls"], "prompt_tokens": waves["prompt_tokens"],
+                   "completion_tokens": waves["completion_tokens"], "barriers": 2 * len(waves["steps"]),
+                   "users_per_s": _rate(len(rows), waves_s),
+                   "generated_tokens_per_s": _rate(waves["completion_tokens"], waves_s),
+                   "steps": waves["steps"], "load_avg_before_after": waves_load,
+                   "same_test_preference_as_async": same}
+    async_result = {**common, "design": "per-row async programs (ProgramPool), in-process",
+                    "in_flight": extract.in_flight, "seconds": round(async_s, 2), **totals,
+                    "users_per_s": _rate(len(rows), async_s),
+                    "generated_tokens_per_s": _rate(totals["completion_tokens"], async_s),
+                    "load_avg_before_after": [load_before, _load()]}
+    return wave_result, async_result
+
+
+# -- 5. scale: a million synthetic users on the zero-latency engine -----------------------------
+def synthetic_user_rows(count: int, items: int = SCALE_ITEMS, lengths: tuple[int, int] = SCALE_HISTORY,
+                        seed: int = 0) -> pd.DataFrame:
+    """SYNTHETIC users (random histories), as the users job's input rows."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(lengths[0], lengths[1] + 1, count)
+    flat = rng.integers(0, items, int(sizes.sum())).astype(np.int32)
+    histories = np.split(flat, np.cumsum(sizes)[:-1])
+    return pd.DataFrame({"user_idx": np.arange(count, dtype=np.int64), "history": histories,
+                         "source_digest": [history_digest(h) for h in histories]})
+
+
+def synthetic_labels(count: int = SCALE_ITEMS) -> list[str]:
+    genres = ["Drama", "Comedy", "Action", "Thriller", "Romance", "Sci-Fi", "Horror", "Animation"]
+    return [f"Synthetic Movie {i} ({1950 + i % 70}; {genres[i % 8]}, {genres[(i * 7 + 3) % 8]})" for i in range(count)]
+
+
+def steady_rate(shards: list[Path], started_ns: int) -> dict[str, Any]:
+    """Start-up latency and the steady rate, from the shards' names (they start with their write time in ns)
+    and their row counts: users/s from the first shard's write to the last one's."""
+    import pyarrow.parquet as pq
+
+    if len(shards) < 2:
+        return {}
+    stamps = [int(p.name.split("-")[1]) for p in shards]
+    users = [pq.ParquetFile(p).metadata.num_rows // 3 for p in shards]  # 3 horizons per user
+    order = np.argsort(stamps)
+    first, last = stamps[order[0]], stamps[order[-1]]
+    after_first = sum(users) - users[order[0]]
+    return {"first_shard_after_s": round((first - started_ns) / 1e9, 2),
+            "steady_users_per_s": round(after_first / max((last - first) / 1e9, 1e-9), 1)}
+
+
+def scale_config(config: Config, overrides: dict[str, Any]) -> Config:
+    raw = config.model_dump(mode="json")
+    raw["llm"]["backend"] = "zero-latency"
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return Config.model_validate(raw)
+
+
+def measure_scale(config: Config, users: int, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    import ray
+
+    from cotrec.cluster import ensure_ray
+    from cotrec.extract.runner import PROGRAMS, run_programs, shard_files
+
+    settings = {**SCALE_SETTINGS, **(settings or {})}
+    cfg = scale_config(config, settings)
+    started = time.perf_counter()
+    rows = synthetic_user_rows(users)
+    rows_s = time.perf_counter() - started
+    labels = synthetic_labels()
+    folder = Path(tempfile.mkdtemp(prefix="cotrec-bench-scale-"))
+    log(f"bench extract: scale: {users:,} synthetic users, zero-latency engine, {settings}")
+    try:
+        with MemorySampler() as memory:
+            started = time.perf_counter()
+            ensure_ray()  # started here so the runner's figures exclude Ray's start; shut down below
+            ray_start = time.perf_counter() - started
+            try:
+                load_before = _load()
+                runner_started_ns = time.time_ns()
+                summary = run_programs(PROGRAMS["users"], rows, folder, cfg, domain="movie", labels=labels)
+                memory._sample()
+            finally:
+                ray.shutdown()
+            wall = time.perf_counter() - started
+        shards = shard_files(folder)
+        written = sum(p.stat().st_size for p in shards)
+        steady = steady_rate(shards, runner_started_ns)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "users": users, "synthetic": True, "history_lengths": list(SCALE_HISTORY), "items": SCALE_ITEMS,
+        "backend": "zero-latency", "settings": settings, "rows_build_s": round(rows_s, 2),
+        "ray_start_s": round(ray_start, 2), "runner_seconds": summary["seconds"], "wall_s": round(wall, 2),
+        "users_per_s": _rate(summary["rows"], summary["seconds"]), **steady, "rows_done": summary["rows"],
+        "records": summary["records"], "failed_records": summary["failed"], "calls": summary["calls"],
+        "calls_per_s": _rate(summary["calls"], summary["seconds"]),
+        "shards": len(shards), "shard_mb": round(written / 2**20, 1),
+        "peak_memory_mb": memory.peak,
+        "cpu_seconds": (cpu := memory.cpu_seconds()),
+        "extract_worker_cpu_us_per_user": round(cpu.get("extract_workers", 0.0) / max(users, 1) * 1e6, 1),
+        "all_cpu_us_per_user": round(cpu["total"] / max(users, 1) * 1e6, 1),
+        "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_avg_before": load_before, "load_avg_after": _load(),
+    }
+
+
+# -- the bench -----------------------------------------------------------------------------------
+def bench_extract(config: Config, run: RunDir, out: str | Path = DEFAULT_OUT, parts: tuple[str, ...] = PARTS,
+                  users: int = DEFAULT_USERS, naive_users: int = DEFAULT_NAIVE_USERS,
+                  waves_users: int = DEFAULT_WAVES_USERS, waves_max_windows: int | None = DEFAULT_WAVES_MAX_WINDOWS,
+                  scale_users: int = DEFAULT_SCALE_USERS, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise CotrecError(f"--parts: unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})")
+    if "ceiling" in parts and "users" not in parts:
+        raise CotrecError("--parts: ceiling needs users in the same run (it mirrors the job's requests)")
+    if naive_users > users and "users" in parts and "naive" in parts:
+        raise CotrecError(f"--naive-users ({naive_users}) must not exceed --users ({users}): naive runs the job's first users")
+    bench_started = time.perf_counter()
+    waves_max_windows = waves_max_windows or None  # 0: no cap
+    waves_config = config.model_copy(update={"extract": config.extract.model_copy(
+        update={"max_windows": waves_max_windows})})
+    report: dict[str, Any] = {
+        "bench": "extract", "machine": machine(), "parts": list(parts),
+        "settings": {"config_overrides": [*BENCH_DEFAULTS, *overrides], "model": config.llm.model,
+                     "llm": config.llm.model_dump(mode="json"), "extract": config.extract.model_dump(mode="json"),
+                     "users": users, "naive_users": naive_users, "waves_users": waves_users,
+                     "waves_max_windows": waves_max_windows, "scale_users": scale_users,
+                     "run_dir": str(run.root)},
+        "notes": [],
+    }
+    notes = report["notes"]
+    needs_data = any(p in parts for p in ("users", "naive", "waves"))
+    if "scale" in parts:  # first: before vLLM and torch load into this process (the driver's RSS is its own)
+        report["scale"] = measure_scale(config, scale_users)
+    tmp = temp_run(config, run) if needs_data else None
+    try:
+        if "users" in parts:
+            report["users_job"] = measure_users_job(config, tmp, users)
+        if "ceiling" in parts or "waves" in parts:
+            from cotrec.llm import make_engine
+
+            llm = config.llm.model_copy(update={"backend": "vllm"})
+            started = time.perf_counter()
+            engine = make_engine(llm)
+            report["bench_engine_load_s"] = round(time.perf_counter() - started, 2)
+            try:
+                engine.chat_sync([short_term_interest(domain_of("movie"), ["Toy Story (1995)"])],
+                                 SamplingSettings(max_tokens=8))  # warm-up
+                if "ceiling" in parts:
+                    job = report["users_job"]
+                    report["ceiling"] = measure_ceiling(
+                        engine, config, job["calls"], round(job["mean_prompt_tokens"]),
+                        max(1, round(job["mean_completion_tokens"])))
+                    report["job_over_ceiling"] = _ratio(job["generated_tokens_per_s"],
+                                                        report["ceiling"]["generated_tokens_per_s"])
+                if "waves" in parts:
+                    report["waves"], report["async"] = measure_waves_and_async(engine, waves_config, tmp, waves_users)
+                    report["async_over_waves"] = _ratio(report["waves"]["seconds"], report["async"]["seconds"])
+                    report["async_over_waves_tokens_per_s"] = _ratio(
+                        report["async"]["generated_tokens_per_s"], report["waves"]["generated_tokens_per_s"])
+                    # Not measured: what one engine start per stage (as a Ray Data stage's actor pool
+                    # would pay) adds, from this run's own engine load time.
+                    stages = len(report["waves"]["steps"])
+                    estimate = report["waves"]["seconds"] + stages * report["bench_engine_load_s"]
+                    report["waves"]["estimated_seconds_with_engine_start_per_stage"] = round(estimate, 1)
+                    report["async_over_waves_with_engine_start_per_stage_estimate"] = _ratio(
+                        estimate, report["async"]["seconds"])
+            finally:
+                engine.close()
+        if "naive" in parts:
+            report["naive"] = measure_naive(config, tmp, naive_users)
+            if "users_job" in report:
+                job, naive = report["users_job"], report["naive"]
+                report["job_over_naive_users_per_s"] = _ratio(job["users_per_s"], naive["users_per_s"])
+                report["job_over_naive_tokens_per_s"] = _ratio(job["generated_tokens_per_s"],
+                                                               naive["generated_tokens_per_s"])
+            if "ceiling" in report:  # the most any scheduling on this engine could give over naive
+                report["ceiling_over_naive_tokens_per_s"] = _ratio(report["ceiling"]["generated_tokens_per_s"],
+                                                                   report["naive"]["generated_tokens_per_s"])
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp.root, ignore_errors=True)
+    report["wall_s"] = round(time.perf_counter() - bench_started, 1)
+    notes += bench_notes(report)
+    write_json(Path(out), report)
+    return report
+
+
+def bench_notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    if "users_job" in report:
+        notes.append("users job: the real `extract_users(limit=N)` (first N users by user_idx) through the Ray Data "
+                     "runner into a temporary copy of the run's data; tokens/s and users/s are over the runner's "
+                     "seconds_after_load = runner seconds - the actor's engine load, so Ray Data start-up, the actor "
+                     "process start and its imports (before the engine's load timer starts), scheduling and shard "
+                     "writes all count against the job.")
+    if "ceiling" in report:
+        notes.append("ceiling: the job's number of requests, each of the job's mean prompt length (window prompts of "
+                     "bench movie titles, cut to length; prefix caching on, as in the job) and exactly the job's mean "
+                     "reply length (ignore_eos), all submitted at once to one AsyncLLM with the same LLM settings. "
+                     "generated_tokens_per_s_by_batch: the same requests, the first 1, 4, 16 of them alone.")
+    if "naive" in report:
+        notes.append("naive: the first users (by user_idx) of the job's own users; with extract.max_windows=2 every "
+                     "demo user makes the same 5 calls (3 windows), so users/s compare like with like; tokens/s also "
+                     "compare the engines (transformers vs vLLM, same model and dtype).")
+    if "waves" in report:
+        notes.append("waves: the stage-per-step design at its best case: the same in-process engine as the async "
+                     "programs, no Ray Data stage start-up and no actor/engine reload per stage; each step's batch is "
+                     "one engine.chat call (a barrier), interests then merges. The prefix cache is reset before each "
+                     "design; both make the same calls with the same prompts and greedy settings.")
+    if "waves" in report:
+        by_batch = report.get("ceiling", {}).get("generated_tokens_per_s_by_batch", {})
+        if "1" in by_batch and "16" in by_batch:
+            top = max(by_batch, key=int) if by_batch else None
+        if "1" in by_batch and "16" in by_batch:
+            notes.append(f"waves vs async: this CPU engine generates {by_batch['1']:.1f} tok/s for 1 sequence, "
+                         f"{by_batch['16']:.1f} for 16 and {by_batch[top]:.1f} for {top} at once. A barrier only idles "
+                         "the engine while a batch's last few replies finish, and the replies here are of similar "
+                         "length (greedy, similar prompts, capped at interest_tokens / preference_tokens), so that tail "
+                         f"is short; the async programs keep at most {report['waves']['users']} sequences in flight "
+                         "(one per user), which is also all a waves batch holds. The gap would grow with reply-length "
+                         "variance and on engines whose step time hardly depends on the batch (GPUs).")
+        notes.append("waves estimated_seconds_with_engine_start_per_stage is an estimate, not a measurement: the "
+                     "measured waves seconds plus one engine load (this run's bench_engine_load_s) per window step, "
+                     "what a Ray Data stage per step with its own actor pool would add.")
+    if "scale" in report:
+        notes.append("scale: SYNTHETIC users and the zero-latency engine (no model): this measures the runner's own "
+                     "overhead only. Peak memory: RSS sampled every 0.25 s of the driver and of its descendant "
+                     "processes (the local Ray: workers named ray::*, plus raylet/GCS/...); RSS sums count shared "
+                     "object-store pages once per process that maps them.")
+    if "scale" in report and report["scale"].get("all_cpu_us_per_user"):
+        sc = report["scale"]
+        cores = os.cpu_count() or 1
+        notes.append(f"scale is CPU-bound: {sc['all_cpu_us_per_user']:.0f} CPU-us per user in all ({sc['extract_worker_cpu_us_per_user']:.0f} "
+                     f"in the ExtractWorker actors), i.e. at most {cores / sc['all_cpu_us_per_user'] * 1e6:,.0f} users/s on "
+                     f"{cores} fully free cores; steady_users_per_s excludes the start-up before the first shard "
+                     f"({sc.get('first_shard_after_s', 0):.0f} s).")
+    if "ceiling_over_naive_tokens_per_s" in report:
+        notes.append(f"job / naive is bounded by the engines on this machine: even the ceiling (every request at once) "
+                     f"generates only {report['ceiling_over_naive_tokens_per_s']:.1f}x the tokens/s of one-call-at-a-time "
+                     "transformers, so no scheduling of these calls can reach 10x here.")
+    loads = [v for part in ("users_job", "ceiling", "naive", "scale") for k, v in report.get(part, {}).items()
+             if k.startswith("load_avg")]
+    if any(l[0] > 2.5 for l in loads):
+        notes.append("the 1-minute load average exceeded 2.5 on this 2-core machine during some part: other work "
+                     "shared the cores, so those figures are pessimistic.")
+    return notes
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    lines = [f"{'part':<12}{'users':>9}{'seconds':>10}{'users/s':>11}{'gen tok/s':>11}  notes"]
+
+    def rate(value: float | None) -> str:
+        if value is None:
+            return f"{'-':>11}"
+        return f"{value:>11,.1f}" if value >= 10 else f"{value:>11.3f}"
+
+    def row(name: str, part: dict[str, Any], seconds_key: str, extra: str = "") -> None:
+        lines.append(f"{name:<12}{part.get('users', part.get('requests', 0)):>9,}{part[seconds_key]:>10.1f}"
+                     f"{rate(part.get('users_per_s'))}{part.get('generated_tokens_per_s', 0):>11.1f}  {extra}")
+
+    if "users_job" in report:
+        job = report["users_job"]
+        row("users job", job, "seconds_after_load", f"{job['calls']} calls, engine load {job['engine_load_s']:.0f} s")
+    if "ceiling" in report:
+        c = report["ceiling"]
+        row("ceiling", c, "seconds", f"{c['requests']} requests x {c['prompt_tokens_each']}+{c['completion_tokens_each']} tokens")
+    if "naive" in report:
+        row("naive", report["naive"], "seconds", "transformers, one call at a time")
+    if "waves" in report:
+        row("waves", report["waves"], "seconds", f"{report['waves']['barriers']} barriers")
+        row("async", report["async"], "seconds", f"in_flight {report['async']['in_flight']}")
+    if "scale" in report:
+        s = report["scale"]
+        row("scale", s, "runner_seconds", f"zero-latency; steady {s.get('steady_users_per_s', 0):,.0f} users/s; "
+                                          f"peak RSS {s['peak_memory_mb']['total_rss_mb']:,.0f} MB")
+    for key, label in (("job_over_ceiling", "users job / ceiling gen tok/s"),
+                       ("job_over_naive_users_per_s", "users job / naive users/s"),
+                       ("job_over_naive_tokens_per_s", "users job / naive gen tok/s"),
+                       ("ceiling_over_naive_tokens_per_s", "ceiling / naive gen tok/s"),
+                       ("async_over_waves", "async / waves (wall time)")):
+        if report.get(key) is not None:
+            lines.append(f"{label:<32}{report[key]:.2f}x")
+    lines.append(f"bench wall time {report['wall_s']:.0f} s")
+    return "\n".join(lines)
