@@ -235,10 +235,16 @@ def test_descriptions_and_perceptions_on_vllm(vllm_engine, demo_data):
 
 
 def test_user_rows_put_the_longest_walks_first(demo_data):
-    config = load_config("demo")
-    rows = user_rows(user_histories(pd.read_parquet(demo_data / "data" / "interactions.parquet")), config)
+    from cotrec.extract.preference import planned_steps
+
+    interactions = pd.read_parquet(demo_data / "data" / "interactions.parquet")
+    config = load_config("demo", ["extract.max_windows=null"])
+    rows = user_rows(user_histories(interactions), config)
     lengths = rows["history"].map(len).to_numpy()
     assert lengths[0] == lengths.max() and lengths[-1] == lengths.min()
+    capped = load_config("demo")  # the demo caps the walk: every long user plans the same steps
+    steps = [planned_steps(len(h), capped.extract) for h in user_rows(user_histories(interactions), capped)["history"]]
+    assert steps == sorted(steps, reverse=True)
     assert rows["source_digest"].iloc[0] == history_digest(rows["history"].iloc[0])
 
 
