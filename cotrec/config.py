@@ -163,9 +163,13 @@ class ExtractConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
     in_flight: int = Field(64, ge=1)  # programs running concurrently per actor
-    # Where `extract perceptions` takes its (user, candidate) pairs by default: this retriever
-    # variant's candidates.parquet (user-init/item-init, as in retriever.grid).
-    perception_candidates: str = "preference/description"
+    # Where `extract perceptions` takes its (user, candidate) pairs by default: the union of these
+    # retriever variants' candidates.parquet (user-init/item-init); None: every ranker.retrievers
+    # variant, which is what the ranker's llm++ prompts need.
+    perception_candidates: Optional[list[str]] = None
+    # Only the lists whose target is among the candidates: the ranker trains on and re-ranks only
+    # those (the others count as misses whatever it does), so the rest would be wasted LLM calls.
+    perception_only_hits: bool = True
     perception_horizons: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
 
     @model_validator(mode="after")
@@ -174,6 +178,69 @@ class ExtractConfig(Section):
             raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) must not exceed max_actors ({self.max_actors})")
+        return self
+
+
+RANKER_PROMPTS = ("llm", "llm+", "llm++")
+
+
+def parse_ranker(name: str) -> tuple[str, bool]:
+    """A Table 2 ranker name -> (prompt, fine-tuned): `none`, `llm`, `llm++`, `llm++/zero-shot`, ..."""
+    prompt, _, mode = name.partition("/")
+    if prompt == "none" and not mode:
+        return "none", False
+    if prompt not in RANKER_PROMPTS or mode not in ("", "zero-shot"):
+        raise ValueError(f"ranker {name!r} is not none, or one of {RANKER_PROMPTS} optionally followed by "
+                         f"/zero-shot")
+    return prompt, mode == ""
+
+
+class RankerConfig(Section):
+    """LLM-as-Ranker (the `ranker` stages): LlamaRec-style letter scoring, LoRA + DeepSpeed."""
+
+    # Table 2's retrievers: a label -> the retriever variant (user-init/item-init) whose
+    # candidates.parquet (seed = the run's seed) the ranker re-ranks.
+    retrievers: dict[str, str] = Field(default_factory=lambda: {"CRM": "none/random",
+                                                                "CRM++": "preference/description"})
+    # Table 2's rankers per retriever: none (the retriever's own order), llm (history + candidate
+    # titles), llm+ (adds the user's preference), llm++ (adds the preference and each candidate's
+    # perception key terms); `/zero-shot` evaluates the base model without fine-tuning.
+    grid: list[str] = Field(default_factory=lambda: ["none", "llm", "llm++"])
+    history_items: int = Field(10, ge=1)  # the last N history titles shown in the prompt
+    preference_chars: int = Field(600, ge=50)  # the preference is cut (at a sentence) to this length
+    key_terms: int = Field(5, ge=1)  # perception key terms shown per candidate (llm++)
+    shuffle_seed: int = 0  # candidates are shown in a seeded random order (recorded in rankings)
+    # Fine-tuning: peft LoRA, loss on the answer letter only, under Ray Train with DeepSpeed.
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = Field(5e-4, gt=0)
+    epochs: int = Field(2, ge=1)  # each epoch shows the candidates in a fresh seeded order
+    batch_size: int = Field(8, ge=1)  # examples per optimiser step, over all workers
+    max_train_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the training users
+    zero_stage: int = Field(2, ge=0, le=3)
+    # auto: bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (emulated bf16 is ~100x slower and
+    # DeepSpeed's CPU shared-memory reduce needs AVX-512 for it).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    trainer: Literal["ray", "local"] = "ray"
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    # Evaluation: MAPB places each target at all M positions (M prompts per user, sent together).
+    mapb: bool = True
+    max_eval_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the evaluated users
+    lists_per_call: int = Field(64, ge=1)  # candidate lists sent to the engine per call
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankerConfig":
+        for name in self.grid:
+            parse_ranker(name)
+        for label, variant in self.retrievers.items():
+            user, _, item = variant.partition("/")
+            if user not in RETRIEVER_USER_INITS or item not in RETRIEVER_ITEM_INITS:
+                raise ValueError(f"retrievers.{label}: {variant!r} is not user/item with user in "
+                                 f"{RETRIEVER_USER_INITS} and item in {RETRIEVER_ITEM_INITS}")
         return self
 
 
@@ -226,6 +293,7 @@ class Config(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

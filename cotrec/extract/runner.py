@@ -103,7 +103,9 @@ def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
     """The newest row per key (by created_at)."""
     if frame.empty:
         return frame
-    return frame.sort_values("created_at", kind="stable").drop_duplicates(list(key), keep="last")
+    if "created_at" in frame.columns:
+        frame = frame.sort_values("created_at", kind="stable")
+    return frame.drop_duplicates(list(key), keep="last")
 
 
 def compact(folder: Path, program: Program) -> int:

@@ -128,20 +128,35 @@ def read_pairs(path: Path) -> pd.DataFrame:
     return frame[["user_idx", "horizon", "item_idx"]].drop_duplicates().reset_index(drop=True)
 
 
-def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, Path]:
-    """The retriever's top-M candidates (extract.perception_candidates variant) as pairs."""
+def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
+    """The (user, horizon, item) pairs of the retrievers' top-M candidates the ranker will read.
+
+    The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant);
+    their pairs are unioned, and with `extract.perception_only_hits` only the lists whose target is
+    among the candidates are kept.
+    """
     from cotrec.retriever.variants import parse_variant, variant_dir
 
-    user, item = parse_variant(config.extract.perception_candidates)
-    path = Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: no retriever candidates; train that variant first "
-                        f"(`cotrec retriever train --variant {user}/{item}`) or pass --pairs FILE")
-    frame = pd.read_parquet(path, columns=["user_idx", "split", "candidates"])
-    frame = frame[frame["split"].isin(config.extract.perception_horizons)]
+    variants = config.extract.perception_candidates or list(dict.fromkeys(config.ranker.retrievers.values()))
+    frames, paths = [], []
+    for variant in variants:
+        user, item = parse_variant(variant)
+        path = Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: no retriever candidates; train that variant first "
+                            f"(`cotrec retriever train --variant {user}/{item}`) or pass --pairs FILE")
+        frame = pd.read_parquet(path, columns=["user_idx", "split", "candidates", "target_in_candidates"])
+        frame = frame[frame["split"].isin(config.extract.perception_horizons)]
+        if config.extract.perception_only_hits:
+            frame = frame[frame["target_in_candidates"]]
+        frames.append(frame.drop(columns="target_in_candidates"))
+        paths.append(str(path))
+    frame = pd.concat(frames, ignore_index=True)
     pairs = frame.rename(columns={"split": "horizon", "candidates": "item_idx"}).explode("item_idx")
+    pairs = pairs.dropna(subset=["item_idx"])
     pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
-    return pairs.reset_index(drop=True), path
+    pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
+    return pairs.reset_index(drop=True), ", ".join(paths)
 
 
 # -- the stages --------------------------------------------------------------------------------
