@@ -26,3 +26,27 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     kwargs.update(init_kwargs)
     ray.init(**kwargs)
     return True
+
+
+def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,
+                      cpus_per_worker: float, gpus_per_worker: float) -> Any:
+    """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint.
+
+    Returns Ray Train's result (its `.checkpoint` and `.return_value`); shared by every recipe.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray()
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train finished without a checkpoint")
+    return result

@@ -197,27 +197,11 @@ def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict
             torch.set_num_threads(threads)
         return result.pop("best_state"), result
 
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from cotrec.cluster import fit_torch_trainer
 
-    from cotrec.cluster import ensure_ray
-
-    ensure_ray()
-    resources = {"CPU": rcfg.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = rcfg.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=job,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="train", storage_path=str(Path(storage).resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("Ray Train finished without a checkpoint")
+    result = fit_torch_trainer(train_loop, job, name="train", storage=str(Path(storage).resolve()),
+                               num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
+                               gpus_per_worker=rcfg.gpus_per_worker)
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     return state, result.return_value
