@@ -98,6 +98,45 @@ def cmd_retriever_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ranker_train(args: argparse.Namespace) -> int:
+    from cotrec.ranker.stage import ranker_train
+
+    config, run = open_run(args)
+    summary = ranker_train(config, run, args.retriever, args.prompt, force=args.force)
+    print(f"ranker    {args.prompt} on {args.retriever}" + ("  [up to date, skipped]" if summary["skipped"] else ""))
+    print(f"loss      {summary['first_epoch_loss']:.4f} (epoch 1) -> {summary['last_epoch_loss']:.4f} "
+          f"(epoch {summary['epochs']}) on {summary['train_users']} valid lists")
+    print(f"training  {summary['num_workers']} worker(s), ZeRO-{summary['zero_stage']}, {summary['precision']}, "
+          f"{summary['train_seconds']:.0f} s")
+    print(f"folder    {summary['folder']}")
+    return 0
+
+
+def cmd_ranker_eval(args: argparse.Namespace) -> int:
+    from cotrec.ranker.stage import ranker_eval
+
+    ranker = args.prompt + ("/zero-shot" if args.zero_shot and args.prompt != "none" else "")
+    config, run = open_run(args)
+    m = ranker_eval(config, run, args.retriever, ranker, force=args.force)
+    print(f"ranker     {ranker} on {args.retriever}" + ("  [up to date, skipped]" if m["skipped"] else ""))
+    print(f"test       ndcg@10 {m['ndcg@10']:.4f} hit@1 {m['hit@1']:.4f} hit@10 {m['hit@10']:.4f} "
+          f"(retriever ndcg@10 {m['retriever_ndcg@10']:.4f})")
+    if m.get("mapb") is not None:
+        print(f"mapb       {m['mapb']:.4f}")
+    print(f"users      {m['users']:,} ({m['ranked_users']:,} re-ranked: target among the candidates)")
+    print(f"folder     {m['folder']}")
+    return 0
+
+
+def cmd_ranker_grid(args: argparse.Namespace) -> int:
+    from cotrec.ranker.stage import format_summary as format_table2
+    from cotrec.ranker.stage import ranker_grid
+
+    config, run = open_run(args)
+    print(format_table2(ranker_grid(config, run, force=args.force)))
+    return 0
+
+
 def cmd_bench_retriever(args: argparse.Namespace) -> int:
     from cotrec.bench.retriever import bench_retriever, format_bench
 
@@ -172,6 +211,16 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ranker(args: argparse.Namespace) -> int:
+    from cotrec.bench.ranker import bench_ranker, format_bench
+
+    config = load_config(args.config, args.overrides)
+    run = RunDir(args.run_dir or Path("runs") / config_name(args.config))
+    print(format_bench(bench_ranker(config, run, args.variant, args.lists, args.out)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotrec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
@@ -226,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     retr_grid.add_argument("--seeds", type=int, default=None, help="seeds per variant (retriever.grid_seeds)")
     retr_grid.set_defaults(handler=cmd_retriever_grid)
 
+    rank = commands.add_parser("ranker", help="LLM ranker: fine-tune (LoRA + DeepSpeed), evaluate, Table 2")
+    rank_commands = rank.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
+    for action, text in (("train", "fine-tune a LoRA ranker on a retriever's valid lists and merge it"),
+                         ("eval", "rank a retriever's test lists: NDCG@10 over all users, MAPB")):
+        sub = rank_commands.add_parser(action, help=text)
+        _add_run_options(sub)
+        sub.add_argument("--retriever", default="preference/description", metavar="USER/ITEM",
+                         help="the retriever variant whose candidates are ranked")
+        sub.add_argument("--prompt", default="llm++", choices=["llm", "llm+", "llm++"] + (["none"] if action == "eval" else []),
+                         help="llm: titles; llm+: + preference; llm++: + preference and perception key terms"
+                              + ("; none: the retriever's order" if action == "eval" else ""))
+        if action == "eval":
+            sub.add_argument("--zero-shot", action="store_true", help="the base model, not fine-tuned")
+        sub.set_defaults(handler=cmd_ranker_train if action == "train" else cmd_ranker_eval)
+    rank_grid = rank_commands.add_parser("grid", help="Table 2: ranker.grid x ranker.retrievers")
+    _add_run_options(rank_grid)
+    rank_grid.set_defaults(handler=cmd_ranker_grid)
+
     bench = commands.add_parser("bench", help="benchmarks; figures written to JSON")
     benches = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     bench_retr = benches.add_parser("retriever", help="epoch time, time to best epoch, peak memory, eval users/s")
@@ -258,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="synthetic users in the scale part (default 1,000,000)")
     bench_ext.add_argument("--out", default="bench/extract.json", help="JSON output path")
     bench_ext.set_defaults(handler=cmd_bench_extract)
+    bench_rank = benches.add_parser("ranker", help="lists ranked per second: vLLM choice scoring vs one list at a "
+                                                   "time through transformers")
+    _add_config_options(bench_rank)
+    bench_rank.add_argument("--run-dir", "-r", metavar="DIR",
+                            help="run directory with prepared data and the variant's retriever candidates (read "
+                                 "only); default: runs/<config name>")
+    bench_rank.add_argument("--variant", default="none/random", metavar="USER/ITEM",
+                            help="retriever variant whose test candidate lists are ranked")
+    bench_rank.add_argument("--lists", type=int, default=64,
+                            help="lists ranked by each path, test lists with the target first (default 64)")
+    bench_rank.add_argument("--out", default="bench/ranker.json", help="JSON output path")
+    bench_rank.set_defaults(handler=cmd_bench_ranker)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

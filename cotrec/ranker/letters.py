@@ -1,0 +1,131 @@
+"""The letter-scoring ranker and its evaluation (NDCG@K over all users, MAPB).
+
+`LetterRanker` turns a candidate list, shown in a given order, into the ranking conversation
+and reads the probabilities of the letters A, B, C, ... as the next token: one forward step per
+list through the LLM interface (`score_choices`), no generation. Candidates are ranked by
+those probabilities.
+
+`evaluate_ranker` runs a ranker over every list of a split. Lists whose target is not among the
+candidates keep the retriever's rank (>= M, so they count as misses for K <= M, as in the
+paper's Table 2); with no ranker at all every list keeps the retriever's rank, so "Ranker=None"
+is the retriever's own NDCG. With MAPB on, each ranked list is scored with its target at each
+of the M positions (all M prompts of a user in the same engine call); the prompt with the
+target at its shown position is the one the NDCG uses, so the probe costs M-1 extra prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cotrec.extract.prompts import Domain
+from cotrec.llm import letters
+from cotrec.llm.base import Conversation, LLMEngine
+from cotrec.metrics import ranking_metrics
+from cotrec.progress import log
+from cotrec.ranker.lists import CandidateList, shown_order
+from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
+from cotrec.ranker.prompts import ranking_conversation
+
+Query = tuple[CandidateList, np.ndarray]  # a list and the order (indices) its candidates are shown in
+
+
+class ListScorer(Protocol):
+    def score(self, queries: Sequence[Query]) -> np.ndarray:
+        """Per query, one score per shown position (higher is better)."""
+
+
+class LetterRanker:
+    """Scores lists by the probabilities of their index letters, through an LLM engine."""
+
+    def __init__(self, engine: LLMEngine, domain: Domain, prompt: str, labels: Sequence[str]):
+        self.engine, self.domain, self.prompt, self.labels = engine, domain, prompt, labels
+
+    def conversation(self, lst: CandidateList, order: np.ndarray) -> Conversation:
+        shown = [lst.candidates[i] for i in order]
+        terms = [lst.key_terms[i] for i in order] if lst.key_terms else None
+        return ranking_conversation(self.domain, self.prompt, [self.labels[i] for i in lst.history],
+                                    [self.labels[i] for i in shown], lst.preference, terms)
+
+    def score(self, queries: Sequence[Query]) -> np.ndarray:
+        if not queries:
+            return np.zeros((0, 0))
+        sizes = {len(order) for _, order in queries}
+        if len(sizes) != 1:
+            raise ValueError(f"all lists must have the same number of candidates, got sizes {sorted(sizes)}")
+        scores = self.engine.score_choices_sync([self.conversation(lst, order) for lst, order in queries],
+                                                letters(sizes.pop()))
+        return np.stack([s.probs for s in scores])
+
+
+def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,
+                    lists_per_call: int = 64, ks: Sequence[int] = (1, 5, 10),
+                    name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
+    """Rank every list; returns (metrics, one rankings row per list)."""
+    started = time.perf_counter()
+    ranks = np.array([lst.retriever_rank for lst in lists], dtype=np.int64)
+    rows: list[dict[str, Any]] = []
+    ranked = [i for i, lst in enumerate(lists) if lst.hit] if scorer is not None else []
+    m = len(lists[0].candidates) if lists else 0
+    per_user = m if with_mapb else 1
+    users_per_call = max(1, lists_per_call // per_user)
+    position_ranks: list[np.ndarray] = []
+    last_log = time.perf_counter()
+    for start in range(0, len(ranked), users_per_call):
+        chunk = ranked[start:start + users_per_call]
+        queries: list[Query] = []
+        for i in chunk:
+            lst = lists[i]
+            order = shown_order(lst, seed)
+            # The probe's order with the target at its shown position is the shown order itself.
+            orders = probe_orders(order, lst.candidates.index(lst.target)) if with_mapb else [order]
+            queries += [(lst, o) for o in orders]
+        probs = scorer.score(queries)
+        for k, i in enumerate(chunk):
+            lst = lists[i]
+            target_index = lst.candidates.index(lst.target)
+            block = probs[k * per_user:(k + 1) * per_user]
+            orders = [o for _, o in queries[k * per_user:(k + 1) * per_user]]
+            # target_at[j]: where the target sits in the j-th prompt; its predicted rank there.
+            target_at = [int(np.flatnonzero(o == target_index)[0]) for o in orders]
+            target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
+            order = shown_order(lst, seed)
+            position = int(np.flatnonzero(order == target_index)[0])
+            shown = position if with_mapb else 0
+            shown_probs = block[shown]
+            ranks[i] = target_ranks[shown]
+            row = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
+                   "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
+                   "predicted": [lst.candidates[order[j]] for j in np.argsort(-shown_probs, kind="stable")],
+                   "target_position": position, "target_rank": int(ranks[i]),
+                   "retriever_rank": lst.retriever_rank}
+            if with_mapb:
+                row["ranks_by_position"] = target_ranks.tolist()
+                row["bias"] = sample_bias(target_ranks)
+                position_ranks.append(target_ranks)
+            rows.append(row)
+        if time.perf_counter() - last_log > 10:
+            done = min(start + users_per_call, len(ranked))
+            log(f"{name}: {done:,} of {len(ranked):,} lists ranked "
+                f"({done / (time.perf_counter() - started):.1f} lists/s)")
+            last_log = time.perf_counter()
+    ranked_set = set(ranked)
+    for i, lst in enumerate(lists):  # lists nobody re-ranks keep the retriever's rank
+        if i not in ranked_set:
+            rows.append({"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
+                         "shown": list(lst.candidates), "probs": [], "predicted": list(lst.candidates),
+                         "target_position": lst.candidates.index(lst.target) if lst.hit else -1,
+                         "target_rank": int(ranks[i]), "retriever_rank": lst.retriever_rank})
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {**ranking_metrics(ranks, ks), "users": len(lists), "ranked_users": len(ranked),
+                               "seconds": round(seconds, 3),
+                               "lists_per_second": (len(ranked) * per_user / seconds) if ranked else None}
+    if with_mapb and scorer is not None:
+        matrix = np.array(position_ranks, dtype=np.float64).reshape(-1, m)
+        metrics["mapb"] = mapb(matrix)
+        metrics["mean_rank_by_position"] = matrix.mean(axis=0).tolist() if len(matrix) else []
+    frame = pd.DataFrame(rows).sort_values("user_idx", kind="stable").reset_index(drop=True)
+    return metrics, frame

@@ -1,0 +1,147 @@
+"""The candidate lists the ranker reads: a retriever's top-M per user, with what the prompts show.
+
+One `CandidateList` per (user, split) of a retriever variant's `candidates.parquet`: the last
+`ranker.history_items` items before the target, the candidates in the retriever's order, the
+target and its full-ranking rank. For `llm+` / `llm++` it also carries the user's preference at
+that horizon and, for `llm++`, the key terms of each candidate's perception
+(`<run>/extract/preferences`, `<run>/extract/perceptions`). A row the extraction recorded as
+failed shows as empty text and is counted; a row that was never extracted is an error naming the
+command that makes it.
+
+Candidates are shown to the LLM in a seeded random order (`shown_order`), never the retriever's:
+LlamaRec-style rankers otherwise learn "the first letter is usually right".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from cotrec.config import Config
+from cotrec.data.prepare import read_table
+from cotrec.errors import DataError
+from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
+from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
+from cotrec.retriever.data import Sequences
+from cotrec.retriever.variants import parse_variant, variant_dir
+from cotrec.rundir import RunDir
+
+SPLIT_CODES = {"valid": 1, "test": 2}
+
+
+@dataclass
+class CandidateList:
+    user_idx: int
+    split: str                    # valid | test: which target this list is for
+    history: list[int]            # the last items before the target, oldest first
+    candidates: list[int]         # the retriever's top-M, best first
+    target: int
+    retriever_rank: int           # the target's rank in the retriever's full ranking (0 = first)
+    preference: str = ""
+    key_terms: list[list[str]] = field(default_factory=list)  # per candidate, retriever order
+
+    @property
+    def hit(self) -> bool:
+        """Whether the target is among the candidates: only such lists can be re-ranked."""
+        return self.target in self.candidates
+
+
+def shown_order(lst: CandidateList, seed: int, epoch: int = 0) -> np.ndarray:
+    """The seeded order (indices into `lst.candidates`) in which the candidates are shown."""
+    rng = np.random.default_rng([seed, lst.user_idx, SPLIT_CODES[lst.split], epoch])
+    return rng.permutation(len(lst.candidates))
+
+
+def candidates_path(config: Config, run: RunDir, variant: str) -> Path:
+    user, item = parse_variant(variant)
+    return Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
+
+
+def _extraction(run: RunDir, kind: str, need: str) -> pd.DataFrame:
+    program = PROGRAMS[kind]
+    frame = latest_rows(read_shards(Path(run / program.folder)), program.key)
+    if frame.empty:
+        raise DataError(f"{run / program.folder}: no extraction output, needed for {need}; run "
+                        f"`cotrec extract {kind}` first")
+    return frame
+
+
+def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str,
+               only_hits: bool = False) -> tuple[list[CandidateList], dict[str, Any]]:
+    """The candidate lists of one retriever variant and split, with what `prompt` shows.
+
+    Returns the lists (every user, in user order) and counts of what the prompts lack.
+    """
+    path = candidates_path(config, run, variant)
+    if not path.is_file():
+        user, item = parse_variant(variant)
+        raise DataError(f"{path}: no retriever candidates; train that variant first "
+                        f"(`cotrec retriever train --variant {user}/{item}`)")
+    frame = pd.read_parquet(path)
+    frame = frame[frame["split"] == split].sort_values("user_idx")
+    if only_hits:
+        frame = frame[frame["target_in_candidates"]]
+    seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(read_table(run, "items")))
+    keep = config.ranker.history_items
+    lists = [CandidateList(int(row.user_idx), split, [int(i) for i in seqs.history(split, int(row.user_idx))[-keep:]],
+                           [int(i) for i in row.candidates], int(row.target_item), int(row.target_rank))
+             for row in frame.itertuples(index=False)]
+    notes = {"lists": len(lists), "hits": sum(lst.hit for lst in lists)}
+    ranked = [lst for lst in lists if lst.hit]
+    if uses_preference(prompt) and ranked:
+        notes.update(_attach_preferences(run, ranked, split, config.ranker.preference_chars))
+    if uses_perceptions(prompt) and ranked:
+        notes.update(_attach_key_terms(run, ranked, split, config.ranker.key_terms))
+    return lists, notes
+
+
+def _ok_text(frame: pd.DataFrame, column: str) -> pd.Series:
+    text = frame[column].astype("string").fillna("")
+    if "status" in frame.columns:
+        text = text.where(frame["status"].astype(str) == "ok", "")
+    return text
+
+
+def _attach_preferences(run: RunDir, lists: list[CandidateList], horizon: str, max_chars: int) -> dict[str, int]:
+    frame = _extraction(run, "users", "the llm+ and llm++ prompts")
+    frame = frame[frame["horizon"] == horizon]
+    texts = dict(zip(frame["user_idx"].astype(int), _ok_text(frame, "preference")))
+    missing = [lst.user_idx for lst in lists if lst.user_idx not in texts]
+    if missing:
+        raise DataError(f"{run / PROGRAMS['users'].folder}: no {horizon} preference for {len(missing)} of "
+                        f"{len(lists)} users (e.g. user_idx {missing[0]}); run `cotrec extract users`")
+    empty = 0
+    for lst in lists:
+        lst.preference = shorten(texts[lst.user_idx], max_chars)
+        empty += not lst.preference
+    return {"lists_without_preference": empty}
+
+
+def _attach_key_terms(run: RunDir, lists: list[CandidateList], horizon: str, per_item: int) -> dict[str, int]:
+    frame = _extraction(run, "perceptions", "the llm++ prompt")
+    frame = frame[frame["horizon"] == horizon]
+    ok = frame["status"].astype(str) == "ok" if "status" in frame.columns else pd.Series(True, index=frame.index)
+    terms = {(int(u), int(i)): ([str(t) for t in k][:per_item] if good and k is not None else [])
+             for u, i, k, good in zip(frame["user_idx"], frame["item_idx"], frame["key_terms"], ok)}
+    missing = [(lst.user_idx, item) for lst in lists for item in lst.candidates if (lst.user_idx, item) not in terms]
+    if missing:
+        raise DataError(f"{run / PROGRAMS['perceptions'].folder}: no {horizon} perception for {len(missing)} "
+                        f"(user, candidate) pairs (e.g. user_idx {missing[0][0]}, item_idx {missing[0][1]}); run "
+                        f"`cotrec extract perceptions` after training the retriever")
+    empty = 0
+    for lst in lists:
+        lst.key_terms = [terms[(lst.user_idx, item)] for item in lst.candidates]
+        empty += sum(not t for t in lst.key_terms)
+    return {"candidates_without_key_terms": empty}
+
+
+def sample_lists(lists: list[CandidateList], limit: Optional[int], seed: int) -> list[CandidateList]:
+    """A seeded sample of at most `limit` lists (all of them when `limit` is None), in user order."""
+    if limit is None or len(lists) <= limit:
+        return lists
+    keep = np.sort(np.random.default_rng(seed).choice(len(lists), size=limit, replace=False))
+    return [lists[i] for i in keep]

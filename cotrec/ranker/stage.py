@@ -1,0 +1,302 @@
+"""The ranker stages: `ranker train`, `ranker eval` and `ranker grid` (the paper's Table 2).
+
+A ranker is named by its prompt and mode: `none` (the retriever's own order), `llm`, `llm+`,
+`llm++` (fine-tuned), or `<prompt>/zero-shot` (the base model as it is). It re-ranks the test
+candidates of one retriever variant. Folders, each staged (published whole, with a fingerprint):
+
+  <run>/ranker/<user>-<item>--<ranker>/model/   adapter/ (peft LoRA), merged/ (a full checkpoint
+                                                 the vLLM backend serves), train.json (losses)
+  <run>/ranker/<user>-<item>--<ranker>/eval/    metrics.json (ndcg@10, hit@10, mapb, ...),
+                                                 rankings.parquet (per user: shown order, letter
+                                                 probabilities, predicted order, target ranks by
+                                                 position)
+
+Training reads the `valid` horizon (lists whose valid target is among the candidates) and
+evaluation the `test` horizon, as LlamaRec does; neither ever sees the test target in training.
+`ranker grid` evaluates every `ranker.grid` ranker on every `ranker.retrievers` variant and writes
+`reports/table2.md` and `reports/rank_vs_position.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from cotrec.config import Config, parse_ranker
+from cotrec.data.prepare import read_stats, read_table
+from cotrec.errors import CotrecError, DataError
+from cotrec.extract.prompts import domain_of, item_labels
+from cotrec.extract.runner import PROGRAMS, shard_files
+from cotrec.llm import make_engine
+from cotrec.llm.base import LLMEngine
+from cotrec.progress import log
+from cotrec.ranker.finetune import fit, merge_adapter, model_path, resolve_precision, training_examples
+from cotrec.ranker.letters import LetterRanker, evaluate_ranker
+from cotrec.ranker.lists import load_lists, sample_lists
+from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
+from cotrec.retriever.variants import parse_variant, variant_dir
+from cotrec.rundir import RunDir, atomic_write_text, write_json
+
+REPORT = "reports/table2.md"
+PLOT = "reports/rank_vs_position.png"
+# What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
+EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
+
+
+def ranker_folder(variant: str, ranker: str) -> str:
+    user, item = parse_variant(variant)
+    return f"ranker/{user}-{item}--{ranker.replace('/', '-')}"
+
+
+def _digest(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str, Any]:
+    """What the lists depend on: the retriever's candidates and the extraction the prompt shows."""
+    user, item = parse_variant(variant)
+    record = run.completion(variant_dir(config, user, item, config.seed))
+    if record is None:
+        raise DataError(f"{run / variant_dir(config, user, item, config.seed)}: no trained retriever; run "
+                        f"`cotrec retriever train --variant {user}/{item}` first")
+    parts: dict[str, Any] = {"candidates": record.get("fingerprint"), "prompt": prompt, "prompt_version": PROMPT_VERSION}
+    for kind, used in (("users", uses_preference(prompt)), ("perceptions", uses_perceptions(prompt))):
+        if used:  # the shard names carry a clock and a tag: a new shard means new content
+            parts[kind] = [f.name for f in shard_files(Path(run / PROGRAMS[kind].folder))]
+    return parts
+
+
+def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) -> str:
+    ranker = config.ranker.model_dump(mode="json", exclude=EVAL_KEYS)
+    return _digest({"data": config.fingerprint("data"), "model": config.llm.model, "ranker": ranker,
+                    "seed": config.seed, "inputs": _inputs(config, run, variant, prompt)})
+
+
+def _ranker_inputs(config: Config, run: RunDir) -> tuple[list[str], Any]:
+    return item_labels(read_table(run, "items")), domain_of(read_stats(run).get("domain", "movie"))
+
+
+def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> dict[str, Any]:
+    """Fine-tune a LoRA ranker on the valid lists of one retriever; merge it. Skipped when current."""
+    parse_ranker(prompt)
+    if prompt == "none":
+        raise CotrecError("ranker 'none' has nothing to train")
+    rc = config.ranker
+    stage = f"{ranker_folder(variant, prompt)}/model"
+    fp = train_fingerprint(config, run, variant, prompt)
+    if not force and run.is_complete(stage, fp):
+        log(f"ranker: {run / stage} is up to date; skipped")
+        return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "train.json").read_text())}
+    started = time.perf_counter()
+    lists, notes = load_lists(config, run, variant, "valid", prompt, only_hits=True)
+    lists = sample_lists(lists, rc.max_train_users, config.seed)
+    if not lists:
+        raise DataError(f"{run / variant_dir(config, *parse_variant(variant), config.seed)}: no valid list has its "
+                        f"target among the candidates; nothing to fine-tune on")
+    labels, domain = _ranker_inputs(config, run)
+    examples = training_examples(lists, LetterRanker(None, domain, prompt, labels), rc.epochs, rc.shuffle_seed)
+    base = model_path(config.llm.model)
+    job = {"name": f"{variant} {prompt}", "model_path": base, "examples": examples, "seed": config.seed,
+           "lora_r": rc.lora_r, "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout,
+           "lora_targets": rc.lora_targets, "lr": rc.lr, "batch_size": rc.batch_size, "zero_stage": rc.zero_stage,
+           "max_tokens": config.llm.max_model_len}
+    log(f"ranker: fine-tuning {prompt} on {len(lists):,} valid lists of {variant} for {rc.epochs} epoch(s) "
+        f"({rc.trainer}, {rc.num_workers} worker(s), ZeRO-{rc.zero_stage}, "
+        f"{resolve_precision(rc.precision, rc.gpus_per_worker > 0)})")
+    with run.staged(stage, fp) as folder:
+        result = fit(job, rc, folder / ".ray", folder / "adapter")
+        merge_adapter(base, folder / "adapter", folder / "merged", result["precision"])
+        summary = {"retriever": variant, "prompt": prompt, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
+                   "train_users": len(lists), "epochs": rc.epochs, "trainer": rc.trainer,
+                   "num_workers": result["world_size"], "zero_stage": rc.zero_stage, "precision": result["precision"],
+                   "accumulation": result["accumulation"], "history": result["history"],
+                   "first_epoch_loss": result["history"][0]["loss"], "last_epoch_loss": result["history"][-1]["loss"],
+                   "train_seconds": round(result["seconds"], 3),
+                   "wall_seconds": round(time.perf_counter() - started, 3), **notes}
+        write_json(folder / "train.json", summary)
+        shutil.rmtree(folder / ".ray", ignore_errors=True)
+    log(f"ranker: {prompt} on {variant}: loss {summary['first_epoch_loss']:.4f} -> {summary['last_epoch_loss']:.4f} "
+        f"({summary['wall_seconds']:.0f} s)")
+    return {"skipped": False, "folder": str(run / stage), **summary}
+
+
+class EnginePool:
+    """One engine at a time, reused while consecutive evaluations ask for the same model."""
+
+    def __init__(self, config: Config):
+        self.config, self.model, self.engine = config, None, None
+
+    def get(self, model: str) -> LLMEngine:
+        if self.model != model:
+            self.close()
+            log(f"ranker: starting {self.config.llm.backend} on {model}")
+            self.engine, self.model = make_engine(self.config.llm.model_copy(update={"model": model})), model
+        return self.engine  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.model = None, None
+
+
+def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False,
+                engines: Optional[EnginePool] = None) -> dict[str, Any]:
+    """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
+    prompt, fine_tuned = parse_ranker(ranker)
+    rc = config.ranker
+    model = None
+    if fine_tuned:
+        trained = ranker_train(config, run, variant, prompt, force=False)
+        model = str(Path(run / ranker_folder(variant, prompt) / "model" / "merged"))
+    elif prompt != "none":
+        model = config.llm.model
+    stage = f"{ranker_folder(variant, ranker)}/eval"
+    fp = _digest({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
+                  "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call"}),
+                  "model": run.completion(f"{ranker_folder(variant, prompt)}/model") if fine_tuned else model,
+                  "inputs": _inputs(config, run, variant, "llm" if prompt == "none" else prompt)})
+    if not force and run.is_complete(stage, fp):
+        log(f"ranker: {run / stage} is up to date; skipped")
+        return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
+    started = time.perf_counter()
+    lists, notes = load_lists(config, run, variant, "test", "llm" if prompt == "none" else prompt)
+    lists = sample_lists(lists, rc.max_eval_users, config.seed)
+    own = engines is None
+    engines = engines or EnginePool(config)
+    try:
+        scorer = None
+        if model is not None:
+            labels, domain = _ranker_inputs(config, run)
+            scorer = LetterRanker(engines.get(model), domain, prompt, labels)
+        log(f"ranker: ranking {notes['hits']:,} of {len(lists):,} test lists of {variant} with {ranker}"
+            + (" (MAPB probe: each target at all positions)" if rc.mapb and scorer else ""))
+        metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
+                                            lists_per_call=rc.lists_per_call, name=f"ranker {ranker}")
+    finally:
+        if own:
+            engines.close()
+    retriever_metrics = json.loads((Path(run / variant_dir(config, *parse_variant(variant), config.seed))
+                                    / "metrics.json").read_text())
+    result = {"retriever": variant, "ranker": ranker, "prompt": prompt, "fine_tuned": fine_tuned,
+              "split": "test", **metrics, "retriever_ndcg@10": retriever_metrics["ndcg@10"],
+              "model": model, "backend": config.llm.backend if model else None, "prompt_version": PROMPT_VERSION,
+              "seed": config.seed, "shuffle_seed": rc.shuffle_seed, "sampled_users": rc.max_eval_users,
+              "wall_seconds": round(time.perf_counter() - started, 3), **notes}
+    if fine_tuned:
+        result["train"] = {k: trained[k] for k in ("train_users", "epochs", "first_epoch_loss", "last_epoch_loss",
+                                                   "num_workers", "zero_stage", "precision", "train_seconds")}
+    with run.staged(stage, fp) as folder:
+        write_json(folder / "metrics.json", result)
+        rankings.to_parquet(folder / "rankings.parquet", index=False)
+    mapb_text = f" mapb {result['mapb']:.3f}" if "mapb" in result else ""
+    log(f"ranker: {ranker} on {variant}: test ndcg@10 {result['ndcg@10']:.4f}{mapb_text} "
+        f"(retriever {result['retriever_ndcg@10']:.4f}; {result['wall_seconds']:.0f} s)")
+    return {"skipped": False, "folder": str(run / stage), **result}
+
+
+# --- Table 2 ---------------------------------------------------------------------------------
+
+def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+    """Every ranker.grid ranker on every ranker.retrievers variant; reports/table2.md and a plot."""
+    rc = config.ranker
+    for variant in rc.retrievers.values():  # fail in one line before any work
+        _inputs(config, run, variant, "llm")
+    started = time.perf_counter()
+    engines = EnginePool(config)
+    rows = []
+    # Same-model evaluations back to back, so each engine starts once.
+    jobs = [(label, variant, ranker) for label, variant in rc.retrievers.items() for ranker in rc.grid]
+    jobs.sort(key=lambda j: (parse_ranker(j[2])[0] != "none", parse_ranker(j[2])[1], j[1], j[2]))
+    try:
+        for label, variant, ranker in jobs:
+            rows.append({"label": label, **ranker_eval(config, run, variant, ranker, force, engines)})
+    finally:
+        engines.close()
+    order = {(label, ranker): i for i, (label, ranker) in
+             enumerate((label, ranker) for label in rc.retrievers for ranker in rc.grid)}
+    rows.sort(key=lambda r: order[(r["label"], r["ranker"])])
+    summary = {"skipped": all(r["skipped"] for r in rows), "rows": rows, "report": str(run / REPORT),
+               "plot": str(run / PLOT), "seconds": round(time.perf_counter() - started, 3)}
+    write_table2(run, config, summary)
+    plot_rank_vs_position(run, rows)
+    return summary
+
+
+def _ranker_label(ranker: str) -> str:
+    prompt, fine_tuned = parse_ranker(ranker)
+    if prompt == "none":
+        return "None"
+    return prompt.upper() + ("" if fine_tuned else " (zero-shot)")
+
+
+def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
+    rows = summary["rows"]
+    users = rows[0]["users"] if rows else 0
+    lines = [
+        "# Table 2: LLM-as-Ranker on the retrievers' top-10",
+        "",
+        f"Dataset `{config.data.source}`, {users} test users, model `{config.llm.model}` "
+        f"(fine-tuned rows: LoRA r={config.ranker.lora_r}, {config.ranker.epochs} epoch(s) on the valid lists). "
+        "NDCG@10 is over all test users: a user whose target is not among the candidates counts as 0, so "
+        "Ranker=None is the retriever's own NDCG@10. MAPB: the target's mean absolute rank deviation when it "
+        "is placed at each of the 10 positions (0 = no position bias).",
+        "",
+        "| Retriever | Ranker | NDCG@10 | Hit@1 | MAPB | re-ranked users |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
+        lines.append(f"| {row['label']} ({row['retriever']}) | {_ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
+                     f"{row['hit@1']:.4f} | {mapb} | {row['ranked_users']} |")
+    path = Path(run / REPORT)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
+    """Mean predicted rank of the target against the position it was shown at, per ranker."""
+    curves = [r for r in rows if r.get("mean_rank_by_position")]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in curves:
+        ys = np.asarray(row["mean_rank_by_position"]) + 1
+        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=f"{row['label']} + {_ranker_label(row['ranker'])} "
+                                                                   f"(MAPB {row['mapb']:.2f})")
+    m = len(curves[0]["mean_rank_by_position"])
+    ax.axhline((m + 1) / 2, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("position the target is shown at (A = 1)")
+    ax.set_ylabel("mean predicted rank of the target")
+    ax.set_xticks(range(1, m + 1))
+    ax.legend(fontsize=8)
+    ax.set_title("Position bias: predicted rank vs shown position")
+    fig.tight_layout()
+    path = Path(run / PLOT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'retriever':<28} {'ranker':<22} {'ndcg@10':>8} {'mapb':>6} {'ranked':>6}"]
+    for row in summary["rows"]:
+        mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
+        lines.append(f"{row['label'] + ' ' + row['retriever']:<28} {_ranker_label(row['ranker']):<22} "
+                     f"{row['ndcg@10']:>8.4f} {mapb:>6} {row['ranked_users']:>6}")
+    lines.append(f"report {summary['report']}" + ("  [up to date, skipped]" if summary.get("skipped")
+                                                  else f"; {summary['seconds']:.0f} s"))
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The LLM-as-Ranker: lists, MAPB, NDCG over all users, LoRA + DeepSpeed fine-tuning, Table 2.
+
+Runs on the small synthetic run of the retriever tests (a learnable k -> k+1 walk, so most
+targets are among the top-10 candidates) with SYNTHETIC extraction outputs standing in for the
+LLM-written preferences and perceptions; the ranker itself is the real embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cotrec.extract.runner import PROGRAMS, write_shard
+from cotrec.metrics import ndcg_at_k
+from cotrec.ranker.letters import evaluate_ranker
+from cotrec.ranker.lists import CandidateList, load_lists, shown_order
+from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
+from cotrec.ranker.stage import ranker_eval, ranker_grid
+from cotrec.retriever import train_variant
+from retriever_data import fake_extraction, synthetic_run
+
+SMALL = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
+         "retriever.trainer=local")
+
+
+def lists_of(n: int, m: int = 10, seed: int = 0) -> list[CandidateList]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in range(n):
+        candidates = [int(i) for i in rng.choice(1000, size=m, replace=False)]
+        target = candidates[int(rng.integers(m))] if u % 4 else 5000 + u  # every 4th list misses
+        out.append(CandidateList(u, "test", [1, 2, 3], candidates, target,
+                                 candidates.index(target) if target in candidates else 10 + u))
+    return out
+
+
+class OrderIgnoringScorer:
+    """Scores each candidate by its item id alone: where it is shown cannot matter."""
+
+    def score(self, queries):
+        return np.stack([np.array([np.sin(lst.candidates[i]) for i in order]) for lst, order in queries])
+
+
+class FirstLetterScorer:
+    """Always prefers the earlier letters, whatever sits there: pure position bias."""
+
+    def score(self, queries):
+        return np.stack([np.linspace(1.0, 0.1, len(order)) for _, order in queries])
+
+
+def test_probe_places_the_target_at_every_position_and_keeps_the_others_in_order():
+    shown = np.array([3, 0, 7, 1, 9, 2, 8, 4, 6, 5])
+    orders = probe_orders(shown, target_index=7)
+    assert len(orders) == 10
+    for j, order in enumerate(orders):
+        assert order[j] == 7 and sorted(order) == list(range(10))
+        assert [i for i in order if i != 7] == [i for i in shown if i != 7]
+    assert any(np.array_equal(o, shown) for o in orders)  # the shown order is one of them
+    assert list(predicted_ranks(np.array([0.1, 0.5, 0.5, 0.2]))) == [3, 0, 1, 2]  # ties: earlier first
+    assert sample_bias(np.arange(10)) == pytest.approx(2.5) and mapb(np.zeros((3, 10))) == 0.0
+
+
+def test_mapb_is_zero_for_an_order_ignoring_ranker_and_large_for_a_position_biased_one():
+    lists = lists_of(40)
+    ignoring, rows = evaluate_ranker(lists, OrderIgnoringScorer(), seed=0, with_mapb=True, lists_per_call=25)
+    assert ignoring["mapb"] == 0.0 and ignoring["ranked_users"] == 30 and ignoring["users"] == 40
+    ranked = rows[rows.probs.map(len) > 0]
+    assert ranked.ranks_by_position.map(len).eq(10).all()       # all M positions probed
+    biased, rows = evaluate_ranker(lists, FirstLetterScorer(), seed=0, with_mapb=True)
+    assert biased["mapb"] == pytest.approx(2.5)                   # rank == position: mean |j - 4.5|
+    assert biased["mean_rank_by_position"] == pytest.approx(list(range(10)))
+    # NDCG is over all users: the misses keep their retriever rank (>= 10) and count 0.
+    ranks = rows.set_index("user_idx").target_rank
+    expected = [list(shown_order(l, 0)).index(l.candidates.index(l.target)) if l.hit else l.retriever_rank
+                for l in lists]
+    assert ranks.loc[[l.user_idx for l in lists]].tolist() == expected
+    assert biased["ndcg@10"] == pytest.approx(ndcg_at_k(np.array(expected), 10))
+    # without the probe, the same ranks from one prompt per list
+    single, _ = evaluate_ranker(lists, FirstLetterScorer(), seed=0, with_mapb=False)
+    assert single["ndcg@10"] == biased["ndcg@10"] and "mapb" not in single
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tmp_path_factory):
+    """A synthetic run with a trained retriever, preferences and SYNTHETIC perceptions."""
+    root = tmp_path_factory.mktemp("ranker")
+    config, run = synthetic_run(root / "run", config_overrides=SMALL)
+    train_variant(config, run, "none/random")
+    fake_extraction(run)
+    items = pd.read_parquet(run / "data" / "items.parquet").set_index("item_idx")
+    cands = pd.read_parquet(run / "retriever" / "none-random" / "candidates.parquet")
+    folder = run / PROGRAMS["perceptions"].folder
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [{"user_idx": int(u), "horizon": split, "item_idx": int(i), "review": "",
+                "key_terms": [items.genres[i], f"number {i}"], "status": "ok", "created_at": 0.0}
+               for u, split, cs in zip(cands.user_idx, cands.split, cands.candidates) for i in cs]
+    write_shard(folder, records, PROGRAMS["perceptions"].schema)
+    return config, run
+
+
+def test_lists_carry_history_preference_and_key_terms(ranked_run):
+    config, run = ranked_run
+    lists, notes = load_lists(config, run, "none/random", "test", "llm++")
+    assert len(lists) == 60 and notes["hits"] == sum(l.hit for l in lists) > 30
+    inter = pd.read_parquet(run / "data" / "interactions.parquet").sort_values(["user_idx", "position"])
+    first = lists[0]
+    seen = inter[(inter.user_idx == first.user_idx) & (inter.split != "test")].item_idx.tolist()
+    assert first.history == seen[-config.ranker.history_items:] and first.target not in first.history
+    hit = next(l for l in lists if l.hit)
+    assert hit.preference and len(hit.key_terms) == 10 and hit.key_terms[0][1] == f"number {hit.candidates[0]}"
+
+
+def test_the_none_ranker_equals_the_retriever(ranked_run):
+    config, run = ranked_run
+    result = ranker_eval(config, run, "none/random", "none")
+    retriever = json.loads((run / "retriever" / "none-random" / "metrics.json").read_text())
+    assert result["ndcg@10"] == retriever["ndcg@10"] and result["hit@10"] == retriever["hit@10"]
+    assert "mapb" not in result and result["users"] == 60
+    assert (run / "ranker" / "none-random--none" / "eval" / "rankings.parquet").exists()
+
+
+def test_llm_plus_plus_without_perceptions_fails_in_one_line(tmp_path, cli):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=SMALL)
+    train_variant(config, run, "none/random")
+    fake_extraction(run)
+    out = cli("ranker", "eval", "--run-dir", str(run.root), "--retriever", "none/random", "--prompt", "llm++",
+              "--zero-shot", *[a for s in SMALL for a in ("--set", s)])
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "extract/perceptions" in out.stderr and "cotrec extract perceptions" in out.stderr
+
+
+@pytest.mark.slow
+def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm(ranked_run):
+    """LoRA + DeepSpeed ZeRO-2 on 2 Ray Train workers; the merged model is served by vLLM."""
+    config, run = ranked_run
+    config = config.model_copy(deep=True)
+    for key, value in {"retrievers": {"CRM": "none/random"}, "grid": ["none", "llm++"], "num_workers": 2,
+                       "epochs": 2, "max_train_users": 8, "batch_size": 4, "lr": 2e-3, "trainer": "ray",
+                       "max_eval_users": 6}.items():
+        setattr(config.ranker, key, value)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        summary = ranker_grid(config, run)
+    finally:
+        ray.shutdown()
+    train = json.loads((run / "ranker" / "none-random--llm++" / "model" / "train.json").read_text())
+    assert train["num_workers"] == 2 and train["zero_stage"] == 2 and train["train_users"] == 8
+    assert train["last_epoch_loss"] < train["first_epoch_loss"], train["history"]
+    folder = run / "ranker" / "none-random--llm++"
+    assert (folder / "model" / "adapter" / "adapter_config.json").exists()
+    assert (folder / "model" / "merged" / "model.safetensors").exists()
+    none_row, llm_row = summary["rows"]
+    retriever = json.loads((run / "retriever" / "none-random" / "metrics.json").read_text())
+    assert none_row["ranker"] == "none" and llm_row["model"].endswith("merged") and llm_row["backend"] == "vllm"
+    rankings = pd.read_parquet(folder / "eval" / "rankings.parquet")
+    ranked = rankings[rankings.probs.map(len) > 0]
+    assert len(ranked) == llm_row["ranked_users"] > 0
+    assert np.allclose(ranked.probs.map(sum), 1.0, atol=1e-6)
+    assert ranked.ranks_by_position.map(len).eq(10).all() and 0 <= llm_row["mapb"] <= 5
+    # the sampled users' None row is the retriever's rank on those users
+    assert none_row["ndcg@10"] <= 1 and retriever["ndcg@10"] > 0.3
+    table = (run / "reports" / "table2.md").read_text()
+    assert "| CRM (none/random) | None |" in table and "| CRM (none/random) | LLM++ |" in table
+    assert (run / "reports" / "rank_vs_position.png").stat().st_size > 1000
