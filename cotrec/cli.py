@@ -137,6 +137,42 @@ def cmd_ranker_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cotrec.serving import start_app, stop_app
+
+    config, run = open_run(args)
+    url = start_app(run.root, args.variant, args.ranker, host=args.host, port=args.port)
+    print(f"serving {run.root} at {url} (POST /recommend, GET /healthz, GET /users/ID/preference); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop_app()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cotrec.serving import evaluate_via_serve, format_evaluation, free_port, start_app, stop_app
+
+    if not args.via_serve:
+        raise CotrecError("only --via-serve is implemented here; offline metrics come from `cotrec retriever train` "
+                          "and `cotrec ranker eval`")
+    config, run = open_run(args)
+    variant = args.variant or list(config.ranker.retrievers.values())[-1]
+    url = args.url
+    started = url is None
+    if started:
+        url = start_app(run.root, variant, args.ranker if args.ranker != "none" else "none", port=free_port())
+    try:
+        result = evaluate_via_serve(run, url, variant, args.ranker, concurrency=args.concurrency)
+    finally:
+        if started:
+            stop_app()
+    print(format_evaluation(result))
+    return 0 if result.get("equal", True) else 1
+
+
 def cmd_bench_retriever(args: argparse.Namespace) -> int:
     from cotrec.bench.retriever import bench_retriever, format_bench
 
@@ -292,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     rank_grid = rank_commands.add_parser("grid", help="Table 2: ranker.grid x ranker.retrievers")
     _add_run_options(rank_grid)
     rank_grid.set_defaults(handler=cmd_ranker_grid)
+
+    srv = commands.add_parser("serve", help="the Ray Serve app (retriever -> ranker) over a run directory")
+    _add_run_options(srv)
+    srv.add_argument("--variant", default=None, metavar="USER/ITEM", help="retriever variant (default: CRM++)")
+    srv.add_argument("--ranker", default=None, help="ranker: none, llm, llm++, llm/zero-shot, ... (default: the last "
+                                                    "ranker.grid entry)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(handler=cmd_serve)
+    ev = commands.add_parser("evaluate", help="scaled evaluation: every test user through the Serve chain")
+    _add_run_options(ev)
+    ev.add_argument("--via-serve", action="store_true", help="send every test user through POST /recommend")
+    ev.add_argument("--url", default=None, help="a running app (default: start one locally, then stop it)")
+    ev.add_argument("--variant", default=None, metavar="USER/ITEM", help="retriever variant (default: CRM++)")
+    ev.add_argument("--ranker", default="none", help="none (retrieval only) or a ranker name: llm, llm++, ...")
+    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    ev.set_defaults(handler=cmd_evaluate)
 
     bench = commands.add_parser("bench", help="benchmarks; figures written to JSON")
     benches = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")

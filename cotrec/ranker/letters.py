@@ -50,15 +50,22 @@ class LetterRanker:
         return ranking_conversation(self.domain, self.prompt, [self.labels[i] for i in lst.history],
                                     [self.labels[i] for i in shown], lst.preference, terms)
 
-    def score(self, queries: Sequence[Query]) -> np.ndarray:
-        if not queries:
-            return np.zeros((0, 0))
+    def _request(self, queries: Sequence[Query]) -> tuple[list[Conversation], list[str]]:
         sizes = {len(order) for _, order in queries}
         if len(sizes) != 1:
             raise ValueError(f"all lists must have the same number of candidates, got sizes {sorted(sizes)}")
-        scores = self.engine.score_choices_sync([self.conversation(lst, order) for lst, order in queries],
-                                                letters(sizes.pop()))
-        return np.stack([s.probs for s in scores])
+        return [self.conversation(lst, order) for lst, order in queries], letters(sizes.pop())
+
+    def score(self, queries: Sequence[Query]) -> np.ndarray:
+        if not queries:
+            return np.zeros((0, 0))
+        return np.stack([s.probs for s in self.engine.score_choices_sync(*self._request(queries))])
+
+    async def ascore(self, queries: Sequence[Query]) -> np.ndarray:
+        """`score` from an event loop (a Serve replica): the engine batches concurrent callers."""
+        if not queries:
+            return np.zeros((0, 0))
+        return np.stack([s.probs for s in await self.engine.score_choices(*self._request(queries))])
 
 
 def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,

@@ -88,20 +88,24 @@ def training_windows(seqs: Sequences, max_len: int, user_token: bool) -> dict[st
             "users": np.asarray(rows_users, dtype=np.int64)}
 
 
-def eval_queries(seqs: Sequences, split: str, max_len: int) -> dict[str, np.ndarray]:
-    """Leave-one-out queries of a split: model inputs, targets and the histories to mask (CSR)."""
-    n = seqs.num_users
+def history_queries(histories: list[np.ndarray], users: np.ndarray, targets: np.ndarray,
+                    max_len: int) -> dict[str, np.ndarray]:
+    """Queries for any histories: the last max_len items as model input, the whole history to mask (CSR)."""
+    n = len(histories)
     items = np.zeros((n, max_len), dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
     indptr = np.zeros(n + 1, dtype=np.int64)
-    seen = []
-    for user in range(n):
-        history = seqs.history(split, user)
-        recent = history[-max_len:]
-        items[user, :recent.size] = recent + 1
-        lengths[user] = recent.size
-        seen.append(history)
-        indptr[user + 1] = indptr[user] + history.size
-    return {"users": np.arange(n, dtype=np.int64), "items": items, "lengths": lengths,
-            "targets": seqs.target(split).copy(), "seen_indptr": indptr,
-            "seen_indices": np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)}
+    for row, history in enumerate(histories):
+        recent = np.asarray(history, dtype=np.int64)[-max_len:]
+        items[row, :recent.size] = recent + 1
+        lengths[row] = recent.size
+        indptr[row + 1] = indptr[row] + len(history)
+    seen = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if n else np.zeros(0, dtype=np.int64)
+    return {"users": np.asarray(users, dtype=np.int64), "items": items, "lengths": lengths,
+            "targets": np.asarray(targets, dtype=np.int64), "seen_indptr": indptr, "seen_indices": seen}
+
+
+def eval_queries(seqs: Sequences, split: str, max_len: int) -> dict[str, np.ndarray]:
+    """Leave-one-out queries of a split: model inputs, targets and the histories to mask (CSR)."""
+    users = np.arange(seqs.num_users, dtype=np.int64)
+    return history_queries([seqs.history(split, u) for u in users], users, seqs.target(split).copy(), max_len)

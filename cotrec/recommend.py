@@ -1,0 +1,223 @@
+"""Online recommendation from a run directory: the retriever -> ranker chain for one request.
+
+The Ray Serve deployments (`serve/app.py`) wrap these two classes, and the offline evaluation
+shares their code paths, which is why `cotrec evaluate --via-serve` reproduces the offline
+metrics exactly:
+- `RetrieverService` loads a trained SASRec variant and scores any batch of histories with the
+  same function as the offline evaluation (`score_queries`: last `max_len` items in, the whole
+  history masked, top-k out). A known user is served from the stored interactions at a horizon:
+  `next` (the whole history), `test` or `valid` (the leave-one-out histories, for evaluation).
+  An unknown user sends a history of raw item ids; with a user-token model it gets the mean
+  user embedding (nothing is known about them).
+- `RankerService` re-ranks the top-M with the letter-scoring LLM ranker in the same shown order as
+  the offline evaluation, with the stored preference and perceptions when the prompt uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from cotrec.config import Config, load_config, parse_ranker
+from cotrec.data.prepare import read_stats, read_table
+from cotrec.errors import CotrecError, DataError
+from cotrec.retriever.data import Sequences, history_queries
+from cotrec.retriever.evaluate import score_queries
+from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.retriever.variants import parse_variant, variant_dir
+from cotrec.rundir import RunDir
+
+HORIZONS = ("next", "valid", "test")
+
+
+class RequestError(CotrecError):
+    """A request the service cannot answer: `status` is the HTTP status to return."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def run_config(run: RunDir) -> Config:
+    path = Path(run / "config.yaml")
+    if not path.is_file():
+        raise DataError(f"{path}: not a run directory (no config.yaml)")
+    return load_config(str(path))
+
+
+class RetrieverService:
+    """A trained SASRec variant and the run's users and items, ready to score histories."""
+
+    def __init__(self, run_dir: str | Path, variant: Optional[str] = None, max_history: int = 2000):
+        self.run = RunDir(run_dir)
+        self.config = config = run_config(self.run)
+        # default: the last of Table 2's retrievers (CRM++, the personalised one)
+        self.variant = variant or list(config.ranker.retrievers.values())[-1]
+        user, item = parse_variant(self.variant)
+        folder = Path(self.run / variant_dir(config, user, item, config.seed))
+        if not (folder / "model.pt").is_file():
+            raise DataError(f"{folder}: no trained retriever (model.pt); run `cotrec retriever train "
+                            f"--variant {user}/{item}` first")
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
+        cfg = SASRecConfig(**state["sasrec"])
+        weights = dict(state["model"])
+        if cfg.user_token:  # one extra row: the mean user, for users the model has never seen
+            table = weights["user_emb.weight"]
+            weights["user_emb.weight"] = torch.cat([table, table.mean(0, keepdim=True)])
+            cfg = SASRecConfig(**{**state["sasrec"], "num_users": cfg.num_users + 1})
+        self.model = SASRec(cfg)
+        self.model.load_state_dict(weights)
+        self.model.eval()
+        self.unknown_user = cfg.num_users - 1 if cfg.user_token else 0
+        self.mask_history = config.retriever.mask_history
+        self.max_len = cfg.max_len
+        self.max_history = max_history
+        items = read_table(self.run, "items").sort_values("item_idx")
+        self.captions = items["caption"].astype(str).tolist()
+        self.item_ids = items["item_id"].astype(str).tolist()
+        self.item_index = {raw: i for i, raw in enumerate(self.item_ids)}
+        users = read_table(self.run, "users").sort_values("user_idx")
+        self.user_ids = users["user_id"].astype(str).tolist()
+        self.user_index = {raw: i for i, raw in enumerate(self.user_ids)}
+        self.seqs = Sequences.from_interactions(read_table(self.run, "interactions"), num_items=len(items))
+        self.domain = read_stats(self.run).get("domain", "movie")
+
+    # -- requests --------------------------------------------------------------------------
+    def resolve(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A validated request -> (user_idx or the unknown user, history as item_idx, horizon)."""
+        horizon = request.get("horizon", "next")
+        if horizon not in HORIZONS:
+            raise RequestError(f"horizon {horizon!r} is not one of {', '.join(HORIZONS)}")
+        history = request.get("history")
+        user_id = request.get("user_id")
+        if history is not None:
+            if len(history) > self.max_history:
+                raise RequestError(f"history has {len(history)} items; at most {self.max_history} are accepted "
+                                   f"(send the most recent ones)")
+            unknown = [h for h in history if str(h) not in self.item_index]
+            if unknown:
+                raise RequestError(f"history item {unknown[0]!r} is not in the catalogue")
+            items = np.array([self.item_index[str(h)] for h in history], dtype=np.int64)
+            user = self.user_index.get(str(user_id)) if user_id is not None else None
+            return {"user_idx": user, "model_user": self.unknown_user if user is None else user,
+                    "history": items, "horizon": "next"}
+        if user_id is None:
+            raise RequestError("give a user_id, or a history (item ids, oldest first) for an unknown user")
+        user = self.user_index.get(str(user_id))
+        if user is None:
+            raise RequestError(f"unknown user {user_id!r}; send their history to get recommendations", status=404)
+        return {"user_idx": user, "model_user": user, "history": self.user_history(user, horizon), "horizon": horizon}
+
+    def user_history(self, user: int, horizon: str) -> np.ndarray:
+        if horizon == "next":
+            return np.concatenate([self.seqs.history("test", user), [self.seqs.test[user]]]).astype(np.int64)
+        return self.seqs.history(horizon, user)
+
+    def retrieve(self, resolved: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+        """Top-k items (item_idx, score) for each resolved request, in one batched forward pass."""
+        if not resolved:
+            return []
+        queries = history_queries([r["history"] for r in resolved], np.array([r["model_user"] for r in resolved]),
+                                  np.zeros(len(resolved), dtype=np.int64), self.max_len)
+        out = score_queries(self.model, queries, np.arange(len(resolved)), self.mask_history, top_m=k,
+                            batch_size=max(1, len(resolved)))
+        return [{"items": [int(i) for i in items], "scores": [float(s) for s in scores]}
+                for items, scores in zip(out["top_items"], out["top_scores"])]
+
+    def preferences_of(self, user: int) -> dict[str, str]:
+        """The user's stored long-term preference per horizon (empty when not extracted)."""
+        if not hasattr(self, "_preferences"):
+            from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
+
+            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["users"].folder)), PROGRAMS["users"].key)
+            table: dict[int, dict[str, str]] = {}
+            for row in frame.itertuples(index=False):
+                if getattr(row, "status", "ok") == "ok":
+                    table.setdefault(int(row.user_idx), {})[str(row.horizon)] = str(row.preference)
+            self._preferences = table
+        return self._preferences.get(int(user), {})
+
+    def describe(self, items: Sequence[int], scores: Sequence[float]) -> list[dict[str, Any]]:
+        return [{"item_id": self.item_ids[i], "item_idx": int(i), "caption": self.captions[i], "score": float(s)}
+                for i, s in zip(items, scores)]
+
+
+class RankerService:
+    """The letter-scoring ranker of one (retriever, ranker) pair, for single candidate lists."""
+
+    def __init__(self, run_dir: str | Path, variant: str, ranker: str, engine: Any = None):
+        from cotrec.extract.prompts import domain_of, item_labels
+        from cotrec.ranker.letters import LetterRanker
+        from cotrec.ranker.stage import ranker_folder
+
+        self.run = RunDir(run_dir)
+        self.config = config = run_config(self.run)
+        self.variant, self.ranker = variant, ranker
+        self.prompt, fine_tuned = parse_ranker(ranker)
+        if self.prompt == "none":
+            raise CotrecError("ranker 'none' needs no ranker service")
+        model = str(Path(self.run / ranker_folder(variant, self.prompt) / "model" / "merged")) if fine_tuned \
+            else config.llm.model
+        if fine_tuned and not Path(model).is_dir():
+            raise DataError(f"{model}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
+                            f"--prompt {self.prompt}` first")
+        if engine is None:
+            from cotrec.llm import make_engine
+
+            engine = make_engine(config.llm.model_copy(update={"model": model}))
+        self.engine, self.model = engine, model
+        self.scorer = LetterRanker(engine, domain_of(read_stats(self.run).get("domain", "movie")), self.prompt,
+                                   item_labels(read_table(self.run, "items")))
+        self.preferences, self.key_terms = self._stored_extraction()
+
+    def _stored_extraction(self) -> tuple[dict, dict]:
+        from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
+        from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
+
+        rc = self.config.ranker
+        preferences: dict[tuple[int, str], str] = {}
+        key_terms: dict[tuple[int, str, int], list[str]] = {}
+        if uses_preference(self.prompt):
+            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["users"].folder)), PROGRAMS["users"].key)
+            for row in frame.itertuples(index=False):
+                if getattr(row, "status", "ok") == "ok":
+                    preferences[(int(row.user_idx), str(row.horizon))] = shorten(row.preference, rc.preference_chars)
+        if uses_perceptions(self.prompt):
+            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["perceptions"].folder)),
+                                PROGRAMS["perceptions"].key)
+            for row in frame.itertuples(index=False):
+                if getattr(row, "status", "ok") == "ok" and row.key_terms is not None:
+                    key_terms[(int(row.user_idx), str(row.horizon), int(row.item_idx))] = \
+                        [str(t) for t in row.key_terms][:rc.key_terms]
+        return preferences, key_terms
+
+    def candidate_list(self, user_idx: Optional[int], horizon: str, history: np.ndarray, candidates: Sequence[int]) -> Any:
+        from cotrec.ranker.lists import CandidateList
+
+        stored = "test" if horizon == "next" else horizon  # the latest stored state stands for "next"
+        user = -1 if user_idx is None else int(user_idx)
+        lst = CandidateList(user, "test" if horizon == "next" else horizon,
+                            [int(i) for i in history[-self.config.ranker.history_items:]], [int(c) for c in candidates],
+                            target=-1, retriever_rank=-1, preference=self.preferences.get((user, stored), ""))
+        if self.key_terms:
+            lst.key_terms = [self.key_terms.get((user, stored, int(c)), []) for c in candidates]
+        return lst
+
+    async def rerank(self, lists: Sequence[Any]) -> list[dict[str, list]]:
+        """Per list, the candidates' indices in ranked order (the offline rule: probability, ties
+        to the earlier shown position) and their letter probabilities."""
+        from cotrec.ranker.lists import shown_order
+
+        orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
+        probs = await self.scorer.ascore(list(zip(lists, orders)))
+        out = []
+        for order, p in zip(orders, probs):
+            ranked = order[np.argsort(-p, kind="stable")]
+            out.append({"order": [int(i) for i in ranked], "probs": [float(p[j]) for j in np.argsort(-p, kind="stable")]})
+        return out
+
+    def close(self) -> None:
+        self.engine.close()

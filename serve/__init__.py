@@ -1,0 +1,1 @@
+"""The Ray Serve application: retriever -> ranker behind HTTP (see `serve/app.py`)."""
