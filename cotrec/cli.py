@@ -257,6 +257,21 @@ def cmd_bench_ranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from cotrec.bench.serve import bench_serve, format_bench
+
+    config = load_config(args.config, args.overrides)
+    run = RunDir(args.run_dir or Path("runs") / config_name(args.config))
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
+    except ValueError:
+        raise CotrecError(f"--concurrency {args.concurrency!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    print(format_bench(bench_serve(config, run, args.variant, args.ranker, levels, args.requests,
+                                   args.rerank_requests, args.out, args.sustain, args.config)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotrec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
@@ -390,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
                             help="lists ranked by each path, test lists with the target first (default 64)")
     bench_rank.add_argument("--out", default="bench/ranker.json", help="JSON output path")
     bench_rank.set_defaults(handler=cmd_bench_ranker)
+    bench_srv = benches.add_parser("serve", help="the Serve app under load: latency percentiles, requests/s, "
+                                                 "errors and replica counts per concurrency level")
+    _add_config_options(bench_srv)
+    bench_srv.add_argument("--run-dir", "-r", metavar="DIR",
+                           help="run directory with prepared data and a trained retriever (read only); "
+                                "default: runs/<config name>")
+    bench_srv.add_argument("--variant", default="none/random", metavar="USER/ITEM", help="retriever variant served")
+    bench_srv.add_argument("--ranker", default="llm/zero-shot",
+                           help="ranker served: none (retrieval only), llm, llm++, llm/zero-shot, ... "
+                                "(default llm/zero-shot)")
+    bench_srv.add_argument("--concurrency", default="1,8,32", help="comma-separated requests in flight per level")
+    bench_srv.add_argument("--requests", type=int, default=200, help="retrieval-only requests per level (default 200)")
+    bench_srv.add_argument("--rerank-requests", type=int, default=40,
+                           help="retrieval + re-ranking requests per level (default 40; 0 skips them)")
+    bench_srv.add_argument("--sustain", type=float, default=None, metavar="SECONDS",
+                           help="the retrieval-only level at the highest concurrency runs at least this long so "
+                                "Serve's autoscaler can act (default: the longest upscale_delay_s + 15 s)")
+    bench_srv.add_argument("--out", default="bench/serve.json", help="JSON output path")
+    bench_srv.set_defaults(handler=cmd_bench_serve)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

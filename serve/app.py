@@ -41,7 +41,8 @@ class RecommendRequest(BaseModel):
 
 
 @serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.25},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8})
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                                      "upscale_delay_s": 2, "downscale_delay_s": 60})
 class Retriever:
     def __init__(self, run_dir: str, variant: Optional[str], max_history: int = 2000):
         self.service = RetrieverService(run_dir, variant, max_history=max_history)
@@ -97,7 +98,8 @@ class Ranker:
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
+                                      "upscale_delay_s": 2, "downscale_delay_s": 60})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int):
