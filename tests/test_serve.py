@@ -23,7 +23,7 @@ def served(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("serve")
-    config, run = synthetic_run(root / "run", config_overrides=SMALL)
+    config, run = synthetic_run(root / "run", users=30, config_overrides=SMALL)
     train_variant(config, run, "none/random")
     fake_extraction(run)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -40,7 +40,7 @@ def test_recommend_health_preference_and_validation(served):
     _, _, url = served
     with httpx.Client(base_url=url, timeout=120) as client:
         health = client.get("/healthz")
-        assert health.status_code == 200 and health.json()["retriever"]["users"] == 60
+        assert health.status_code == 200 and health.json()["retriever"]["users"] == 30
         reply = client.post("/recommend", json={"user_id": "u3", "k": 5})
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -71,7 +71,7 @@ def test_recommend_health_preference_and_validation(served):
 def test_via_serve_metrics_equal_the_offline_metrics(served):
     config, run, url = served
     retrieval = evaluate_via_serve(run, url, "none/random", "none")
-    assert retrieval["users"] == 60 and retrieval["equal"], retrieval
+    assert retrieval["users"] == 30 and retrieval["equal"], retrieval
     ranker_eval(config, run, "none/random", "llm/zero-shot")
     reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot")
     assert reranked["equal"], reranked
