@@ -152,8 +152,10 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
     rc = config.ranker
     model = None
     if fine_tuned:
-        trained = ranker_train(config, run, variant, prompt, force=False)
         model = str(Path(run / ranker_folder(variant, prompt) / "model" / "merged"))
+        if engines is not None and engines.model != model:
+            engines.close()  # an idle vLLM CPU engine keeps polling: free the cores for training
+        trained = ranker_train(config, run, variant, prompt, force=False)
     elif prompt != "none":
         model = config.llm.model
     stage = f"{ranker_folder(variant, ranker)}/eval"
