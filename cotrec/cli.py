@@ -163,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     url = args.url
     started = url is None
     if started:
-        url = start_app(run.root, variant, args.ranker if args.ranker != "none" else "none", port=free_port())
+        url = start_app(run.root, variant, args.ranker, port=free_port())
     try:
         result = evaluate_via_serve(run, url, variant, args.ranker, concurrency=args.concurrency)
     finally:

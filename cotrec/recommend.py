@@ -130,13 +130,12 @@ class RetrieverService:
     def preferences_of(self, user: int) -> dict[str, str]:
         """The user's stored long-term preference per horizon (empty when not extracted)."""
         if not hasattr(self, "_preferences"):
-            from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
+            from cotrec.ranker.lists import stored_preferences
 
-            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["users"].folder)), PROGRAMS["users"].key)
             table: dict[int, dict[str, str]] = {}
-            for row in frame.itertuples(index=False):
-                if getattr(row, "status", "ok") == "ok":
-                    table.setdefault(int(row.user_idx), {})[str(row.horizon)] = str(row.preference)
+            for (user_idx, horizon), text in stored_preferences(self.run, need=None).items():
+                if text:
+                    table.setdefault(user_idx, {})[horizon] = text
             self._preferences = table
         return self._preferences.get(int(user), {})
 
@@ -149,9 +148,8 @@ class RankerService:
     """The letter-scoring ranker of one (retriever, ranker) pair, for single candidate lists."""
 
     def __init__(self, run_dir: str | Path, variant: str, ranker: str, engine: Any = None):
-        from cotrec.extract.prompts import domain_of, item_labels
         from cotrec.ranker.letters import LetterRanker
-        from cotrec.ranker.stage import ranker_folder
+        from cotrec.ranker.stage import merged_model
 
         self.run = RunDir(run_dir)
         self.config = config = run_config(self.run)
@@ -159,8 +157,7 @@ class RankerService:
         self.prompt, fine_tuned = parse_ranker(ranker)
         if self.prompt == "none":
             raise CotrecError("ranker 'none' needs no ranker service")
-        model = str(Path(self.run / ranker_folder(variant, self.prompt) / "model" / "merged")) if fine_tuned \
-            else config.llm.model
+        model = str(merged_model(self.run, variant, self.prompt)) if fine_tuned else config.llm.model
         if fine_tuned and not Path(model).is_dir():
             raise DataError(f"{model}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
                             f"--prompt {self.prompt}` first")
@@ -169,54 +166,47 @@ class RankerService:
 
             engine = make_engine(config.llm.model_copy(update={"model": model}))
         self.engine, self.model = engine, model
-        self.scorer = LetterRanker(engine, domain_of(read_stats(self.run).get("domain", "movie")), self.prompt,
-                                   item_labels(read_table(self.run, "items")))
+        self.scorer = LetterRanker.for_run(self.run, self.prompt, engine)
         self.preferences, self.key_terms = self._stored_extraction()
 
     def _stored_extraction(self) -> tuple[dict, dict]:
-        from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
-        from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
+        """The stored preferences and perception key terms the prompt shows (empty when unused)."""
+        from cotrec.ranker.lists import stored_key_terms, stored_preferences
+        from cotrec.ranker.prompts import uses_perceptions, uses_preference
 
-        rc = self.config.ranker
-        preferences: dict[tuple[int, str], str] = {}
-        key_terms: dict[tuple[int, str, int], list[str]] = {}
-        if uses_preference(self.prompt):
-            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["users"].folder)), PROGRAMS["users"].key)
-            for row in frame.itertuples(index=False):
-                if getattr(row, "status", "ok") == "ok":
-                    preferences[(int(row.user_idx), str(row.horizon))] = shorten(row.preference, rc.preference_chars)
-        if uses_perceptions(self.prompt):
-            frame = latest_rows(read_shards(Path(self.run / PROGRAMS["perceptions"].folder)),
-                                PROGRAMS["perceptions"].key)
-            for row in frame.itertuples(index=False):
-                if getattr(row, "status", "ok") == "ok" and row.key_terms is not None:
-                    key_terms[(int(row.user_idx), str(row.horizon), int(row.item_idx))] = \
-                        [str(t) for t in row.key_terms][:rc.key_terms]
+        # need=None: a served user may have no stored extraction (new users never do); their
+        # prompts show empty text, as for a row whose extraction failed.
+        preferences = stored_preferences(self.run, need=None) if uses_preference(self.prompt) else {}
+        key_terms = (stored_key_terms(self.run, self.config.ranker.key_terms, need=None)
+                     if uses_perceptions(self.prompt) else {})
         return preferences, key_terms
 
     def candidate_list(self, user_idx: Optional[int], horizon: str, history: np.ndarray, candidates: Sequence[int]) -> Any:
         from cotrec.ranker.lists import CandidateList
 
-        stored = "test" if horizon == "next" else horizon  # the latest stored state stands for "next"
+        from cotrec.ranker.prompts import shorten
+
+        split = "test" if horizon == "next" else horizon  # the latest stored state stands for "next"
         user = -1 if user_idx is None else int(user_idx)
-        lst = CandidateList(user, "test" if horizon == "next" else horizon,
-                            [int(i) for i in history[-self.config.ranker.history_items:]], [int(c) for c in candidates],
-                            target=-1, retriever_rank=-1, preference=self.preferences.get((user, stored), ""))
+        lst = CandidateList(user, split, [int(i) for i in history[-self.config.ranker.history_items:]],
+                            [int(c) for c in candidates], target=-1, retriever_rank=-1,
+                            preference=shorten(self.preferences.get((user, split), ""), self.config.ranker.preference_chars))
         if self.key_terms:
-            lst.key_terms = [self.key_terms.get((user, stored, int(c)), []) for c in candidates]
+            lst.key_terms = [self.key_terms.get((user, split, int(c)), []) for c in candidates]
         return lst
 
     async def rerank(self, lists: Sequence[Any]) -> list[dict[str, list]]:
-        """Per list, the candidates' indices in ranked order (the offline rule: probability, ties
-        to the earlier shown position) and their letter probabilities."""
+        """Per list, the candidates' indices in ranked order (the offline rule, `ranked_order`)
+        and their letter probabilities."""
         from cotrec.ranker.lists import shown_order
+        from cotrec.ranker.mapb import ranked_order
 
         orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
         probs = await self.scorer.ascore(list(zip(lists, orders)))
         out = []
         for order, p in zip(orders, probs):
-            ranked = order[np.argsort(-p, kind="stable")]
-            out.append({"order": [int(i) for i in ranked], "probs": [float(p[j]) for j in np.argsort(-p, kind="stable")]})
+            best = ranked_order(p)
+            out.append({"order": [int(i) for i in order[best]], "probs": [float(x) for x in p[best]]})
         return out
 
     def close(self) -> None:

@@ -15,6 +15,10 @@ import pandas as pd
 from cotrec.config import load_config
 from cotrec.rundir import RunDir, write_json
 
+# A SASRec that trains on the synthetic run in seconds, in-process.
+FAST_RETRIEVER = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
+                  "retriever.trainer=local")
+
 GENRES = ["space adventure", "romantic comedy", "horror", "animated family film", "crime thriller",
           "war drama", "musical", "western"]
 

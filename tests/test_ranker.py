@@ -20,10 +20,9 @@ from cotrec.ranker.lists import CandidateList, load_lists, shown_order
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
 from cotrec.ranker.stage import ranker_eval, ranker_grid
 from cotrec.retriever import train_variant
-from retriever_data import fake_extraction, synthetic_run
+from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
-SMALL = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
-         "retriever.trainer=local")
+SMALL = FAST_RETRIEVER
 
 
 def lists_of(n: int, m: int = 10, seed: int = 0) -> list[CandidateList]:

@@ -20,10 +20,9 @@ from cotrec.retriever.data import Sequences, eval_queries, training_windows
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.variants import parse_variant
-from retriever_data import fake_extraction, synthetic_run
+from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
-SMALL = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
-         "retriever.trainer=local", "retriever.grid_seeds=1")
+SMALL = FAST_RETRIEVER + ("retriever.grid_seeds=1",)
 
 
 def small_run(tmp_path, *extra):

@@ -12,10 +12,9 @@ import pytest
 from cotrec.ranker.stage import ranker_eval
 from cotrec.retriever import train_variant
 from cotrec.serving import evaluate_via_serve, free_port, start_app, stop_app
-from retriever_data import fake_extraction, synthetic_run
+from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
-SMALL = ("retriever.dim=16", "retriever.max_len=8", "retriever.batch_size=32", "retriever.max_epochs=40",
-         "retriever.trainer=local", "llm.backend=transformers", "ranker.mapb=false")
+SMALL = FAST_RETRIEVER + ("llm.backend=transformers", "ranker.mapb=false")
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from cotrec.bench.extract import _load, _rate, _ratio, machine, run_domain, run_labels
+from cotrec.bench.extract import _load, _rate, _ratio, machine
 from cotrec.config import Config
 from cotrec.errors import DataError
-from cotrec.extract.prompts import domain_of
 from cotrec.llm import letters, make_engine
 from cotrec.llm.base import single_token_ids
 from cotrec.llm.placement import resolve_placement
@@ -77,7 +76,7 @@ def bench_queries(config: Config, run: RunDir, variant: str, count: int) -> tupl
 
 
 def _ranker(run: RunDir, engine: Any = None) -> LetterRanker:
-    return LetterRanker(engine, domain_of(run_domain(run)), PROMPT, run_labels(run))
+    return LetterRanker.for_run(run, PROMPT, engine)
 
 
 def _reset_prefix_cache(engine: Any) -> None:

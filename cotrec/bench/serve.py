@@ -58,7 +58,7 @@ def check_run(run: RunDir, variant: str, ranker: str) -> tuple[Config, list[str]
     before Ray starts)."""
     import pandas as pd
 
-    from cotrec.ranker.stage import ranker_folder
+    from cotrec.ranker.stage import merged_model, ranker_folder
     from cotrec.recommend import run_config
     from cotrec.retriever.variants import parse_variant, variant_dir
 
@@ -74,7 +74,7 @@ def check_run(run: RunDir, variant: str, ranker: str) -> tuple[Config, list[str]
         prompt, fine_tuned = parse_ranker(ranker)
     except ValueError as exc:
         raise CotrecError(str(exc)) from None
-    if fine_tuned and not Path(run / ranker_folder(variant, prompt) / "model" / "merged").is_dir():
+    if fine_tuned and not merged_model(run, variant, prompt).is_dir():
         raise DataError(f"{run / ranker_folder(variant, prompt)}: no fine-tuned ranker; run `cotrec ranker train "
                         f"--retriever {variant} --prompt {prompt}` first, or use --ranker {prompt}/zero-shot")
     users = Path(run / "data" / "users.parquet")

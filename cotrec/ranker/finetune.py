@@ -238,11 +238,3 @@ def merge_adapter(base_path: str, adapter: Path, out: Path, precision: str) -> P
         if (Path(base_path) / extra).is_file() and not (Path(out) / extra).exists():
             shutil.copy(Path(base_path) / extra, Path(out) / extra)
     return Path(out)
-
-
-def model_path(model: str) -> str:
-    """The local folder of the configured base model (the embedded default is materialised)."""
-    from cotrec.llm.embedded import resolve_model
-
-    return resolve_model(model)
-

@@ -21,14 +21,16 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 import pandas as pd
 
-from cotrec.extract.prompts import Domain
+from cotrec.data.prepare import read_stats, read_table
+from cotrec.extract.prompts import Domain, domain_of, item_labels
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation, LLMEngine
 from cotrec.metrics import ranking_metrics
 from cotrec.progress import log
 from cotrec.ranker.lists import CandidateList, shown_order
-from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
+from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, ranked_order, sample_bias
 from cotrec.ranker.prompts import ranking_conversation
+from cotrec.rundir import RunDir
 
 Query = tuple[CandidateList, np.ndarray]  # a list and the order (indices) its candidates are shown in
 
@@ -41,8 +43,13 @@ class ListScorer(Protocol):
 class LetterRanker:
     """Scores lists by the probabilities of their index letters, through an LLM engine."""
 
-    def __init__(self, engine: LLMEngine, domain: Domain, prompt: str, labels: Sequence[str]):
+    def __init__(self, engine: Optional[LLMEngine], domain: Domain, prompt: str, labels: Sequence[str]):
         self.engine, self.domain, self.prompt, self.labels = engine, domain, prompt, labels
+
+    @classmethod
+    def for_run(cls, run: RunDir, prompt: str, engine: Optional[LLMEngine] = None) -> "LetterRanker":
+        """The ranker over a run's items (their labels) and domain; no engine builds prompts only."""
+        return cls(engine, domain_of(read_stats(run).get("domain", "movie")), prompt, item_labels(read_table(run, "items")))
 
     def conversation(self, lst: CandidateList, order: np.ndarray) -> Conversation:
         shown = [lst.candidates[i] for i in order]
@@ -83,30 +90,29 @@ def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], se
     last_log = time.perf_counter()
     for start in range(0, len(ranked), users_per_call):
         chunk = ranked[start:start + users_per_call]
-        queries: list[Query] = []
+        # Per list: the shown order, where the target sits in it, and the prompts' orders. The
+        # probe's j-th order has the target at position j, so its order at the target's shown
+        # position is the shown order itself.
+        plans = []
         for i in chunk:
             lst = lists[i]
             order = shown_order(lst, seed)
-            # The probe's order with the target at its shown position is the shown order itself.
-            orders = probe_orders(order, lst.candidates.index(lst.target)) if with_mapb else [order]
-            queries += [(lst, o) for o in orders]
-        probs = scorer.score(queries)
-        for k, i in enumerate(chunk):
-            lst = lists[i]
             target_index = lst.candidates.index(lst.target)
-            block = probs[k * per_user:(k + 1) * per_user]
-            orders = [o for _, o in queries[k * per_user:(k + 1) * per_user]]
-            # target_at[j]: where the target sits in the j-th prompt; its predicted rank there.
-            target_at = [int(np.flatnonzero(o == target_index)[0]) for o in orders]
-            target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
-            order = shown_order(lst, seed)
             position = int(np.flatnonzero(order == target_index)[0])
+            orders = probe_orders(order, target_index) if with_mapb else [order]
+            plans.append((i, order, position, orders))
+        probs = scorer.score([(lists[i], o) for i, _, _, orders in plans for o in orders])
+        for k, (i, order, position, orders) in enumerate(plans):
+            lst = lists[i]
+            block = probs[k * per_user:(k + 1) * per_user]
+            target_at = range(per_user) if with_mapb else [position]  # the target's position in each prompt
+            target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
             shown = position if with_mapb else 0
             shown_probs = block[shown]
             ranks[i] = target_ranks[shown]
             row = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
                    "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
-                   "predicted": [lst.candidates[order[j]] for j in np.argsort(-shown_probs, kind="stable")],
+                   "predicted": [lst.candidates[order[j]] for j in ranked_order(shown_probs)],
                    "target_position": position, "target_rank": int(ranks[i]),
                    "retriever_rank": lst.retriever_rank}
             if with_mapb:

@@ -61,10 +61,11 @@ def candidates_path(config: Config, run: RunDir, variant: str) -> Path:
     return Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
 
 
-def _extraction(run: RunDir, kind: str, need: str) -> pd.DataFrame:
+def _extraction(run: RunDir, kind: str, need: Optional[str]) -> pd.DataFrame:
+    """The newest row per key of an extraction folder; with `need` None, an empty folder is empty."""
     program = PROGRAMS[kind]
     frame = latest_rows(read_shards(Path(run / program.folder)), program.key)
-    if frame.empty:
+    if frame.empty and need is not None:
         raise DataError(f"{run / program.folder}: no extraction output, needed for {need}; run "
                         f"`cotrec extract {kind}` first")
     return frame
@@ -106,35 +107,50 @@ def _ok_text(frame: pd.DataFrame, column: str) -> pd.Series:
     return text
 
 
+def stored_preferences(run: RunDir, need: Optional[str] = "the llm+ and llm++ prompts") -> dict[tuple[int, str], str]:
+    """(user_idx, horizon) -> the long-term preference ("" where extraction failed)."""
+    frame = _extraction(run, "users", need)
+    if frame.empty:
+        return {}
+    return {(int(u), str(h)): str(t)
+            for u, h, t in zip(frame["user_idx"], frame["horizon"], _ok_text(frame, "preference"))}
+
+
+def stored_key_terms(run: RunDir, per_item: int,
+                     need: Optional[str] = "the llm++ prompt") -> dict[tuple[int, str, int], list[str]]:
+    """(user_idx, horizon, item_idx) -> the perception's first key terms ([] where extraction failed)."""
+    frame = _extraction(run, "perceptions", need)
+    if frame.empty:
+        return {}
+    ok = frame["status"].astype(str) == "ok" if "status" in frame.columns else pd.Series(True, index=frame.index)
+    return {(int(u), str(h), int(i)): ([str(t) for t in k][:per_item] if good and k is not None else [])
+            for u, h, i, k, good in zip(frame["user_idx"], frame["horizon"], frame["item_idx"], frame["key_terms"], ok)}
+
+
 def _attach_preferences(run: RunDir, lists: list[CandidateList], horizon: str, max_chars: int) -> dict[str, int]:
-    frame = _extraction(run, "users", "the llm+ and llm++ prompts")
-    frame = frame[frame["horizon"] == horizon]
-    texts = dict(zip(frame["user_idx"].astype(int), _ok_text(frame, "preference")))
-    missing = [lst.user_idx for lst in lists if lst.user_idx not in texts]
+    texts = stored_preferences(run)
+    missing = [lst.user_idx for lst in lists if (lst.user_idx, horizon) not in texts]
     if missing:
         raise DataError(f"{run / PROGRAMS['users'].folder}: no {horizon} preference for {len(missing)} of "
                         f"{len(lists)} users (e.g. user_idx {missing[0]}); run `cotrec extract users`")
     empty = 0
     for lst in lists:
-        lst.preference = shorten(texts[lst.user_idx], max_chars)
+        lst.preference = shorten(texts[(lst.user_idx, horizon)], max_chars)
         empty += not lst.preference
     return {"lists_without_preference": empty}
 
 
 def _attach_key_terms(run: RunDir, lists: list[CandidateList], horizon: str, per_item: int) -> dict[str, int]:
-    frame = _extraction(run, "perceptions", "the llm++ prompt")
-    frame = frame[frame["horizon"] == horizon]
-    ok = frame["status"].astype(str) == "ok" if "status" in frame.columns else pd.Series(True, index=frame.index)
-    terms = {(int(u), int(i)): ([str(t) for t in k][:per_item] if good and k is not None else [])
-             for u, i, k, good in zip(frame["user_idx"], frame["item_idx"], frame["key_terms"], ok)}
-    missing = [(lst.user_idx, item) for lst in lists for item in lst.candidates if (lst.user_idx, item) not in terms]
+    terms = stored_key_terms(run, per_item)
+    missing = [(lst.user_idx, item) for lst in lists for item in lst.candidates
+               if (lst.user_idx, horizon, item) not in terms]
     if missing:
         raise DataError(f"{run / PROGRAMS['perceptions'].folder}: no {horizon} perception for {len(missing)} "
                         f"(user, candidate) pairs (e.g. user_idx {missing[0][0]}, item_idx {missing[0][1]}); run "
                         f"`cotrec extract perceptions` after training the retriever")
     empty = 0
     for lst in lists:
-        lst.key_terms = [terms[(lst.user_idx, item)] for item in lst.candidates]
+        lst.key_terms = [terms[(lst.user_idx, horizon, item)] for item in lst.candidates]
         empty += sum(not t for t in lst.key_terms)
     return {"candidates_without_key_terms": empty}
 

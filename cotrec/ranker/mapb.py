@@ -13,12 +13,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def ranked_order(probs: np.ndarray) -> np.ndarray:
+    """The shown positions from best to worst: by probability, ties to the earlier position.
+
+    The one ranking rule, shared by the offline evaluation and the Serve ranker.
+    """
+    return np.argsort(-np.asarray(probs), kind="stable")
+
+
 def predicted_ranks(probs: np.ndarray) -> np.ndarray:
-    """Rank (0 = first) of every shown position, by probability; ties go to the earlier position."""
-    probs = np.asarray(probs)
-    order = np.argsort(-probs, kind="stable")
-    ranks = np.empty(len(probs), dtype=np.int64)
-    ranks[order] = np.arange(len(probs))
+    """Rank (0 = first) of every shown position, under `ranked_order`."""
+    order = ranked_order(probs)
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order))
     return ranks
 
 

@@ -29,14 +29,13 @@ from typing import Any, Optional
 import numpy as np
 
 from cotrec.config import Config, parse_ranker
-from cotrec.data.prepare import read_stats, read_table
 from cotrec.errors import CotrecError, DataError
-from cotrec.extract.prompts import domain_of, item_labels
 from cotrec.extract.runner import PROGRAMS, shard_files
 from cotrec.llm import make_engine
 from cotrec.llm.base import LLMEngine
 from cotrec.progress import log
-from cotrec.ranker.finetune import fit, merge_adapter, model_path, resolve_precision, training_examples
+from cotrec.llm.embedded import resolve_model
+from cotrec.ranker.finetune import fit, merge_adapter, resolve_precision, training_examples
 from cotrec.ranker.letters import LetterRanker, evaluate_ranker
 from cotrec.ranker.lists import load_lists, sample_lists
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
@@ -52,6 +51,11 @@ EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
 def ranker_folder(variant: str, ranker: str) -> str:
     user, item = parse_variant(variant)
     return f"ranker/{user}-{item}--{ranker.replace('/', '-')}"
+
+
+def merged_model(run: RunDir, variant: str, prompt: str) -> Path:
+    """Where `ranker train` leaves the fine-tuned checkpoint (adapter merged) of a prompt."""
+    return Path(run / ranker_folder(variant, prompt) / "model" / "merged")
 
 
 def _digest(parts: Any) -> str:
@@ -78,10 +82,6 @@ def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) ->
                     "seed": config.seed, "inputs": _inputs(config, run, variant, prompt)})
 
 
-def _ranker_inputs(config: Config, run: RunDir) -> tuple[list[str], Any]:
-    return item_labels(read_table(run, "items")), domain_of(read_stats(run).get("domain", "movie"))
-
-
 def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> dict[str, Any]:
     """Fine-tune a LoRA ranker on the valid lists of one retriever; merge it. Skipped when current."""
     parse_ranker(prompt)
@@ -99,9 +99,8 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     if not lists:
         raise DataError(f"{run / variant_dir(config, *parse_variant(variant), config.seed)}: no valid list has its "
                         f"target among the candidates; nothing to fine-tune on")
-    labels, domain = _ranker_inputs(config, run)
-    examples = training_examples(lists, LetterRanker(None, domain, prompt, labels), rc.epochs, rc.shuffle_seed)
-    base = model_path(config.llm.model)
+    examples = training_examples(lists, LetterRanker.for_run(run, prompt), rc.epochs, rc.shuffle_seed)
+    base = resolve_model(config.llm.model)  # a local folder (the embedded model is materialised)
     job = {"name": f"{variant} {prompt}", "model_path": base, "examples": examples, "seed": config.seed,
            "lora_r": rc.lora_r, "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout,
            "lora_targets": rc.lora_targets, "lr": rc.lr, "batch_size": rc.batch_size, "zero_stage": rc.zero_stage,
@@ -149,10 +148,11 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
                 engines: Optional[EnginePool] = None) -> dict[str, Any]:
     """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
     prompt, fine_tuned = parse_ranker(ranker)
+    shows = "llm" if prompt == "none" else prompt  # what the lists carry (None needs only the candidates)
     rc = config.ranker
     model = None
     if fine_tuned:
-        model = str(Path(run / ranker_folder(variant, prompt) / "model" / "merged"))
+        model = str(merged_model(run, variant, prompt))
         if engines is not None and engines.model != model:
             engines.close()  # an idle vLLM CPU engine keeps polling: free the cores for training
         trained = ranker_train(config, run, variant, prompt, force=False)
@@ -162,20 +162,19 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
     fp = _digest({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
                   "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call"}),
                   "model": run.completion(f"{ranker_folder(variant, prompt)}/model") if fine_tuned else model,
-                  "inputs": _inputs(config, run, variant, "llm" if prompt == "none" else prompt)})
+                  "inputs": _inputs(config, run, variant, shows)})
     if not force and run.is_complete(stage, fp):
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
-    lists, notes = load_lists(config, run, variant, "test", "llm" if prompt == "none" else prompt)
+    lists, notes = load_lists(config, run, variant, "test", shows)
     lists = sample_lists(lists, rc.max_eval_users, config.seed)
     own = engines is None
     engines = engines or EnginePool(config)
     try:
         scorer = None
         if model is not None:
-            labels, domain = _ranker_inputs(config, run)
-            scorer = LetterRanker(engines.get(model), domain, prompt, labels)
+            scorer = LetterRanker.for_run(run, prompt, engines.get(model))
         log(f"ranker: ranking {notes['hits']:,} of {len(lists):,} test lists of {variant} with {ranker}"
             + (" (MAPB probe: each target at all positions)" if rc.mapb and scorer else ""))
         metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
