@@ -25,7 +25,7 @@ test: venv
 	$(VENV)/bin/pytest -q
 
 demo: venv
-	$(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)
+	VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-WARNING} $(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,18 +11,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 from cotrec import __version__
 from cotrec.config import Config, config_name, load_config, preset_names
 from cotrec.data.prepare import format_summary, prepare
 from cotrec.errors import CotrecError
 from cotrec.rundir import RunDir
-
-# The main job, in order: (name, stage function, summary formatter).
-PIPELINE: list[tuple[str, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
-    ("prepare", prepare, format_summary),
-]
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -52,18 +46,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cotrec.pipeline import run_pipeline
+    from cotrec.report import format_report
+
     config, run = open_run(args)
-    timings = []
-    for name, stage, formatter in PIPELINE:
-        started = time.perf_counter()
-        summary = stage(config, run, force=args.force)
-        timings.append((name, time.perf_counter() - started, summary.get("skipped", False)))
-        print(f"== {name} ==")
-        print(formatter(summary))
-    print("== stages ==")
-    for name, seconds, skipped in timings:
-        print(f"{name:<12} {seconds:8.1f} s" + ("  (up to date)" if skipped else ""))
-    print(f"run directory: {run.root}")
+    result = run_pipeline(config, run, force=args.force)
+    print("== summary ==")
+    print(format_report(result["stages"]["report"], result["timings"]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cotrec.report import format_report, write_reports
+
+    root = Path(args.run_dir or Path("runs") / config_name(args.config))
+    if not (root / "data").is_dir():
+        raise CotrecError(f"{root}: not a prepared run directory (no data/); run `cotrec run` or "
+                          "`cotrec prepare` first")
+    if args.config is None and (root / "config.yaml").is_file():
+        args.config = str(root / "config.yaml")  # the run's own settings, not the default preset's
+    config, run = open_run(args)
+    print(format_report(write_reports(config, run)))
     return 0
 
 
@@ -277,9 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the main job: every stage in order, skipping finished ones")
+    run = commands.add_parser("run", help="the main job: prepare, extract, embed, retriever grid, perceptions, ranker grid, "
+                                         "report; finished stages are skipped")
     _add_run_options(run)
     run.set_defaults(handler=cmd_run)
+
+    rep = commands.add_parser("report", help="render <run>/reports/: Table 1, Table 2, plots, time and tokens per stage")
+    _add_run_options(rep)
+    rep.set_defaults(handler=cmd_report)
 
     prep = commands.add_parser("prepare", help="load, k-core filter and split the dataset")
     _add_run_options(prep)

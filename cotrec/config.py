@@ -54,6 +54,10 @@ class DataConfig(Section):
     # Keep a seeded random sample of this many users after filtering (None keeps all).
     sample_users: Optional[int] = Field(None, ge=1)
     sample_seed: int = 0
+    # k-core again within the sample: items fewer than this many sampled users saw are dropped
+    # (and users left too short). A small sample of a big catalogue otherwise keeps hundreds of
+    # items seen once or twice, which no retriever can learn and every item stage pays for.
+    sample_k_core: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> "DataConfig":
@@ -167,8 +171,9 @@ class ExtractConfig(Section):
     # retriever variants' candidates.parquet (user-init/item-init); None: every ranker.retrievers
     # variant, which is what the ranker's llm++ prompts need.
     perception_candidates: Optional[list[str]] = None
-    # Only the lists whose target is among the candidates: the ranker trains on and re-ranks only
-    # those (the others count as misses whatever it does), so the rest would be wasted LLM calls.
+    # Only the lists the ranker re-ranks: target among the candidates, sampled as the ranker samples
+    # (ranker.max_train_users / max_eval_users). The others count as misses whatever the ranker
+    # does, so their pairs would be wasted LLM calls.
     perception_only_hits: bool = True
     perception_horizons: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
 

@@ -52,7 +52,8 @@ def synthetic_run(root, users: int = 60, items: int = 80, length: int = 24, seed
         inter.to_parquet(folder / "interactions.parquet", index=False)
         item_table.to_parquet(folder / "items.parquet", index=False)
         user_table.to_parquet(folder / "users.parquet", index=False)
-        write_json(folder / "stats.json", {"users": users, "items": items})
+        write_json(folder / "stats.json", {"dataset": "synthetic", "users": users, "items": items,
+                                           "interactions": len(inter)})
     run.write_config(config)
     return config, run
 

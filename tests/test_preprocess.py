@@ -102,3 +102,18 @@ def test_min_rating_needs_ratings():
     rows = dense_block(["a", "b"], ["x", "y", "z"])
     with pytest.raises(DataError, match="no ratings"):
         preprocess(make_raw(rows), config(k_core=1, min_rating=4))
+
+
+def test_sample_k_core_filters_again_within_the_sample():
+    # 40 users on 5 shared items; 10 more items each seen by one user only
+    rows = dense_block([str(u) for u in range(40)], ["a", "b", "c", "d", "e"])
+    rows += [(str(u), f"rare{u % 10}", 100 + u) for u in range(40)]
+    plain = preprocess(make_raw(rows), config(k_core=1, sample_users=12, sample_seed=3))
+    cored = preprocess(make_raw(rows), config(k_core=1, sample_users=12, sample_seed=3, sample_k_core=3))
+    assert set(plain.users.user_id) == set(cored.users.user_id)  # the same seeded sample
+    assert any(i.startswith("rare") for i in plain.items.item_id)
+    users_per_item = plain.interactions.merge(plain.items, on="item_idx").groupby("item_id").user_idx.nunique()
+    assert set(cored.items.item_id) == set(users_per_item[users_per_item >= 3].index)
+    assert cored.stats["sample"]["k_core"] == 3
+    with pytest.raises(DataError, match="sample_k_core"):
+        preprocess(make_raw(rows), config(k_core=1, sample_users=12, sample_seed=3, sample_k_core=50))

@@ -16,7 +16,8 @@ import pytest
 from cotrec.extract.runner import PROGRAMS, write_shard
 from cotrec.metrics import ndcg_at_k
 from cotrec.ranker.letters import evaluate_ranker
-from cotrec.ranker.lists import CandidateList, load_lists, shown_order
+from cotrec.extract.stage import candidate_pairs
+from cotrec.ranker.lists import CandidateList, load_lists, ranked_lists, shown_order
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
 from cotrec.ranker.stage import ranker_eval, ranker_grid
 from cotrec.retriever import train_variant
@@ -110,6 +111,21 @@ def test_lists_carry_history_preference_and_key_terms(ranked_run):
     assert first.history == seen[-config.ranker.history_items:] and first.target not in first.history
     hit = next(l for l in lists if l.hit)
     assert hit.preference and len(hit.key_terms) == 10 and hit.key_terms[0][1] == f"number {hit.candidates[0]}"
+
+
+def test_perception_pairs_are_exactly_the_lists_the_ranker_reads(ranked_run):
+    config, run = ranked_run
+    config = config.model_copy(deep=True)
+    config.ranker.retrievers = {"CRM": "none/random"}
+    config.ranker.max_train_users, config.ranker.max_eval_users = 5, 12
+    pairs, _ = candidate_pairs(run, config)
+    for split in ("valid", "test"):  # valid: 5 hit lists for training; test: 12 sampled users, their hits
+        lists = [lst for lst in ranked_lists(config, run, "none/random", split, "llm")[0] if lst.hit]
+        got = pairs[pairs.horizon == split]
+        assert set(zip(got.user_idx, got.item_idx)) == {(lst.user_idx, c) for lst in lists for c in lst.candidates}
+        assert got.user_idx.nunique() == len(lists) and 0 < len(lists) <= (5 if split == "valid" else 12)
+    config.extract.perception_only_hits = False  # every list of each horizon, misses included
+    assert candidate_pairs(run, config)[0].groupby("horizon").user_idx.nunique().to_dict() == {"test": 60, "valid": 60}
 
 
 def test_the_none_ranker_equals_the_retriever(ranked_run):

@@ -70,6 +70,7 @@ def format_summary(stats: dict[str, Any]) -> str:
     ]
     if "sample" in stats:
         lines.append(f"sample        {stats['sample']['users']} of {stats['sample']['from_users']:,} users "
-                     f"(seed {stats['sample']['seed']})")
+                     f"(seed {stats['sample']['seed']})"
+                     + (f", then {stats['sample']['k_core']}-core within the sample" if "k_core" in stats["sample"] else ""))
     lines.append(f"time          {stats['seconds']:.1f} s")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ Steps, all vectorised over numpy arrays:
 1. keep interactions with a known, captioned item (and a high enough rating, if asked);
 2. drop repeats of a (user, item) pair, keeping the earliest;
 3. k-core: drop users and items with fewer than k interactions, repeatedly, until nothing changes;
-4. optionally keep a seeded sample of users;
+4. optionally keep a seeded sample of users, and k-core again within it;
 5. dense ids (raw ids in natural order), chronological order per user with timestamp ties broken
    by source order (many MovieLens ratings share a second: without a stable rule the leave-one-out
    target would change between runs and tools), `position` 0..n-1, and the split of each row:
@@ -116,6 +116,13 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
             keep &= pd.Index(chosen).get_indexer(user_ids) >= 0
         stats["sample"] = {"users": data.sample_users, "seed": data.sample_seed,
                            "from_users": int(len(remaining))}
+        if data.sample_k_core is not None:
+            keep, rounds = k_core(user_codes, item_codes, max(data.sample_k_core, MIN_HISTORY), data.sample_k_core,
+                                  keep)
+            stats["sample"].update(k_core=data.sample_k_core, k_core_rounds=rounds)
+            if not keep.any():
+                raise DataError(f"{raw.name}: nothing left of the {data.sample_users}-user sample after its "
+                                f"{data.sample_k_core}-core; lower data.sample_k_core or sample more users")
 
     user_ids, item_ids, timestamps, order = user_ids[keep], item_ids[keep], timestamps[keep], order[keep]
     user_index = pd.Index(_natural_order(user_ids))

@@ -132,28 +132,25 @@ def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
     """The (user, horizon, item) pairs of the retrievers' top-M candidates the ranker will read.
 
     The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant);
-    their pairs are unioned, and with `extract.perception_only_hits` only the lists whose target is
-    among the candidates are kept.
+    their pairs are unioned. With `extract.perception_only_hits` only the lists the ranker re-ranks
+    are kept: those whose target is among the candidates, sampled as the ranker samples them
+    (`ranker.max_train_users`, `ranker.max_eval_users`); otherwise every list of each horizon.
     """
-    from cotrec.retriever.variants import parse_variant, variant_dir
+    from cotrec.ranker.lists import candidates_path, load_lists, ranked_lists
 
     variants = config.extract.perception_candidates or list(dict.fromkeys(config.ranker.retrievers.values()))
     frames, paths = [], []
     for variant in variants:
-        user, item = parse_variant(variant)
-        path = Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: no retriever candidates; train that variant first "
-                            f"(`cotrec retriever train --variant {user}/{item}`) or pass --pairs FILE")
-        frame = pd.read_parquet(path, columns=["user_idx", "split", "candidates", "target_in_candidates"])
-        frame = frame[frame["split"].isin(config.extract.perception_horizons)]
-        if config.extract.perception_only_hits:
-            frame = frame[frame["target_in_candidates"]]
-        frames.append(frame.drop(columns="target_in_candidates"))
+        path = candidates_path(config, run, variant)
+        for horizon in config.extract.perception_horizons:
+            if config.extract.perception_only_hits:
+                lists = [lst for lst in ranked_lists(config, run, variant, horizon, "llm")[0] if lst.hit]
+            else:
+                lists = load_lists(config, run, variant, horizon, "llm")[0]
+            frames.append(pd.DataFrame({"user_idx": [lst.user_idx for lst in lists], "horizon": horizon,
+                                        "item_idx": [lst.candidates for lst in lists]}))
         paths.append(str(path))
-    frame = pd.concat(frames, ignore_index=True)
-    pairs = frame.rename(columns={"split": "horizon", "candidates": "item_idx"}).explode("item_idx")
-    pairs = pairs.dropna(subset=["item_idx"])
+    pairs = pd.concat(frames, ignore_index=True).explode("item_idx").dropna(subset=["item_idx"])
     pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
     pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
     return pairs.reset_index(drop=True), ", ".join(paths)

@@ -72,10 +72,12 @@ def _extraction(run: RunDir, kind: str, need: Optional[str]) -> pd.DataFrame:
 
 
 def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str,
-               only_hits: bool = False) -> tuple[list[CandidateList], dict[str, Any]]:
+               only_hits: bool = False, limit: Optional[int] = None) -> tuple[list[CandidateList], dict[str, Any]]:
     """The candidate lists of one retriever variant and split, with what `prompt` shows.
 
-    Returns the lists (every user, in user order) and counts of what the prompts lack.
+    Returns the lists (every user in user order, or a seeded sample of `limit` of them) and
+    counts of what the prompts lack. Sampling comes before the extraction is read, so only the
+    sampled users need preferences and perceptions.
     """
     path = candidates_path(config, run, variant)
     if not path.is_file():
@@ -91,6 +93,7 @@ def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: st
     lists = [CandidateList(int(row.user_idx), split, [int(i) for i in seqs.history(split, int(row.user_idx))[-keep:]],
                            [int(i) for i in row.candidates], int(row.target_item), int(row.target_rank))
              for row in frame.itertuples(index=False)]
+    lists = sample_lists(lists, limit, config.seed)
     notes = {"lists": len(lists), "hits": sum(lst.hit for lst in lists)}
     ranked = [lst for lst in lists if lst.hit]
     if uses_preference(prompt) and ranked:
@@ -153,6 +156,17 @@ def _attach_key_terms(run: RunDir, lists: list[CandidateList], horizon: str, per
         lst.key_terms = [terms[(lst.user_idx, horizon, item)] for item in lst.candidates]
         empty += sum(not t for t in lst.key_terms)
     return {"candidates_without_key_terms": empty}
+
+
+def ranked_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str) -> tuple[list[CandidateList],
+                                                                                             dict[str, Any]]:
+    """The lists the ranker reads: `valid` lists with their target among the candidates for
+    fine-tuning (at most `ranker.max_train_users`), every `test` list for evaluation (at most
+    `ranker.max_eval_users`). `extract perceptions` asks the same question, so it role-plays exactly
+    the pairs the ranker will show."""
+    if split == "valid":
+        return load_lists(config, run, variant, split, prompt, only_hits=True, limit=config.ranker.max_train_users)
+    return load_lists(config, run, variant, split, prompt, limit=config.ranker.max_eval_users)
 
 
 def sample_lists(lists: list[CandidateList], limit: Optional[int], seed: int) -> list[CandidateList]:

@@ -37,7 +37,7 @@ from cotrec.progress import log
 from cotrec.llm.embedded import resolve_model
 from cotrec.ranker.finetune import fit, merge_adapter, resolve_precision, training_examples
 from cotrec.ranker.letters import LetterRanker, evaluate_ranker
-from cotrec.ranker.lists import load_lists, sample_lists
+from cotrec.ranker.lists import ranked_lists
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, atomic_write_text, write_json
@@ -94,8 +94,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "train.json").read_text())}
     started = time.perf_counter()
-    lists, notes = load_lists(config, run, variant, "valid", prompt, only_hits=True)
-    lists = sample_lists(lists, rc.max_train_users, config.seed)
+    lists, notes = ranked_lists(config, run, variant, "valid", prompt)
     if not lists:
         raise DataError(f"{run / variant_dir(config, *parse_variant(variant), config.seed)}: no valid list has its "
                         f"target among the candidates; nothing to fine-tune on")
@@ -167,8 +166,7 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
-    lists, notes = load_lists(config, run, variant, "test", shows)
-    lists = sample_lists(lists, rc.max_eval_users, config.seed)
+    lists, notes = ranked_lists(config, run, variant, "test", shows)
     own = engines is None
     engines = engines or EnginePool(config)
     try:
@@ -229,7 +227,7 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     return summary
 
 
-def _ranker_label(ranker: str) -> str:
+def ranker_label(ranker: str) -> str:
     prompt, fine_tuned = parse_ranker(ranker)
     if prompt == "none":
         return "None"
@@ -253,7 +251,7 @@ def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
     ]
     for row in rows:
         mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
-        lines.append(f"| {row['label']} ({row['retriever']}) | {_ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
+        lines.append(f"| {row['label']} ({row['retriever']}) | {ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
                      f"{row['hit@1']:.4f} | {mapb} | {row['ranked_users']} |")
     path = Path(run / REPORT)
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -273,7 +271,7 @@ def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[P
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row in curves:
         ys = np.asarray(row["mean_rank_by_position"]) + 1
-        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=f"{row['label']} + {_ranker_label(row['ranker'])} "
+        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=f"{row['label']} + {ranker_label(row['ranker'])} "
                                                                    f"(MAPB {row['mapb']:.2f})")
     m = len(curves[0]["mean_rank_by_position"])
     ax.axhline((m + 1) / 2, color="grey", lw=0.8, ls=":")
@@ -296,7 +294,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{'retriever':<28} {'ranker':<22} {'ndcg@10':>8} {'mapb':>6} {'ranked':>6}"]
     for row in summary["rows"]:
         mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
-        lines.append(f"{row['label'] + ' ' + row['retriever']:<28} {_ranker_label(row['ranker']):<22} "
+        lines.append(f"{row['label'] + ' ' + row['retriever']:<28} {ranker_label(row['ranker']):<22} "
                      f"{row['ndcg@10']:>8.4f} {mapb:>6} {row['ranked_users']:>6}")
     lines.append(f"report {summary['report']}" + ("  [up to date, skipped]" if summary.get("skipped")
                                                   else f"; {summary['seconds']:.0f} s"))

@@ -166,16 +166,34 @@ def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str
     for name in rc.grid:
         results = [train_variant(config, run, name, seed, force) for seed in seeds]
         skipped &= all(r["skipped"] for r in results)
-        row: dict[str, Any] = {"variant": name, "seeds": seeds}
-        for metric in ("hit@10", "ndcg@10"):
-            row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in results])
-        row["best_epoch"] = float(np.mean([r["best_epoch"] for r in results]))
-        row["users"] = results[0]["users"]
-        rows.append(row)
+        rows.append(grid_row(name, results))
     summary = {"skipped": skipped, "rows": rows, "seeds": seeds, "mask_history": rc.mask_history,
                "report": str(run / REPORT), "seconds": round(time.perf_counter() - started, 3)}
     write_table1(run, config, summary)
     return summary
+
+
+def grid_row(variant: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Table 1 row: a variant's test metrics, mean and std over its seeds."""
+    row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in results]}
+    for metric in ("hit@10", "ndcg@10"):
+        row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in results])
+    row["best_epoch"] = float(np.mean([r["best_epoch"] for r in results]))
+    row["users"] = results[0]["users"]
+    return row
+
+
+def finished_grid(config: Config, run: RunDir) -> dict[str, Any]:
+    """Table 1 from the variants already trained (any seeds finished), without training anything."""
+    seeds = [config.seed + i for i in range(config.retriever.grid_seeds)]
+    rows = []
+    for name in config.retriever.grid:
+        user, item = parse_variant(name)
+        stages = [variant_dir(config, user, item, seed) for seed in seeds]
+        results = [read_metrics(run / stage) for stage in stages if run.completion(stage) is not None]
+        if results:
+            rows.append(grid_row(name, results))
+    return {"rows": rows, "seeds": seeds, "mask_history": config.retriever.mask_history, "report": str(run / REPORT)}
 
 
 def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:

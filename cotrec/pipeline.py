@@ -1,0 +1,130 @@
+"""The main job (`cotrec run`): every stage of CoT-Rec in order, on one Ray session.
+
+    prepare -> item descriptions -> preferences -> embed -> retriever grid (Table 1)
+            -> perceptions -> ranker grid (Table 2) -> report
+
+Each stage is the same function its own CLI command calls, and each skips the work whose outputs
+are complete and current (same config, same inputs), so a rerun resumes where a run stopped and
+an unchanged run costs seconds. The wall time of every stage is recorded in
+`<run>/reports/stages.json` for `cotrec report`; the job ends with a one-screen summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cotrec.config import Config
+from cotrec.progress import log
+from cotrec.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    what: str  # one line for the progress log and the summary
+    run: Callable[[Config, RunDir, bool], dict[str, Any]]
+    format: Callable[[dict[str, Any]], str]
+
+
+def _prepare(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    from cotrec.data.prepare import prepare
+
+    return prepare(config, run, force=force)
+
+
+def _extract(kind: str) -> Callable[[Config, RunDir, bool], dict[str, Any]]:
+    def stage(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+        from cotrec.extract import extract_items, extract_perceptions, extract_users
+
+        function = {"items": extract_items, "users": extract_users, "perceptions": extract_perceptions}[kind]
+        summary = function(config, run, force=force)
+        return {**summary, "skipped": summary["rows"] == 0}
+    return stage
+
+
+def _embed(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    from cotrec.embed import embed
+
+    return embed(config, run, force=force)
+
+
+def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    """Table 1, plus any retriever the ranker re-ranks that the grid does not train."""
+    from cotrec.retriever import retriever_grid, train_variant
+
+    summary = retriever_grid(config, run, force=force)
+    for variant in dict.fromkeys(config.ranker.retrievers.values()):
+        if variant not in config.retriever.grid:
+            summary["skipped"] &= train_variant(config, run, variant, config.seed, force)["skipped"]
+    return summary
+
+
+def _ranker(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    from cotrec.ranker.stage import ranker_grid
+
+    return ranker_grid(config, run, force=force)
+
+
+def _report(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    from cotrec.report import write_reports
+
+    return {**write_reports(config, run), "skipped": False}
+
+
+def _fmt(module: str, name: str) -> Callable[[dict[str, Any]], str]:
+    def format_summary(summary: dict[str, Any]) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(summary)
+    return format_summary
+
+
+STAGES: list[Stage] = [
+    Stage("prepare", "load, k-core filter, sample and split the dataset", _prepare,
+          _fmt("cotrec.data.prepare", "format_summary")),
+    Stage("items", "LLM: an objective description of every item", _extract("items"),
+          _fmt("cotrec.extract", "format_summary")),
+    Stage("preferences", "LLM: each user's preference recurrence over history windows", _extract("users"),
+          _fmt("cotrec.extract", "format_summary")),
+    Stage("embed", "Encode & Map: captions, descriptions, preferences", _embed, _fmt("cotrec.embed", "format_summary")),
+    Stage("retriever", "SASRec grid over user / item initialisations (Table 1)", _retriever,
+          _fmt("cotrec.retriever", "format_grid_summary")),
+    Stage("perceptions", "LLM: role-played review + key terms of each re-ranked candidate",
+          _extract("perceptions"), _fmt("cotrec.extract", "format_summary")),
+    Stage("ranker", "LoRA fine-tunes and the LLM ranker grid (Table 2)", _ranker,
+          _fmt("cotrec.ranker.stage", "format_summary")),
+    Stage("report", "reports/: tables, plots, time and tokens per stage", _report,
+          lambda s: f"wrote {len(s['written'])} files to {s['run']}/reports"),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage in order on one Ray session; returns per-stage summaries and timings."""
+    from cotrec.cluster import ensure_ray
+    from cotrec.report import record_stage
+
+    started_ray = ensure_ray()  # one Ray session for all stages: no start-up per stage
+    results: dict[str, dict[str, Any]] = {}
+    timings: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    try:
+        for number, stage in enumerate(STAGES, 1):
+            log(f"== stage {number}/{len(STAGES)}: {stage.name}: {stage.what}")
+            t0 = time.perf_counter()
+            summary = stage.run(config, run, force)
+            seconds = time.perf_counter() - t0
+            results[stage.name] = summary
+            timings.append({"stage": stage.name, "seconds": round(seconds, 3), "skipped": bool(summary.get("skipped"))})
+            if stage.name != "report":
+                record_stage(run, stage.name, seconds, bool(summary.get("skipped")))
+            echo(f"== {stage.name} ==")
+            echo(stage.format(summary))
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return {"stages": results, "timings": timings, "seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,105 @@
+"""The main job's orchestration and `cotrec report` (the real stages are tested in their own files;
+`make demo` runs them all together)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cotrec import pipeline
+from cotrec.extract.runner import PROGRAMS, write_shard
+from cotrec.pipeline import STAGE_NAMES, Stage, run_pipeline
+from cotrec.report import record_stage, stage_records
+from cotrec.retriever import retriever_grid
+from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
+
+
+def test_the_main_job_runs_every_stage_of_the_paper_in_order():
+    assert STAGE_NAMES == ["prepare", "items", "preferences", "embed", "retriever", "perceptions", "ranker", "report"]
+
+
+def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_time(tmp_path, monkeypatch):
+    """FAKE stages (this test is about orchestration): order, recorded times, skipped reruns."""
+    from cotrec import cluster
+    from cotrec.rundir import RunDir
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    calls = []
+
+    def fake(name):
+        def stage(config, run, force):
+            calls.append(name)
+            done = (run / f"{name}.done").exists() and not force
+            (run / f"{name}.done").touch()
+            return {"skipped": done, "name": name}
+        return stage
+
+    stages = [Stage(name, name, fake(name), lambda s: f"{s['name']} skipped={s['skipped']}") for name in ("a", "b")]
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    lines: list[str] = []
+    first = run_pipeline(None, run, echo=lines.append)
+    assert calls == ["a", "b"] and [t["stage"] for t in first["timings"]] == ["a", "b"]
+    assert lines == ["== a ==", "a skipped=False", "== b ==", "b skipped=False"]
+    recorded = stage_records(run)
+    second = run_pipeline(None, run, echo=lines.append)
+    assert all(t["skipped"] for t in second["timings"])
+    # a skipped rerun keeps the time of the run that did the work
+    assert stage_records(run)["a"]["seconds"] == recorded["a"]["seconds"]
+    assert "last_checked_at" in stage_records(run)["a"]
+    run_pipeline(None, run, force=True, echo=lines.append)
+    assert "last_checked_at" not in stage_records(run)["a"]
+
+
+def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, monkeypatch):
+    """FAKE stages (orchestration): an error propagates, nothing after it runs."""
+    from cotrec import cluster
+    from cotrec.errors import DataError
+    from cotrec.rundir import RunDir
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    ran = []
+
+    def broken(config, run, force):
+        raise DataError("x.parquet: broken")
+
+    stages = [Stage("a", "a", broken, str), Stage("b", "b", lambda c, r, f: ran.append("b") or {}, str)]
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    with pytest.raises(DataError, match="x.parquet"):
+        run_pipeline(None, RunDir(tmp_path), echo=lambda s: None)
+    assert ran == [] and "a" not in stage_records(RunDir(tmp_path))
+
+
+def test_report_renders_table1_stage_times_and_tokens_from_the_run(tmp_path, cli):
+    config, run = synthetic_run(tmp_path / "run", config_overrides=FAST_RETRIEVER + (
+        "retriever.grid=[none/random,preference/caption]", "retriever.grid_seeds=2"))
+    fake_extraction(run)
+    # perceptions shards as the runner writes them (with their LLM usage)
+    records = [{"user_idx": u, "horizon": "test", "item_idx": i, "review": "r", "key_terms": ["k"], "status": "ok",
+                "calls": 2, "prompt_tokens": 100, "completion_tokens": 30, "created_at": 1.0}
+               for u in range(5) for i in range(4)]
+    records.append({**records[0], "status": "failed", "created_at": 2.0})  # a newer row of the same key wins
+    (run / PROGRAMS["perceptions"].folder).mkdir(parents=True)
+    write_shard(run / PROGRAMS["perceptions"].folder, records, PROGRAMS["perceptions"].schema)
+    grid = retriever_grid(config, run)
+    record_stage(run, "retriever", grid["seconds"], False)
+    out = cli("report", "--config", str(run / "config.yaml"), "--run-dir", str(run.root))
+    assert out.returncode == 0, out.stderr
+    assert "none/random" in out.stdout and "preference/caption" in out.stdout and "missing: Table 2" in out.stdout
+    reports = run.root / "reports"
+    table1 = (reports / "table1.md").read_text()
+    assert "| None | Random |" in table1 and "| Preference | Caption |" in table1 and "2 seed(s)" in table1
+    assert (reports / "table1.png").stat().st_size > 1000 and (reports / "stages.png").stat().st_size > 1000
+    stages = (reports / "stages.md").read_text()
+    assert "| perceptions | - | 20 | 40 | 2,000 | 600 | 1 |" in stages, stages
+    assert f"| retriever | {grid['seconds']:.1f} |" in stages
+    summary = (reports / "summary.md").read_text()
+    assert "## Table 1" in summary and "![table1.png](table1.png)" in summary and "Not yet available" in summary
+    assert json.loads((reports / "stages.json").read_text())["retriever"]["skipped"] is False
+
+
+def test_report_of_an_unprepared_run_is_a_one_line_error(tmp_path, cli):
+    out = cli("report", "--run-dir", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no data/" in out.stderr
