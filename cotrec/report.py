@@ -82,7 +82,8 @@ def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
     return rows
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a figure under a temporary name and rename it into place (never half a PNG)."""
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,8 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display on servers and in Ray workers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +108,7 @@ def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
     """Hit@10 and NDCG@10 per retriever variant, with the seeds' std as error bars."""
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     x = np.arange(len(rows))
     for offset, metric in ((-0.2, "hit@10"), (0.2, "ndcg@10")):
@@ -117,7 +119,7 @@ def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
     ax.set_title("Table 1: SASRec retriever by initialisation (test, full ranking)")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, Path(run / "reports/table1.png"))
+    return save_figure(fig, Path(run / "reports/table1.png"))
 
 
 def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[str, dict[str, int]]) -> Path:
@@ -141,7 +143,7 @@ def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[st
     path = Path(run / "reports/stages.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
     if records:
-        plt = _pyplot()
+        plt = pyplot()
         names = [s for s in STAGE_NAMES if s in records]
         fig, ax = plt.subplots(figsize=(7.2, 3.6))
         ax.barh(names[::-1], [records[s]["seconds"] for s in names[::-1]])
@@ -152,7 +154,7 @@ def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[st
         ax.set_xlabel("wall time (s)")
         ax.set_title("Time per stage")
         fig.tight_layout()
-        _save(fig, Path(run / "reports/stages.png"))
+        save_figure(fig, Path(run / "reports/stages.png"))
     return path
 
 

@@ -263,12 +263,9 @@ def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[P
     curves = [r for r in rows if r.get("mean_rank_by_position")]
     if not curves:
         return None
-    import matplotlib
+    from cotrec.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for row in curves:
         ys = np.asarray(row["mean_rank_by_position"]) + 1
         ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=f"{row['label']} + {ranker_label(row['ranker'])} "
@@ -281,13 +278,7 @@ def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[P
     ax.legend(fontsize=8)
     ax.set_title("Position bias: predicted rank vs shown position")
     fig.tight_layout()
-    path = Path(run / PLOT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, Path(run / PLOT))
 
 
 def format_summary(summary: dict[str, Any]) -> str:
