@@ -5,7 +5,7 @@
 
 Each stage is the same function its own CLI command calls, and each skips the work whose outputs
 are complete and current (same config, same inputs), so a rerun resumes where a run stopped and
-an unchanged run costs seconds. The wall time of every stage is recorded in
+an unchanged run costs seconds. A stage that none of the configured grids reads is left out. The wall time of every stage is recorded in
 `<run>/reports/stages.json` for `cotrec report`; the job ends with a one-screen summary.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from cotrec.config import Config
 from cotrec.progress import log
@@ -26,6 +26,41 @@ class Stage:
     what: str  # one line for the progress log and the summary
     run: Callable[[Config, RunDir, bool], dict[str, Any]]
     format: Callable[[dict[str, Any]], str]
+    # Why the config's grids do not need this stage (None: they do). A run with, say, only
+    # `retriever.grid: [none/random]` and `ranker.grid: [none]` makes no LLM call at all.
+    unneeded: Callable[[Config], Optional[str]] = lambda config: None
+
+
+def _prompts(config: Config) -> set[str]:
+    from cotrec.config import parse_ranker
+
+    return {parse_ranker(ranker)[0] for ranker in config.ranker.grid}
+
+
+def _variants(config: Config) -> set[tuple[str, str]]:
+    from cotrec.retriever.variants import parse_variant
+
+    return {parse_variant(v) for v in [*config.retriever.grid, *config.ranker.retrievers.values()]}
+
+
+def _items_unneeded(config: Config) -> Optional[str]:
+    if any(item == "description" for _, item in _variants(config)) or "llm++" in _prompts(config):
+        return None
+    return "no retriever variant starts from descriptions and no ranker reads perceptions"
+
+
+def _preferences_unneeded(config: Config) -> Optional[str]:
+    if any(user == "preference" for user, _ in _variants(config)) or _prompts(config) & {"llm+", "llm++"}:
+        return None
+    return "no retriever variant starts from preferences and no ranker prompt shows them"
+
+
+def _embed_unneeded(config: Config) -> Optional[str]:
+    return None if _embedding_kinds(config) else "every retriever variant starts from random embeddings"
+
+
+def _perceptions_unneeded(config: Config) -> Optional[str]:
+    return None if "llm++" in _prompts(config) else "no ranker in ranker.grid reads perceptions (llm++)"
 
 
 def _prepare(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
@@ -44,10 +79,17 @@ def _extract(kind: str) -> Callable[[Config, RunDir, bool], dict[str, Any]]:
     return stage
 
 
+def _embedding_kinds(config: Config) -> list[str]:
+    """What the retriever variants start from: captions, descriptions, preferences."""
+    from cotrec.retriever.variants import embedding_kinds
+
+    return sorted({kind for user, item in _variants(config) for kind in embedding_kinds(user, item)})
+
+
 def _embed(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
     from cotrec.embed import embed
 
-    return embed(config, run, force=force)
+    return embed(config, run, force=force, kinds=_embedding_kinds(config))
 
 
 def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
@@ -85,14 +127,15 @@ STAGES: list[Stage] = [
     Stage("prepare", "load, k-core filter, sample and split the dataset", _prepare,
           _fmt("cotrec.data.prepare", "format_summary")),
     Stage("items", "LLM: an objective description of every item", _extract("items"),
-          _fmt("cotrec.extract", "format_summary")),
+          _fmt("cotrec.extract", "format_summary"), _items_unneeded),
     Stage("preferences", "LLM: each user's preference recurrence over history windows", _extract("users"),
-          _fmt("cotrec.extract", "format_summary")),
-    Stage("embed", "Encode & Map: captions, descriptions, preferences", _embed, _fmt("cotrec.embed", "format_summary")),
+          _fmt("cotrec.extract", "format_summary"), _preferences_unneeded),
+    Stage("embed", "Encode & Map: captions, descriptions, preferences", _embed, _fmt("cotrec.embed", "format_summary"),
+          _embed_unneeded),
     Stage("retriever", "SASRec grid over user / item initialisations (Table 1)", _retriever,
           _fmt("cotrec.retriever", "format_grid_summary")),
     Stage("perceptions", "LLM: role-played review + key terms of each re-ranked candidate",
-          _extract("perceptions"), _fmt("cotrec.extract", "format_summary")),
+          _extract("perceptions"), _fmt("cotrec.extract", "format_summary"), _perceptions_unneeded),
     Stage("ranker", "LoRA fine-tunes and the LLM ranker grid (Table 2)", _ranker,
           _fmt("cotrec.ranker.stage", "format_summary")),
     Stage("report", "reports/: tables, plots, time and tokens per stage", _report,
@@ -112,6 +155,13 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
     started = time.perf_counter()
     try:
         for number, stage in enumerate(STAGES, 1):
+            reason = stage.unneeded(config)
+            echo(f"== {stage.name} ==")
+            if reason is not None:
+                log(f"== stage {number}/{len(STAGES)}: {stage.name}: not needed: {reason}")
+                echo(f"not needed: {reason}")
+                timings.append({"stage": stage.name, "seconds": 0.0, "skipped": True, "unneeded": reason})
+                continue
             log(f"== stage {number}/{len(STAGES)}: {stage.name}: {stage.what}")
             t0 = time.perf_counter()
             summary = stage.run(config, run, force)
@@ -120,7 +170,6 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
             timings.append({"stage": stage.name, "seconds": round(seconds, 3), "skipped": bool(summary.get("skipped"))})
             if stage.name != "report":
                 record_stage(run, stage.name, seconds, bool(summary.get("skipped")))
-            echo(f"== {stage.name} ==")
             echo(stage.format(summary))
     finally:
         if started_ray:

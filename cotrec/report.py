@@ -238,7 +238,7 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
         usage = summary["usage"]
         lines.append("Stages, this run (generated tokens of the extraction stages)")
         for t in timings:
-            state = "  up to date, skipped" if t["skipped"] else ""
+            state = "  not needed" if t.get("unneeded") else "  up to date, skipped" if t["skipped"] else ""
             tokens = f"  {usage[t['stage']]['completion_tokens']:,} gen tokens" if t["stage"] in usage else ""
             lines.append(f"  {t['stage']:<12} {t['seconds']:8.1f} s{tokens}{state}")
         total = sum(t["seconds"] for t in timings)

@@ -8,15 +8,34 @@ import json
 import pytest
 
 from cotrec import pipeline
+from cotrec.config import load_config
 from cotrec.extract.runner import PROGRAMS, write_shard
 from cotrec.pipeline import STAGE_NAMES, Stage, run_pipeline
 from cotrec.report import record_stage, stage_records
 from cotrec.retriever import retriever_grid
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
+DEMO = load_config("demo")
+
 
 def test_the_main_job_runs_every_stage_of_the_paper_in_order():
     assert STAGE_NAMES == ["prepare", "items", "preferences", "embed", "retriever", "perceptions", "ranker", "report"]
+
+
+def test_llm_stages_that_no_grid_reads_are_left_out():
+    def unneeded(*overrides):
+        config = load_config("demo", list(overrides))
+        return {s.name for s in pipeline.STAGES if s.unneeded(config) is not None}
+
+    llm_free = ("retriever.grid=[none/random,random/caption]", "ranker.retrievers={CRM: none/random}")
+    assert unneeded(*llm_free, "ranker.grid=[none]") == {"items", "preferences", "perceptions"}
+    assert unneeded(*llm_free, "ranker.grid=[none,llm+/zero-shot]") == {"items", "perceptions"}
+    assert unneeded("retriever.grid=[none/description]", "ranker.retrievers={CRM: none/random}",
+                    "ranker.grid=[llm]") == {"preferences", "perceptions"}
+    assert unneeded(*llm_free, "ranker.grid=[llm++]") == set()
+    assert unneeded("retriever.grid=[none/random]", "ranker.retrievers={CRM: none/random}",
+                    "ranker.grid=[none]") == {"items", "preferences", "embed", "perceptions"}
+    assert unneeded() == set()  # the demo runs every stage
 
 
 def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_time(tmp_path, monkeypatch):
@@ -40,16 +59,16 @@ def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_tim
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     lines: list[str] = []
-    first = run_pipeline(None, run, echo=lines.append)
+    first = run_pipeline(DEMO, run, echo=lines.append)
     assert calls == ["a", "b"] and [t["stage"] for t in first["timings"]] == ["a", "b"]
     assert lines == ["== a ==", "a skipped=False", "== b ==", "b skipped=False"]
     recorded = stage_records(run)
-    second = run_pipeline(None, run, echo=lines.append)
+    second = run_pipeline(DEMO, run, echo=lines.append)
     assert all(t["skipped"] for t in second["timings"])
     # a skipped rerun keeps the time of the run that did the work
     assert stage_records(run)["a"]["seconds"] == recorded["a"]["seconds"]
     assert "last_checked_at" in stage_records(run)["a"]
-    run_pipeline(None, run, force=True, echo=lines.append)
+    run_pipeline(DEMO, run, force=True, echo=lines.append)
     assert "last_checked_at" not in stage_records(run)["a"]
 
 
@@ -68,7 +87,7 @@ def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, mon
     stages = [Stage("a", "a", broken, str), Stage("b", "b", lambda c, r, f: ran.append("b") or {}, str)]
     monkeypatch.setattr(pipeline, "STAGES", stages)
     with pytest.raises(DataError, match="x.parquet"):
-        run_pipeline(None, RunDir(tmp_path), echo=lambda s: None)
+        run_pipeline(DEMO, RunDir(tmp_path), echo=lambda s: None)
     assert ran == [] and "a" not in stage_records(RunDir(tmp_path))
 
 
