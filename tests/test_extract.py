@@ -56,10 +56,14 @@ def test_the_history_cap_walks_the_last_windows_on_the_grid():
 
 
 # -- helpers -------------------------------------------------------------------------------------
+DEMO_100 = ["--set", "data.sample_users=100", "--set", "data.sample_k_core=null"]
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    result = run_cli("prepare", "--config", "demo", "--run-dir", str(root))
+    # The demo sample these tests were written against (100 users: their ids and history lengths),
+    # whatever size the demo preset has today.
+    result = run_cli("prepare", "--config", "demo", "--run-dir", str(root), *DEMO_100)
     assert result.returncode == 0, result.stderr
     return root
 

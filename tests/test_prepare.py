@@ -1,6 +1,7 @@
 """The prepare stage and its CLI on the real MovieLens data (fetched from PyPI wheels, cached)."""
 
 import json
+import re
 import time
 
 import pandas as pd
@@ -65,8 +66,10 @@ def test_demo_sample_is_seeded(tmp_path):
     users_a = pd.read_parquet(tmp_path / "a" / "data" / "users.parquet").user_id.tolist()
     prepare(config, RunDir(tmp_path / "b"))
     users_b = pd.read_parquet(tmp_path / "b" / "data" / "users.parquet").user_id.tolist()
-    assert first["users"] == 100 and users_a == users_b
-    assert first["sample"] == {"users": 100, "seed": 0, "from_users": 943}
+    assert users_a == users_b and first["users"] == len(users_a) <= config.data.sample_users
+    sample = {k: first["sample"][k] for k in ("users", "seed", "from_users", "k_core")}
+    assert sample == {"users": config.data.sample_users, "seed": 0, "from_users": 943,
+                      "k_core": config.data.sample_k_core}
 
 
 def test_misspelled_key_is_one_line_and_nonzero(tmp_path, cli):
@@ -105,8 +108,19 @@ def test_malformed_file_keeps_the_previous_outputs_intact(tmp_path, cli):
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".data")]
 
 
-def test_run_command_runs_the_pipeline(tmp_path, cli):
-    result = cli("run", "--config", "demo", "--run-dir", str(tmp_path / "run"))
+def test_run_command_runs_the_pipeline_and_a_rerun_skips_what_is_current(tmp_path, cli):
+    # The demo's grids cut to the rows no LLM stage feeds (`make demo` runs them all); real data.
+    args = ["run", "--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", "retriever.grid=[none/random]",
+            "--set", "retriever.grid_seeds=1", "--set", "ranker.retrievers={CRM: none/random}", "--set",
+            "ranker.grid=[none]"]
+    result = cli(*args)
     assert result.returncode == 0, result.stderr
-    assert "== prepare ==" in result.stdout and "== stages ==" in result.stdout
-    assert (tmp_path / "run" / "data" / "stats.json").exists()
+    assert all(f"== {stage} ==" in result.stdout for stage in ("prepare", "items", "retriever", "ranker", "report"))
+    assert "not needed: no retriever variant starts from descriptions" in result.stdout
+    assert "== summary ==" in result.stdout and "Table 1" in result.stdout and "CRM + None" in result.stdout
+    assert (tmp_path / "run" / "reports" / "summary.md").exists()
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    summary = again.stdout.split("== summary ==")[1]
+    for stage in ("prepare", "retriever", "ranker"):
+        assert re.search(rf"{stage} +\d+\.\d s  up to date, skipped", summary), summary

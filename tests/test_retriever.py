@@ -168,7 +168,7 @@ def test_variants_needing_extraction_fail_clearly_and_others_do_not(tmp_path):
 
 @pytest.mark.slow
 def test_grid_on_the_demo_preset_writes_table1_with_seven_rows(tmp_path, cli):
-    """The real demo data (100 ml-100k users); descriptions / preferences are SYNTHETIC stand-ins."""
+    """The real demo data (the demo's ml-100k users); descriptions / preferences are SYNTHETIC stand-ins."""
     run_dir = str(tmp_path / "run")
     assert cli("prepare", "--config", "demo", "--run-dir", run_dir).returncode == 0
     fake_extraction(tmp_path / "run")
@@ -181,10 +181,11 @@ def test_grid_on_the_demo_preset_writes_table1_with_seven_rows(tmp_path, cli):
     assert [r.split("|")[1].strip() + "/" + r.split("|")[2].strip() for r in rows] == [
         "None/Random", "None/Caption", "None/Description", "Random/Caption", "Random/Description",
         "Preference/Caption", "Preference/Description"]
-    assert "2 seed(s)" in table and "(100 test users)" in table
+    users = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())["users"]
+    assert "2 seed(s)" in table and f"({users} test users)" in table
     pref = json.loads((tmp_path / "run" / "retriever" / "preference-description-seed1" / "metrics.json").read_text())
-    assert pref["user_init_horizon"] == "train" and pref["users_with_preference"] == 100
-    assert pref["seed"] == 1 and pref["users"] == 100
+    assert pref["user_init_horizon"] == "train" and pref["users_with_preference"] == users
+    assert pref["seed"] == 1 and pref["users"] == users
     again = cli(*args)
     assert again.returncode == 0 and "up to date" in again.stdout
     # one more seed trains only the new seed
