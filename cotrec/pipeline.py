@@ -43,14 +43,22 @@ def _variants(config: Config) -> set[tuple[str, str]]:
     return {parse_variant(v) for v in [*config.retriever.grid, *config.ranker.retrievers.values()]}
 
 
+def _reads_perceptions(config: Config) -> bool:
+    from cotrec.ranker.prompts import uses_perceptions
+
+    return any(uses_perceptions(p) for p in _prompts(config))
+
+
 def _items_unneeded(config: Config) -> Optional[str]:
-    if any(item == "description" for _, item in _variants(config)) or "llm++" in _prompts(config):
+    if any(item == "description" for _, item in _variants(config)) or _reads_perceptions(config):
         return None
     return "no retriever variant starts from descriptions and no ranker reads perceptions"
 
 
 def _preferences_unneeded(config: Config) -> Optional[str]:
-    if any(user == "preference" for user, _ in _variants(config)) or _prompts(config) & {"llm+", "llm++"}:
+    from cotrec.ranker.prompts import uses_preference
+
+    if any(user == "preference" for user, _ in _variants(config)) or any(uses_preference(p) for p in _prompts(config)):
         return None
     return "no retriever variant starts from preferences and no ranker prompt shows them"
 
@@ -60,7 +68,7 @@ def _embed_unneeded(config: Config) -> Optional[str]:
 
 
 def _perceptions_unneeded(config: Config) -> Optional[str]:
-    return None if "llm++" in _prompts(config) else "no ranker in ranker.grid reads perceptions (llm++)"
+    return None if _reads_perceptions(config) else "no ranker in ranker.grid reads perceptions (llm++)"
 
 
 def _prepare(config: Config, run: RunDir, force: bool) -> dict[str, Any]:

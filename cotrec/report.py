@@ -28,17 +28,13 @@ _EXTRACTION = {"items": "items", "preferences": "users", "perceptions": "percept
 
 def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool) -> None:
     """Remember a stage's wall time. A skipped stage keeps the time of the run that did the work."""
-    path = Path(run / STAGES_JSON)
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        records = {}
+    records = stage_records(run)
     previous = records.get(stage, {})
     if skipped and previous:
         records[stage] = {**previous, "last_checked_at": time.time(), "last_check_seconds": round(seconds, 3)}
     else:
         records[stage] = {"seconds": round(seconds, 3), "skipped": skipped, "finished_at": time.time()}
-    write_json(path, records)
+    write_json(Path(run / STAGES_JSON), records)
 
 
 def stage_records(run: RunDir) -> dict[str, dict[str, Any]]:
