@@ -8,6 +8,7 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cotrec.report import format_report
 
     config, run = open_run(args)
+    # `ray job stop` and `kill` send SIGTERM: end through SystemExit so the pipeline records the
+    # interrupted stage's time and shuts Ray down, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run_pipeline(config, run, force=args.force)
     print("== summary ==")
     print(format_report(result["stages"]["report"], result["timings"]))

@@ -172,7 +172,12 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
                 continue
             log(f"== stage {number}/{len(STAGES)}: {stage.name}: {stage.what}")
             t0 = time.perf_counter()
-            summary = stage.run(config, run, force)
+            try:
+                summary = stage.run(config, run, force)
+            except BaseException:  # killed or failed: keep the attempt's time for the one that finishes
+                if stage.name != "report":
+                    record_stage(run, stage.name, time.perf_counter() - t0, skipped=False, interrupted=True)
+                raise
             seconds = time.perf_counter() - t0
             results[stage.name] = summary
             timings.append({"stage": stage.name, "seconds": round(seconds, 3), "skipped": bool(summary.get("skipped"))})

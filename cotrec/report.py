@@ -26,14 +26,25 @@ STAGES_JSON = "reports/stages.json"
 _EXTRACTION = {"items": "items", "preferences": "users", "perceptions": "perceptions"}
 
 
-def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool) -> None:
-    """Remember a stage's wall time. A skipped stage keeps the time of the run that did the work."""
+def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interrupted: bool = False) -> None:
+    """Remember a stage's wall time.
+
+    A skipped stage keeps the time of the run that did the work. An interrupted attempt (killed,
+    failed) keeps its time as `interrupted_seconds`: the stages resume where they stopped, so the
+    attempt that finishes the stage records its own time plus the interrupted ones.
+    """
     records = stage_records(run)
     previous = records.get(stage, {})
-    if skipped and previous:
+    if interrupted:
+        earlier = previous.get("interrupted_seconds", 0.0)
+        records[stage] = {**previous, "interrupted_seconds": round(earlier + seconds, 3)}
+    elif skipped and "seconds" in previous:
         records[stage] = {**previous, "last_checked_at": time.time(), "last_check_seconds": round(seconds, 3)}
     else:
-        records[stage] = {"seconds": round(seconds, 3), "skipped": skipped, "finished_at": time.time()}
+        earlier = previous.get("interrupted_seconds", 0.0)
+        records[stage] = {"seconds": round(seconds + earlier, 3), "skipped": skipped, "finished_at": time.time()}
+        if earlier:
+            records[stage]["of_which_interrupted_seconds"] = round(earlier, 3)
     write_json(Path(run / STAGES_JSON), records)
 
 
@@ -42,6 +53,11 @@ def stage_records(run: RunDir) -> dict[str, dict[str, Any]]:
         return json.loads(Path(run / STAGES_JSON).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def finished_stage_seconds(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Wall time of each stage that has finished (a stage only interrupted so far has none)."""
+    return {stage: record["seconds"] for stage, record in records.items() if "seconds" in record}
 
 
 def extraction_usage(run: RunDir) -> dict[str, dict[str, int]]:
@@ -121,31 +137,38 @@ def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
 def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[str, dict[str, int]]) -> Path:
     from cotrec.pipeline import STAGE_NAMES
 
+    finished = finished_stage_seconds(records)
     lines = ["# Time and tokens per stage", "",
-             "Wall time is the last run that did the stage's work (`cotrec run` records it); LLM figures are summed "
+             "Wall time is that of the run that did the stage's work (`cotrec run` records it), with the time of "
+             "attempts interrupted before it added (the stages resume where they stopped); LLM figures are summed "
              "over the newest row per key of the stage's shards.", "",
              "| Stage | Wall time (s) | Rows | LLM calls | Prompt tokens | Generated tokens | Failed rows |",
              "|---|---|---|---|---|---|---|"]
     for stage in STAGE_NAMES:
         if stage == "report":
             continue
-        seconds = f"{records[stage]['seconds']:.1f}" if stage in records else "-"
+        record = records.get(stage, {})
+        seconds = f"{finished[stage]:.1f}" if stage in finished else "-"
+        if record.get("of_which_interrupted_seconds"):
+            seconds += f" (of which {record['of_which_interrupted_seconds']:.1f} interrupted)"
+        elif stage not in finished and record.get("interrupted_seconds"):
+            seconds += f" (interrupted after {record['interrupted_seconds']:.1f})"
         u = usage.get(stage)
         llm = (f"{u['rows']:,} | {u['calls']:,} | {u['prompt_tokens']:,} | {u['completion_tokens']:,} | {u['failed']:,}"
                if u else "- | - | - | - | -")
         lines.append(f"| {stage} | {seconds} | {llm} |")
-    total = sum(r["seconds"] for r in records.values())
-    lines += ["", f"Total recorded wall time: {total:.1f} s ({total / 60:.1f} min)."]
+    total = sum(finished.values())
+    lines += ["", f"Total recorded wall time of the finished stages: {total:.1f} s ({total / 60:.1f} min)."]
     path = Path(run / "reports/stages.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
-    if records:
+    if finished:
         plt = pyplot()
-        names = [s for s in STAGE_NAMES if s in records]
+        names = [s for s in STAGE_NAMES if s in finished]
         fig, ax = plt.subplots(figsize=(7.2, 3.6))
-        ax.barh(names[::-1], [records[s]["seconds"] for s in names[::-1]])
+        ax.barh(names[::-1], [finished[s] for s in names[::-1]])
         for i, stage in enumerate(names[::-1]):
             if stage in usage:
-                ax.annotate(f"{usage[stage]['completion_tokens']:,} gen tok", (records[stage]["seconds"], i),
+                ax.annotate(f"{usage[stage]['completion_tokens']:,} gen tok", (finished[stage], i),
                             xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_xlabel("wall time (s)")
         ax.set_title("Time per stage")
@@ -241,11 +264,15 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
         lines.append(f"  {'total':<12} {total:8.1f} s ({total / 60:.1f} min)")
     elif summary["stages"]:
         usage = summary["usage"]
-        lines.append("Stages (wall time of the run that did the work; generated tokens)")
+        finished = finished_stage_seconds(summary["stages"])
+        lines.append("Stages (wall time of the work, interrupted attempts included; generated tokens)")
         for stage, record in summary["stages"].items():
             tokens = f"  {usage[stage]['completion_tokens']:,} gen tokens" if stage in usage else ""
-            lines.append(f"  {stage:<12} {record['seconds']:8.1f} s{tokens}")
-        total = sum(r["seconds"] for r in summary["stages"].values())
+            if stage in finished:
+                lines.append(f"  {stage:<12} {finished[stage]:8.1f} s{tokens}")
+            else:
+                lines.append(f"  {stage:<12} {'-':>8}   interrupted after {record.get('interrupted_seconds', 0):.1f} s")
+        total = sum(finished.values())
         lines.append(f"  {'total':<12} {total:8.1f} s ({total / 60:.1f} min)")
     for item in summary["missing"]:
         lines.append(f"missing: {item}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -88,7 +89,39 @@ def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, mon
     monkeypatch.setattr(pipeline, "STAGES", stages)
     with pytest.raises(DataError, match="x.parquet"):
         run_pipeline(DEMO, RunDir(tmp_path), echo=lambda s: None)
-    assert ran == [] and "a" not in stage_records(RunDir(tmp_path))
+    assert ran == []
+    # the failed attempt is kept as interrupted time, not as a finished stage
+    assert "seconds" not in stage_records(RunDir(tmp_path))["a"]
+    assert stage_records(RunDir(tmp_path))["a"]["interrupted_seconds"] >= 0
+
+
+def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, monkeypatch):
+    """FAKE stages (orchestration): the time before a kill counts towards the stage that resumes."""
+    from cotrec import cluster
+    from cotrec.report import write_stages
+    from cotrec.rundir import RunDir
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    run = RunDir(tmp_path)
+
+    def killed(config, run, force):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    def resumed(config, run, force):
+        time.sleep(0.1)
+        return {"skipped": False}
+
+    monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", killed, str)])
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(DEMO, run, echo=lambda s: None)
+    assert "(interrupted after 0.2" in write_stages(run, stage_records(run), {}).read_text()
+    monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", resumed, str)])
+    run_pipeline(DEMO, run, echo=lambda s: None)
+    record = stage_records(run)["items"]
+    assert 0.3 <= record["seconds"] < 1.0 and 0.2 <= record["of_which_interrupted_seconds"] < record["seconds"]
+    assert "interrupted_seconds" not in record
+    assert "interrupted)" in write_stages(run, stage_records(run), {}).read_text()
 
 
 def test_report_renders_table1_stage_times_and_tokens_from_the_run(tmp_path, cli):
