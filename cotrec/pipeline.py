@@ -49,6 +49,12 @@ def _reads_perceptions(config: Config) -> bool:
     return any(uses_perceptions(p) for p in _prompts(config))
 
 
+def _shows_preference(config: Config) -> bool:
+    from cotrec.ranker.prompts import uses_preference
+
+    return any(uses_preference(p) for p in _prompts(config))
+
+
 def _items_unneeded(config: Config) -> Optional[str]:
     if any(item == "description" for _, item in _variants(config)) or _reads_perceptions(config):
         return None
@@ -56,9 +62,7 @@ def _items_unneeded(config: Config) -> Optional[str]:
 
 
 def _preferences_unneeded(config: Config) -> Optional[str]:
-    from cotrec.ranker.prompts import uses_preference
-
-    if any(user == "preference" for user, _ in _variants(config)) or any(uses_preference(p) for p in _prompts(config)):
+    if any(user == "preference" for user, _ in _variants(config)) or _shows_preference(config):
         return None
     return "no retriever variant starts from preferences and no ranker prompt shows them"
 
@@ -171,17 +175,18 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
                 timings.append({"stage": stage.name, "seconds": 0.0, "skipped": True, "unneeded": reason})
                 continue
             log(f"== stage {number}/{len(STAGES)}: {stage.name}: {stage.what}")
+            timed = stage.name != "report"  # the report renders stages.json; its own time is not recorded
             t0 = time.perf_counter()
             try:
                 summary = stage.run(config, run, force)
             except BaseException:  # killed or failed: keep the attempt's time for the one that finishes
-                if stage.name != "report":
+                if timed:
                     record_stage(run, stage.name, time.perf_counter() - t0, skipped=False, interrupted=True)
                 raise
             seconds = time.perf_counter() - t0
             results[stage.name] = summary
             timings.append({"stage": stage.name, "seconds": round(seconds, 3), "skipped": bool(summary.get("skipped"))})
-            if stage.name != "report":
+            if timed:
                 record_stage(run, stage.name, seconds, bool(summary.get("skipped")))
             echo(stage.format(summary))
     finally:

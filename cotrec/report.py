@@ -35,13 +35,12 @@ def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interru
     """
     records = stage_records(run)
     previous = records.get(stage, {})
+    earlier = previous.get("interrupted_seconds", 0.0)
     if interrupted:
-        earlier = previous.get("interrupted_seconds", 0.0)
         records[stage] = {**previous, "interrupted_seconds": round(earlier + seconds, 3)}
     elif skipped and "seconds" in previous:
         records[stage] = {**previous, "last_checked_at": time.time(), "last_check_seconds": round(seconds, 3)}
     else:
-        earlier = previous.get("interrupted_seconds", 0.0)
         records[stage] = {"seconds": round(seconds + earlier, 3), "skipped": skipped, "finished_at": time.time()}
         if earlier:
             records[stage]["of_which_interrupted_seconds"] = round(earlier, 3)
