@@ -119,8 +119,8 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
                    "wall_seconds": round(time.perf_counter() - started, 3), **notes}
         write_json(folder / "train.json", summary)
         shutil.rmtree(folder / ".ray", ignore_errors=True)
-    log(f"ranker: {prompt} on {variant}: loss {summary['first_epoch_loss']:.4f} -> {summary['last_epoch_loss']:.4f} "
-        f"({summary['wall_seconds']:.0f} s)")
+    losses = " -> ".join(f"{epoch['loss']:.4f}" for epoch in summary["history"])
+    log(f"ranker: {prompt} on {variant}: mean training loss per epoch {losses} ({summary['wall_seconds']:.0f} s)")
     return {"skipped": False, "folder": str(run / stage), **summary}
 
 
