@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import random
 import resource
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cotrec.bench.common import load_average, machine, rate, ratio
 from cotrec.config import Config, load_config
 from cotrec.errors import CotrecError
 from cotrec.extract.preference import planned_steps
@@ -71,29 +71,6 @@ def bench_config(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model,
-            "platform": platform.platform(), "python": platform.python_version()}
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _rate(numerator: float, seconds: float) -> float:
-    return round(numerator / seconds, 4) if seconds > 0 else 0.0
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
-
-
 class MemorySampler:
     """Peak RSS of this process and of its descendants (the local Ray's processes), sampled in a thread;
     also their CPU seconds (the last sample of each process: up to one interval of a process that
@@ -218,7 +195,7 @@ def measure_users_job(config: Config, tmp: RunDir, users: int) -> dict[str, Any]
     from cotrec.extract.stage import extract_users
 
     log(f"bench extract: users job: {users} users, {config.llm.backend}, max_windows {config.extract.max_windows}")
-    load_before = _load()
+    load_before = load_average()
     started = time.perf_counter()
     summary = extract_users(config, tmp, force=True, limit=users)
     wall = time.perf_counter() - started
@@ -232,9 +209,9 @@ def measure_users_job(config: Config, tmp: RunDir, users: int) -> dict[str, Any]
         "mean_completion_tokens": round(summary["completion_tokens"] / calls, 1),
         "engine_load_s": summary["engine_load_s"], "runner_seconds": summary["seconds"],
         "seconds_after_load": summary["seconds_after_load"], "stage_wall_s": round(wall, 2),
-        "users_per_s": _rate(summary["rows"], after),
-        "generated_tokens_per_s": _rate(summary["completion_tokens"], after),
-        "load_avg_before": load_before, "load_avg_after": _load(),
+        "users_per_s": rate(summary["rows"], after),
+        "generated_tokens_per_s": rate(summary["completion_tokens"], after),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
         "runner": {k: getattr(config.extract, k) for k in ("min_actors", "max_actors", "cpus_per_actor",
                                                             "batch_size", "in_flight")},
     }
@@ -271,7 +248,7 @@ def measure_ceiling(engine: Any, config: Config, requests: int, prompt_length: i
     params = SamplingParams(max_tokens=output_length, min_tokens=output_length, ignore_eos=True, temperature=0.0,
                             repetition_penalty=config.extract.repetition_penalty)
     asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
-    load_before = _load()
+    load_before = load_average()
     started = time.perf_counter()
     outputs = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts, params)))
     seconds = time.perf_counter() - started
@@ -283,17 +260,17 @@ def measure_ceiling(engine: Any, config: Config, requests: int, prompt_length: i
         asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
         t0 = time.perf_counter()
         few = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts[:concurrency], params)))
-        by_concurrency[str(concurrency)] = _rate(sum(len(o.outputs[0].token_ids) for o in few), time.perf_counter() - t0)
-    by_concurrency[str(requests)] = _rate(generated, seconds)
+        by_concurrency[str(concurrency)] = rate(sum(len(o.outputs[0].token_ids) for o in few), time.perf_counter() - t0)
+    by_concurrency[str(requests)] = rate(generated, seconds)
     return {
         "requests": requests, "prompt_tokens_each": prompt_length, "completion_tokens_each": output_length,
         "prompt_tokens": requests * prompt_length, "completion_tokens": generated, "seconds": round(seconds, 2),
-        "generated_tokens_per_s": _rate(generated, seconds),
+        "generated_tokens_per_s": rate(generated, seconds),
         "sampling": {"temperature": 0.0, "ignore_eos": True, "min_tokens": output_length,
                      "repetition_penalty": config.extract.repetition_penalty},
         "max_num_seqs": config.llm.max_num_seqs, "prefix_cache_reset_before": True,
         "generated_tokens_per_s_by_batch": by_concurrency,
-        "load_avg_before": load_before, "load_avg_after": _load(),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
     }
 
 
@@ -311,7 +288,7 @@ def measure_naive(config: Config, tmp: RunDir, users: int) -> dict[str, Any]:
     loaded = time.perf_counter() - started
     try:
         pool = ProgramPool("users", engine, extract, run_domain(tmp), run_labels(tmp))
-        load_before = _load()
+        load_before = load_average()
         started = time.perf_counter()
         records = []
         for row in rows:
@@ -324,8 +301,8 @@ def measure_naive(config: Config, tmp: RunDir, users: int) -> dict[str, Any]:
         "backend": "transformers", "dtype": getattr(engine, "dtype", llm.dtype), "users": len(rows),
         "user_idx": [int(r["user_idx"]) for r in rows], "in_flight": 1, "engine_load_s": round(loaded, 2),
         **totals, "seconds": round(seconds, 2),
-        "users_per_s": _rate(len(rows), seconds), "generated_tokens_per_s": _rate(totals["completion_tokens"], seconds),
-        "load_avg_before": load_before, "load_avg_after": _load(),
+        "users_per_s": rate(len(rows), seconds), "generated_tokens_per_s": rate(totals["completion_tokens"], seconds),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
     }
 
 
@@ -429,17 +406,17 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
                                    "mean": round(float(np.mean(windows)), 2)}}
     log(f"bench extract: waves: {len(rows)} users, {sum(windows)} windows (max {max(windows)} for one user)")
     asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
-    load_before = _load()
+    load_before = load_average()
     started = time.perf_counter()
     waves = asyncio.run(engine.run_on_loop(run_waves(engine, rows, config.extract, domain_of(domain), labels)))
     waves_s = time.perf_counter() - started
-    waves_load = [load_before, _load()]
+    waves_load = [load_before, load_average()]
 
     log(f"bench extract: async: the same {len(rows)} users as per-row programs")
     extract = config.extract.model_copy(update={"in_flight": max(config.extract.in_flight, len(rows))})
     pool = ProgramPool("users", engine, extract, domain, labels)
     asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
-    load_before = _load()
+    load_before = load_average()
     started = time.perf_counter()
     records = asyncio.run(pool.run(rows))
     async_s = time.perf_counter() - started
@@ -450,15 +427,15 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
     wave_result = {**common, "design": "one batch per window step and kind (barrier), in-process",
                    "seconds": round(waves_s, 2), "calls": waves["calls"], "prompt_tokens": waves["prompt_tokens"],
                    "completion_tokens": waves["completion_tokens"], "barriers": 2 * len(waves["steps"]),
-                   "users_per_s": _rate(len(rows), waves_s),
-                   "generated_tokens_per_s": _rate(waves["completion_tokens"], waves_s),
+                   "users_per_s": rate(len(rows), waves_s),
+                   "generated_tokens_per_s": rate(waves["completion_tokens"], waves_s),
                    "steps": waves["steps"], "load_avg_before_after": waves_load,
                    "same_test_preference_as_async": same}
     async_result = {**common, "design": "per-row async programs (ProgramPool), in-process",
                     "in_flight": extract.in_flight, "seconds": round(async_s, 2), **totals,
-                    "users_per_s": _rate(len(rows), async_s),
-                    "generated_tokens_per_s": _rate(totals["completion_tokens"], async_s),
-                    "load_avg_before_after": [load_before, _load()]}
+                    "users_per_s": rate(len(rows), async_s),
+                    "generated_tokens_per_s": rate(totals["completion_tokens"], async_s),
+                    "load_avg_before_after": [load_before, load_average()]}
     return wave_result, async_result
 
 
@@ -524,7 +501,7 @@ def measure_scale(config: Config, users: int, settings: dict[str, Any] | None = 
             ensure_ray()  # started here so the runner's figures exclude Ray's start; shut down below
             ray_start = time.perf_counter() - started
             try:
-                load_before = _load()
+                load_before = load_average()
                 runner_started_ns = time.time_ns()
                 summary = run_programs(PROGRAMS["users"], rows, folder, cfg, domain="movie", labels=labels)
                 memory._sample()
@@ -540,16 +517,16 @@ def measure_scale(config: Config, users: int, settings: dict[str, Any] | None = 
         "users": users, "synthetic": True, "history_lengths": list(SCALE_HISTORY), "items": SCALE_ITEMS,
         "backend": "zero-latency", "settings": settings, "rows_build_s": round(rows_s, 2),
         "ray_start_s": round(ray_start, 2), "runner_seconds": summary["seconds"], "wall_s": round(wall, 2),
-        "users_per_s": _rate(summary["rows"], summary["seconds"]), **steady, "rows_done": summary["rows"],
+        "users_per_s": rate(summary["rows"], summary["seconds"]), **steady, "rows_done": summary["rows"],
         "records": summary["records"], "failed_records": summary["failed"], "calls": summary["calls"],
-        "calls_per_s": _rate(summary["calls"], summary["seconds"]),
+        "calls_per_s": rate(summary["calls"], summary["seconds"]),
         "shards": len(shards), "shard_mb": round(written / 2**20, 1),
         "peak_memory_mb": memory.peak,
         "cpu_seconds": (cpu := memory.cpu_seconds()),
         "extract_worker_cpu_us_per_user": round(cpu.get("extract_workers", 0.0) / max(users, 1) * 1e6, 1),
         "all_cpu_us_per_user": round(cpu["total"] / max(users, 1) * 1e6, 1),
         "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "load_avg_before": load_before, "load_avg_after": _load(),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
     }
 
 
@@ -601,19 +578,19 @@ def bench_extract(config: Config, run: RunDir, out: str | Path = DEFAULT_OUT, pa
                     report["ceiling"] = measure_ceiling(
                         engine, config, job["calls"], round(job["mean_prompt_tokens"]),
                         max(1, round(job["mean_completion_tokens"])))
-                    report["job_over_ceiling"] = _ratio(job["generated_tokens_per_s"],
+                    report["job_over_ceiling"] = ratio(job["generated_tokens_per_s"],
                                                         report["ceiling"]["generated_tokens_per_s"])
                 if "waves" in parts:
                     report["waves"], report["async"] = measure_waves_and_async(engine, waves_config, tmp, waves_users)
-                    report["async_over_waves"] = _ratio(report["waves"]["seconds"], report["async"]["seconds"])
-                    report["async_over_waves_tokens_per_s"] = _ratio(
+                    report["async_over_waves"] = ratio(report["waves"]["seconds"], report["async"]["seconds"])
+                    report["async_over_waves_tokens_per_s"] = ratio(
                         report["async"]["generated_tokens_per_s"], report["waves"]["generated_tokens_per_s"])
                     # Not measured: what one engine start per stage (as a Ray Data stage's actor pool
                     # would pay) adds, from this run's own engine load time.
                     stages = len(report["waves"]["steps"])
                     estimate = report["waves"]["seconds"] + stages * report["bench_engine_load_s"]
                     report["waves"]["estimated_seconds_with_engine_start_per_stage"] = round(estimate, 1)
-                    report["async_over_waves_with_engine_start_per_stage_estimate"] = _ratio(
+                    report["async_over_waves_with_engine_start_per_stage_estimate"] = ratio(
                         estimate, report["async"]["seconds"])
             finally:
                 engine.close()
@@ -621,11 +598,11 @@ def bench_extract(config: Config, run: RunDir, out: str | Path = DEFAULT_OUT, pa
             report["naive"] = measure_naive(config, tmp, naive_users)
             if "users_job" in report:
                 job, naive = report["users_job"], report["naive"]
-                report["job_over_naive_users_per_s"] = _ratio(job["users_per_s"], naive["users_per_s"])
-                report["job_over_naive_tokens_per_s"] = _ratio(job["generated_tokens_per_s"],
+                report["job_over_naive_users_per_s"] = ratio(job["users_per_s"], naive["users_per_s"])
+                report["job_over_naive_tokens_per_s"] = ratio(job["generated_tokens_per_s"],
                                                                naive["generated_tokens_per_s"])
             if "ceiling" in report:  # the most any scheduling on this engine could give over naive
-                report["ceiling_over_naive_tokens_per_s"] = _ratio(report["ceiling"]["generated_tokens_per_s"],
+                report["ceiling_over_naive_tokens_per_s"] = ratio(report["ceiling"]["generated_tokens_per_s"],
                                                                    report["naive"]["generated_tokens_per_s"])
     finally:
         if tmp is not None:
@@ -700,14 +677,14 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
 def format_bench(report: dict[str, Any]) -> str:
     lines = [f"{'part':<12}{'users':>9}{'seconds':>10}{'users/s':>11}{'gen tok/s':>11}  notes"]
 
-    def rate(value: float | None) -> str:
+    def cell(value: float | None) -> str:
         if value is None:
             return f"{'-':>11}"
         return f"{value:>11,.1f}" if value >= 10 else f"{value:>11.3f}"
 
     def row(name: str, part: dict[str, Any], seconds_key: str, extra: str = "") -> None:
         lines.append(f"{name:<12}{part.get('users', part.get('requests', 0)):>9,}{part[seconds_key]:>10.1f}"
-                     f"{rate(part.get('users_per_s'))}{part.get('generated_tokens_per_s', 0):>11.1f}  {extra}")
+                     f"{cell(part.get('users_per_s'))}{part.get('generated_tokens_per_s', 0):>11.1f}  {extra}")
 
     if "users_job" in report:
         job = report["users_job"]

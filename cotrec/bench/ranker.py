@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cotrec.bench.extract import _load, _rate, _ratio, machine
+from cotrec.bench.common import load_average, machine, rate, ratio
 from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.llm import letters, make_engine
@@ -99,11 +99,11 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
         ranker = _ranker(run, engine)
         ranker.score(queries[:WARMUP_LISTS])
         _reset_prefix_cache(engine)
-        load_before = _load()
+        load_before = load_average()
         started = time.perf_counter()
         probs = [ranker.score(queries[start:start + per_call]) for start in range(0, len(queries), per_call)]
         seconds = time.perf_counter() - started
-        load_after = _load()
+        load_after = load_average()
         # Counted after the clock stops: the same token ids the engine was sent.
         prompt_tokens = sum(len(engine.encode(ranker.conversation(lst, order))) for lst, order in queries)
         if mapb_probe:
@@ -114,9 +114,9 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
     figures = {
         "backend": "vllm", "device": device, "dtype": dtype, "load_s": round(loaded, 2),
         "lists": len(queries), "lists_per_call": per_call, "calls": len(probs),
-        "seconds": round(seconds, 3), "lists_per_s": _rate(len(queries), seconds),
+        "seconds": round(seconds, 3), "lists_per_s": rate(len(queries), seconds),
         "prompt_tokens": prompt_tokens, "mean_prompt_tokens": round(prompt_tokens / len(queries), 1),
-        "prompt_tokens_per_s": _rate(prompt_tokens, seconds),
+        "prompt_tokens_per_s": rate(prompt_tokens, seconds),
         "max_num_seqs": llm.max_num_seqs, "enforce_eager": llm.enforce_eager,
         "prefix_cache_reset_before": True, "load_avg_before": load_before, "load_avg_after": load_after,
     }
@@ -143,8 +143,8 @@ def measure_mapb_probe(config: Config, engine: Any, ranker: LetterRanker, querie
     seconds = time.perf_counter() - started
     prompts = len(users) * m
     return {"users": len(users), "orders_per_user": m, "lists": prompts, "users_per_call": users_per_call,
-            "seconds": round(seconds, 3), "lists_per_s": _rate(prompts, seconds),
-            "users_per_s": _rate(len(users), seconds), "prefix_cache_reset_before": True}
+            "seconds": round(seconds, 3), "lists_per_s": rate(prompts, seconds),
+            "users_per_s": rate(len(users), seconds), "prefix_cache_reset_before": True}
 
 
 # -- B. the reference: transformers, one list at a time ---------------------------------------------
@@ -177,7 +177,7 @@ def measure_transformers(config: Config, run: RunDir, queries: list[Query]) -> t
 
     for lst, order in queries[:WARMUP_LISTS]:
         score(lst, order)
-    load_before = _load()
+    load_before = load_average()
     probs, prompt_tokens, each = [], 0, []
     started = time.perf_counter()
     for lst, order in queries:
@@ -190,10 +190,10 @@ def measure_transformers(config: Config, run: RunDir, queries: list[Query]) -> t
     figures = {
         "backend": "transformers", "device": placement.device, "dtype": placement.dtype,
         "torch_threads": torch.get_num_threads(), "load_s": round(loaded, 2), "lists": len(queries),
-        "seconds": round(seconds, 3), "lists_per_s": _rate(len(queries), seconds),
+        "seconds": round(seconds, 3), "lists_per_s": rate(len(queries), seconds),
         "seconds_per_list_median": round(float(np.median(each)), 4),
-        "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": _rate(prompt_tokens, seconds),
-        "load_avg_before": load_before, "load_avg_after": _load(),
+        "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": rate(prompt_tokens, seconds),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
     }
     return figures, np.stack(probs)
 
@@ -224,10 +224,10 @@ def bench_ranker(config: Config, run: RunDir, variant: str = "none/random", list
         report["vllm_mapb_probe"] = probe
     report["model_path"] = resolve_placement(config.llm).path
     report["transformers_one_at_a_time"], reference_probs = measure_transformers(config, run, queries)
-    report["ratio_vllm_vs_transformers"] = _ratio(report["vllm"]["lists_per_s"],
+    report["ratio_vllm_vs_transformers"] = ratio(report["vllm"]["lists_per_s"],
                                                   report["transformers_one_at_a_time"]["lists_per_s"])
     if "vllm_mapb_probe" in report:
-        report["ratio_vllm_mapb_probe_vs_transformers"] = _ratio(
+        report["ratio_vllm_mapb_probe_vs_transformers"] = ratio(
             report["vllm_mapb_probe"]["lists_per_s"], report["transformers_one_at_a_time"]["lists_per_s"])
     report["agreement"] = agreement(vllm_probs, reference_probs)
     if report["vllm"]["device"] == "cuda":

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from cotrec.bench.extract import _load, _rate, machine
+from cotrec.bench.common import load_average, machine, rate
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.progress import log
@@ -237,7 +237,7 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
             server[key] = {**_percentiles(values, (50, 95)), "mean": round(float(np.mean(values)), 2)}
     summary = {
         "requests": len(records), "ok": len(ok), "seconds": round(seconds, 3),
-        "requests_per_s": _rate(len(records), seconds), "ok_per_s": _rate(len(ok), seconds),
+        "requests_per_s": rate(len(records), seconds), "ok_per_s": rate(len(ok), seconds),
         "latency_ms": {**_percentiles(latency), "mean": round(float(np.mean(latency)), 2) if latency else None,
                        "max": round(float(np.max(latency)), 2) if latency else None},
         "server_ms": server,
@@ -288,13 +288,13 @@ async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]],
                 users = user_stream(user_ids, (SEED, i, c, int(mode == "rerank")))
                 log(f"bench serve: {mode} at concurrency {c}: {level['count']} requests"
                     + (f", at least {level['min_seconds']:.0f} s" if level["min_seconds"] else ""))
-                load_before = _load()
+                load_before = load_average()
                 records, started, ended = await send_level(client, users, mode == "rerank", c, level["count"],
                                                            level["min_seconds"])
                 row = {"mode": mode, "concurrency": c, **summarize(records, ended - started),
                        "window_s": [round(started - sampler_t0, 2), round(ended - sampler_t0, 2)],
                        "sustained_s": level["min_seconds"] or None,
-                       "load_avg_before": load_before, "load_avg_after": _load()}
+                       "load_avg_before": load_before, "load_avg_after": load_average()}
                 results.append(row)
                 log(f"bench serve: {mode} c={c}: {row['requests_per_s']:.1f} req/s, p50 "
                     f"{row['latency_ms']['p50']} ms, errors {row['errors']}")
