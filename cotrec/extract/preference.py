@@ -115,7 +115,8 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     train = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, state, train_length, config, stats)
     train_stats, stats = stats, StepStats()
     test = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, train, n - 1, config, stats)
-    source = history_digest(history)
+    source = row.get("source_digest") or history_digest(history)  # the runner's rows carry it
+    digests = {length: history_digest(history[:length]) for length in {train.items_consumed, test.items_consumed}}
     rows = []
     for horizon, walked, spent, target in (("train", train, train_stats, history[n - 2]),
                                            ("valid", train, StepStats(), history[n - 2]),
@@ -128,7 +129,7 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
             "windows": walked.windows, "items_consumed": walked.items_consumed,
             "history_start": walked.start, "target_item_idx": int(target),
             "settled_windows": walked.settled_windows, "settled_preference": walked.settled_preference,
-            "consumed_digest": history_digest(history[:walked.items_consumed]), "source_digest": source,
+            "consumed_digest": digests[walked.items_consumed], "source_digest": source,
             "continued": continued,
             "status": "ok" if walked.preference else "failed",
             "error": failures[-1] if failures else None, "failed_steps": len(failures),

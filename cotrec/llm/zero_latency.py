@@ -34,6 +34,10 @@ def smallest_instance(schema: dict[str, Any]) -> Any:
     return "term"
 
 
+def _chars(conversation: Conversation) -> int:
+    return sum([len(message["content"]) for message in conversation])
+
+
 class ZeroLatencyEngine(LLMEngine):
     backend = "zero-latency"
 
@@ -43,8 +47,8 @@ class ZeroLatencyEngine(LLMEngine):
     async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
                         json_schema: dict[str, Any] | None) -> list[Generation]:
         text = REPLY if json_schema is None else json.dumps(smallest_instance(json_schema))
-        return [Generation(text, finish_reason="stop",
-                           prompt_tokens=sum(len(m["content"]) for m in c) // 4, completion_tokens=len(text) // 4)
+        completion_tokens = len(text) // 4
+        return [Generation(text, finish_reason="stop", prompt_tokens=_chars(c) // 4, completion_tokens=completion_tokens)
                 for c in conversations]
 
     async def _score_choices(self, conversations: list[Conversation], choices: list[str]) -> list[ChoiceScores]:
