@@ -235,7 +235,7 @@ def cmd_bench_llm(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     backends = tuple(b.strip() for b in args.backends.split(","))
-    print(format_bench(bench_llm(config, args.out, args.prompts, args.max_tokens, backends)))
+    print(format_bench(bench_llm(config, args.out, args.prompts, args.max_tokens, backends, args.rounds)))
     print(f"wrote {args.out}")
     return 0
 
@@ -382,25 +382,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_retr.set_defaults(handler=cmd_bench_retriever)
     bench_llm = benches.add_parser("llm", help="the same prompts through each LLM backend: tokens/s, load time")
     _add_config_options(bench_llm)
-    bench_llm.add_argument("--backends", default="vllm,transformers", help="comma-separated backends")
+    bench_llm.add_argument("--backends", default="vllm:eager,vllm:compiled,transformers",
+                           help="comma-separated: backends, vllm:eager, vllm:compiled (plain vllm: as llm.enforce_eager says)")
     bench_llm.add_argument("--prompts", type=int, default=64)
     bench_llm.add_argument("--max-tokens", type=int, default=64)
+    bench_llm.add_argument("--rounds", type=int, default=3, help="timed rounds per backend; figures are their median")
     bench_llm.add_argument("--out", default="bench/llm.json", help="JSON output path")
     bench_llm.set_defaults(handler=cmd_bench_llm)
     bench_ext = benches.add_parser("extract", help="users job vs engine ceiling, naive, stage-per-step; 1M-user overhead")
     _add_config_options(bench_ext)
     bench_ext.add_argument("--run-dir", "-r", metavar="DIR",
                            help="run directory whose prepared data is copied (not modified); default: runs/<config name>")
-    bench_ext.add_argument("--parts", default="users,ceiling,naive,waves,scale",
-                           help="comma-separated: users,ceiling,naive,waves,scale (ceiling needs users)")
+    bench_ext.add_argument("--parts", default="users,ceiling,naive,waves,stages,scale",
+                           help="comma-separated: users,ceiling,naive,waves,stages,scale (ceiling needs users)")
     bench_ext.add_argument("--users", type=int, default=48,
                            help="users in the users job, first by user_idx (default 48)")
     bench_ext.add_argument("--naive-users", type=int, default=4,
                            help="users run one at a time on transformers (default 4)")
-    bench_ext.add_argument("--waves-users", type=int, default=12,
-                           help="users in the waves / async comparison (default 12)")
-    bench_ext.add_argument("--waves-max-windows", type=int, default=5,
-                           help="extract.max_windows of the waves / async comparison (default 5)")
+    bench_ext.add_argument("--waves-users", type=int, default=None,
+                           help="users in the stage-per-step / async comparisons, first by user_idx (default: all)")
+    bench_ext.add_argument("--waves-max-windows", type=int, default=0,
+                           help="extract.max_windows of those comparisons (default 0: no cap, whole histories)")
     bench_ext.add_argument("--scale-users", type=int, default=1_000_000,
                            help="synthetic users in the scale part (default 1,000,000)")
     bench_ext.add_argument("--out", default="bench/extract.json", help="JSON output path")

@@ -11,8 +11,11 @@ titles + candidate titles, shown in the ranker's seeded order), same model, same
 - `vllm_mapb_probe` (vLLM only): each user's M probe orders of the MAPB probe sent together, so
   the M prompts share their prefix in vLLM's prefix cache.
 
-Each path is warmed up on 2 lists (not timed); vLLM's prefix cache is reset before every timed
-part. Agreement: the fraction of lists both paths rank the same candidate first and the largest
+Each path first ranks every list once, untimed: on a CPU the first pass over new prompt lengths
+builds its kernels (in `cotrec bench llm`, vLLM's first scoring round ran at a third of the speed
+of the next ones), so the figures are the steady state of an engine that has been running. vLLM's
+prefix cache is reset before every timed part, so no timed part reuses what the warm-up computed.
+Agreement: the fraction of lists both paths rank the same candidate first and the largest
 difference of a letter's probability (the two compute the same thing up to numerics).
 """
 
@@ -43,7 +46,6 @@ DEFAULT_OUT = "bench/ranker.json"
 DEFAULT_LISTS = 64
 PROMPT = "llm"
 SPLIT = "test"
-WARMUP_LISTS = 2
 
 
 def bench_queries(config: Config, run: RunDir, variant: str, count: int) -> tuple[list[Query], dict[str, Any]]:
@@ -97,7 +99,8 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
     probe = None
     try:
         ranker = _ranker(run, engine)
-        ranker.score(queries[:WARMUP_LISTS])
+        for start in range(0, len(queries), per_call):  # warm-up, untimed
+            ranker.score(queries[start:start + per_call])
         _reset_prefix_cache(engine)
         load_before = load_average()
         started = time.perf_counter()
@@ -175,7 +178,7 @@ def measure_transformers(config: Config, run: RunDir, queries: list[Query]) -> t
         probs = torch.softmax(logits[token_ids], dim=-1).cpu().numpy().astype(np.float64)
         return probs, int(batch["input_ids"].shape[1])
 
-    for lst, order in queries[:WARMUP_LISTS]:
+    for lst, order in queries:  # warm-up, untimed
         score(lst, order)
     load_before = load_average()
     probs, prompt_tokens, each = [], 0, []

