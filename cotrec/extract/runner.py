@@ -224,13 +224,14 @@ class ExtractWorker:
             engine.close()
 
     async def __call__(self, batch: pa.Table) -> pd.DataFrame:
-        started = time.perf_counter()
+        started_at, started = time.time(), time.perf_counter()
         rows = batch.to_pylist()
         records = await self.pool.run(rows)
         self.count += 1
         write_shard(self.folder, records, self.pool.program.schema, tag=f"{self.tag}-{self.count:06d}")
         summary = batch_summary(records, len(rows), time.perf_counter() - started)
         summary["engine_load_s"] = self.load_seconds if self.count == 1 else 0.0  # once per actor
+        summary["started_at"], summary["finished_at"] = started_at, time.time()
         return pd.DataFrame([summary])
 
 
@@ -308,10 +309,13 @@ def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Con
         )
         last_report = time.perf_counter()
         engine_load = 0.0
+        first_started, last_finished = math.inf, -math.inf
         for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
             for column in summary:
                 summary[column] += int(batch[column].sum())
             engine_load = max(engine_load, float(batch["engine_load_s"].max()))
+            first_started = min(first_started, float(batch["started_at"].min()))
+            last_finished = max(last_finished, float(batch["finished_at"].max()))
             now = time.perf_counter()
             if now - last_report >= 10 or summary["rows"] == len(rows):
                 last_report = now
@@ -323,6 +327,9 @@ def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Con
     # Actors load their engines in parallel: the slowest load is the time no row could run.
     summary["engine_load_s"] = round(engine_load, 3)
     summary["seconds_after_load"] = round(max(summary["seconds"] - engine_load, 1e-9), 3)
+    # From the first batch's start to the last one's end in the actors: the time rows were running
+    # (neither Ray Data's nor the actors' start-up, nor the engine's load).
+    summary["rows_seconds"] = round(max(last_finished - first_started, 1e-9), 3) if summary["rows"] else 0.0
     return summary
 
 

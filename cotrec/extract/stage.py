@@ -180,7 +180,7 @@ def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool
     else:
         log(f"extract {kind}: all {total:,} rows already done; nothing to run")
         summary.update(rows=0, records=0, failed=0, calls=0, prompt_tokens=0, completion_tokens=0, seconds=0.0,
-                       engine_load_s=0.0, seconds_after_load=0.0)
+                       engine_load_s=0.0, seconds_after_load=0.0, rows_seconds=0.0)
     summary["superseded_rows_dropped"] = compact(folder, program)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     latest = latest_rows(read_shards(folder, [*program.key, "status", "created_at"]), program.key)
@@ -228,7 +228,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['total_rows']:,} in all" + ("  (incremental)" if summary.get("incremental") else ""),
         f"LLM calls     {summary['calls']:,}",
         f"tokens        {summary['prompt_tokens']:,} prompt, {summary['completion_tokens']:,} generated "
-        f"({summary['completion_tokens'] / seconds:,.1f} gen tok/s after the engine loaded)",
+        f"({summary['completion_tokens'] / seconds:,.1f} gen tok/s after the engine loaded, "
+        f"{summary['completion_tokens'] / max(summary.get('rows_seconds', 0.0), 1e-9):,.1f} while rows ran)",
         f"failures      {summary['failed']:,} rows this run; {summary['failed_in_folder']:,} of "
         f"{summary['rows_in_folder']:,} rows in the folder",
         f"wall time     {summary['wall_seconds']:.1f} s (engine load {summary['engine_load_s']:.1f} s)",

@@ -62,12 +62,20 @@ class Steps:
         self.engine = engine
         self.temperature = temperature
         self.repetition_penalty = repetition_penalty
+        self._settings: dict[tuple[int, bool], SamplingSettings] = {}  # a program's few budgets, built once
+
+    def settings(self, max_tokens: int, structured: bool) -> SamplingSettings:
+        key = (max_tokens, structured)
+        settings = self._settings.get(key)
+        if settings is None:
+            settings = self._settings[key] = SamplingSettings(
+                max_tokens=max_tokens, temperature=self.temperature,
+                repetition_penalty=1.0 if structured else self.repetition_penalty, retry_truncated=structured)
+        return settings
 
     async def reply(self, conversation: Conversation, max_tokens: int, stats: StepStats,
                     json_schema: dict[str, Any] | None = None) -> Generation:
-        settings = SamplingSettings(max_tokens=max_tokens, temperature=self.temperature,
-                                    repetition_penalty=self.repetition_penalty if json_schema is None else 1.0,
-                                    retry_truncated=json_schema is not None)
+        settings = self.settings(max_tokens, json_schema is not None)
         reply = (await self.engine.chat([conversation], settings, json_schema))[0]
         stats.record(reply)
         return reply
