@@ -135,8 +135,6 @@ class LLMEngine(ABC):
     # -- the public interface ---------------------------------------------------------------
     async def chat(self, conversations: list[Conversation], settings: SamplingSettings = SamplingSettings(),
                    json_schema: dict[str, Any] | None = None) -> list[Generation]:
-        if self._on_own_loop():  # an extraction program's step: no hop, no wrapper coroutine
-            return await self._chat(list(conversations), settings, json_schema)
         return await self._on_engine_loop(self._chat(list(conversations), settings, json_schema))
 
     async def score_choices(self, conversations: list[Conversation], choices: Sequence[str]) -> list[ChoiceScores]:
@@ -222,14 +220,14 @@ class LLMEngine(ABC):
             raise RuntimeError("the engine is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _on_own_loop(self) -> bool:
-        """Whether the caller runs on the engine's own loop (and the engine is open)."""
+    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:
             raise RuntimeError("the engine is closed")
-        return asyncio._get_running_loop() is self._loop
-
-    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._on_own_loop():
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
