@@ -149,6 +149,10 @@ class ExtractConfig(Section):
     # Cap on the history walked for the `train` horizon: only its last N windows (None: all).
     # valid/test continue that state; `--incremental` continues stored states past the cap.
     max_windows: Optional[int] = Field(None, ge=1)
+    # Short-term interests asked for ahead of the merge chain (they depend only on their window's
+    # items): more sequences for the engine to batch, a shorter chain per user. 0: one call at a
+    # time. The results are the same either way (up to the engine's batch invariance).
+    interests_ahead: int = Field(1, ge=0)
     # Reply budgets (tokens) per step. Free-text replies cut at the budget are kept up to their
     # last full sentence (not retried: a retry would sample and break greedy reproducibility).
     interest_tokens: int = Field(64, ge=8)

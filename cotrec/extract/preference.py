@@ -2,7 +2,9 @@
 
 Each window of W items (overlapping the previous one by O) is summarised as a short-term
 interest; the first one becomes the long-term preference and every later one is merged into it
-(the merge is the recurrence's update). The short-term interests are kept.
+(the merge is the recurrence's update). The short-term interests are kept. Only the merges form a
+chain: a window's interest needs nothing but its items, so the next windows' interests are asked
+for while the chain merges (`extract.interests_ahead`), which halves a user's dependent calls.
 
 Horizons (what the preference may have seen, by the target it serves):
 - `train`: the training items, i.e. the history without its last two items (the retriever's
@@ -19,6 +21,7 @@ windows that changed. `--incremental` and the `test` horizon both continue this 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,15 +63,64 @@ async def summarise_window(steps: Steps, domain: Domain, labels: list[str], budg
         return None
 
 
-async def walk(steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, state: WalkState,
-               length: int, config: ExtractConfig, stats: StepStats) -> WalkState:
-    """Continue `state` from its resume point over history[:length]; returns the new state."""
+def walk_bounds(state: WalkState, length: int, config: ExtractConfig) -> list[tuple[int, int]]:
+    """The windows a walk from `state`'s resume point over history[:length] summarises, in order."""
+    first = state.start + state.settled_windows * (config.window - config.overlap)
+    return window_bounds(first, length, config.window, config.overlap)
+
+
+def settled_after(state: WalkState, bounds: list[tuple[int, int]], config: ExtractConfig) -> int:
+    """The resume point (windows) after walking `bounds` from `state`: its last complete window."""
+    complete = [k + 1 for k, (begin, end) in enumerate(bounds) if end - begin == config.window]
+    return state.settled_windows + complete[-1] if complete else state.settled_windows
+
+
+class Interests:
+    """A user's short-term interests, asked for ahead of the merge chain.
+
+    A window's short-term interest depends only on its items, never on the preference so far, so
+    only the merges form a chain. While the chain merges window k, the interests of the next
+    `ahead` windows are already with the engine, batched with other users' steps: a user's
+    critical path shrinks from a call per window plus a call per merge to about a call per merge,
+    and the engine holds more sequences at once. `ahead=0` walks strictly one call at a time.
+    """
+
+    def __init__(self, steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, config: ExtractConfig):
+        self.steps, self.domain, self.labels_of, self.history = steps, domain, labels_of, history
+        self.budget, self.ahead = config.interest_tokens, config.interests_ahead
+        self.planned: list[tuple[tuple[int, int], StepStats]] = []  # in walk order, with whose stats they count to
+        self.tasks: dict[tuple[int, int], asyncio.Task] = {}
+
+    def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> None:
+        self.planned += [(b, stats) for b in bounds]
+
+    def _summarise(self, index: int) -> Any:
+        bounds, stats = self.planned[index]
+        labels = self.labels_of(self.history[bounds[0]:bounds[1]])
+        return summarise_window(self.steps, self.domain, labels, self.budget, stats)
+
+    async def get(self, bounds: tuple[int, int]) -> str | None:
+        index = next(i for i, (b, _) in enumerate(self.planned) if b == bounds)
+        for later in range(index + 1, min(index + 1 + self.ahead, len(self.planned))):
+            if self.planned[later][0] not in self.tasks:
+                self.tasks[self.planned[later][0]] = asyncio.ensure_future(self._summarise(later))
+        task = self.tasks.get(bounds)
+        return await (task if task is not None else self._summarise(index))  # not asked ahead: no task needed
+
+    def cancel(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+
+
+async def walk(steps: Steps, domain: Domain, interests: Interests, state: WalkState, length: int,
+               config: ExtractConfig, stats: StepStats) -> WalkState:
+    """Continue `state` from its resume point over history[:length]; returns the new state.
+    The windows' interests come from `interests`, which must have them planned."""
     settled_windows, preference = state.settled_windows, state.settled_preference
     short_terms = state.short_terms[:settled_windows]
     settled_preference = preference
-    first = state.start + settled_windows * (config.window - config.overlap)
-    for begin, end in window_bounds(first, length, config.window, config.overlap):
-        interest = await summarise_window(steps, domain, labels_of(history[begin:end]), config.interest_tokens, stats)
+    for begin, end in walk_bounds(state, length, config):
+        interest = await interests.get((begin, end))
         short_terms.append(interest or "")
         if interest is not None:
             if preference is None:
@@ -112,9 +164,19 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     continued = state is not None
     if state is None:
         state = WalkState(start=capped_start(train_length, config.window, config.overlap, config.max_windows))
-    train = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, state, train_length, config, stats)
+    # Both walks' windows are known before any call (the grid fixes them), so the test walk's
+    # interests can be asked for while the train walk still merges.
     train_stats, stats = stats, StepStats()
-    test = await walk(ctx.steps, ctx.domain, ctx.labels_of, history, train, n - 1, config, stats)
+    train_bounds = walk_bounds(state, train_length, config)
+    test_from = WalkState(start=state.start, settled_windows=settled_after(state, train_bounds, config))
+    interests = Interests(ctx.steps, ctx.domain, ctx.labels_of, history, config)
+    interests.plan(train_bounds, train_stats)
+    interests.plan(walk_bounds(test_from, n - 1, config), stats)
+    try:
+        train = await walk(ctx.steps, ctx.domain, interests, state, train_length, config, train_stats)
+        test = await walk(ctx.steps, ctx.domain, interests, train, n - 1, config, stats)
+    finally:
+        interests.cancel()  # none left running when a step raised
     source = row.get("source_digest") or history_digest(history)  # the runner's rows carry it
     digests = {length: history_digest(history[:length]) for length in {train.items_consumed, test.items_consumed}}
     rows = []
