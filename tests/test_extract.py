@@ -22,10 +22,12 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli
-from cotrec.config import ExtractConfig, load_config
+from cotrec.config import ExtractConfig, LLMConfig, load_config
 from cotrec.extract.runner import PROGRAMS, ProgramPool, read_shards, shard_files
 from cotrec.extract.stage import item_rows, pair_rows, user_histories, user_rows
 from cotrec.extract.windows import capped_start, count_windows, history_digest, window_bounds
+from cotrec.llm.base import Generation
+from cotrec.llm.zero_latency import ZeroLatencyEngine
 from cotrec.rundir import RunDir
 
 # Short budgets keep the real-model tests quick; greedy decoding keeps them reproducible.
@@ -271,3 +273,71 @@ def test_the_cap_walks_only_the_last_windows_and_test_continues_train():
     assert test["windows"] == len(window_bounds(train["history_start"], 59, 10, 2))
     assert test["calls"] <= 2  # the partial last window again, with the valid item, and its merge
     assert history[58] not in history[train["history_start"]:58] and test["target_item_idx"] == 59
+
+
+class SlowEchoFakeEngine(ZeroLatencyEngine):
+    """For testing the recurrence's orchestration only (no model): each reply takes a moment and is
+    a digest of its prompt, and the engine records the most calls it held at once."""
+
+    def __init__(self):
+        super().__init__(LLMConfig(backend="zero-latency"))
+        self.active = self.peak = 0
+
+    async def _generate(self, conversations, settings, json_schema):
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.01)
+        self.active -= 1
+        return [Generation(f"Likes {history_digest([ord(c) for c in conversation[-1]['content']])}.",
+                           finish_reason="stop", prompt_tokens=1, completion_tokens=1) for conversation in conversations]
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+def test_interests_asked_ahead_change_the_concurrency_not_the_result(ahead):
+    engine = SlowEchoFakeEngine()
+    try:
+        def walk_all(ahead):
+            config = ExtractConfig(interests_ahead=ahead, max_windows=None)
+            pool = ProgramPool("users", engine, config, "movie", labels=[f"item {i}" for i in range(100)])
+            return {r["horizon"]: r for r in asyncio.run(pool.run([{"user_idx": 0, "history": np.arange(45)}]))}
+
+        strict = walk_all(0)
+        engine.peak = 0
+        records = walk_all(ahead)
+    finally:
+        engine.close()
+    # One user: strictly one call at a time without lookahead, a merge beside the next interests with it.
+    assert engine.peak == 1 + ahead
+    for horizon in ("train", "valid", "test"):
+        for column in ("preference", "short_term", "windows", "settled_windows", "calls", "status"):
+            assert records[horizon][column] == strict[horizon][column], (horizon, column)
+    assert records["train"]["windows"] == 6 and records["test"]["calls"] == 2
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_the_bench_stage_per_step_design_walks_the_same_recurrence_as_the_programs(ahead):
+    """The bench's stage-per-step baseline must compute what the users job computes, call for call."""
+    from cotrec.bench.extract import walk_in_steps, window_step
+    from cotrec.extract.prompts import domain_of
+
+    engine = SlowEchoFakeEngine()
+    config = ExtractConfig(interests_ahead=ahead, max_windows=None)
+    labels = [f"item {i}" for i in range(100)]
+    rows = [{"user_idx": u, "history": np.arange(u, u + length)} for u, length in enumerate([12, 45, 27, 30])]
+    try:
+        def step(current, interests, later, preferences):
+            out, asked, counts = asyncio.run(engine.run_on_loop(
+                window_step(engine, current, interests, later, preferences, config, domain_of("movie"))))
+            return out, asked, counts, {}
+
+        stages = walk_in_steps(rows, config, labels, step)
+        pool = ProgramPool("users", engine, config, "movie", labels=labels)
+        records = asyncio.run(pool.run(rows))
+    finally:
+        engine.close()
+    assert stages["test_preferences"] == {r["user_idx"]: r["preference"] for r in records if r["horizon"] == "test"}
+    assert stages["calls"] == sum(r["calls"] for r in records)
+    longest = 7  # user 1 (45 items): 6 train windows, then the test walk's 1
+    assert len(stages["steps"]) == longest
+    # Without lookahead every step but the first waits for its interests, then for its merges.
+    assert stages["barriers"] == (2 * longest - 1 if ahead == 0 else longest)

@@ -11,9 +11,9 @@ Each comparison is measured in one run, on one machine, with every setting writt
 - `naive`: the reference code's way: one user at a time, one call at a time, on the transformers
   backend (in-process `ProgramPool` with `in_flight=1`, one row per run), over the first users of
   the job's own users (by user_idx).
-- the stage-per-step design (window step t of every user at once, a barrier after every batch of
-  short-term interests and every batch of merges) against the per-row async programs, over the
-  run's users and their whole, real, skewed histories, twice:
+- the stage-per-step design (window step t of every user at once, a barrier after every step; with
+  the programs' lookahead, a step's merges go with the next windows' short-term interests) against
+  the per-row async programs, over the run's users and their whole, real, skewed histories, twice:
   - `waves` vs `async`: in-process, on the same vLLM engine, back to back: the stage design at
     its best (no stage start-up, no engine per stage);
   - `stages`: both on Ray Data: the real users job against one Ray Data stage per window step,
@@ -41,10 +41,10 @@ import pandas as pd
 from cotrec.bench.common import load_average, machine, rate, ratio
 from cotrec.config import Config, load_config
 from cotrec.errors import CotrecError
-from cotrec.extract.preference import planned_steps
+from cotrec.extract.preference import WalkState, planned_steps, settled_after, walk_bounds
 from cotrec.extract.prompts import Domain, domain_of, item_labels, merge_preference, short_term_interest
 from cotrec.extract.steps import trim_to_sentence
-from cotrec.extract.windows import capped_start, history_digest, stride, window_bounds
+from cotrec.extract.windows import capped_start, history_digest
 from cotrec.llm.base import Generation, SamplingSettings
 from cotrec.progress import log
 from cotrec.rundir import RunDir, write_json
@@ -320,14 +320,14 @@ class WavePlan:
     def __init__(self, row: dict[str, Any], config: Any, labels_of: Any):
         history = np.asarray(row["history"], dtype=np.int64)
         n = len(history)
-        window, overlap = config.window, config.overlap
-        start = capped_start(n - 2, window, overlap, config.max_windows)
-        train = window_bounds(start, n - 2, window, overlap)
-        self.settled = max([k + 1 for k, (b, e) in enumerate(train) if e - b == window], default=0)
-        test = window_bounds(start + self.settled * stride(window, overlap), n - 1, window, overlap)
+        state = WalkState(start=capped_start(n - 2, config.window, config.overlap, config.max_windows))
+        train = walk_bounds(state, n - 2, config)
+        self.settled = settled_after(state, train, config)
+        test = walk_bounds(WalkState(start=state.start, settled_windows=self.settled), n - 1, config)
         self.user_idx = int(row["user_idx"])
         self.windows = [labels_of(history[b:e]) for b, e in train + test]
         self.train_count = len(train)
+        self.interests: dict[int, str | None] = {}  # window index -> its short-term interest, once asked
         self.preference: str | None = None
         self.after: list[str | None] = []  # the preference after each train window
         self.train_preference: str | None = None
@@ -344,6 +344,8 @@ class WavePlan:
 
 async def _texts(engine: Any, conversations: list[Any], max_tokens: int, config: Any) -> list[tuple[str | None, Generation]]:
     """One batch through the engine, read the way `Steps.text` reads each reply."""
+    if not conversations:
+        return []
     settings = SamplingSettings(max_tokens=max_tokens, temperature=config.temperature,
                                 repetition_penalty=config.repetition_penalty, retry_truncated=False)
     replies = await engine.chat(conversations, settings)
@@ -361,42 +363,70 @@ async def _texts(engine: Any, conversations: list[Any], max_tokens: int, config:
 STEP_COUNTS = ("calls", "prompt_tokens", "completion_tokens")
 
 
-async def window_step(engine: Any, windows: list[list[str]], preferences: list[str | None], config: Any,
-                      domain: Domain) -> tuple[list[str | None], dict[str, list[int]]]:
-    """One window step of the stage-per-step design for a batch of users: every short-term interest
-    in one engine call (a barrier), then every merge in one call. Returns the new preferences and
-    each user's LLM calls and tokens."""
-    counts = {key: [0] * len(windows) for key in STEP_COUNTS}
+async def window_step(engine: Any, current: list[list[str] | None], interests: list[str | None],
+                      ahead: list[list[list[str]]], preferences: list[str | None], config: Any,
+                      domain: Domain) -> tuple[list[str | None], list[list[str | None]], dict[str, Any]]:
+    """Window step t of the stage-per-step design for a batch of users, with the same lookahead as
+    the async programs (`extract.interests_ahead`):
+    - `current[i]`: user i's window t when its short-term interest is still to be asked (always
+      without lookahead; else only at t = 0), None when it came with an earlier step (`interests[i]`);
+    - `ahead[i]`: the later windows whose interests this step asks for, beside its merges.
+    An interest still to be asked is a barrier before the merges; the merges and the interests asked
+    ahead go to the engine together. Returns the new preferences, the interests asked ahead, and
+    each user's LLM calls and tokens (and the step's engine rounds: its barriers)."""
+    counts: dict[str, Any] = {key: [0] * len(current) for key in STEP_COUNTS}
 
     def count(i: int, reply: Generation) -> None:
         counts["calls"][i] += reply.attempts
         counts["prompt_tokens"][i] += reply.prompt_tokens * reply.attempts
         counts["completion_tokens"][i] += reply.completion_tokens
 
+    flat_ahead = [(i, w) for i, windows in enumerate(ahead) for w in windows]
+    ahead_prompts = [short_term_interest(domain, w) for _, w in flat_ahead]
+    now = [i for i, w in enumerate(current) if w is not None]
+    interests = list(interests)
+    rounds = 0
+    asked_ahead: list[tuple[str | None, Generation]] = []
+    if now:  # the barrier: these interests are needed by this step's merges
+        rounds += 1
+        first, asked_ahead = await asyncio.gather(
+            _texts(engine, [short_term_interest(domain, current[i]) for i in now], config.interest_tokens, config),
+            _texts(engine, ahead_prompts, config.interest_tokens, config))
+        for i, (text, reply) in zip(now, first):
+            count(i, reply)
+            interests[i] = text
     out = list(preferences)
-    interests = await _texts(engine, [short_term_interest(domain, w) for w in windows], config.interest_tokens, config)
     merging = []
-    for i, (text, reply) in enumerate(interests):
-        count(i, reply)
+    for i, text in enumerate(interests):
         if text:
             if out[i] is None:
                 out[i] = text
             else:
-                merging.append((i, text))
-    if merging:
-        merged = await _texts(engine, [merge_preference(domain, out[i], interest) for i, interest in merging],
-                              config.preference_tokens, config)
-        for (i, _), (text, reply) in zip(merging, merged):
+                merging.append(i)
+    if merging or (flat_ahead and not now):
+        rounds += 1
+        merged, later = await asyncio.gather(
+            _texts(engine, [merge_preference(domain, out[i], interests[i]) for i in merging],
+                   config.preference_tokens, config),
+            _texts(engine, [] if now else ahead_prompts, config.interest_tokens, config))
+        asked_ahead = asked_ahead if now else later
+        for i, (text, reply) in zip(merging, merged):
             count(i, reply)
             if text:
                 out[i] = text
-    return out, counts
+    ahead_out: list[list[str | None]] = [[] for _ in current]
+    for (i, _), (text, reply) in zip(flat_ahead, asked_ahead):
+        count(i, reply)
+        ahead_out[i].append(text)
+    counts["rounds"] = rounds
+    return out, ahead_out, counts
 
 
 def walk_in_steps(rows: list[dict[str, Any]], config: Any, labels: list[str], run_step: Any) -> dict[str, Any]:
     """The stage-per-step design's driver: window step t of every user that has one, for t = 0, 1, ...
-    `run_step(windows, preferences)` runs one step (in-process or as a Ray Data stage) and returns
-    the new preferences, each user's LLM counts and anything to record about the step."""
+    `run_step(current, interests, ahead, preferences)` runs one step (in-process or as a Ray Data
+    stage; see `window_step`) and returns the new preferences, the interests asked ahead, each
+    user's LLM counts, the step's engine rounds and anything to record about the step."""
     plans = [WavePlan(row, config, lambda items: [labels[int(i)] for i in items]) for row in rows]
     totals = dict.fromkeys(STEP_COUNTS, 0)
     steps = []
@@ -405,18 +435,30 @@ def walk_in_steps(rows: list[dict[str, Any]], config: Any, labels: list[str], ru
         active = [p for p in plans if t < len(p.windows)]
         if not active:
             break
+        current, interests, ahead, asked = [], [], [], []
         for plan in active:
             plan.begin_step(t)
+            known = t in plan.interests
+            current.append(None if known else plan.windows[t])
+            interests.append(plan.interests.get(t))
+            later = [k for k in range(t + 1, min(t + config.interests_ahead, len(plan.windows) - 1) + 1)
+                     if k not in plan.interests]
+            ahead.append([plan.windows[k] for k in later])
+            asked.append(later)
         started = time.perf_counter()
-        preferences, counts, extra = run_step([p.windows[t] for p in active], [p.preference for p in active])
-        for plan, preference in zip(active, preferences):
+        preferences, ahead_interests, counts, extra = run_step(current, interests, ahead,
+                                                               [p.preference for p in active])
+        for plan, preference, later, texts in zip(active, preferences, asked, ahead_interests):
             plan.preference = preference
+            plan.interests.update(zip(later, texts))
             plan.end_step(t)
         for key in totals:
             totals[key] += int(sum(counts[key]))
-        steps.append({"step": t, "users": len(active), "seconds": round(time.perf_counter() - started, 2), **extra})
+        steps.append({"step": t, "users": len(active), "rounds": int(counts["rounds"]),
+                      "seconds": round(time.perf_counter() - started, 2), **extra})
         t += 1
-    return {**totals, "steps": steps, "test_preferences": {p.user_idx: p.preference for p in plans}}
+    return {**totals, "steps": steps, "barriers": sum(step["rounds"] for step in steps),
+            "test_preferences": {p.user_idx: p.preference for p in plans}}
 
 
 class WindowStepStage:
@@ -440,11 +482,14 @@ class WindowStepStage:
             engine.close()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        windows = [list(w) for w in batch["window"]]
+        current = [None if w is None else list(w) for w in batch["window"]]
+        interests = [x if isinstance(x, str) else None for x in batch["interest"]]
+        ahead = [[list(w) for w in windows] for windows in batch["ahead"]]
         preferences = [p if isinstance(p, str) else None for p in batch["preference"]]
-        out, counts = asyncio.run(self.engine.run_on_loop(
-            window_step(self.engine, windows, preferences, self.config, self.domain)))
-        return pd.DataFrame({"order": batch["order"], "preference": out, **counts,
+        out, asked, counts = asyncio.run(self.engine.run_on_loop(
+            window_step(self.engine, current, interests, ahead, preferences, self.config, self.domain)))
+        return pd.DataFrame({"order": batch["order"], "preference": out, "asked": asked,
+                             **{key: counts[key] for key in STEP_COUNTS}, "rounds": counts["rounds"],
                              "engine_load_s": self.load_seconds})
 
 
@@ -469,10 +514,11 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
     log(f"bench extract: waves (in-process): {len(rows)} users, {common['windows_per_user']['total']} windows "
         f"(max {common['windows_per_user']['max']} for one user)")
 
-    def in_process_step(windows: list[list[str]], preferences: list[str | None]) -> tuple[Any, Any, dict]:
-        out, counts = asyncio.run(engine.run_on_loop(window_step(engine, windows, preferences, config.extract,
-                                                                 domain_of(domain))))
-        return out, counts, {}
+    def in_process_step(current: list[Any], interests: list[Any], ahead: list[Any],
+                        preferences: list[str | None]) -> tuple[Any, Any, Any, dict]:
+        out, asked, counts = asyncio.run(engine.run_on_loop(
+            window_step(engine, current, interests, ahead, preferences, config.extract, domain_of(domain))))
+        return out, asked, counts, {}
 
     asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
     load_before = load_average()
@@ -495,7 +541,8 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
 
     wave_result = {**common, "design": "one batch per window step and kind (barrier), in-process",
                    "seconds": round(waves_s, 2), "calls": waves["calls"], "prompt_tokens": waves["prompt_tokens"],
-                   "completion_tokens": waves["completion_tokens"], "barriers": 2 * len(waves["steps"]),
+                   "completion_tokens": waves["completion_tokens"], "barriers": waves["barriers"],
+                   "interests_ahead": config.extract.interests_ahead,
                    "users_per_s": rate(len(rows), waves_s),
                    "generated_tokens_per_s": rate(waves["completion_tokens"], waves_s),
                    "steps": waves["steps"], "load_avg_before_after": waves_load,
@@ -537,15 +584,19 @@ def measure_stages_on_ray_data(config: Config, tmp: RunDir, users: int | None) -
         stage_kwargs = dict(llm=config.llm.model_dump(mode="json"), extract=config.extract.model_dump(mode="json"),
                             domain=domain)
 
-        def ray_data_step(windows: list[list[str]], preferences: list[str | None]) -> tuple[Any, Any, dict]:
-            frame = pd.DataFrame({"order": np.arange(len(windows)), "window": windows, "preference": preferences})
+        def ray_data_step(current: list[Any], interests: list[Any], ahead: list[Any],
+                          preferences: list[str | None]) -> tuple[Any, Any, Any, dict]:
+            frame = pd.DataFrame({"order": np.arange(len(current)), "window": current, "interest": interests,
+                                  "ahead": ahead, "preference": preferences})
             out = ray.data.from_pandas(frame).map_batches(
                 WindowStepStage, batch_size=None, batch_format="pandas", fn_constructor_kwargs=stage_kwargs,
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.extract.cpus_per_actor,
                 num_gpus=config.extract.gpus_per_actor).to_pandas().sort_values("order")
             preferences = [p if isinstance(p, str) else None for p in out["preference"]]
+            asked = [[x if isinstance(x, str) else None for x in texts] for texts in out["asked"]]
             counts = {key: out[key].tolist() for key in STEP_COUNTS}
-            return preferences, counts, {"engine_load_s": round(float(out["engine_load_s"].max()), 2)}
+            counts["rounds"] = int(out["rounds"].max())
+            return preferences, asked, counts, {"engine_load_s": round(float(out["engine_load_s"].max()), 2)}
 
         load_before = load_average()
         started = time.perf_counter()
@@ -558,7 +609,8 @@ def measure_stages_on_ray_data(config: Config, tmp: RunDir, users: int | None) -
     loads = sum(step["engine_load_s"] for step in stages["steps"])
     stage_result = {**common, "design": "one Ray Data stage per window step, each with its own engine; "
                                         "each stage's output materialised for the next",
-                    "stages": len(stages["steps"]), "seconds": round(seconds, 2), "engine_load_s": round(loads, 2),
+                    "stages": len(stages["steps"]), "barriers": stages["barriers"],
+                    "interests_ahead": config.extract.interests_ahead, "seconds": round(seconds, 2), "engine_load_s": round(loads, 2),
                     "seconds_without_engine_loads": round(seconds - loads, 2),
                     "calls": stages["calls"], "prompt_tokens": stages["prompt_tokens"],
                     "completion_tokens": stages["completion_tokens"], "users_per_s": rate(len(rows), seconds),
@@ -764,8 +816,10 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
                      "compare the engines (transformers vs vLLM, same model and dtype).")
     if "waves" in report:
         notes.append("waves: the stage-per-step design at its best: in-process, on the same engine as the async "
-                     "programs, no stage start-up and no engine per stage; each window step is one engine.chat call "
-                     "for every user's short-term interest, then one for every merge (two barriers per step). The "
+                     "programs, no stage start-up and no engine per stage, and with the programs' lookahead "
+                     "(extract.interests_ahead): each window step sends every user's merge to the engine together "
+                     "with the short-term interests of the next windows (one barrier per step; without lookahead, "
+                     "one batch of interests then one of merges: two). The "
                      "prefix cache is reset before each design; both make the same calls with the same prompts and "
                      "greedy settings (same_test_preference_as_async counts the users whose final preference came "
                      "out identical: in bfloat16 a reply can change with the batch it was computed in).")
