@@ -341,3 +341,27 @@ def test_the_bench_stage_per_step_design_walks_the_same_recurrence_as_the_progra
     assert len(stages["steps"]) == longest
     # Without lookahead every step but the first waits for its interests, then for its merges.
     assert stages["barriers"] == (2 * longest - 1 if ahead == 0 else longest)
+
+
+def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
+    from cotrec.extract.runner import Slots
+
+    async def main():
+        slots, active, peak = Slots(3), [0], [0]
+
+        async def program(seconds):
+            async with slots:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                await asyncio.sleep(seconds)
+                active[0] -= 1
+
+        tasks = [asyncio.ensure_future(program(0.01)) for _ in range(20)]
+        stuck = asyncio.ensure_future(program(0.01))  # waits for a slot, then is cancelled
+        await asyncio.sleep(0)
+        stuck.cancel()
+        await asyncio.gather(*tasks)
+        assert stuck.cancelled() and peak[0] == 3 and active[0] == 0
+        assert slots.free == 3 and not slots.waiters  # every slot came back
+
+    asyncio.run(main())

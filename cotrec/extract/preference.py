@@ -88,23 +88,24 @@ class Interests:
     def __init__(self, steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, config: ExtractConfig):
         self.steps, self.domain, self.labels_of, self.history = steps, domain, labels_of, history
         self.budget, self.ahead = config.interest_tokens, config.interests_ahead
-        self.planned: list[tuple[tuple[int, int], StepStats]] = []  # in walk order, with whose stats they count to
-        self.tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self.planned: list[tuple[int, int, StepStats]] = []  # (begin, end, whose stats it counts to), walk order
+        self.tasks: dict[int, asyncio.Task] = {}  # by index into `planned`
 
-    def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> None:
-        self.planned += [(b, stats) for b in bounds]
+    def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> int:
+        """Add a walk's windows; returns the index of its first one."""
+        first = len(self.planned)
+        self.planned += [(begin, end, stats) for begin, end in bounds]
+        return first
 
     def _summarise(self, index: int) -> Any:
-        bounds, stats = self.planned[index]
-        labels = self.labels_of(self.history[bounds[0]:bounds[1]])
-        return summarise_window(self.steps, self.domain, labels, self.budget, stats)
+        begin, end, stats = self.planned[index]
+        return summarise_window(self.steps, self.domain, self.labels_of(self.history[begin:end]), self.budget, stats)
 
-    async def get(self, bounds: tuple[int, int]) -> str | None:
-        index = next(i for i, (b, _) in enumerate(self.planned) if b == bounds)
+    async def get(self, index: int) -> str | None:
         for later in range(index + 1, min(index + 1 + self.ahead, len(self.planned))):
-            if self.planned[later][0] not in self.tasks:
-                self.tasks[self.planned[later][0]] = asyncio.ensure_future(self._summarise(later))
-        task = self.tasks.get(bounds)
+            if later not in self.tasks:
+                self.tasks[later] = asyncio.ensure_future(self._summarise(later))
+        task = self.tasks.get(index)
         return await (task if task is not None else self._summarise(index))  # not asked ahead: no task needed
 
     def cancel(self) -> None:
@@ -112,15 +113,15 @@ class Interests:
             task.cancel()
 
 
-async def walk(steps: Steps, domain: Domain, interests: Interests, state: WalkState, length: int,
+async def walk(steps: Steps, domain: Domain, interests: Interests, first: int, state: WalkState, length: int,
                config: ExtractConfig, stats: StepStats) -> WalkState:
     """Continue `state` from its resume point over history[:length]; returns the new state.
-    The windows' interests come from `interests`, which must have them planned."""
+    The windows' interests come from `interests`, where this walk's windows are planned from `first`."""
     settled_windows, preference = state.settled_windows, state.settled_preference
     short_terms = state.short_terms[:settled_windows]
     settled_preference = preference
-    for begin, end in walk_bounds(state, length, config):
-        interest = await interests.get((begin, end))
+    for index, (begin, end) in enumerate(walk_bounds(state, length, config), first):
+        interest = await interests.get(index)
         short_terms.append(interest or "")
         if interest is not None:
             if preference is None:
@@ -170,11 +171,11 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     train_bounds = walk_bounds(state, train_length, config)
     test_from = WalkState(start=state.start, settled_windows=settled_after(state, train_bounds, config))
     interests = Interests(ctx.steps, ctx.domain, ctx.labels_of, history, config)
-    interests.plan(train_bounds, train_stats)
-    interests.plan(walk_bounds(test_from, n - 1, config), stats)
+    train_first = interests.plan(train_bounds, train_stats)
+    test_first = interests.plan(walk_bounds(test_from, n - 1, config), stats)
     try:
-        train = await walk(ctx.steps, ctx.domain, interests, state, train_length, config, train_stats)
-        test = await walk(ctx.steps, ctx.domain, interests, train, n - 1, config, stats)
+        train = await walk(ctx.steps, ctx.domain, interests, train_first, state, train_length, config, train_stats)
+        test = await walk(ctx.steps, ctx.domain, interests, test_first, train, n - 1, config, stats)
     finally:
         interests.cancel()  # none left running when a step raised
     source = row.get("source_digest") or history_digest(history)  # the runner's rows carry it
