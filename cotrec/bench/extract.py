@@ -254,7 +254,7 @@ def measure_ceiling(engine: Any, config: Config, requests: int, prompt_length: i
     prompts = ceiling_prompts(engine, requests, prompt_length)
     params = SamplingParams(max_tokens=output_length, min_tokens=output_length, ignore_eos=True, temperature=0.0,
                             repetition_penalty=config.extract.repetition_penalty)
-    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    engine.forget_prompts()
     load_before = load_average()
     started = time.perf_counter()
     outputs = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts, params)))
@@ -264,7 +264,7 @@ def measure_ceiling(engine: Any, config: Config, requests: int, prompt_length: i
     for concurrency in SCALING_CONCURRENCY:  # how the engine's throughput grows with the batch
         if concurrency >= requests:
             break
-        asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+        engine.forget_prompts()
         t0 = time.perf_counter()
         few = asyncio.run(engine.run_on_loop(_offline_batch(engine, prompts[:concurrency], params)))
         by_concurrency[str(concurrency)] = rate(sum(len(o.outputs[0].token_ids) for o in few), time.perf_counter() - t0)
@@ -465,14 +465,10 @@ class WindowStepStage:
     """A Ray Data stage of the stage-per-step design: its own engine, one window step over its batch."""
 
     def __init__(self, llm: dict[str, Any], extract: dict[str, Any], domain: str):
-        from cotrec.config import ExtractConfig, LLMConfig
-        from cotrec.llm import make_engine
+        from cotrec.config import ExtractConfig
+        from cotrec.extract.runner import load_actor_engine
 
-        llm_config = LLMConfig.model_validate(llm)
-        os.environ["OMP_NUM_THREADS"] = str(llm_config.threads or os.cpu_count() or 1)  # as ExtractWorker does
-        started = time.perf_counter()
-        self.engine = make_engine(llm_config)
-        self.load_seconds = time.perf_counter() - started
+        self.engine, self.load_seconds = load_actor_engine(llm)  # as the users job's actor loads its own
         self.config = ExtractConfig.model_validate(extract)
         self.domain = domain_of(domain)
 
@@ -520,7 +516,7 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
             window_step(engine, current, interests, ahead, preferences, config.extract, domain_of(domain))))
         return out, asked, counts, {}
 
-    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    engine.forget_prompts()
     load_before = load_average()
     started = time.perf_counter()
     waves = walk_in_steps(rows, config.extract, labels, in_process_step)
@@ -530,7 +526,7 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
     log(f"bench extract: async (in-process): the same {len(rows)} users as per-row programs")
     extract = config.extract.model_copy(update={"in_flight": max(config.extract.in_flight, len(rows))})
     pool = ProgramPool("users", engine, extract, domain, labels)
-    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
+    engine.forget_prompts()
     load_before = load_average()
     started = time.perf_counter()
     records = asyncio.run(pool.run(rows))
@@ -539,7 +535,7 @@ def measure_waves_and_async(engine: Any, config: Config, tmp: RunDir, users: int
     test_async = {int(r["user_idx"]): r["preference"] for r in records if r["horizon"] == "test"}
     same = sum(test_async.get(u) == (p or "") for u, p in waves.pop("test_preferences").items())
 
-    wave_result = {**common, "design": "one batch per window step and kind (barrier), in-process",
+    wave_result = {**common, "design": "one batch per window step (a barrier; two per step without lookahead), in-process",
                    "seconds": round(waves_s, 2), "calls": waves["calls"], "prompt_tokens": waves["prompt_tokens"],
                    "completion_tokens": waves["completion_tokens"], "barriers": waves["barriers"],
                    "interests_ahead": config.extract.interests_ahead,
@@ -849,7 +845,7 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
                      f"in the ExtractWorker actors), i.e. at most {cores / sc['all_cpu_us_per_user'] * 1e6:,.0f} users/s on "
                      f"{cores} fully free cores; steady_users_per_s excludes the start-up before the first shard "
                      f"({sc.get('first_shard_after_s', 0):.0f} s).")
-    if (report.get("ceiling_over_naive_tokens_per_s") or 0) < 10 and "ceiling_over_naive_tokens_per_s" in report:
+    if (report.get("ceiling_over_naive_tokens_per_s") or 10) < 10:  # absent or None: nothing to explain
         notes.append(f"job / naive is bounded by the engines on this machine: even the ceiling (every request at once) "
                      f"generates only {report['ceiling_over_naive_tokens_per_s']:.1f}x the tokens/s of one-call-at-a-time "
                      "transformers, so no scheduling of these calls can reach 10x here.")

@@ -15,7 +15,6 @@ is emptied before every round, so a round never reuses the prompts the previous 
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from pathlib import Path
@@ -29,12 +28,6 @@ from cotrec.llm import SamplingSettings, letters, make_engine
 from cotrec.llm.placement import cpu_has_bf16
 from cotrec.progress import log
 from cotrec.rundir import write_json
-
-
-def _forget_prompts(engine: Any) -> None:
-    """Empty vLLM's prefix cache (other backends keep nothing between calls)."""
-    if engine.backend == "vllm":
-        asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
 
 
 VLLM_MODES = {"vllm:eager": True, "vllm:compiled": False}  # name -> llm.enforce_eager
@@ -59,12 +52,12 @@ def measure_backend(config: Config, name: str, prompts: int, max_tokens: int, ro
     timed = []
     try:
         for round_ in range(rounds + 1):  # round 0 warms up and is not kept
-            _forget_prompts(engine)
+            engine.forget_prompts()
             load_before = load_average()
             started = time.perf_counter()
             replies = engine.chat_sync(conversations, SamplingSettings(max_tokens=max_tokens))
             seconds = time.perf_counter() - started
-            _forget_prompts(engine)
+            engine.forget_prompts()
             started = time.perf_counter()
             engine.score_choices_sync(ranking, letters(10))
             scoring_seconds = time.perf_counter() - started

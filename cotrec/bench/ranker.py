@@ -21,7 +21,6 @@ difference of a letter's probability (the two compute the same thing up to numer
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from datetime import datetime, timezone
@@ -81,10 +80,6 @@ def _ranker(run: RunDir, engine: Any = None) -> LetterRanker:
     return LetterRanker.for_run(run, PROMPT, engine)
 
 
-def _reset_prefix_cache(engine: Any) -> None:
-    asyncio.run(engine.run_on_loop(engine.engine.reset_prefix_cache()))
-
-
 # -- A. vLLM choice scoring ---------------------------------------------------------------------
 def measure_vllm(config: Config, run: RunDir, queries: list[Query],
                  mapb_probe: bool = True) -> tuple[dict[str, Any], np.ndarray, dict[str, Any] | None]:
@@ -101,7 +96,7 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
         ranker = _ranker(run, engine)
         for start in range(0, len(queries), per_call):  # warm-up, untimed
             ranker.score(queries[start:start + per_call])
-        _reset_prefix_cache(engine)
+        engine.forget_prompts()
         load_before = load_average()
         started = time.perf_counter()
         probs = [ranker.score(queries[start:start + per_call]) for start in range(0, len(queries), per_call)]
@@ -139,7 +134,7 @@ def measure_mapb_probe(config: Config, engine: Any, ranker: LetterRanker, querie
         target = lst.candidates.index(lst.target) if lst.hit else 0
         probes.append([(lst, o) for o in probe_orders(shown_order(lst, seed), target)])
     log(f"bench ranker: vllm MAPB probe: {len(users)} users x {m} orders")
-    _reset_prefix_cache(engine)
+    engine.forget_prompts()
     started = time.perf_counter()
     for start in range(0, len(probes), users_per_call):
         ranker.score([q for probe in probes[start:start + users_per_call] for q in probe])

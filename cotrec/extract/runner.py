@@ -233,19 +233,24 @@ def batch_summary(records: list[dict[str, Any]], rows: int, seconds: float) -> d
             "seconds": seconds}
 
 
+def load_actor_engine(llm: dict[str, Any]) -> tuple[Any, float]:
+    """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
+    from cotrec.llm import make_engine
+
+    llm_config = LLMConfig.model_validate(llm)
+    # Ray limits an actor's OpenMP threads to its CPU share; an engine on CPU wants the cores.
+    os.environ["OMP_NUM_THREADS"] = str(llm_config.threads or os.cpu_count() or 1)
+    started = time.perf_counter()
+    engine = make_engine(llm_config)
+    return engine, time.perf_counter() - started
+
+
 class ExtractWorker:
     """The Ray Data actor: one engine, many programs in flight, one shard per batch."""
 
     def __init__(self, kind: str, llm: dict[str, Any], extract: dict[str, Any], domain: str, folder: str,
                  labels: list[str] | None = None, incremental: bool = False):
-        from cotrec.llm import make_engine
-
-        llm_config = LLMConfig.model_validate(llm)
-        # Ray limits an actor's OpenMP threads to its CPU share; an engine on CPU wants the cores.
-        os.environ["OMP_NUM_THREADS"] = str(llm_config.threads or os.cpu_count() or 1)
-        started = time.perf_counter()
-        self.engine = make_engine(llm_config)
-        self.load_seconds = time.perf_counter() - started
+        self.engine, self.load_seconds = load_actor_engine(llm)
         self.pool = ProgramPool(kind, self.engine, ExtractConfig.model_validate(extract), domain, labels, incremental)
         self.folder = Path(folder)
         self.tag = uuid.uuid4().hex[:8]

@@ -151,6 +151,10 @@ class LLMEngine(ABC):
     def score_choices_sync(self, conversations: list[Conversation], choices: Sequence[str]) -> list[ChoiceScores]:
         return self._run(self._score_choices(list(conversations), list(choices)))
 
+    def forget_prompts(self) -> None:
+        """Drop whatever the backend cached of earlier prompts (vLLM: its prefix cache), so that a
+        timed pass computes every prompt afresh. Backends that cache nothing do nothing."""
+
     def close(self) -> None:
         if self._closed:
             return

@@ -85,6 +85,9 @@ class VLLMEngine(LLMEngine):
             ids = ids["input_ids"]
         return list(ids)
 
+    def forget_prompts(self) -> None:
+        self._run(self.engine.reset_prefix_cache())
+
     async def _request(self, ids: list[int], params: Any) -> Any:
         final = None
         async for output in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
