@@ -91,11 +91,11 @@ class Interests:
         self.planned: list[tuple[int, int, StepStats]] = []  # (begin, end, whose stats it counts to), walk order
         self.tasks: dict[int, asyncio.Task] = {}  # by index into `planned`
 
-    def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> int:
-        """Add a walk's windows; returns the index of its first one."""
+    def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> range:
+        """Add a walk's windows; returns their indices (what `walk` goes through)."""
         first = len(self.planned)
         self.planned += [(begin, end, stats) for begin, end in bounds]
-        return first
+        return range(first, len(self.planned))
 
     def _summarise(self, index: int) -> Any:
         begin, end, stats = self.planned[index]
@@ -113,14 +113,15 @@ class Interests:
             task.cancel()
 
 
-async def walk(steps: Steps, domain: Domain, interests: Interests, first: int, state: WalkState, length: int,
+async def walk(steps: Steps, domain: Domain, interests: Interests, windows: range, state: WalkState, length: int,
                config: ExtractConfig, stats: StepStats) -> WalkState:
     """Continue `state` from its resume point over history[:length]; returns the new state.
-    The windows' interests come from `interests`, where this walk's windows are planned from `first`."""
+    `windows`: where `interests` planned this walk's windows (`walk_bounds(state, length, config)`)."""
     settled_windows, preference = state.settled_windows, state.settled_preference
     short_terms = state.short_terms[:settled_windows]
     settled_preference = preference
-    for index, (begin, end) in enumerate(walk_bounds(state, length, config), first):
+    for index in windows:
+        begin, end, _ = interests.planned[index]
         interest = await interests.get(index)
         short_terms.append(interest or "")
         if interest is not None:
@@ -160,22 +161,21 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     history = np.asarray(row["history"], dtype=np.int64)
     n = len(history)
     train_length = n - 2
-    stats = StepStats()
+    train_stats, stats = StepStats(), StepStats()  # the train walk's calls; the test walk's
     state = prior_state(row, history, train_length) if ctx.incremental else None
     continued = state is not None
     if state is None:
         state = WalkState(start=capped_start(train_length, config.window, config.overlap, config.max_windows))
     # Both walks' windows are known before any call (the grid fixes them), so the test walk's
     # interests can be asked for while the train walk still merges.
-    train_stats, stats = stats, StepStats()
     train_bounds = walk_bounds(state, train_length, config)
     test_from = WalkState(start=state.start, settled_windows=settled_after(state, train_bounds, config))
     interests = Interests(ctx.steps, ctx.domain, ctx.labels_of, history, config)
-    train_first = interests.plan(train_bounds, train_stats)
-    test_first = interests.plan(walk_bounds(test_from, n - 1, config), stats)
+    train_windows = interests.plan(train_bounds, train_stats)
+    test_windows = interests.plan(walk_bounds(test_from, n - 1, config), stats)
     try:
-        train = await walk(ctx.steps, ctx.domain, interests, train_first, state, train_length, config, train_stats)
-        test = await walk(ctx.steps, ctx.domain, interests, test_first, train, n - 1, config, stats)
+        train = await walk(ctx.steps, ctx.domain, interests, train_windows, state, train_length, config, train_stats)
+        test = await walk(ctx.steps, ctx.domain, interests, test_windows, train, n - 1, config, stats)
     finally:
         interests.cancel()  # none left running when a step raised
     source = row.get("source_digest") or history_digest(history)  # the runner's rows carry it
