@@ -277,17 +277,17 @@ def test_the_cap_walks_only_the_last_windows_and_test_continues_train():
 
 class SlowEchoFakeEngine(ZeroLatencyEngine):
     """For testing the recurrence's orchestration only (no model): each reply takes a moment and is
-    a digest of its prompt, and the engine records the most calls it held at once."""
+    a digest of its prompt, and the engine records the most sequences it held at once."""
 
     def __init__(self):
         super().__init__(LLMConfig(backend="zero-latency"))
         self.active = self.peak = 0
 
     async def _generate(self, conversations, settings, json_schema):
-        self.active += 1
+        self.active += len(conversations)
         self.peak = max(self.peak, self.active)
         await asyncio.sleep(0.01)
-        self.active -= 1
+        self.active -= len(conversations)
         return [Generation(f"Likes {history_digest([ord(c) for c in conversation[-1]['content']])}.",
                            finish_reason="stop", prompt_tokens=1, completion_tokens=1) for conversation in conversations]
 

@@ -35,7 +35,7 @@ from cotrec.extract.windows import capped_start, history_digest, window_bounds
 HORIZONS = ("train", "valid", "test")
 
 
-@dataclass
+@dataclass(slots=True)
 class WalkState:
     """Where a user's recurrence stands after walking items [start, items_consumed)."""
 
@@ -49,18 +49,19 @@ class WalkState:
     settled_preference: str | None = None
 
 
-async def summarise_window(steps: Steps, domain: Domain, labels: list[str], budget: int,
-                           stats: StepStats) -> str | None:
-    """A window's short-term interest; a prompt over the context drops the oldest items first."""
-    while True:
-        text, reply = await steps.text(short_term_interest(domain, labels), budget, stats)
-        if text:
-            return text
-        if is_context_overflow(reply) and len(labels) > 1:
-            labels = labels[len(labels) // 2:]
-            continue
-        stats.fail(f"short-term interest: {describe_failure(reply)}")
-        return None
+async def summarise_windows(steps: Steps, domain: Domain, windows: list[list[str]], budget: int,
+                            stats: list[StepStats]) -> list[str | None]:
+    """Short-term interests of windows that depend on nothing, in one engine call (`stats[i]` counts
+    window i's calls); a prompt over the context drops its window's oldest items first."""
+    replies = await steps.texts([short_term_interest(domain, labels) for labels in windows], budget, stats)
+    interests = []
+    for labels, (text, reply), counted in zip(windows, replies, stats):
+        if not text and is_context_overflow(reply) and len(labels) > 1:
+            [text] = await summarise_windows(steps, domain, [labels[len(labels) // 2:]], budget, [counted])
+        elif not text:
+            counted.fail(f"short-term interest: {describe_failure(reply)}")
+        interests.append(text or None)
+    return interests
 
 
 def walk_bounds(state: WalkState, length: int, config: ExtractConfig) -> list[tuple[int, int]]:
@@ -82,14 +83,16 @@ class Interests:
     only the merges form a chain. While the chain merges window k, the interests of the next
     `ahead` windows are already with the engine, batched with other users' steps: a user's
     critical path shrinks from a call per window plus a call per merge to about a call per merge,
-    and the engine holds more sequences at once. `ahead=0` walks strictly one call at a time.
+    and the engine holds more sequences at once. The first window, asked before anything else, goes
+    in one engine call with the windows ahead of it. `ahead=0` walks strictly one call at a time.
     """
 
     def __init__(self, steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, config: ExtractConfig):
         self.steps, self.domain, self.labels_of, self.history = steps, domain, labels_of, history
         self.budget, self.ahead = config.interest_tokens, config.interests_ahead
         self.planned: list[tuple[int, int, StepStats]] = []  # (begin, end, whose stats it counts to), walk order
-        self.tasks: dict[int, asyncio.Task] = {}  # by index into `planned`
+        self.tasks: dict[int, asyncio.Task] = {}  # windows (indices into `planned`) being asked ahead
+        self.ready: dict[int, str | None] = {}  # windows whose interest came with an earlier call
 
     def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> range:
         """Add a walk's windows; returns their indices (what `walk` goes through)."""
@@ -97,16 +100,24 @@ class Interests:
         self.planned += [(begin, end, stats) for begin, end in bounds]
         return range(first, len(self.planned))
 
-    def _summarise(self, index: int) -> Any:
-        begin, end, stats = self.planned[index]
-        return summarise_window(self.steps, self.domain, self.labels_of(self.history[begin:end]), self.budget, stats)
+    def _summarise(self, indices: list[int]) -> Any:
+        windows = [self.planned[i] for i in indices]
+        return summarise_windows(self.steps, self.domain, [self.labels_of(self.history[b:e]) for b, e, _ in windows],
+                                 self.budget, [stats for _, _, stats in windows])
 
     async def get(self, index: int) -> str | None:
-        for later in range(index + 1, min(index + 1 + self.ahead, len(self.planned))):
-            if later not in self.tasks:
-                self.tasks[later] = asyncio.ensure_future(self._summarise(later))
-        task = self.tasks.get(index)
-        return await (task if task is not None else self._summarise(index))  # not asked ahead: no task needed
+        later = [i for i in range(index + 1, min(index + 1 + self.ahead, len(self.planned)))
+                 if i not in self.tasks and i not in self.ready]
+        if index not in self.tasks and index not in self.ready:  # nothing asked yet: this and the ones ahead
+            self.ready.update(zip([index, *later], await self._summarise([index, *later])))
+        else:
+            loop = asyncio.get_running_loop()
+            for i in later:
+                self.tasks[i] = loop.create_task(self._summarise([i]))
+        if index in self.ready:
+            return self.ready.pop(index)
+        [interest] = await self.tasks.pop(index)
+        return interest
 
     def cancel(self) -> None:
         for task in self.tasks.values():
@@ -179,26 +190,31 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     finally:
         interests.cancel()  # none left running when a step raised
     source = row.get("source_digest") or history_digest(history)  # the runner's rows carry it
-    digests = {length: history_digest(history[:length]) for length in {train.items_consumed, test.items_consumed}}
-    rows = []
-    for horizon, walked, spent, target in (("train", train, train_stats, history[n - 2]),
-                                           ("valid", train, StepStats(), history[n - 2]),
-                                           ("test", test, stats, history[n - 1])):
-        failures = train_stats.errors + (stats.errors if horizon == "test" else [])
-        rows.append({
-            "user_idx": int(row["user_idx"]), "horizon": horizon,
-            "preference": walked.preference or "",
-            "short_term": walked.short_terms,
-            "windows": walked.windows, "items_consumed": walked.items_consumed,
-            "history_start": walked.start, "target_item_idx": int(target),
-            "settled_windows": walked.settled_windows, "settled_preference": walked.settled_preference,
-            "consumed_digest": digests[walked.items_consumed], "source_digest": source,
-            "continued": continued,
-            "status": "ok" if walked.preference else "failed",
-            "error": failures[-1] if failures else None, "failed_steps": len(failures),
-            "calls": spent.calls, "prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens,
-        })
-    return rows
+    user = int(row["user_idx"])
+    train_row = horizon_row(user, "train", train, history, history[n - 2], train_stats, train_stats.errors, continued, source)
+    # `valid` sees the same items as `train`, so it is the same state; its calls were train's.
+    valid_row = {**train_row, "horizon": "valid", "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    test_row = horizon_row(user, "test", test, history, history[n - 1], stats, train_stats.errors + stats.errors,
+                           continued, source)
+    return [train_row, valid_row, test_row]
+
+
+def horizon_row(user: int, horizon: str, walked: WalkState, history: np.ndarray, target: int, spent: StepStats,
+                failures: list[str], continued: bool, source: str) -> dict[str, Any]:
+    """One output row of the users table (DESIGN.md): the state a horizon's walk ended in."""
+    return {
+        "user_idx": user, "horizon": horizon,
+        "preference": walked.preference or "",
+        "short_term": walked.short_terms,
+        "windows": walked.windows, "items_consumed": walked.items_consumed,
+        "history_start": walked.start, "target_item_idx": int(target),
+        "settled_windows": walked.settled_windows, "settled_preference": walked.settled_preference,
+        "consumed_digest": history_digest(history[:walked.items_consumed]), "source_digest": source,
+        "continued": continued,
+        "status": "ok" if walked.preference else "failed",
+        "error": failures[-1] if failures else None, "failed_steps": len(failures),
+        "calls": spent.calls, "prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens,
+    }
 
 
 def failed_user_rows(row: dict[str, Any], error: str) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 from cotrec.llm.base import Conversation, Generation, LLMEngine, SamplingSettings
 
 
-@dataclass
+@dataclass(slots=True)
 class StepStats:
     """What one program spent: LLM calls (retries included), tokens, failed steps."""
 
@@ -82,17 +82,30 @@ class Steps:
 
     async def text(self, conversation: Conversation, max_tokens: int, stats: StepStats) -> tuple[str | None, Generation]:
         """Free text, or None (with the reply, whose error says why)."""
-        reply = await self.reply(conversation, max_tokens, stats)
-        if reply.status == "truncated":
-            return trim_to_sentence(reply.text), reply
-        if reply.ok:
-            return reply.text.strip(), reply
-        return None, reply
+        return read_text(await self.reply(conversation, max_tokens, stats))
+
+    async def texts(self, conversations: list[Conversation], max_tokens: int,
+                    stats: list[StepStats]) -> list[tuple[str | None, Generation]]:
+        """`text` for several independent conversations in one engine call; `stats[i]` counts reply i."""
+        replies = await self.engine.chat(conversations, self.settings(max_tokens, False))
+        for reply, counted in zip(replies, stats):
+            counted.record(reply)
+        return [read_text(reply) for reply in replies]
 
     async def json(self, conversation: Conversation, schema: dict[str, Any], max_tokens: int,
                    stats: StepStats) -> tuple[Any, Generation]:
         reply = await self.reply(conversation, max_tokens, stats, json_schema=schema)
         return (reply.parsed if reply.ok else None), reply
+
+
+def read_text(reply: Generation) -> tuple[str | None, Generation]:
+    """A free-text reply as (text, reply): a reply cut at its budget up to its last full sentence,
+    None when it failed (the reply's error says why)."""
+    if reply.status == "truncated":
+        return trim_to_sentence(reply.text), reply
+    if reply.ok:
+        return reply.text.strip(), reply
+    return None, reply
 
 
 def describe_failure(reply: Generation) -> str:
