@@ -47,7 +47,7 @@ class SamplingSettings:
     retry_truncated: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Generation:
     """One reply. `status` is ok | truncated | invalid_json | error; failures carry `error`."""
 
