@@ -365,3 +365,16 @@ def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
         assert slots.free == 3 and not slots.waiters  # every slot came back
 
     asyncio.run(main())
+
+
+def test_the_scale_bench_puts_synthetic_users_through_the_real_runner(tmp_path):
+    """`bench extract --parts scale` on a few thousand users: every user's three rows come back, none failed."""
+    import json
+
+    out = tmp_path / "scale.json"
+    result = run_cli("bench", "extract", "--parts", "scale", "--scale-users", "3000", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    scale = json.loads(out.read_text())["scale"]
+    assert scale["rows_done"] == 3000 and scale["records"] == 9000 and scale["failed_records"] == 0
+    assert scale["backend"] == "zero-latency" and scale["calls"] >= 2 * 3000  # two windows per user at least
+    assert scale["ray_data_start_s"] > 0 and scale["users_per_s"] > 0 and scale["shards"] == 2
