@@ -43,7 +43,7 @@ from cotrec.config import Config, load_config
 from cotrec.errors import CotrecError
 from cotrec.extract.preference import WalkState, planned_steps, settled_after, walk_bounds
 from cotrec.extract.prompts import Domain, domain_of, item_labels, merge_preference, short_term_interest
-from cotrec.extract.steps import trim_to_sentence
+from cotrec.extract.steps import read_text
 from cotrec.extract.windows import capped_start, history_digest
 from cotrec.llm.base import Generation, SamplingSettings
 from cotrec.progress import log
@@ -343,21 +343,12 @@ class WavePlan:
 
 
 async def _texts(engine: Any, conversations: list[Any], max_tokens: int, config: Any) -> list[tuple[str | None, Generation]]:
-    """One batch through the engine, read the way `Steps.text` reads each reply."""
+    """One batch through the engine, each reply read as the programs read theirs (`read_text`)."""
     if not conversations:
         return []
     settings = SamplingSettings(max_tokens=max_tokens, temperature=config.temperature,
                                 repetition_penalty=config.repetition_penalty, retry_truncated=False)
-    replies = await engine.chat(conversations, settings)
-    out = []
-    for reply in replies:
-        if reply.status == "truncated":
-            out.append((trim_to_sentence(reply.text), reply))
-        elif reply.ok:
-            out.append((reply.text.strip(), reply))
-        else:
-            out.append((None, reply))
-    return out
+    return [read_text(reply) for reply in await engine.chat(conversations, settings)]
 
 
 STEP_COUNTS = ("calls", "prompt_tokens", "completion_tokens")
@@ -661,7 +652,7 @@ def start_ray_data() -> float:
     """Start Ray Data's cluster-wide actors (its stats actor, autoscaling coordinator and actor
     location tracker are detached: the first dataset of a cluster starts them, later jobs find them)
     with a dataset of two rows; returns its seconds. The runner is then timed as on a cluster that
-    has run a dataset before: on this 2-core machine they took 2-3 s of its first shard's latency."""
+    has run a dataset before, without their start in its first shard's latency."""
     import ray
 
     started = time.perf_counter()
