@@ -378,3 +378,11 @@ def test_the_scale_bench_puts_synthetic_users_through_the_real_runner(tmp_path):
     assert scale["rows_done"] == 3000 and scale["records"] == 9000 and scale["failed_records"] == 0
     assert scale["backend"] == "zero-latency" and scale["calls"] >= 2 * 3000  # two windows per user at least
     assert scale["ray_data_start_s"] > 0 and scale["users_per_s"] > 0 and scale["shards"] == 2
+
+
+def test_the_instruction_count_bench_runs_its_users_through_an_extract_worker(tmp_path):
+    """What `python -m cotrec.bench.instructions` has valgrind count, run without valgrind: it must keep working."""
+    inner = ("import runpy, sys; sys.argv = ['instructions', '--inner', '30', '40']; "
+             "runpy.run_path('cotrec/bench/instructions.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", inner], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

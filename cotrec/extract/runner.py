@@ -222,8 +222,8 @@ class ProgramPool:
                 return self.program.failed(row, f"{type(exc).__name__}: {exc}")
 
     async def _all(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        # Tasks awaited in order rather than asyncio.gather, whose per-task callbacks are Python code:
-        # they were 40% of the runner's own cost per row (instruction counts, a program doing nothing).
+        # Tasks awaited in order rather than asyncio.gather, whose per-task callbacks are Python code
+        # (a large part of the runner's own cost per row, in instruction counts).
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._one(row)) for row in rows]
         try:
