@@ -181,23 +181,25 @@ class LLMEngine(ABC):
         is returned with its status and error instead of raising, so one bad row never sinks
         a batch. Backend errors (a prompt over the context length) are not retried.
         """
-        results: list[Generation | None] = [None] * len(conversations)
-        pending = list(range(len(conversations)))
-        attempt_settings = settings
-        for attempt in range(1, self.json_retries + 2):
-            replies = await self._generate([conversations[i] for i in pending], attempt_settings, json_schema)
-            retry = []
-            for index, reply in zip(pending, replies):
-                reply.attempts = attempt
-                self._judge(reply, json_schema)
-                results[index] = reply
-                if reply.status in ("empty", "invalid_json") or (reply.status == "truncated" and settings.retry_truncated):
-                    retry.append(index)
-            pending = retry
+        replies = await self._generate(conversations, settings, json_schema)
+        pending = [i for i, reply in enumerate(replies) if self._retry(reply, 1, settings, json_schema)]
+        for attempt in range(2, self.json_retries + 2):
             if not pending:
                 break
-            attempt_settings = replace(settings, temperature=max(settings.temperature, 0.7))
-        return results  # type: ignore[return-value]
+            sampled = replace(settings, temperature=max(settings.temperature, 0.7))
+            again = await self._generate([conversations[i] for i in pending], sampled, json_schema)
+            for index, reply in zip(pending, again):
+                replies[index] = reply
+            pending = [i for i, reply in zip(pending, again) if self._retry(reply, attempt, settings, json_schema)]
+        return replies
+
+    @classmethod
+    def _retry(cls, reply: Generation, attempt: int, settings: SamplingSettings,
+               json_schema: dict[str, Any] | None) -> bool:
+        """Judge `attempt`'s reply; whether it is to be tried again."""
+        reply.attempts = attempt
+        cls._judge(reply, json_schema)
+        return reply.status in ("empty", "invalid_json") or (reply.status == "truncated" and settings.retry_truncated)
 
     @staticmethod
     def _judge(reply: Generation, json_schema: dict[str, Any] | None) -> None:
