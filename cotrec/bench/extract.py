@@ -318,7 +318,7 @@ class WavePlan:
     """One user's windows as the recurrence walks them: the train walk, then the test continuation."""
 
     def __init__(self, row: dict[str, Any], config: Any, labels_of: Any):
-        history = np.asarray(row["history"], dtype=np.int64)
+        history = np.asarray(row["history"], dtype=np.int64).tolist()  # as the users program holds it
         n = len(history)
         state = WalkState(start=capped_start(n - 2, config.window, config.overlap, config.max_windows))
         train = walk_bounds(state, n - 2, config)

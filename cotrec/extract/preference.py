@@ -87,10 +87,11 @@ class Interests:
     in one engine call with the windows ahead of it. `ahead=0` walks strictly one call at a time.
     """
 
-    def __init__(self, steps: Steps, domain: Domain, labels_of: Any, history: np.ndarray, config: ExtractConfig):
+    def __init__(self, steps: Steps, domain: Domain, labels_of: Any, history: list[int], config: ExtractConfig):
         self.steps, self.domain, self.labels_of, self.history = steps, domain, labels_of, history
         self.budget, self.ahead = config.interest_tokens, config.interests_ahead
         self.planned: list[tuple[int, int, StepStats]] = []  # (begin, end, whose stats it counts to), walk order
+        self.asked = 0  # windows [0, asked) of `planned` are asked for (walks get them in order)
         self.tasks: dict[int, asyncio.Task] = {}  # windows (indices into `planned`) being asked ahead
         self.ready: dict[int, str | None] = {}  # windows whose interest came with an earlier call
 
@@ -100,20 +101,22 @@ class Interests:
         self.planned += [(begin, end, stats) for begin, end in bounds]
         return range(first, len(self.planned))
 
-    def _summarise(self, indices: list[int]) -> Any:
+    def _summarise(self, indices: range) -> Any:
         windows = [self.planned[i] for i in indices]
-        return summarise_windows(self.steps, self.domain, [self.labels_of(self.history[b:e]) for b, e, _ in windows],
+        history, labels_of = self.history, self.labels_of
+        return summarise_windows(self.steps, self.domain, [labels_of(history[b:e]) for b, e, _ in windows],
                                  self.budget, [stats for _, _, stats in windows])
 
     async def get(self, index: int) -> str | None:
-        later = [i for i in range(index + 1, min(index + 1 + self.ahead, len(self.planned)))
-                 if i not in self.tasks and i not in self.ready]
-        if index not in self.tasks and index not in self.ready:  # nothing asked yet: this and the ones ahead
-            self.ready.update(zip([index, *later], await self._summarise([index, *later])))
-        else:
+        end = min(index + 1 + self.ahead, len(self.planned))  # this window and the ones ahead of it
+        if index >= self.asked:  # nothing asked yet: all of them, in one call
+            asked, self.asked = range(index, end), end
+            self.ready.update(zip(asked, await self._summarise(asked)))
+        elif end > self.asked:  # this one was asked earlier: each of the ones ahead not yet asked, in a task
             loop = asyncio.get_running_loop()
-            for i in later:
-                self.tasks[i] = loop.create_task(self._summarise([i]))
+            for i in range(self.asked, end):
+                self.tasks[i] = loop.create_task(self._summarise(range(i, i + 1)))
+            self.asked = end
         if index in self.ready:
             return self.ready.pop(index)
         [interest] = await self.tasks.pop(index)
@@ -152,7 +155,7 @@ async def walk(steps: Steps, domain: Domain, interests: Interests, windows: rang
                      settled_preference=settled_preference)
 
 
-def prior_state(row: dict[str, Any], history: np.ndarray, train_length: int) -> WalkState | None:
+def prior_state(row: dict[str, Any], history: list[int], train_length: int) -> WalkState | None:
     """The stored `train` state to continue from, when it was made from a prefix of this history."""
     consumed = row.get("prior_items_consumed")
     if consumed is None or (isinstance(consumed, float) and np.isnan(consumed)):
@@ -169,7 +172,8 @@ def prior_state(row: dict[str, Any], history: np.ndarray, train_length: int) -> 
 async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     """All three horizons of one user: walk the training items, then continue for `test`."""
     config: ExtractConfig = ctx.config
-    history = np.asarray(row["history"], dtype=np.int64)
+    history = row["history"]  # item indices, as a list (slices and labels cost less than numpy's)
+    history = history.tolist() if isinstance(history, np.ndarray) else list(history)
     n = len(history)
     train_length = n - 2
     train_stats, stats = StepStats(), StepStats()  # the train walk's calls; the test walk's
@@ -199,7 +203,7 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     return [train_row, valid_row, test_row]
 
 
-def horizon_row(user: int, horizon: str, walked: WalkState, history: np.ndarray, target: int, spent: StepStats,
+def horizon_row(user: int, horizon: str, walked: WalkState, history: list[int], target: int, spent: StepStats,
                 failures: list[str], continued: bool, source: str) -> dict[str, Any]:
     """One output row of the users table (DESIGN.md): the state a horizon's walk ended in."""
     return {

@@ -63,7 +63,7 @@ def item_labels(items: pd.DataFrame) -> list[str]:
 
 
 def numbered(labels: list[str]) -> str:
-    return "\n".join(f"{i}. {label}" for i, label in enumerate(labels, 1))
+    return "\n".join([f"{i}. {label}" for i, label in enumerate(labels, 1)])  # join makes a list of a generator anyway
 
 
 def short_term_interest(domain: Domain, labels: list[str]) -> Conversation:

@@ -159,9 +159,9 @@ class ProgramContext:
         self.incremental = incremental
         self._labels = labels or []
 
-    def labels_of(self, items: np.ndarray) -> list[str]:
+    def labels_of(self, items: list[int]) -> list[str]:
         labels = self._labels
-        return [labels[i] for i in items.tolist()]
+        return [labels[i] for i in items]
 
 
 class Slots:
