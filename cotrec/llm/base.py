@@ -105,6 +105,11 @@ def validate_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, str | 
     return value, None
 
 
+# The statuses a reply is tried again for (a truncated one only where the settings say so).
+_RETRIED = frozenset({"empty", "invalid_json"})
+_RETRIED_WITH_TRUNCATED = _RETRIED | {"truncated"}
+
+
 class LLMEngine(ABC):
     """Base of every backend: a private event loop thread and the sync/async plumbing."""
 
@@ -182,29 +187,24 @@ class LLMEngine(ABC):
         a batch. Backend errors (a prompt over the context length) are not retried.
         """
         replies = await self._generate(conversations, settings, json_schema)
-        pending = [i for i, reply in enumerate(replies) if self._retry(reply, 1, settings, json_schema)]
+        retried = _RETRIED_WITH_TRUNCATED if settings.retry_truncated else _RETRIED
+        pending = [i for i, reply in enumerate(replies) if self._judge(reply, json_schema) in retried]
         for attempt in range(2, self.json_retries + 2):
             if not pending:
                 break
             sampled = replace(settings, temperature=max(settings.temperature, 0.7))
             again = await self._generate([conversations[i] for i in pending], sampled, json_schema)
             for index, reply in zip(pending, again):
+                reply.attempts = attempt
                 replies[index] = reply
-            pending = [i for i, reply in zip(pending, again) if self._retry(reply, attempt, settings, json_schema)]
+            pending = [i for i, reply in zip(pending, again) if self._judge(reply, json_schema) in retried]
         return replies
 
-    @classmethod
-    def _retry(cls, reply: Generation, attempt: int, settings: SamplingSettings,
-               json_schema: dict[str, Any] | None) -> bool:
-        """Judge `attempt`'s reply; whether it is to be tried again."""
-        reply.attempts = attempt
-        cls._judge(reply, json_schema)
-        return reply.status in ("empty", "invalid_json") or (reply.status == "truncated" and settings.retry_truncated)
-
     @staticmethod
-    def _judge(reply: Generation, json_schema: dict[str, Any] | None) -> None:
+    def _judge(reply: Generation, json_schema: dict[str, Any] | None) -> str:
+        """Set a reply's status (and error) from its text, finish reason and schema; returns the status."""
         if reply.status == "error":
-            return
+            return "error"
         if not reply.text.strip():
             reply.status, reply.error = "empty", "empty reply"
         elif json_schema is not None:
@@ -219,6 +219,7 @@ class LLMEngine(ABC):
             reply.status, reply.error = "truncated", "cut at max_tokens"
         else:
             reply.status, reply.error = "ok", None
+        return reply.status
 
     # -- plumbing ---------------------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
