@@ -367,6 +367,59 @@ def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
     asyncio.run(main())
 
 
+def test_lanes_keep_a_batch_in_flight_up_to_the_slots_in_row_order_with_a_sleeping_program():
+    """The pool runs a batch's rows in lanes: two batches share the slots, reach them, keep each
+    row's records in its place and its failure to itself; a cancelled batch leaves nothing running."""
+    from cotrec.extract.runner import Program
+
+    active, peak = [0], [0]
+
+    async def sleeping_program(row, ctx):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            await asyncio.sleep(0.02 * (1 + row["user_idx"] % 3))
+            if row["user_idx"] == 7:
+                raise ValueError("bad row")
+            return [{"user_idx": row["user_idx"], "status": "ok"}]
+        finally:
+            active[0] -= 1
+
+    def failed(row, error):
+        return [{"user_idx": row["user_idx"], "status": "error", "error": error}]
+
+    def pool_of(in_flight):
+        pool = ProgramPool("users", engine, ExtractConfig(in_flight=in_flight), "movie")
+        pool.program = Program("users", "unused", ("user_idx",), sleeping_program, failed, PROGRAMS["users"].schema)
+        return pool
+
+    async def two_batches(pool, rows):
+        return await asyncio.gather(*(pool.run([{"user_idx": i} for i in range(rows)]) for _ in range(2)))
+
+    async def cancelled(pool):
+        batch = asyncio.ensure_future(pool.run([{"user_idx": i} for i in range(500)]))
+        await asyncio.sleep(0.03)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        await asyncio.sleep(0.01)
+        return active[0], pool._slots.free
+
+    engine = ZeroLatencyEngine(LLMConfig(backend="zero-latency"))
+    try:
+        for in_flight, rows in ((16, 100), (1000, 100), (1, 8)):
+            peak[0] = 0
+            pool = pool_of(in_flight)
+            first, second = asyncio.run(two_batches(pool, rows))
+            assert first == second and [r["user_idx"] for r in first] == list(range(rows))
+            assert first[7]["status"] == "error" and "ValueError: bad row" in first[7]["error"]
+            assert sum(r["status"] == "ok" for r in first) == rows - 1
+            assert peak[0] == min(in_flight, 2 * rows) and pool._slots.free == in_flight
+        assert asyncio.run(cancelled(pool_of(50))) == (0, 50)
+    finally:
+        engine.close()
+
+
 def test_the_scale_bench_puts_synthetic_users_through_the_real_runner(tmp_path):
     """`bench extract --parts scale` on a few thousand users: every user's three rows come back, none failed."""
     import json
