@@ -62,9 +62,9 @@ def item_labels(items: pd.DataFrame) -> list[str]:
     return labels
 
 
-# "1. %s\n2. %s\n...": one template per list length, made once. Filling a template with `%` is one
-# C call; an f-string per item (the number formatted, then joined) cost 2.4x the instructions, and a
-# user's two window prompts spent most of their time here (zero-latency runner, valgrind counts).
+# "1. %s\n2. %s\n...": one template per list length, made once. Filling one with `%` is a single C
+# call; an f-string per item (its number formatted, then the lines joined) counted 2.4x the
+# instructions, and every window prompt of the users job builds such a list.
 _NUMBERED_TEMPLATES: list[str] = [""]
 
 

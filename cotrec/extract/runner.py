@@ -237,7 +237,7 @@ class ProgramPool:
 
     async def _all(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """Every row's records, in row order, the rows run in lanes (see `_Lanes`)."""
-        lanes = _Lanes(self, rows)
+        lanes = _Lanes(rows, self._one, self._slots)
         try:
             return await lanes.results()
         finally:
@@ -253,16 +253,17 @@ class _Lanes:
     """A batch's rows, run by lanes: tasks that each take the batch's next row when their program ends.
 
     A task per row is Python code in 3.11 (its creation, its scheduling, the all-tasks registry):
-    2.7% of the users job's instructions per user with the zero-latency engine. A lane runs rows one
-    after another, so a batch needs a task per program in flight, not per row. Lanes
-    start while slots are free: a lane that took a slot, when no lane it started has begun yet,
-    starts as many as are running, up to the free slots and the rows left (a batch's programs in
-    flight double per turn of the loop). Programs that never wait (every window settled, an
-    instant engine) run a whole batch in one lane.
+    2.7% of the users job's instructions per user with the zero-latency engine. A lane runs rows
+    one after another, so a batch needs a task per program in flight, not per row. Lanes start
+    while slots are free: a lane that took a slot, when no lane it started has begun yet, starts as
+    many as are running, up to the free slots and the rows left (a batch's programs in flight
+    double per turn of the loop). Programs that never wait (every window settled, an instant
+    engine) run a whole batch in one lane.
     """
 
-    def __init__(self, pool: ProgramPool, rows: list[dict[str, Any]]):
-        self.pool, self.rows = pool, rows
+    def __init__(self, rows: list[dict[str, Any]], run_row: Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]],
+                 slots: Slots):
+        self.rows, self.run_row, self.slots = rows, run_row, slots
         self.records: list[list[dict[str, Any]]] = [[] for _ in rows]
         self.next = 0  # the next row to take
         self.running = 0  # lanes running a row
@@ -272,7 +273,7 @@ class _Lanes:
 
     async def _lane(self) -> None:
         self.starting -= 1
-        rows, slots = self.rows, self.pool._slots
+        rows, slots = self.rows, self.slots
         while self.next < len(rows):
             index = self.next
             self.next += 1
@@ -283,7 +284,7 @@ class _Lanes:
                     self.starting += more
                     self.tasks += [self.loop.create_task(self._lane()) for _ in range(more)]
                 try:
-                    self.records[index] = await self.pool._one(rows[index])
+                    self.records[index] = await self.run_row(rows[index])
                 finally:
                     self.running -= 1
 
