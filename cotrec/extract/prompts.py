@@ -8,6 +8,7 @@ made by other prompts (and a rerun redoes them).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,18 +63,17 @@ def item_labels(items: pd.DataFrame) -> list[str]:
     return labels
 
 
-# "1. %s\n2. %s\n...": one template per list length, made once. Filling one with `%` is a single C
-# call; an f-string per item (its number formatted, then the lines joined) counted 2.4x the
-# instructions, and every window prompt of the users job builds such a list.
-_NUMBERED_TEMPLATES: list[str] = [""]
+@functools.cache
+def _numbered_template(count: int) -> str:
+    """`"1. %s\n2. %s\n..."` for `count` items, made once per count. Filling one with `%` is a single
+    C call; an f-string per item (its number formatted, then the lines joined) counted 2.4x the
+    instructions, and every window prompt of the users job builds such a list."""
+    return "\n".join(f"{i}. %s" for i in range(1, count + 1))
 
 
 def numbered(labels: list[str]) -> str:
     """The labels as a numbered list, one per line: `1. Toy Story (1995; ...)`."""
-    count = len(labels)
-    while len(_NUMBERED_TEMPLATES) <= count:
-        _NUMBERED_TEMPLATES.append("\n".join(f"{i}. %s" for i in range(1, len(_NUMBERED_TEMPLATES) + 1)))
-    return _NUMBERED_TEMPLATES[count] % tuple(labels)
+    return _numbered_template(len(labels)) % tuple(labels)
 
 
 def short_term_interest(domain: Domain, labels: list[str]) -> Conversation:
