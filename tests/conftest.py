@@ -22,13 +22,19 @@ def cli():
     return run_cli
 
 
+# Tests that compare model numerics (one engine against another, one run against another) run the
+# model in float32: `dtype: auto` picks bfloat16 on CPUs with AVX512-BF16 or AMX, whose kernels
+# differ from machine to machine, and the suite must hold on any x86-64 CPU it lands on.
+FLOAT32 = "llm.dtype=float32"
+
+
 @pytest.fixture(scope="session")
 def vllm_engine():
-    """One vLLM engine (embedded model, CPU, eager) shared by the whole session."""
+    """One vLLM engine (embedded model, CPU, eager, float32) shared by the whole session."""
     from cotrec.config import LLMConfig
     from cotrec.llm import make_engine
 
-    engine = make_engine(LLMConfig(backend="vllm"))
+    engine = make_engine(LLMConfig(backend="vllm", dtype="float32"))
     yield engine
     engine.close()
 
@@ -38,7 +44,7 @@ def transformers_engine():
     from cotrec.config import LLMConfig
     from cotrec.llm import make_engine
 
-    engine = make_engine(LLMConfig(backend="transformers"))
+    engine = make_engine(LLMConfig(backend="transformers", dtype="float32"))
     yield engine
     engine.close()
 

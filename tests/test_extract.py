@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import FLOAT32, REPO, run_cli
 from cotrec.config import ExtractConfig, LLMConfig, load_config
 from cotrec.extract.runner import PROGRAMS, ProgramPool, read_shards, shard_files
 from cotrec.extract.stage import item_rows, pair_rows, user_histories, user_rows
@@ -30,8 +30,9 @@ from cotrec.llm.base import Generation
 from cotrec.llm.zero_latency import ZeroLatencyEngine
 from cotrec.rundir import RunDir
 
-# Short budgets keep the real-model tests quick; greedy decoding keeps them reproducible.
-REAL = ["--set", "extract.max_windows=null", "--set", "llm.backend=transformers", "--set", "llm.batch_size=1", "--set", "extract.interest_tokens=24",
+# Short budgets keep the real-model tests quick; greedy decoding in float32 keeps them reproducible
+# on any CPU (see conftest.FLOAT32).
+REAL = ["--set", FLOAT32, "--set", "extract.max_windows=null", "--set", "llm.backend=transformers", "--set", "llm.batch_size=1", "--set", "extract.interest_tokens=24",
         "--set", "extract.preference_tokens=32", "--set", "extract.batch_size=1", "--set", "extract.cpus_per_actor=1"]
 ZERO = ["--set", "llm.backend=zero-latency", "--set", "extract.cpus_per_actor=0.5", "--set", "extract.max_windows=null"]
 

@@ -22,7 +22,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def http_engine(tmp_path_factory):
     port = free_port()
-    server = start_vllm_server(LLMConfig(), port, log_path=tmp_path_factory.mktemp("vllm") / "serve.log")
+    # float32 like the session's in-process engine it is compared with (see conftest.FLOAT32)
+    server = start_vllm_server(LLMConfig(dtype="float32"), port, log_path=tmp_path_factory.mktemp("vllm") / "serve.log")
     engine = make_engine(LLMConfig(backend="openai", base_url=server.base_url, model="embedded"))
     yield engine
     engine.close()

@@ -12,9 +12,11 @@ import pytest
 from cotrec.ranker.stage import ranker_eval
 from cotrec.retriever import train_variant
 from cotrec.serving import evaluate_via_serve, free_port, start_app, stop_app
+from conftest import FLOAT32
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
-SMALL = FAST_RETRIEVER + ("llm.backend=transformers", "ranker.mapb=false")
+# float32: the served ranker's probabilities must equal the offline ones (see conftest.FLOAT32)
+SMALL = FAST_RETRIEVER + ("llm.backend=transformers", "ranker.mapb=false", FLOAT32)
 
 
 @pytest.fixture(scope="module")
