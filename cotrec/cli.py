@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from cotrec.pipeline import STAGE_NAMES
     from cotrec.report import format_report, write_reports
 
     root = Path(args.run_dir or Path("runs") / config_name(args.config))
@@ -70,7 +71,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.config is None and (root / "config.yaml").is_file():
         args.config = str(root / "config.yaml")  # the run's own settings, not the default preset's
     config, run = open_run(args)
-    print(format_report(write_reports(config, run)))
+    print(format_report(write_reports(config, run, STAGE_NAMES)))
     return 0
 
 
@@ -166,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CotrecError("only --via-serve is implemented here; offline metrics come from `cotrec retriever train` "
                           "and `cotrec ranker eval`")
     config, run = open_run(args)
-    variant = args.variant or list(config.ranker.retrievers.values())[-1]
+    variant = args.variant or config.ranker.default_retriever
     url = args.url
     started = url is None
     if started:
@@ -191,6 +192,7 @@ def cmd_bench_retriever(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from cotrec.extract import extract_items, extract_perceptions, extract_users, format_summary as format_extract
+    from cotrec.extract.stage import read_pairs
 
     config, run = open_run(args)
     if args.what == "items":
@@ -198,7 +200,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     elif args.what == "users":
         summary = extract_users(config, run, force=args.force, limit=args.limit, incremental=args.incremental)
     else:
-        summary = extract_perceptions(config, run, pairs=args.pairs, force=args.force, limit=args.limit)
+        from cotrec.ranker.lists import candidate_pairs
+
+        if args.pairs is not None:
+            pairs, source = read_pairs(args.pairs), str(args.pairs)
+        else:
+            pairs, source = candidate_pairs(run, config)
+        summary = extract_perceptions(config, run, pairs, source, force=args.force, limit=args.limit)
     print(format_extract(summary))
     return 0
 

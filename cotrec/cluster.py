@@ -16,8 +16,8 @@ def ensure_ray(**init_kwargs: Any) -> bool:
 
     if ray.is_initialized():
         return False
-    # Ray starts its workers at nice 15: on a busy machine a training epoch stretched from 6 s
-    # to 65 s. The variable is read by the local Ray that ray.init starts below.
+    # Ray starts its workers at nice 15, which starves them on a busy machine; the variable is read
+    # by the local Ray that ray.init starts below.
     os.environ.setdefault("RAY_worker_niceness", "0")
     address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}

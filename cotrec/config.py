@@ -11,8 +11,6 @@ hash of the sections it reads, so a stage reruns exactly when its inputs change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,10 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cotrec.errors import ConfigError
-
-DATA_SOURCES = ("ml-100k", "ml-1m", "movielens", "mind", "amazon", "yelp")
-DOMAINS = ("movie", "news", "product", "business")
-
+from cotrec.fingerprint import fingerprint
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
@@ -229,8 +224,7 @@ class RankerConfig(Section):
     batch_size: int = Field(8, ge=1)  # examples per optimiser step, over all workers
     max_train_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the training users
     zero_stage: int = Field(2, ge=0, le=3)
-    # auto: bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (emulated bf16 is ~100x slower and
-    # DeepSpeed's CPU shared-memory reduce needs AVX-512 for it).
+    # auto: bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (a CPU without native bf16 emulates it).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     trainer: Literal["ray", "local"] = "ray"
     num_workers: int = Field(1, ge=1)
@@ -241,8 +235,16 @@ class RankerConfig(Section):
     max_eval_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the evaluated users
     lists_per_call: int = Field(64, ge=1)  # candidate lists sent to the engine per call
 
+    @property
+    def default_retriever(self) -> str:
+        """The retriever Serve and `cotrec evaluate` use when none is named: the last of
+        `retrievers` (in the presets, CRM++: the personalised one)."""
+        return list(self.retrievers.values())[-1]
+
     @model_validator(mode="after")
     def _check(self) -> "RankerConfig":
+        if not self.retrievers:
+            raise ValueError("retrievers must name at least one retriever variant")
         for name in self.grid:
             parse_ranker(name)
         for label, variant in self.retrievers.items():
@@ -267,8 +269,8 @@ class LLMConfig(Section):
     # auto: bfloat16 on GPUs and bf16-capable CPUs, float32 on other CPUs (bf16 is emulated there)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(2048, ge=64)  # context length: prompt + reply tokens
-    enforce_eager: bool = True  # vLLM: skip torch.compile (22 s start instead of 70-160 s on CPU)
-    kv_cache_gb: int = Field(2, ge=1)  # vLLM on CPU: KV-cache space (2 GiB held ~93k tokens)
+    enforce_eager: bool = True  # vLLM: skip torch.compile (the shortest start; compiling pays off on long jobs)
+    kv_cache_gb: int = Field(2, ge=1)  # vLLM on CPU: KV-cache space in GiB
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM on GPU
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs per engine
     max_num_seqs: int = Field(128, ge=1)  # vLLM: sequences batched at once
@@ -310,9 +312,7 @@ class Config(Section):
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none named): what a stage's outputs depend on."""
         dumped = self.model_dump(mode="json")
-        chosen = {name: dumped[name] for name in (sections or dumped.keys())}
-        blob = json.dumps(chosen, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return fingerprint({name: dumped[name] for name in (sections or dumped.keys())})
 
 
 def preset_names() -> list[str]:

@@ -15,8 +15,25 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from cotrec.config import Config
+import ray
+
+from cotrec.cluster import ensure_ray
+from cotrec.config import Config, parse_ranker
+from cotrec.data.prepare import format_summary as format_prepare
+from cotrec.data.prepare import prepare
+from cotrec.embed import embed
+from cotrec.embed import format_summary as format_embed
+from cotrec.extract import extract_items, extract_perceptions, extract_users
+from cotrec.extract import format_summary as format_extract
 from cotrec.progress import log
+from cotrec.ranker.lists import candidate_pairs
+from cotrec.ranker.prompts import uses_perceptions, uses_preference
+from cotrec.ranker.stage import format_summary as format_table2
+from cotrec.ranker.stage import ranker_grid
+from cotrec.report import write_reports
+from cotrec.reporting.stages import record_stage
+from cotrec.retriever import format_grid_summary, retriever_grid, train_variant
+from cotrec.retriever.variants import embedding_kinds, parse_variant
 from cotrec.rundir import RunDir
 
 
@@ -32,26 +49,18 @@ class Stage:
 
 
 def _prompts(config: Config) -> set[str]:
-    from cotrec.config import parse_ranker
-
     return {parse_ranker(ranker)[0] for ranker in config.ranker.grid}
 
 
 def _variants(config: Config) -> set[tuple[str, str]]:
-    from cotrec.retriever.variants import parse_variant
-
     return {parse_variant(v) for v in [*config.retriever.grid, *config.ranker.retrievers.values()]}
 
 
 def _reads_perceptions(config: Config) -> bool:
-    from cotrec.ranker.prompts import uses_perceptions
-
     return any(uses_perceptions(p) for p in _prompts(config))
 
 
 def _shows_preference(config: Config) -> bool:
-    from cotrec.ranker.prompts import uses_preference
-
     return any(uses_preference(p) for p in _prompts(config))
 
 
@@ -76,38 +85,38 @@ def _perceptions_unneeded(config: Config) -> Optional[str]:
 
 
 def _prepare(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
-    from cotrec.data.prepare import prepare
-
     return prepare(config, run, force=force)
 
 
-def _extract(kind: str) -> Callable[[Config, RunDir, bool], dict[str, Any]]:
-    def stage(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
-        from cotrec.extract import extract_items, extract_perceptions, extract_users
+def _extraction(summary: dict[str, Any]) -> dict[str, Any]:
+    return {**summary, "skipped": summary["rows"] == 0}
 
-        function = {"items": extract_items, "users": extract_users, "perceptions": extract_perceptions}[kind]
-        summary = function(config, run, force=force)
-        return {**summary, "skipped": summary["rows"] == 0}
-    return stage
+
+def _items(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    return _extraction(extract_items(config, run, force=force))
+
+
+def _preferences(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    return _extraction(extract_users(config, run, force=force))
+
+
+def _perceptions(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+    """The perceptions of exactly the lists the ranker will read."""
+    pairs, source = candidate_pairs(run, config)
+    return _extraction(extract_perceptions(config, run, pairs, source, force=force))
 
 
 def _embedding_kinds(config: Config) -> list[str]:
     """What the retriever variants start from: captions, descriptions, preferences."""
-    from cotrec.retriever.variants import embedding_kinds
-
     return sorted({kind for user, item in _variants(config) for kind in embedding_kinds(user, item)})
 
 
 def _embed(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
-    from cotrec.embed import embed
-
     return embed(config, run, force=force, kinds=_embedding_kinds(config))
 
 
 def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
     """Table 1, plus any retriever the ranker re-ranks that the grid does not train."""
-    from cotrec.retriever import retriever_grid, train_variant
-
     summary = retriever_grid(config, run, force=force)
     for variant in dict.fromkeys(config.ranker.retrievers.values()):
         if variant not in config.retriever.grid:
@@ -116,40 +125,28 @@ def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
 
 
 def _ranker(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
-    from cotrec.ranker.stage import ranker_grid
-
     return ranker_grid(config, run, force=force)
 
 
 def _report(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
-    from cotrec.report import write_reports
-
-    return {**write_reports(config, run), "skipped": False}
-
-
-def _fmt(module: str, name: str) -> Callable[[dict[str, Any]], str]:
-    def format_summary(summary: dict[str, Any]) -> str:
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(summary)
-    return format_summary
+    return {**write_reports(config, run, STAGE_NAMES), "skipped": False}
 
 
 STAGES: list[Stage] = [
     Stage("prepare", "load, k-core filter, sample and split the dataset", _prepare,
-          _fmt("cotrec.data.prepare", "format_summary")),
-    Stage("items", "LLM: an objective description of every item", _extract("items"),
-          _fmt("cotrec.extract", "format_summary"), _items_unneeded),
-    Stage("preferences", "LLM: each user's preference recurrence over history windows", _extract("users"),
-          _fmt("cotrec.extract", "format_summary"), _preferences_unneeded),
-    Stage("embed", "Encode & Map: captions, descriptions, preferences", _embed, _fmt("cotrec.embed", "format_summary"),
+          format_prepare),
+    Stage("items", "LLM: an objective description of every item", _items,
+          format_extract, _items_unneeded),
+    Stage("preferences", "LLM: each user's preference recurrence over history windows", _preferences,
+          format_extract, _preferences_unneeded),
+    Stage("embed", "Encode & Map: captions, descriptions, preferences", _embed, format_embed,
           _embed_unneeded),
     Stage("retriever", "SASRec grid over user / item initialisations (Table 1)", _retriever,
-          _fmt("cotrec.retriever", "format_grid_summary")),
+          format_grid_summary),
     Stage("perceptions", "LLM: role-played review + key terms of each re-ranked candidate",
-          _extract("perceptions"), _fmt("cotrec.extract", "format_summary"), _perceptions_unneeded),
+          _perceptions, format_extract, _perceptions_unneeded),
     Stage("ranker", "LoRA fine-tunes and the LLM ranker grid (Table 2)", _ranker,
-          _fmt("cotrec.ranker.stage", "format_summary")),
+          format_table2),
     Stage("report", "reports/: tables, plots, time and tokens per stage", _report,
           lambda s: f"wrote {len(s['written'])} files to {s['run']}/reports"),
 ]
@@ -158,9 +155,6 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage in order on one Ray session; returns per-stage summaries and timings."""
-    from cotrec.cluster import ensure_ray
-    from cotrec.report import record_stage
-
     started_ray = ensure_ray()  # one Ray session for all stages: no start-up per stage
     results: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
@@ -191,7 +185,5 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
             echo(stage.format(summary))
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     return {"stages": results, "timings": timings, "seconds": round(time.perf_counter() - started, 3)}

@@ -22,13 +22,18 @@ import numpy as np
 import torch
 
 from cotrec.config import Config, load_config, parse_ranker
-from cotrec.data.prepare import read_stats, read_table
 from cotrec.errors import CotrecError, DataError
+from cotrec.llm import make_engine
+from cotrec.ranker.letters import LetterRanker
+from cotrec.ranker.lists import CandidateList, shown_order, stored_key_terms, stored_preferences
+from cotrec.ranker.mapb import ranked_order
+from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
+from cotrec.ranker.stage import merged_model
 from cotrec.retriever.data import Sequences, history_queries
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.rundir import RunDir
+from cotrec.rundir import RunDir, read_stats, read_table
 
 HORIZONS = ("next", "valid", "test")
 
@@ -55,7 +60,7 @@ class RetrieverService:
         self.run = RunDir(run_dir)
         self.config = config = run_config(self.run)
         # default: the last of Table 2's retrievers (CRM++, the personalised one)
-        self.variant = variant or list(config.ranker.retrievers.values())[-1]
+        self.variant = variant or config.ranker.default_retriever
         user, item = parse_variant(self.variant)
         folder = Path(self.run / variant_dir(config, user, item, config.seed))
         if not (folder / "model.pt").is_file():
@@ -130,8 +135,6 @@ class RetrieverService:
     def preferences_of(self, user: int) -> dict[str, str]:
         """The user's stored long-term preference per horizon (empty when not extracted)."""
         if not hasattr(self, "_preferences"):
-            from cotrec.ranker.lists import stored_preferences
-
             table: dict[int, dict[str, str]] = {}
             for (user_idx, horizon), text in stored_preferences(self.run, need=None).items():
                 if text:
@@ -148,9 +151,6 @@ class RankerService:
     """The letter-scoring ranker of one (retriever, ranker) pair, for single candidate lists."""
 
     def __init__(self, run_dir: str | Path, variant: str, ranker: str, engine: Any = None):
-        from cotrec.ranker.letters import LetterRanker
-        from cotrec.ranker.stage import merged_model
-
         self.run = RunDir(run_dir)
         self.config = config = run_config(self.run)
         self.variant, self.ranker = variant, ranker
@@ -162,8 +162,6 @@ class RankerService:
             raise DataError(f"{model}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
                             f"--prompt {self.prompt}` first")
         if engine is None:
-            from cotrec.llm import make_engine
-
             engine = make_engine(config.llm.model_copy(update={"model": model}))
         self.engine, self.model = engine, model
         self.scorer = LetterRanker.for_run(self.run, self.prompt, engine)
@@ -171,9 +169,6 @@ class RankerService:
 
     def _stored_extraction(self) -> tuple[dict, dict]:
         """The stored preferences and perception key terms the prompt shows (empty when unused)."""
-        from cotrec.ranker.lists import stored_key_terms, stored_preferences
-        from cotrec.ranker.prompts import uses_perceptions, uses_preference
-
         # need=None: a served user may have no stored extraction (new users never do); their
         # prompts show empty text, as for a row whose extraction failed.
         preferences = stored_preferences(self.run, need=None) if uses_preference(self.prompt) else {}
@@ -182,10 +177,6 @@ class RankerService:
         return preferences, key_terms
 
     def candidate_list(self, user_idx: Optional[int], horizon: str, history: np.ndarray, candidates: Sequence[int]) -> Any:
-        from cotrec.ranker.lists import CandidateList
-
-        from cotrec.ranker.prompts import shorten
-
         split = "test" if horizon == "next" else horizon  # the latest stored state stands for "next"
         user = -1 if user_idx is None else int(user_idx)
         lst = CandidateList(user, split, [int(i) for i in history[-self.config.ranker.history_items:]],
@@ -198,9 +189,6 @@ class RankerService:
     async def rerank(self, lists: Sequence[Any]) -> list[dict[str, list]]:
         """Per list, the candidates' indices in ranked order (the offline rule, `ranked_order`)
         and their letter probabilities."""
-        from cotrec.ranker.lists import shown_order
-        from cotrec.ranker.mapb import ranked_order
-
         orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
         probs = await self.scorer.ascore(list(zip(lists, orders)))
         out = []

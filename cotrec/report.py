@@ -2,186 +2,47 @@
 
 Nothing is trained or generated here; every figure is read back from the stages' own outputs:
 
-  table1.md, table1.png          the retriever grid (finished variants, mean ± std over seeds)
+  table1.md, table1.png            the retriever grid (finished variants, mean ± std over seeds)
   table2.md, rank_vs_position.png  the ranker grid (finished evaluations) and its MAPB curves
-  stages.md, stages.png          wall time per stage (recorded by `cotrec run` in stages.json) and
-                                 LLM calls / tokens per extraction stage (summed from its shards)
-  summary.md                     the one-page view: dataset, Table 1, Table 2, stages
+  stages.md, stages.png            wall time per stage (recorded by `cotrec run` in stages.json) and
+                                   LLM calls / tokens per extraction stage (summed from its shards)
+  summary.md                       the one-page view: dataset, Table 1, Table 2, stages
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
-from typing import Any, Optional
-
-import numpy as np
+from typing import Any, Optional, Sequence
 
 from cotrec.config import Config
-from cotrec.rundir import RunDir, atomic_write_text, write_json
+from cotrec.extract.programs import stored_outputs
+from cotrec.ranker.stage import finished_table2
+from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
+from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
+from cotrec.reporting.tables import ranker_label, write_table1, write_table2
+from cotrec.retriever.stage import finished_grid
+from cotrec.rundir import RunDir, atomic_write_text, read_stats
 
-STAGES_JSON = "reports/stages.json"
-# The extraction stages and the folder each writes (tokens are read from its shards).
-_EXTRACTION = {"items": "items", "preferences": "users", "perceptions": "perceptions"}
-
-
-def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interrupted: bool = False) -> None:
-    """Remember a stage's wall time.
-
-    A skipped stage keeps the time of the run that did the work. An interrupted attempt (killed,
-    failed) keeps its time as `interrupted_seconds`: the stages resume where they stopped, so the
-    attempt that finishes the stage records its own time plus the interrupted ones.
-    """
-    records = stage_records(run)
-    previous = records.get(stage, {})
-    earlier = previous.get("interrupted_seconds", 0.0)
-    if interrupted:
-        records[stage] = {**previous, "interrupted_seconds": round(earlier + seconds, 3)}
-    elif skipped and "seconds" in previous:
-        records[stage] = {**previous, "last_checked_at": time.time(), "last_check_seconds": round(seconds, 3)}
-    else:
-        records[stage] = {"seconds": round(seconds + earlier, 3), "skipped": skipped, "finished_at": time.time()}
-        if earlier:
-            records[stage]["of_which_interrupted_seconds"] = round(earlier, 3)
-    write_json(Path(run / STAGES_JSON), records)
-
-
-def stage_records(run: RunDir) -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads(Path(run / STAGES_JSON).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def finished_stage_seconds(records: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Wall time of each stage that has finished (a stage only interrupted so far has none)."""
-    return {stage: record["seconds"] for stage, record in records.items() if "seconds" in record}
+# The extraction stages of the main job and the kind each runs (tokens are read from its shards).
+EXTRACTION_STAGES = {"items": "items", "preferences": "users", "perceptions": "perceptions"}
 
 
 def extraction_usage(run: RunDir) -> dict[str, dict[str, int]]:
     """LLM rows, calls and tokens of each extraction stage, from the newest row per key."""
-    import pyarrow.parquet as pq
-
-    from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards, shard_files
-
     counters = ("calls", "prompt_tokens", "completion_tokens")
     usage = {}
-    for stage, kind in _EXTRACTION.items():
-        program = PROGRAMS[kind]
-        files = shard_files(Path(run / program.folder))
-        if not files:
+    for stage, kind in EXTRACTION_STAGES.items():
+        rows = stored_outputs(run, kind, ["status", *counters])
+        if rows.empty:
             continue
-        present = set(pq.read_schema(files[0]).names)  # shards from outside the runner may lack counters
-        wanted = [c for c in (*program.key, "status", *counters, "created_at") if c in present]
-        rows = latest_rows(read_shards(Path(run / program.folder), wanted), program.key)
         usage[stage] = {"rows": int(len(rows)), "failed": int((rows["status"] != "ok").sum()),
                         **{c: int(rows[c].fillna(0).sum()) if c in rows else 0 for c in counters}}
     return usage
 
 
-def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
-    """The ranker grid's finished evaluations, in Table 2 order."""
-    from cotrec.ranker.stage import ranker_folder
-
-    rows = []
-    for label, variant in config.ranker.retrievers.items():
-        for ranker in config.ranker.grid:
-            stage = f"{ranker_folder(variant, ranker)}/eval"
-            if run.completion(stage) is not None:
-                rows.append({"label": label, **json.loads(Path(run / stage / "metrics.json").read_text())})
-    return rows
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write a figure under a temporary name and rename it into place (never half a PNG)."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only backend (no display on servers and in Ray workers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
-    """Hit@10 and NDCG@10 per retriever variant, with the seeds' std as error bars."""
-    if not rows:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    x = np.arange(len(rows))
-    for offset, metric in ((-0.2, "hit@10"), (0.2, "ndcg@10")):
-        ax.bar(x + offset, [r[metric] for r in rows], 0.4, yerr=[r[f"{metric}_std"] for r in rows], capsize=3,
-               label=metric.replace("hit", "Hit").replace("ndcg", "NDCG"))
-    ax.set_xticks(x, [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_xlabel("user init / item init")
-    ax.set_title("Table 1: SASRec retriever by initialisation (test, full ranking)")
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, Path(run / "reports/table1.png"))
-
-
-def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[str, dict[str, int]]) -> Path:
-    from cotrec.pipeline import STAGE_NAMES
-
-    finished = finished_stage_seconds(records)
-    lines = ["# Time and tokens per stage", "",
-             "Wall time is that of the run that did the stage's work (`cotrec run` records it), with the time of "
-             "attempts interrupted before it added (the stages resume where they stopped); LLM figures are summed "
-             "over the newest row per key of the stage's shards.", "",
-             "| Stage | Wall time (s) | Rows | LLM calls | Prompt tokens | Generated tokens | Failed rows |",
-             "|---|---|---|---|---|---|---|"]
-    for stage in STAGE_NAMES:
-        if stage == "report":
-            continue
-        record = records.get(stage, {})
-        seconds = f"{finished[stage]:.1f}" if stage in finished else "-"
-        if record.get("of_which_interrupted_seconds"):
-            seconds += f" (of which {record['of_which_interrupted_seconds']:.1f} interrupted)"
-        elif stage not in finished and record.get("interrupted_seconds"):
-            seconds += f" (interrupted after {record['interrupted_seconds']:.1f})"
-        u = usage.get(stage)
-        llm = (f"{u['rows']:,} | {u['calls']:,} | {u['prompt_tokens']:,} | {u['completion_tokens']:,} | {u['failed']:,}"
-               if u else "- | - | - | - | -")
-        lines.append(f"| {stage} | {seconds} | {llm} |")
-    total = sum(finished.values())
-    lines += ["", f"Total recorded wall time of the finished stages: {total:.1f} s ({total / 60:.1f} min)."]
-    path = Path(run / "reports/stages.md")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    if finished:
-        plt = pyplot()
-        names = [s for s in STAGE_NAMES if s in finished]
-        fig, ax = plt.subplots(figsize=(7.2, 3.6))
-        ax.barh(names[::-1], [finished[s] for s in names[::-1]])
-        for i, stage in enumerate(names[::-1]):
-            if stage in usage:
-                ax.annotate(f"{usage[stage]['completion_tokens']:,} gen tok", (finished[stage], i),
-                            xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
-        ax.set_xlabel("wall time (s)")
-        ax.set_title("Time per stage")
-        fig.tight_layout()
-        save_figure(fig, Path(run / "reports/stages.png"))
-    return path
-
-
-def write_reports(config: Config, run: RunDir) -> dict[str, Any]:
-    """Render every report the run's outputs allow; returns what was written and what is missing."""
-    from cotrec.data.prepare import read_stats
-    from cotrec.ranker.stage import plot_rank_vs_position, write_table2
-    from cotrec.retriever.stage import finished_grid, write_table1
-
+def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> dict[str, Any]:
+    """Render every report the run's outputs allow; returns what was written and what is missing.
+    `stage_names`: the main job's stages, in order (the stage table lists them)."""
     written, missing = [], []
     table1 = finished_grid(config, run)
     if table1["rows"]:
@@ -197,10 +58,10 @@ def write_reports(config: Config, run: RunDir) -> dict[str, Any]:
     else:
         missing.append("Table 2 (no ranker evaluation finished: `cotrec ranker grid`)")
     records, usage = stage_records(run), extraction_usage(run)
-    written.append(str(write_stages(run, records, usage)))
+    written.append(str(write_stages(run, records, usage, [s for s in stage_names if s != "report"])))
     try:
         stats = read_stats(run)
-    except Exception:  # noqa: BLE001 - a report of an unprepared run still renders what it can
+    except OSError:  # a report of an unprepared run still renders what it can
         stats = None
     summary = {"config": config.name, "run": str(run.root), "stats": stats, "table1": table1, "table2": table2_rows,
                "stages": records, "usage": usage, "written": written, "missing": missing}
@@ -244,8 +105,6 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
                          f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f}")
         lines.append("")
     if summary["table2"]:
-        from cotrec.ranker.stage import ranker_label
-
         lines.append(f"Table 2 (ranker on the retriever's top-10)        {'NDCG@10':>8} {'MAPB':>6} {'ranked':>6}")
         for row in summary["table2"]:
             mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"

@@ -1,5 +1,8 @@
 """The run directory: where stages find their inputs and leave their outputs.
 
+It is also the one reader of the prepared tables (`read_table`, `read_stats`) every stage starts
+from.
+
 Every stage writes into a hidden sibling folder first and renames it into place only when it is
 whole, with a `.complete.json` marker that records the fingerprint of the config it was made
 from. A folder without a matching marker is never taken as a finished output, so an interrupted
@@ -16,9 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
+
 from cotrec.config import Config
+from cotrec.errors import DataError
 
 COMPLETE_MARKER = ".complete.json"
+DATA_DIR = "data"  # what `prepare` writes: the tables below and stats.json
+TABLES = ("interactions", "items", "users")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,3 +96,17 @@ class RunDir:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_stats(run: RunDir) -> dict[str, Any]:
+    """The prepared dataset's `stats.json` (counts, domain, filtering and sampling record)."""
+    return json.loads((run / DATA_DIR / "stats.json").read_text())
+
+
+def read_table(run: RunDir, name: str) -> pd.DataFrame:
+    """One prepared table; a clear error when `prepare` has not run for this run directory."""
+    if name not in TABLES:
+        raise ValueError(name)
+    if run.completion(DATA_DIR) is None:
+        raise DataError(f"{run / DATA_DIR}: no prepared data; run `cotrec prepare` first")
+    return pd.read_parquet(Path(run / DATA_DIR) / f"{name}.parquet")

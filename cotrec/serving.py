@@ -18,14 +18,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from cotrec.cluster import ensure_ray
 from cotrec.config import parse_ranker
-from cotrec.data.prepare import read_table
 from cotrec.errors import CotrecError
 from cotrec.metrics import ranking_metrics
 from cotrec.progress import log
+from cotrec.ranker.stage import ranker_folder
+from cotrec.recommend import run_config
 from cotrec.retriever.data import Sequences
 from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.rundir import RunDir
+from cotrec.rundir import RunDir, read_table
 
 APP_NAME = "cotrec"
 
@@ -37,13 +39,11 @@ def free_port() -> int:
 
 
 def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Optional[str] = None,
-              host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
+              host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app (blocking until it is healthy); returns its base URL."""
     import sys
 
     from ray import serve
-
-    from cotrec.cluster import ensure_ray
 
     repo = str(Path(__file__).resolve().parents[1])
     if repo not in sys.path:  # `serve` is a top-level package of the repository
@@ -92,9 +92,6 @@ async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int) ->
 def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none", concurrency: int = 8,
                        k: int = 10) -> dict[str, Any]:
     """Every test user through `POST /recommend`; Hit@K / NDCG@K next to the offline figures."""
-    from cotrec.recommend import run_config
-    from cotrec.ranker.stage import ranker_folder
-
     config = run_config(run)
     rerank = parse_ranker(ranker)[0] != "none"
     users = read_table(run, "users").sort_values("user_idx")

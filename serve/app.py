@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cotrec.recommend import RankerService, RequestError, RetrieverService
+from cotrec.config import parse_ranker
+from cotrec.recommend import RankerService, RequestError, RetrieverService, run_config
+from cotrec.rundir import RunDir
 
 MAX_K = 100
 api = FastAPI(title="cotrec", description="CoT-Rec: SASRec retrieval, then LLM re-ranking")
@@ -154,15 +156,11 @@ class Ingress:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """The application from `args`: run_dir (required), variant, ranker ("none" for none), top_m."""
-    from cotrec.config import parse_ranker
-    from cotrec.recommend import run_config
-    from cotrec.rundir import RunDir
-
     if "run_dir" not in args:
         raise ValueError("serve: args.run_dir is required (the run directory to serve)")
     run_dir = str(args["run_dir"])
     config = run_config(RunDir(run_dir))
-    variant = args.get("variant") or list(config.ranker.retrievers.values())[-1]
+    variant = args.get("variant") or config.ranker.default_retriever
     ranker = args.get("ranker") or config.ranker.grid[-1]
     retriever = Retriever.bind(run_dir, variant, int(args.get("max_history", 2000)))
     ranker_handle = None if parse_ranker(ranker)[0] == "none" else Ranker.bind(run_dir, variant, ranker)

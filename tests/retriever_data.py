@@ -72,11 +72,13 @@ def fake_extraction(run, status_failed_items=(), missing_users=()):
     desc.to_parquet(folder / "part-0.parquet", index=False)
     genre_of = dict(zip(items.item_idx, items.genres))
     rows = []
-    for horizon, drop in (("train", 2), ("valid", 1), ("test", 1)):
+    # As the recurrence's horizons: train and valid see the items before the valid target, test the
+    # items before the test target (the valid target included); no horizon sees its own target.
+    for horizon, drop in (("train", 2), ("valid", 2), ("test", 1)):
         for user, group in inter.sort_values("position").groupby("user_idx"):
             if user in missing_users:
                 continue
-            seen = group.item_idx.tolist()[:-drop] if horizon != "test" else group.item_idx.tolist()[:-1]
+            seen = group.item_idx.tolist()[:-drop]
             top = pd.Series([genre_of[i] for i in seen]).value_counts().index[:2].tolist()
             rows.append({"user_idx": user, "horizon": horizon, "preference": ", ".join(top),
                          "short_term": top[:1], "windows": 1, "items_consumed": len(seen),

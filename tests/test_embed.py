@@ -67,11 +67,10 @@ def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_pat
     assert pref["matrix"].shape == (3, 60, 16)
     assert pref["found"].sum(axis=1).tolist() == [59, 59, 59] and not pref["found"][:, 5].any()
     assert np.allclose(np.linalg.norm(pref["matrix"][pref["found"]], axis=1), 1.0, atol=1e-5)
-    # descriptions change -> only the description embedding is redone
-    shard = tmp_path / "run" / "extract" / "item_descriptions" / "part-0.parquet"
-    table = pd.read_parquet(shard)
-    table["status"] = "ok"
-    table.to_parquet(shard, index=False)
+    # descriptions change (a new shard supersedes the failed row) -> only the description embedding is redone
+    folder = tmp_path / "run" / "extract" / "item_descriptions"
+    table = pd.read_parquet(folder / "part-0.parquet")
+    table[table.item_idx == 3].assign(status="ok").to_parquet(folder / "part-1.parquet", index=False)
     again = embed(config, run)
     assert again["kinds"]["caption"]["skipped"] and again["kinds"]["preference"]["skipped"]
     assert not again["kinds"]["description"]["skipped"] and again["kinds"]["description"]["covered"] == 80

@@ -23,7 +23,9 @@ import pytest
 
 from conftest import FLOAT32, REPO, run_cli
 from cotrec.config import ExtractConfig, LLMConfig, load_config
-from cotrec.extract.runner import PROGRAMS, ProgramPool, read_shards, shard_files
+from cotrec.extract.programs import PROGRAMS
+from cotrec.extract.runner import ProgramPool
+from cotrec.extract.shards import read_shards, shard_files, write_shard
 from cotrec.extract.stage import item_rows, pair_rows, user_histories, user_rows
 from cotrec.extract.windows import capped_start, count_windows, history_digest, window_bounds
 from cotrec.llm.base import Generation
@@ -106,12 +108,10 @@ def test_users_job_windows_horizons_and_resume_with_zero_latency_engine(demo_dat
     assert len(table) == 90 and not table.duplicated(["user_idx", "horizon"]).any()
     for row in table.itertuples():
         history = histories(run.root)[row.user_idx]
-        seen = history[row.history_start:row.items_consumed]
         expected_length = len(history) - (1 if row.horizon == "test" else 2)
         assert row.items_consumed == expected_length
         assert row.windows == count_windows(expected_length, 10, 2) == len(row.short_term)
         assert row.target_item_idx == history[expected_length]  # the item right after what it saw
-        assert row.target_item_idx not in seen
         assert row.status == "ok" and row.preference
         assert row.model == "zero-latency" and row.prompt_version
     assert (run.root / "extract" / "preferences" / ".complete.json").is_file()
@@ -119,6 +119,36 @@ def test_users_job_windows_horizons_and_resume_with_zero_latency_engine(demo_dat
     assert again.returncode == 0, again.stderr
     assert "all 30 rows already done" in again.stderr
     assert len(preferences(run.root)) == 90
+
+
+class PromptRecordingEngine(ZeroLatencyEngine):
+    """The zero-latency engine (no model) keeping every prompt it was sent: for orchestration tests."""
+
+    def __init__(self):
+        super().__init__(LLMConfig(backend="zero-latency"))
+        self.prompts: list[str] = []
+
+    async def _generate(self, conversations, settings, json_schema):
+        self.prompts += [c[-1]["content"] for c in conversations]
+        return await super()._generate(conversations, settings, json_schema)
+
+
+@pytest.mark.parametrize("length", [3, 10, 11, 12, 19, 20, 27, 41])
+def test_no_prompt_of_the_recurrence_shows_a_horizons_own_target(length):
+    """Captured prompts: the test target is in no prompt at all; the valid target is in exactly one, the
+    test walk's last window (train and valid have not seen it)."""
+    labels = [f"item-{i:03d}" for i in range(60)]
+    engine = PromptRecordingEngine()
+    try:
+        pool = ProgramPool("users", engine, ExtractConfig(), "movie", labels)
+        train, valid, test = asyncio.run(pool.run([{"user_idx": 0, "history": np.arange(length)}]))
+    finally:
+        engine.close()
+    valid_target, test_target = labels[length - 2], labels[length - 1]
+    assert engine.prompts and not any(test_target in p for p in engine.prompts)
+    assert sum(valid_target in p for p in engine.prompts) == 1
+    assert train["items_consumed"] == valid["items_consumed"] == length - 2 and test["items_consumed"] == length - 1
+    assert (valid["target_item_idx"], test["target_item_idx"]) == (length - 2, length - 1)
 
 
 def test_a_crashing_row_fails_alone_and_the_rest_of_its_batch_is_kept():
@@ -224,8 +254,6 @@ def test_descriptions_and_perceptions_on_vllm(vllm_engine, demo_data):
     pairs = pd.DataFrame({"user_idx": [0, 0, 1, 1], "horizon": ["test"] * 4, "item_idx": [0, 1, 2, 3]})
     folder = demo_data / "extract" / "preferences"
     folder.mkdir(parents=True, exist_ok=True)
-    from cotrec.extract.runner import write_shard
-
     write_shard(folder, [{"user_idx": u, "horizon": "test", "preference": text, "short_term": [text], "status": "ok",
                           "created_at": time.time()} for u, text in
                          ((0, "Likes light-hearted animated comedies for the whole family."),
@@ -318,7 +346,7 @@ def test_interests_asked_ahead_change_the_concurrency_not_the_result(ahead):
 @pytest.mark.parametrize("ahead", [0, 1])
 def test_the_bench_stage_per_step_design_walks_the_same_recurrence_as_the_programs(ahead):
     """The bench's stage-per-step baseline must compute what the users job computes, call for call."""
-    from cotrec.bench.extract import walk_in_steps, window_step
+    from cotrec.bench.extract_designs import walk_in_steps, window_step
     from cotrec.extract.prompts import domain_of
 
     engine = SlowEchoFakeEngine()
@@ -345,7 +373,7 @@ def test_the_bench_stage_per_step_design_walks_the_same_recurrence_as_the_progra
 
 
 def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
-    from cotrec.extract.runner import Slots
+    from cotrec.extract.concurrency import Slots
 
     async def main():
         slots, active, peak = Slots(3), [0], [0]
@@ -371,7 +399,7 @@ def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
 def test_lanes_keep_a_batch_in_flight_up_to_the_slots_in_row_order_with_a_sleeping_program():
     """The pool runs a batch's rows in lanes: two batches share the slots, reach them, keep each
     row's records in its place and its failure to itself; a cancelled batch leaves nothing running."""
-    from cotrec.extract.runner import Program
+    from cotrec.extract.programs import Program
 
     active, peak = [0], [0]
 

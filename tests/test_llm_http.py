@@ -8,7 +8,8 @@ import pytest
 from cotrec.config import LLMConfig
 from cotrec.llm import SamplingSettings, letters, make_engine
 from cotrec.llm.server import start_vllm_server
-from cotrec.bench.prompts import KEYWORDS_SCHEMA, keyword_conversations, preference_conversations, ranking_conversations
+from cotrec.bench.prompts import preference_conversations, ranking_conversations
+from json_prompts import KEYWORDS_SCHEMA, keyword_conversations
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ class ScriptedFakeEngine(LLMEngine):
     backend = "fake"
 
     def __init__(self, script, retries=2):
-        super().__init__("fake", retries)
+        super().__init__(LLMConfig(model="fake", json_retries=retries))
         self.script = list(script)
         self.calls = []
 

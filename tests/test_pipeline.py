@@ -10,9 +10,10 @@ import pytest
 
 from cotrec import pipeline
 from cotrec.config import load_config
-from cotrec.extract.runner import PROGRAMS, write_shard
+from cotrec.extract.programs import PROGRAMS
+from cotrec.extract.shards import write_shard
 from cotrec.pipeline import STAGE_NAMES, Stage, run_pipeline
-from cotrec.report import record_stage, stage_records
+from cotrec.reporting.stages import record_stage, stage_records, write_stages
 from cotrec.retriever import retriever_grid
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
@@ -41,10 +42,9 @@ def test_llm_stages_that_no_grid_reads_are_left_out():
 
 def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_time(tmp_path, monkeypatch):
     """FAKE stages (this test is about orchestration): order, recorded times, skipped reruns."""
-    from cotrec import cluster
     from cotrec.rundir import RunDir
 
-    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
     calls = []
 
     def fake(name):
@@ -75,11 +75,10 @@ def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_tim
 
 def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, monkeypatch):
     """FAKE stages (orchestration): an error propagates, nothing after it runs."""
-    from cotrec import cluster
     from cotrec.errors import DataError
     from cotrec.rundir import RunDir
 
-    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
     ran = []
 
     def broken(config, run, force):
@@ -97,11 +96,9 @@ def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, mon
 
 def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, monkeypatch):
     """FAKE stages (orchestration): the time before a kill counts towards the stage that resumes."""
-    from cotrec import cluster
-    from cotrec.report import write_stages
     from cotrec.rundir import RunDir
 
-    monkeypatch.setattr(cluster, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
     run = RunDir(tmp_path)
 
     def killed(config, run, force):
@@ -115,13 +112,13 @@ def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, 
     monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", killed, str)])
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(DEMO, run, echo=lambda s: None)
-    assert "(interrupted after 0.2" in write_stages(run, stage_records(run), {}).read_text()
+    assert "(interrupted after 0.2" in write_stages(run, stage_records(run), {}, STAGE_NAMES).read_text()
     monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", resumed, str)])
     run_pipeline(DEMO, run, echo=lambda s: None)
     record = stage_records(run)["items"]
     assert 0.3 <= record["seconds"] < 1.0 and 0.2 <= record["of_which_interrupted_seconds"] < record["seconds"]
     assert "interrupted_seconds" not in record
-    assert "interrupted)" in write_stages(run, stage_records(run), {}).read_text()
+    assert "interrupted)" in write_stages(run, stage_records(run), {}, STAGE_NAMES).read_text()
 
 
 def test_report_renders_table1_stage_times_and_tokens_from_the_run(tmp_path, cli):

@@ -17,6 +17,7 @@ from cotrec.errors import CotrecError
 from cotrec.metrics import hit_at_k, ndcg_at_k, ranking_metrics
 from cotrec.retriever import retriever_grid, train_variant
 from cotrec.retriever.data import Sequences, eval_queries, training_windows
+from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.variants import parse_variant
@@ -142,9 +143,25 @@ def test_seeds_are_honoured(tmp_path):
 
 
 def test_history_masking_is_configurable_and_recorded(tmp_path):
+    """Unmasked, the seen items compete with the target: its rank can only grow, the candidates hold
+    seen items, and the run records which way it was evaluated."""
     config, run = small_run(tmp_path, "retriever.mask_history=false", "retriever.max_epochs=3")
     metrics = train_variant(config, run, "none/random")
     assert metrics["mask_history"] is False
+    folder = tmp_path / "run" / "retriever" / "none-random"
+    state = torch.load(folder / "model.pt", weights_only=False)
+    model = SASRec(SASRecConfig(**state["sasrec"]))
+    model.load_state_dict(state["model"])
+    inter = pd.read_parquet(tmp_path / "run" / "data" / "interactions.parquet")
+    queries = eval_queries(Sequences.from_interactions(inter, num_items=80), "test", max_len=8)
+    rows = np.arange(len(queries["users"]))
+    masked = score_queries(model, queries, rows, mask_history=True, top_m=10)
+    unmasked = score_queries(model, queries, rows, mask_history=False, top_m=10)
+    assert (unmasked["ranks"] >= masked["ranks"]).all() and (unmasked["ranks"] > masked["ranks"]).any()
+    test = pd.read_parquet(folder / "candidates.parquet").query("split == 'test'")
+    assert (test.target_rank.to_numpy() == unmasked["ranks"]).all()   # the stored run is the unmasked one
+    seen = inter[inter.split != "test"].groupby("user_idx").item_idx.apply(set)
+    assert any(set(c) & seen[u] for u, c in zip(test.user_idx, test.candidates))
 
 
 def test_sampled_softmax_option_trains(tmp_path):

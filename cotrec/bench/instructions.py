@@ -1,7 +1,7 @@
 """Instructions per user of the users job's actor: a count that this machine's noise does not move.
 
-Wall-clock timings on a shared VM move by a third between runs minutes apart, too much to tell a
-10% change in the runner's cost per user. This counts instructions instead, with valgrind
+Wall-clock timings on a shared VM move too much between runs minutes apart to tell a small
+change in the runner's cost per user. This counts instructions instead, with valgrind
 (cachegrind, no cache simulation, a fixed hash seed): one `ExtractWorker` (the users job's Ray
 Data actor, here called directly, without Ray) on the zero-latency engine takes SYNTHETIC users
 (the scale bench's) in batches, converts them, runs their programs and writes their shards. It is
@@ -25,16 +25,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+
+from cotrec.bench.extract import bench_config
+from cotrec.bench.extract_scale import SCALE_SETTINGS, scale_config, synthetic_labels, synthetic_user_rows
+from cotrec.extract.runner import ExtractWorker
+
 WARM_USERS = 2000
 
 
 def run_users(users: int, total: int) -> None:
     """The counted work: the first `users` of `total` synthetic users through one ExtractWorker."""
-    import pyarrow as pa
-
-    from cotrec.bench.extract import SCALE_SETTINGS, bench_config, scale_config, synthetic_labels, synthetic_user_rows
-    from cotrec.extract.runner import ExtractWorker
-
     config = scale_config(bench_config(None), SCALE_SETTINGS)
     table = pa.Table.from_pandas(synthetic_user_rows(total), preserve_index=False)  # the same set-up in both runs
     folder = tempfile.mkdtemp(prefix="cotrec-instructions-")

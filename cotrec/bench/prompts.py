@@ -1,4 +1,4 @@
-"""Realistic prompts for engine tests and the LLM benchmark: MovieLens-style recommendation asks."""
+"""Realistic prompts for the LLM benchmarks (and the engine tests): MovieLens-style recommendation asks."""
 
 from __future__ import annotations
 
@@ -22,21 +22,6 @@ def preference_conversations(count: int, seed: int = 0) -> list[list[dict[str, s
     rng = random.Random(seed)
     return [[{"role": "user", "content": "A user watched these movies in order: " + "; ".join(history(rng))
               + ". In two sentences, describe what kind of movies this user enjoys."}] for _ in range(count)]
-
-
-def keyword_conversations(count: int, seed: int = 1) -> list[list[dict[str, str]]]:
-    rng = random.Random(seed)
-    return [[{"role": "user", "content": "Movies: " + ", ".join(history(rng, 5))
-              + ". Give 3 keywords describing these movies' genres as JSON."}] for _ in range(count)]
-
-
-KEYWORDS_SCHEMA = {
-    "type": "object",
-    "properties": {"keywords": {"type": "array", "items": {"type": "string", "maxLength": 40},
-                                "minItems": 1, "maxItems": 5}},
-    "required": ["keywords"],
-    "additionalProperties": False,
-}
 
 
 def ranking_conversations(count: int, candidates: int = 10, seed: int = 2) -> list[list[dict[str, str]]]:

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from cotrec.config import Config
 from cotrec.data.preprocess import preprocess
 from cotrec.data.sources import load_source
-from cotrec.errors import DataError
 from cotrec.progress import log
-from cotrec.rundir import RunDir, write_json
-
-STAGE_DIR = "data"
-TABLES = ("interactions", "items", "users")
+from cotrec.rundir import DATA_DIR, RunDir, read_stats, write_json
 
 
 def prepare(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Load, filter and split the configured dataset; skipped when already done for this config."""
     fingerprint = config.fingerprint("data")
-    if not force and run.is_complete(STAGE_DIR, fingerprint):
+    if not force and run.is_complete(DATA_DIR, fingerprint):
         stats = read_stats(run)
-        log(f"prepare: {run / STAGE_DIR} is up to date; skipped")
+        log(f"prepare: {run / DATA_DIR} is up to date; skipped")
         return {"skipped": True, **stats}
     started = time.perf_counter()
     log(f"prepare: loading {config.data.source}")
@@ -34,26 +26,13 @@ def prepare(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     log(f"prepare: loaded {len(raw.interactions):,} interactions in {loaded - started:.1f} s; filtering")
     prepared = preprocess(raw, config.data)
     prepared.stats["files"] = raw.files
-    with run.staged(STAGE_DIR, fingerprint) as folder:
+    with run.staged(DATA_DIR, fingerprint) as folder:
         prepared.interactions.to_parquet(folder / "interactions.parquet", index=False)
         prepared.items.to_parquet(folder / "items.parquet", index=False)
         prepared.users.to_parquet(folder / "users.parquet", index=False)
         prepared.stats["seconds"] = round(time.perf_counter() - started, 3)
         write_json(folder / "stats.json", prepared.stats)
     return {"skipped": False, **prepared.stats}
-
-
-def read_stats(run: RunDir) -> dict[str, Any]:
-    return json.loads((run / STAGE_DIR / "stats.json").read_text())
-
-
-def read_table(run: RunDir, name: str) -> pd.DataFrame:
-    """One prepared table; a clear error when `prepare` has not run for this run directory."""
-    if name not in TABLES:
-        raise ValueError(name)
-    if run.completion(STAGE_DIR) is None:
-        raise DataError(f"{run / STAGE_DIR}: no prepared data; run `cotrec prepare` first")
-    return pd.read_parquet(Path(run / STAGE_DIR) / f"{name}.parquet")
 
 
 def format_summary(stats: dict[str, Any]) -> str:

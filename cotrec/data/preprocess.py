@@ -86,7 +86,7 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
         stats["dropped_low_rating"] = int((keep & ~rated).sum())
         keep &= rated
 
-    user_codes, user_uniques = pd.factorize(user_ids)
+    user_codes, _ = pd.factorize(user_ids)
     item_codes, item_uniques = pd.factorize(item_ids)
     if data.dedupe:
         # The earliest (timestamp, source order) interaction of each pair survives.

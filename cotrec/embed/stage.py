@@ -9,7 +9,6 @@ variant needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,34 +18,30 @@ import joblib
 import numpy as np
 
 from cotrec.config import Config
-from cotrec.data.prepare import read_table
 from cotrec.embed.encoder import encode, load_encoder
 from cotrec.embed.mapping import apply_map, fit_map
-from cotrec.embed.texts import (DESCRIPTIONS_DIR, HORIZONS, PREFERENCES_DIR, caption_texts,
-                                description_texts, preference_texts, shards_digest)
+from cotrec.embed.texts import HORIZONS, SOURCES, caption_texts, description_texts, preference_texts, source_digest
 from cotrec.errors import CotrecError
+from cotrec.extract.programs import PROGRAMS, output_folder
+from cotrec.extract.shards import shard_files
+from cotrec.fingerprint import fingerprint as fingerprint_of
 from cotrec.progress import log
-from cotrec.rundir import RunDir, write_json
+from cotrec.rundir import RunDir, read_table, write_json
 
 STAGE_DIR = "embed"
 EMBED_KINDS = ("caption", "description", "preference")
-_NEEDS = {"description": DESCRIPTIONS_DIR, "preference": PREFERENCES_DIR}
 
 
 def fingerprint(config: Config, run: RunDir, kind: str) -> str:
     parts = {"config": config.fingerprint("data", "embed"), "dim": config.retriever.dim, "kind": kind}
-    if kind in _NEEDS:
-        parts["extract"] = shards_digest(run, _NEEDS[kind], f"{kind} embeddings")
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    if kind in SOURCES:
+        parts["extract"] = source_digest(run, kind, f"{kind} embeddings")
+    return fingerprint_of(parts)
 
 
 def available_kinds(run: RunDir) -> list[str]:
     """caption always; description / preference when their extraction output exists."""
-    kinds = ["caption"]
-    for kind, folder in _NEEDS.items():
-        if any(Path(run / folder).glob("*.parquet")):
-            kinds.append(kind)
-    return kinds
+    return ["caption"] + [kind for kind, source in SOURCES.items() if shard_files(output_folder(run, source))]
 
 
 class _Encoder:
@@ -133,5 +128,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{kind:<12} {meta['rows']:>7,} x {meta['dim']}  ({meta['covered']:,} from source; "
                      f"{meta['encoder']} -> {meta['reduction']}){state}")
     for kind in summary["not_available"]:
-        lines.append(f"{kind:<12} not available (no {_NEEDS.get(kind, kind)} output yet)")
+        lines.append(f"{kind:<12} not available (no {PROGRAMS[SOURCES[kind]].folder} output yet)")
     return "\n".join(lines)

@@ -17,15 +17,16 @@ import numpy as np
 import pandas as pd
 
 from cotrec.config import Config
-from cotrec.data.prepare import read_stats, read_table
 from cotrec.errors import DataError
 from cotrec.extract.preference import planned_steps
+from cotrec.extract.programs import PROGRAMS, Program, output_folder, stored_outputs
 from cotrec.extract.prompts import PROMPT_VERSION, item_attributes, item_labels
-from cotrec.extract.runner import PROGRAMS, Program, compact, latest_rows, pending_rows, prepare_folder, \
-    read_shards, run_programs
+from cotrec.extract.runner import run_programs
+from cotrec.extract.shards import compact, latest_rows, pending_rows, prepare_folder, read_shards
 from cotrec.extract.windows import history_digest
+from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
-from cotrec.rundir import COMPLETE_MARKER, RunDir, write_json
+from cotrec.rundir import COMPLETE_MARKER, RunDir, read_stats, read_table, write_json
 
 # Settings that change what the LLM writes; the runner's sizes do not.
 _OUTPUT_KEYS = ("window", "overlap", "max_windows", "interest_tokens", "preference_tokens", "description_tokens",
@@ -33,12 +34,12 @@ _OUTPUT_KEYS = ("window", "overlap", "max_windows", "interest_tokens", "preferen
 
 
 def extraction_fingerprint(config: Config, kind: str) -> str:
-    parts = {"kind": kind, "prompt_version": PROMPT_VERSION, "model": config.llm.model, "dtype": config.llm.dtype,
-             "extract": {k: getattr(config.extract, k) for k in _OUTPUT_KEYS}}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint({"kind": kind, "prompt_version": PROMPT_VERSION, "model": config.llm.model,
+                        "dtype": config.llm.dtype, "extract": {k: getattr(config.extract, k) for k in _OUTPUT_KEYS}})
 
 
 def _text_digest(*parts: Any) -> str:
+    """What a row's program reads (its texts): a rerun redoes the rows whose inputs changed."""
     return hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).hexdigest()
 
 
@@ -87,11 +88,11 @@ def attach_prior_states(rows: pd.DataFrame, folder: Path) -> pd.DataFrame:
 
 def pair_rows(pairs: pd.DataFrame, run: RunDir, items: pd.DataFrame) -> pd.DataFrame:
     """(user, horizon, item) with the user's preference, the item's label and description."""
-    preferences = latest_rows(read_shards(run / PROGRAMS["users"].folder), PROGRAMS["users"].key)
+    preferences = stored_outputs(run, "users")
     if preferences.empty:
-        raise DataError(f"{run / PROGRAMS['users'].folder}: no preferences; run `cotrec extract users` first")
+        raise DataError(f"{output_folder(run, 'users')}: no preferences; run `cotrec extract users` first")
     preferences = preferences[preferences["status"] == "ok"][["user_idx", "horizon", "preference"]]
-    descriptions = latest_rows(read_shards(run / PROGRAMS["items"].folder), PROGRAMS["items"].key)
+    descriptions = stored_outputs(run, "items")
     labels = pd.DataFrame({"item_idx": items.sort_values("item_idx")["item_idx"].to_numpy(),
                            "label": item_labels(items)})
     rows = pairs.merge(preferences, on=["user_idx", "horizon"], how="left").merge(labels, on="item_idx", how="left")
@@ -128,41 +129,13 @@ def read_pairs(path: Path) -> pd.DataFrame:
     return frame[["user_idx", "horizon", "item_idx"]].drop_duplicates().reset_index(drop=True)
 
 
-def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
-    """The (user, horizon, item) pairs of the retrievers' top-M candidates the ranker will read.
-
-    The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant);
-    their pairs are unioned. With `extract.perception_only_hits` only the lists the ranker re-ranks
-    are kept: those whose target is among the candidates, sampled as the ranker samples them
-    (`ranker.max_train_users`, `ranker.max_eval_users`); otherwise every list of each horizon.
-    """
-    from cotrec.ranker.lists import candidates_path, load_lists, ranked_lists
-
-    variants = config.extract.perception_candidates or list(dict.fromkeys(config.ranker.retrievers.values()))
-    frames, paths = [], []
-    for variant in variants:
-        path = candidates_path(config, run, variant)
-        for horizon in config.extract.perception_horizons:
-            if config.extract.perception_only_hits:
-                lists = [lst for lst in ranked_lists(config, run, variant, horizon, "llm")[0] if lst.hit]
-            else:
-                lists = load_lists(config, run, variant, horizon, "llm")[0]
-            frames.append(pd.DataFrame({"user_idx": [lst.user_idx for lst in lists], "horizon": horizon,
-                                        "item_idx": [lst.candidates for lst in lists]}))
-        paths.append(str(path))
-    pairs = pd.concat(frames, ignore_index=True).explode("item_idx").dropna(subset=["item_idx"])
-    pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
-    pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
-    return pairs.reset_index(drop=True), ", ".join(paths)
-
-
 # -- the stages --------------------------------------------------------------------------------
 def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool, limit: Optional[int],
          incremental: bool = False, labels: list[str] | None = None) -> dict[str, Any]:
     program: Program = PROGRAMS[kind]
-    folder = Path(run / program.folder)
-    fingerprint = extraction_fingerprint(config, kind)
-    prepare_folder(folder, fingerprint, force)
+    folder = output_folder(run, kind)
+    settings = extraction_fingerprint(config, kind)
+    prepare_folder(folder, settings, force)
     if limit is not None:
         rows = rows.head(limit)
     total = len(rows)
@@ -183,11 +156,11 @@ def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool
                        engine_load_s=0.0, seconds_after_load=0.0, rows_seconds=0.0)
     summary["superseded_rows_dropped"] = compact(folder, program)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
-    latest = latest_rows(read_shards(folder, [*program.key, "status", "created_at"]), program.key)
+    latest = stored_outputs(run, kind, ["status"])
     summary["rows_in_folder"] = len(latest)
     summary["failed_in_folder"] = int((latest["status"] != "ok").sum()) if len(latest) else 0
     if limit is None and not pending_rows(rows, folder, program).shape[0]:
-        write_json(folder / COMPLETE_MARKER, {"stage": program.folder, "fingerprint": fingerprint,
+        write_json(folder / COMPLETE_MARKER, {"stage": program.folder, "fingerprint": settings,
                                               "finished_at": time.time(), "rows": len(latest)})
     return summary
 
@@ -207,16 +180,13 @@ def extract_users(config: Config, run: RunDir, force: bool = False, limit: Optio
                 labels=item_labels(read_table(run, "items")))
 
 
-def extract_perceptions(config: Config, run: RunDir, pairs: Optional[Path] = None, force: bool = False,
+def extract_perceptions(config: Config, run: RunDir, pairs: pd.DataFrame, source: str, force: bool = False,
                         limit: Optional[int] = None) -> dict[str, Any]:
-    """The role-played review and its key terms for each (user, horizon, candidate item)."""
-    if pairs is not None:
-        table, source = read_pairs(Path(pairs)), Path(pairs)
-    else:
-        table, source = candidate_pairs(run, config)
-    log(f"extract perceptions: {len(table):,} pairs from {source}")
-    summary = _run("perceptions", pair_rows(table, run, read_table(run, "items")), run, config, force, limit)
-    summary["pairs_from"] = str(source)
+    """The role-played review and its key terms for each (user, horizon, candidate item) of `pairs`
+    (`read_pairs` of a user's file, or the lists the ranker reads: `ranker.lists.candidate_pairs`)."""
+    log(f"extract perceptions: {len(pairs):,} pairs from {source}")
+    summary = _run("perceptions", pair_rows(pairs, run, read_table(run, "items")), run, config, force, limit)
+    summary["pairs_from"] = source
     return summary
 
 

@@ -25,7 +25,6 @@ class StepStats:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    failed_steps: int = 0
     errors: list[str] = field(default_factory=list)
 
     def record(self, reply: Generation) -> None:
@@ -34,7 +33,6 @@ class StepStats:
         self.completion_tokens += reply.completion_tokens
 
     def fail(self, error: str) -> None:
-        self.failed_steps += 1
         self.errors.append(error)
 
     @property

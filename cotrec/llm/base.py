@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cotrec.config import LLMConfig
 from cotrec.errors import CotrecError
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
@@ -115,10 +116,11 @@ class LLMEngine(ABC):
 
     backend: str = "?"
 
-    def __init__(self, model: str, json_retries: int = 2):
-        self.model = model
-        self.model_name = model  # backends may reuse `model` for the loaded model object
-        self.json_retries = json_retries  # the name it was configured with, recorded next to every output
+    def __init__(self, config: LLMConfig, model_name: str | None = None):
+        self.config = config
+        # what every output row records as its model: the configured name unless the backend has none
+        self.model_name = model_name or config.model
+        self.json_retries = config.json_retries
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{self.backend}-engine",
                                         daemon=True)

@@ -19,6 +19,7 @@ from cotrec.config import LLMConfig
 from cotrec.errors import CotrecError
 from cotrec.llm.base import (ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings,
                              normalise_logprobs, single_token_ids)
+from cotrec.llm.embedded import EMBEDDED_NAMES, resolve_model
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
@@ -27,10 +28,9 @@ class HTTPEngine(LLMEngine):
     backend = "openai"
 
     def __init__(self, config: LLMConfig):
-        super().__init__(config.model, config.json_retries)
+        super().__init__(config)
         import httpx
 
-        self.config = config
         self.base_url = config.base_url.rstrip("/")
         headers = {}
         key = os.environ.get(config.api_key_env)
@@ -42,8 +42,6 @@ class HTTPEngine(LLMEngine):
 
     def _local_tokenizer(self) -> Any:
         """The served model's tokenizer, if it can be had without a hub (embedded or local path)."""
-        from cotrec.llm.embedded import EMBEDDED_NAMES, resolve_model
-
         if not self.config.vllm_extensions:
             return None
         if self.config.model not in EMBEDDED_NAMES and not os.path.isdir(os.path.expanduser(self.config.model)):

@@ -24,13 +24,11 @@ class TransformersEngine(LLMEngine):
     backend = "transformers"
 
     def __init__(self, config: LLMConfig):
-        super().__init__(config.model, config.json_retries)
+        super().__init__(config)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.config = config
-        placement = resolve_placement(config)
-        self.path, self.device, self.dtype = placement.path, placement.device, placement.dtype
+        self.path, self.device, self.dtype = resolve_placement(config)
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)

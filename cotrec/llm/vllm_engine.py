@@ -28,17 +28,15 @@ from cotrec.llm.placement import resolve_placement
 def set_cpu_environment(config: LLMConfig) -> None:
     """vLLM-on-CPU settings, read by the engine processes it spawns (so set before starting it)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gb))
-    # The default reserves a core for the frontend: on 2 cores that made decoding 1.7x slower.
+    # The default reserves a core for the frontend, which a small machine cannot spare.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    # The async engine runs its EngineCore in a process of its own either way; with multiprocessing
-    # on, the CPU platform also puts the model in a second (MP-executor) process, one more
-    # interpreter importing torch and vLLM: 54 s to start instead of 35 s on 2 cores, at the same
-    # 82 generated tokens/s (64 prompts, SmolLM2-135M). EngineCore is spawned, so OMP is fresh.
+    # With multiprocessing on, the CPU platform puts the model in a second process besides the
+    # EngineCore: one more interpreter importing torch and vLLM, for no throughput.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
-    # With `enforce_eager: false`, vllm-cpu 0.32's AOT compile cache fails to load ("'function' object
-    # has no attribute 'finalize_loading'") and every start compiles again (93-115 s); its inductor
-    # cache loads: 38-42 s per start after the first, for any checkpoint of the same architecture.
+    # vllm-cpu 0.32's AOT compile cache fails to load ("'function' object has no attribute
+    # 'finalize_loading'"), so a compiled engine would compile again at every start; its
+    # inductor cache loads.
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
@@ -48,10 +46,8 @@ class VLLMEngine(LLMEngine):
     backend = "vllm"
 
     def __init__(self, config: LLMConfig):
-        super().__init__(config.model, config.json_retries)
-        self.config = config
-        placement = resolve_placement(config)
-        self.path, self.device, self.dtype = placement.path, placement.device, placement.dtype
+        super().__init__(config)
+        self.path, self.device, self.dtype = resolve_placement(config)
         if self.device == "cpu":
             set_cpu_environment(config)
         from transformers import AutoTokenizer
@@ -88,7 +84,9 @@ class VLLMEngine(LLMEngine):
     def forget_prompts(self) -> None:
         self._run(self.engine.reset_prefix_cache())
 
-    async def _request(self, ids: list[int], params: Any) -> Any:
+    async def request(self, ids: list[int], params: Any) -> Any:
+        """One raw vLLM request by token ids (its final RequestOutput): what the chat and scoring
+        calls are made of, and what a benchmark sends to measure the engine alone."""
         final = None
         async for output in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
             final = output
@@ -113,7 +111,7 @@ class VLLMEngine(LLMEngine):
             repetition_penalty=settings.repetition_penalty,
             structured_outputs=StructuredOutputsParams(json=json_schema) if json_schema is not None else None,
         )
-        output = await self._request(ids, params)
+        output = await self.request(ids, params)
         choice = output.outputs[0]
         return Generation(choice.text, finish_reason=choice.finish_reason, prompt_tokens=len(ids),
                           completion_tokens=len(choice.token_ids))
@@ -127,7 +125,7 @@ class VLLMEngine(LLMEngine):
 
         ids = self.encode(conversation)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(token_ids), allowed_token_ids=token_ids)
-        output = await self._request(ids, params)
+        output = await self.request(ids, params)
         step = output.outputs[0].logprobs[0]
         logprobs = [step[t].logprob if t in step else -math.inf for t in token_ids]
         return ChoiceScores(list(choices), normalise_logprobs(logprobs), prompt_tokens=len(ids))

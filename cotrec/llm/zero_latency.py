@@ -42,7 +42,7 @@ class ZeroLatencyEngine(LLMEngine):
     backend = "zero-latency"
 
     def __init__(self, config: LLMConfig):
-        super().__init__("zero-latency", config.json_retries)
+        super().__init__(config, model_name="zero-latency")
 
     async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
                         json_schema: dict[str, Any] | None) -> list[Generation]:

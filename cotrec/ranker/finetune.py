@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from cotrec.cluster import fit_torch_trainer
 from cotrec.config import RankerConfig
 from cotrec.llm import letters
+from cotrec.llm.base import single_token_ids
+from cotrec.llm.placement import cpu_has_bf16
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
-
-ADAPTER = "adapter"
-
 
 def training_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: int, seed: int) -> list[list[dict]]:
     """Per epoch, the (conversation, answer) of every list whose target is among its candidates."""
@@ -55,8 +55,6 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     """`auto`: bf16 on GPUs and on CPUs that compute it natively, fp32 elsewhere."""
     if precision != "auto":
         return precision
-    from cotrec.llm.placement import cpu_has_bf16
-
     return "bf16" if use_gpu or cpu_has_bf16() else "fp32"
 
 
@@ -74,9 +72,9 @@ def _deepspeed_config(job: dict[str, Any], accumulation: int, world: int) -> dic
 
 
 def _start_deepspeed_on_cpu() -> None:
-    # DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~80 s of g++)
-    # whose bf16 kernels need AVX-512 (without it the workers hang). Gloo does the collectives
-    # just as well for a LoRA adapter's few MB of gradients, so the op is not built.
+    # DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use, whose bf16
+    # kernels need AVX-512 (without it the workers hang). Gloo does the collectives just as well
+    # for a LoRA adapter's few MB of gradients, so the op is not built.
     import importlib
 
     # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm imports it.)
@@ -88,8 +86,6 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cotrec.llm.base import single_token_ids
 
     local = job.get("local", False)
     if local:
@@ -208,8 +204,6 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
             return train_loop({**job, "local": True, "use_gpu": use_gpu, "adapter_out": str(adapter_out)})
         finally:
             torch.set_num_threads(threads)
-
-    from cotrec.cluster import fit_torch_trainer
 
     result = fit_torch_trainer(train_loop, job, name="finetune", storage=str(Path(storage).resolve()),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,

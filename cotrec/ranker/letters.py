@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 import pandas as pd
 
-from cotrec.data.prepare import read_stats, read_table
+from cotrec.rundir import read_stats, read_table
 from cotrec.extract.prompts import Domain, domain_of, item_labels
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation, LLMEngine

@@ -22,13 +22,12 @@ import numpy as np
 import pandas as pd
 
 from cotrec.config import Config
-from cotrec.data.prepare import read_table
 from cotrec.errors import DataError
-from cotrec.extract.runner import PROGRAMS, latest_rows, read_shards
+from cotrec.extract.programs import output_folder, stored_outputs
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.retriever.data import Sequences
 from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.rundir import RunDir
+from cotrec.rundir import RunDir, read_table
 
 SPLIT_CODES = {"valid": 1, "test": 2}
 
@@ -63,10 +62,9 @@ def candidates_path(config: Config, run: RunDir, variant: str) -> Path:
 
 def _extraction(run: RunDir, kind: str, need: Optional[str]) -> pd.DataFrame:
     """The newest row per key of an extraction folder; with `need` None, an empty folder is empty."""
-    program = PROGRAMS[kind]
-    frame = latest_rows(read_shards(Path(run / program.folder)), program.key)
+    frame = stored_outputs(run, kind)
     if frame.empty and need is not None:
-        raise DataError(f"{run / program.folder}: no extraction output, needed for {need}; run "
+        raise DataError(f"{output_folder(run, kind)}: no extraction output, needed for {need}; run "
                         f"`cotrec extract {kind}` first")
     return frame
 
@@ -134,7 +132,7 @@ def _attach_preferences(run: RunDir, lists: list[CandidateList], horizon: str, m
     texts = stored_preferences(run)
     missing = [lst.user_idx for lst in lists if (lst.user_idx, horizon) not in texts]
     if missing:
-        raise DataError(f"{run / PROGRAMS['users'].folder}: no {horizon} preference for {len(missing)} of "
+        raise DataError(f"{output_folder(run, 'users')}: no {horizon} preference for {len(missing)} of "
                         f"{len(lists)} users (e.g. user_idx {missing[0]}); run `cotrec extract users`")
     empty = 0
     for lst in lists:
@@ -148,7 +146,7 @@ def _attach_key_terms(run: RunDir, lists: list[CandidateList], horizon: str, per
     missing = [(lst.user_idx, item) for lst in lists for item in lst.candidates
                if (lst.user_idx, horizon, item) not in terms]
     if missing:
-        raise DataError(f"{run / PROGRAMS['perceptions'].folder}: no {horizon} perception for {len(missing)} "
+        raise DataError(f"{output_folder(run, 'perceptions')}: no {horizon} perception for {len(missing)} "
                         f"(user, candidate) pairs (e.g. user_idx {missing[0][0]}, item_idx {missing[0][1]}); run "
                         f"`cotrec extract perceptions` after training the retriever")
     empty = 0
@@ -175,3 +173,29 @@ def sample_lists(lists: list[CandidateList], limit: Optional[int], seed: int) ->
         return lists
     keep = np.sort(np.random.default_rng(seed).choice(len(lists), size=limit, replace=False))
     return [lists[i] for i in keep]
+
+
+def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
+    """The (user, horizon, item) pairs of the retrievers' top-M candidates the ranker will read.
+
+    The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant);
+    their pairs are unioned. With `extract.perception_only_hits` only the lists the ranker re-ranks
+    are kept: those whose target is among the candidates, sampled as the ranker samples them
+    (`ranker.max_train_users`, `ranker.max_eval_users`); otherwise every list of each horizon.
+    """
+    variants = config.extract.perception_candidates or list(dict.fromkeys(config.ranker.retrievers.values()))
+    frames, paths = [], []
+    for variant in variants:
+        path = candidates_path(config, run, variant)
+        for horizon in config.extract.perception_horizons:
+            if config.extract.perception_only_hits:
+                lists = [lst for lst in ranked_lists(config, run, variant, horizon, "llm")[0] if lst.hit]
+            else:
+                lists = load_lists(config, run, variant, horizon, "llm")[0]
+            frames.append(pd.DataFrame({"user_idx": [lst.user_idx for lst in lists], "horizon": horizon,
+                                        "item_idx": [lst.candidates for lst in lists]}))
+        paths.append(str(path))
+    pairs = pd.concat(frames, ignore_index=True).explode("item_idx").dropna(subset=["item_idx"])
+    pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
+    pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
+    return pairs.reset_index(drop=True), ", ".join(paths)

@@ -19,31 +19,28 @@ evaluation the `test` horizon, as LlamaRec does; neither ever sees the test targ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
-from cotrec.extract.runner import PROGRAMS, shard_files
-from cotrec.llm import make_engine
-from cotrec.llm.base import LLMEngine
-from cotrec.progress import log
+from cotrec.extract.programs import output_folder
+from cotrec.extract.shards import folder_digest
+from cotrec.fingerprint import fingerprint
 from cotrec.llm.embedded import resolve_model
+from cotrec.llm.pool import EnginePool
+from cotrec.progress import log
 from cotrec.ranker.finetune import fit, merge_adapter, resolve_precision, training_examples
 from cotrec.ranker.letters import LetterRanker, evaluate_ranker
 from cotrec.ranker.lists import ranked_lists
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
+from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position
+from cotrec.reporting.tables import TABLE2, ranker_label, write_table2
 from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.rundir import RunDir, atomic_write_text, write_json
-
-REPORT = "reports/table2.md"
-PLOT = "reports/rank_vs_position.png"
+from cotrec.rundir import RunDir, write_json
 # What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
 EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
 
@@ -58,10 +55,6 @@ def merged_model(run: RunDir, variant: str, prompt: str) -> Path:
     return Path(run / ranker_folder(variant, prompt) / "model" / "merged")
 
 
-def _digest(parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str, Any]:
     """What the lists depend on: the retriever's candidates and the extraction the prompt shows."""
     user, item = parse_variant(variant)
@@ -71,14 +64,14 @@ def _inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str,
                         f"`cotrec retriever train --variant {user}/{item}` first")
     parts: dict[str, Any] = {"candidates": record.get("fingerprint"), "prompt": prompt, "prompt_version": PROMPT_VERSION}
     for kind, used in (("users", uses_preference(prompt)), ("perceptions", uses_perceptions(prompt))):
-        if used:  # the shard names carry a clock and a tag: a new shard means new content
-            parts[kind] = [f.name for f in shard_files(Path(run / PROGRAMS[kind].folder))]
+        if used:
+            parts[kind] = folder_digest(output_folder(run, kind))
     return parts
 
 
 def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) -> str:
     ranker = config.ranker.model_dump(mode="json", exclude=EVAL_KEYS)
-    return _digest({"data": config.fingerprint("data"), "model": config.llm.model, "ranker": ranker,
+    return fingerprint({"data": config.fingerprint("data"), "model": config.llm.model, "ranker": ranker,
                     "seed": config.seed, "inputs": _inputs(config, run, variant, prompt)})
 
 
@@ -124,25 +117,6 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     return {"skipped": False, "folder": str(run / stage), **summary}
 
 
-class EnginePool:
-    """One engine at a time, reused while consecutive evaluations ask for the same model."""
-
-    def __init__(self, config: Config):
-        self.config, self.model, self.engine = config, None, None
-
-    def get(self, model: str) -> LLMEngine:
-        if self.model != model:
-            self.close()
-            log(f"ranker: starting {self.config.llm.backend} on {model}")
-            self.engine, self.model = make_engine(self.config.llm.model_copy(update={"model": model})), model
-        return self.engine  # type: ignore[return-value]
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-        self.engine, self.model = None, None
-
-
 def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False,
                 engines: Optional[EnginePool] = None) -> dict[str, Any]:
     """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
@@ -158,7 +132,7 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
     elif prompt != "none":
         model = config.llm.model
     stage = f"{ranker_folder(variant, ranker)}/eval"
-    fp = _digest({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
+    fp = fingerprint({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
                   "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call"}),
                   "model": run.completion(f"{ranker_folder(variant, prompt)}/model") if fine_tuned else model,
                   "inputs": _inputs(config, run, variant, shows)})
@@ -168,7 +142,7 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
     started = time.perf_counter()
     lists, notes = ranked_lists(config, run, variant, "test", shows)
     own = engines is None
-    engines = engines or EnginePool(config)
+    engines = engines or EnginePool(config.llm)
     try:
         scorer = None
         if model is not None:
@@ -207,7 +181,7 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     for variant in rc.retrievers.values():  # fail in one line before any work
         _inputs(config, run, variant, "llm")
     started = time.perf_counter()
-    engines = EnginePool(config)
+    engines = EnginePool(config.llm)
     rows = []
     # Same-model evaluations back to back, so each engine starts once.
     jobs = [(label, variant, ranker) for label, variant in rc.retrievers.items() for ranker in rc.grid]
@@ -220,65 +194,22 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     order = {(label, ranker): i for i, (label, ranker) in
              enumerate((label, ranker) for label in rc.retrievers for ranker in rc.grid)}
     rows.sort(key=lambda r: order[(r["label"], r["ranker"])])
-    summary = {"skipped": all(r["skipped"] for r in rows), "rows": rows, "report": str(run / REPORT),
-               "plot": str(run / PLOT), "seconds": round(time.perf_counter() - started, 3)}
+    summary = {"skipped": all(r["skipped"] for r in rows), "rows": rows, "report": str(run / TABLE2),
+               "plot": str(run / RANK_PLOT), "seconds": round(time.perf_counter() - started, 3)}
     write_table2(run, config, summary)
     plot_rank_vs_position(run, rows)
     return summary
 
 
-def ranker_label(ranker: str) -> str:
-    prompt, fine_tuned = parse_ranker(ranker)
-    if prompt == "none":
-        return "None"
-    return prompt.upper() + ("" if fine_tuned else " (zero-shot)")
-
-
-def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
-    rows = summary["rows"]
-    users = rows[0]["users"] if rows else 0
-    lines = [
-        "# Table 2: LLM-as-Ranker on the retrievers' top-10",
-        "",
-        f"Dataset `{config.data.source}`, {users} test users, model `{config.llm.model}` "
-        f"(fine-tuned rows: LoRA r={config.ranker.lora_r}, {config.ranker.epochs} epoch(s) on the valid lists). "
-        "NDCG@10 is over all test users: a user whose target is not among the candidates counts as 0, so "
-        "Ranker=None is the retriever's own NDCG@10. MAPB: the target's mean absolute rank deviation when it "
-        "is placed at each of the 10 positions (0 = no position bias).",
-        "",
-        "| Retriever | Ranker | NDCG@10 | Hit@1 | MAPB | re-ranked users |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
-        lines.append(f"| {row['label']} ({row['retriever']}) | {ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
-                     f"{row['hit@1']:.4f} | {mapb} | {row['ranked_users']} |")
-    path = Path(run / REPORT)
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
-    """Mean predicted rank of the target against the position it was shown at, per ranker."""
-    curves = [r for r in rows if r.get("mean_rank_by_position")]
-    if not curves:
-        return None
-    from cotrec.report import pyplot, save_figure
-
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
-    for row in curves:
-        ys = np.asarray(row["mean_rank_by_position"]) + 1
-        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=f"{row['label']} + {ranker_label(row['ranker'])} "
-                                                                   f"(MAPB {row['mapb']:.2f})")
-    m = len(curves[0]["mean_rank_by_position"])
-    ax.axhline((m + 1) / 2, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("position the target is shown at (A = 1)")
-    ax.set_ylabel("mean predicted rank of the target")
-    ax.set_xticks(range(1, m + 1))
-    ax.legend(fontsize=8)
-    ax.set_title("Position bias: predicted rank vs shown position")
-    fig.tight_layout()
-    return save_figure(fig, Path(run / PLOT))
+def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
+    """The ranker grid's finished evaluations, in Table 2 order (nothing is evaluated here)."""
+    rows = []
+    for label, variant in config.ranker.retrievers.items():
+        for ranker in config.ranker.grid:
+            stage = f"{ranker_folder(variant, ranker)}/eval"
+            if run.completion(stage) is not None:
+                rows.append({"label": label, **json.loads(Path(run / stage / "metrics.json").read_text())})
+    return rows
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ it starts from, so a rerun with the same inputs is skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,26 +24,24 @@ import pandas as pd
 import torch
 
 from cotrec.config import Config
-from cotrec.data.prepare import read_table
+from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
+from cotrec.reporting.tables import TABLE1, write_table1
 from cotrec.retriever.data import Sequences, eval_queries, training_windows
 from cotrec.retriever.evaluate import evaluate_split
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.train import fit, peak_memory_mb
 from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
                                        variant_dir, variant_name)
-from cotrec.rundir import RunDir, atomic_write_text, write_json
-
-REPORT = "reports/table1.md"
+from cotrec.rundir import RunDir, read_table, write_json
 
 
 def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
     # What one variant's training depends on: data + retriever settings, minus the grid's own keys
     # (asking for more seeds must not retrain the seeds already done).
     retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds"})
-    parts = {"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
-             "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint({"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
+                        "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)})
 
 
 def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> tuple[dict, Sequences, dict]:
@@ -147,11 +144,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def _label(name: str) -> tuple[str, str]:
-    user, item = parse_variant(name)
-    return user.capitalize(), item.capitalize()
-
-
 def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Train every `retriever.grid` variant for `retriever.grid_seeds` seeds; write reports/table1.md."""
     rc = config.retriever
@@ -168,7 +160,7 @@ def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str
         skipped &= all(r["skipped"] for r in results)
         rows.append(grid_row(name, results))
     summary = {"skipped": skipped, "rows": rows, "seeds": seeds, "mask_history": rc.mask_history,
-               "report": str(run / REPORT), "seconds": round(time.perf_counter() - started, 3)}
+               "report": str(run / TABLE1), "seconds": round(time.perf_counter() - started, 3)}
     write_table1(run, config, summary)
     return summary
 
@@ -193,28 +185,7 @@ def finished_grid(config: Config, run: RunDir) -> dict[str, Any]:
         results = [read_metrics(run / stage) for stage in stages if run.completion(stage) is not None]
         if results:
             rows.append(grid_row(name, results))
-    return {"rows": rows, "seeds": seeds, "mask_history": config.retriever.mask_history, "report": str(run / REPORT)}
-
-
-def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
-    seeds = summary["seeds"]
-    lines = [
-        "# Table 1: SASRec retriever, user / item initialisation",
-        "",
-        f"Dataset `{config.data.source}` ({summary['rows'][0]['users'] if summary['rows'] else 0} test users), "
-        f"leave-one-out, full ranking over all items, history {'masked' if summary['mask_history'] else 'not masked'}; "
-        f"mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}).",
-        "",
-        "| User | Item | Hit@10 | NDCG@10 | best epoch |",
-        "|---|---|---|---|---|",
-    ]
-    for row in summary["rows"]:
-        user, item = _label(row["variant"])
-        lines.append(f"| {user} | {item} | {row['hit@10']:.4f} ± {row['hit@10_std']:.4f} | "
-                     f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f} | {row['best_epoch']:.1f} |")
-    path = Path(run / REPORT)
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return {"rows": rows, "seeds": seeds, "mask_history": config.retriever.mask_history, "report": str(run / TABLE1)}
 
 
 def format_grid_summary(summary: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cotrec.cluster import fit_torch_trainer
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
 from cotrec.retriever.evaluate import score_queries
@@ -167,7 +168,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         stop = since_best >= job["patience"] or epoch == job["max_epochs"] - 1
         # Checkpoint the best state every `checkpoint_every` epochs (when it changed) and at the end.
         # Every rank takes the same decision (the metrics were all-reduced), as report() is collective.
-        # Not every epoch: a Ray Train report blocks until the controller polls it (~2 s).
+        # Not every epoch: a Ray Train report blocks until the controller polls it.
         if stop or (unsaved and (epoch + 1) % job.get("checkpoint_every", 10) == 0):
             ctx.report({k: v for k, v in record.items() if k != "improved"},
                        best_state if (unsaved and rank == 0) else None)
@@ -196,8 +197,6 @@ def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict
         finally:
             torch.set_num_threads(threads)
         return result.pop("best_state"), result
-
-    from cotrec.cluster import fit_torch_trainer
 
     result = fit_torch_trainer(train_loop, job, name="train", storage=str(Path(storage).resolve()),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,

@@ -1,0 +1,172 @@
+"""The parquet shard store an extraction writes into, and what makes a rerun resume.
+
+A folder holds shards `part-<ns clock>-<tag>.parquet`, each written under a hidden name and
+renamed into place, so a shard is whole or absent whatever kills its writer. Rows are never
+updated in place: a newer row for the same key supersedes an older one (`created_at`), readers
+take the newest (`latest_rows`) and `compact` rewrites a folder as one row per key. A batch
+written twice (its writer died after the rename and the batch ran again) is therefore harmless.
+
+`manifest.json` records the settings a folder was made with; a folder made with other settings
+starts afresh, one made with the same settings resumes: `pending_rows` drops the input rows whose
+every output row is stored, ok, from the same inputs (`source_digest`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cotrec.fingerprint import fingerprint
+from cotrec.progress import log
+from cotrec.rundir import COMPLETE_MARKER, write_json
+
+COMPACT_ROWS = 200_000  # rows per shard when a folder is compacted
+
+
+class Table(Protocol):
+    """What the store needs to know of a folder's rows (`extract.programs.Program` is one)."""
+
+    key: tuple[str, ...]  # what identifies an output row
+    schema: pa.Schema
+    row_key: tuple[str, ...]  # what identifies an input row
+    rows_per_input: int  # output rows one input row makes
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The finished shards of a folder, oldest first (names start with a nanosecond clock)."""
+    return sorted(Path(folder).glob("part-*.parquet")) if Path(folder).is_dir() else []
+
+
+def folder_digest(folder: Path) -> str:
+    """What a folder holds, as its shard names (each carries its write time and writer's tag):
+    readers fingerprint their inputs with it."""
+    return fingerprint([f.name for f in shard_files(folder)])
+
+
+def write_shard(folder: Path, records: list[dict[str, Any]], schema: pa.Schema, tag: str = "",
+                constants: dict[str, Any] | None = None) -> Path:
+    """Write one shard under a hidden name and rename it into place: whole or absent.
+    `constants`: columns with one value for every record (a batch's model, prompt version, time)."""
+    name = f"part-{time.time_ns():020d}-{tag or uuid.uuid4().hex[:8]}.parquet"
+    final = Path(folder) / name
+    tmp = final.with_name(f".{name}.tmp")
+    pq.write_table(records_table(records, schema, constants or {}), tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def records_table(records: list[dict[str, Any]], schema: pa.Schema, constants: dict[str, Any]) -> pa.Table:
+    """Records as a table of `schema`, with the `constants` columns added. Columns are built with
+    itemgetter and zip and converted one column per call, since a users job writes millions of
+    rows; records that leave a column out (hand-made ones; a program's records have them all) go
+    through from_pylist, which writes nulls."""
+    fields = pa.schema([f for f in schema if f.name not in constants])
+    names = fields.names
+    values = itemgetter(*names) if len(names) > 1 else (lambda record: (record[names[0]],))
+    try:
+        columns = list(zip(*map(values, records))) or [()] * len(names)
+        table = pa.Table.from_arrays([pa.array(column, f.type) for column, f in zip(columns, fields)], schema=fields)
+    except KeyError:
+        table = pa.Table.from_pylist(records, schema=fields)
+    for column, value in constants.items():
+        field = schema.field(column)
+        table = table.append_column(field, pa.repeat(pa.scalar(value, field.type), len(table)))
+    return table.select(schema.names)
+
+
+def read_shards(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """All rows of a folder's shards; taking the newest row per key is left to the caller."""
+    files = shard_files(folder)
+    if not files:
+        return pd.DataFrame(columns=columns or [])
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default").to_pandas()
+
+
+def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
+    """The newest row per key (by created_at)."""
+    if frame.empty:
+        return frame
+    if "created_at" in frame.columns:
+        frame = frame.sort_values("created_at", kind="stable")
+    return frame.drop_duplicates(list(key), keep="last")
+
+
+def compact(folder: Path, program: Table) -> int:
+    """Rewrite a folder whose rows were superseded as one row per key; returns rows dropped.
+    The new shards are in place before the old ones go: a kill in between leaves duplicates that
+    readers resolve and the next run compacts, never a lost row."""
+    files = shard_files(folder)
+    frame = read_shards(folder)
+    latest = latest_rows(frame, program.key)
+    dropped = len(frame) - len(latest)
+    if dropped == 0:
+        return 0
+    records = latest.sort_values(list(program.key)).to_dict("records")
+    for start in range(0, len(records), COMPACT_ROWS):
+        write_shard(folder, [_plain(r) for r in records[start:start + COMPACT_ROWS]], program.schema, tag="compact")
+    for path in files:
+        path.unlink()
+    return dropped
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """pandas -> python values for pyarrow (lists from numpy arrays, NaN -> None)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+# -- resume ------------------------------------------------------------------------------------
+def prepare_folder(folder: Path, settings: str, force: bool) -> None:
+    """Keep a folder made with the same settings (to resume it); otherwise start it afresh."""
+    manifest = folder / "manifest.json"
+    if folder.exists():
+        try:
+            same = json.loads(manifest.read_text()).get("fingerprint") == settings
+        except (OSError, ValueError):
+            same = False
+        if force or not same:
+            if shard_files(folder):
+                log(f"{folder}: {'--force' if force else 'made with other settings'}; starting afresh")
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    if not manifest.exists():
+        write_json(manifest, {"fingerprint": settings})
+
+
+def done_keys(folder: Path, program: Table) -> pd.DataFrame:
+    """Input keys (with their source_digest) whose every output row is stored, ok, from the same inputs."""
+    key = list(program.row_key)
+    frame = latest_rows(read_shards(folder, [*program.key, "source_digest", "status", "created_at"]), program.key)
+    if frame.empty:
+        return pd.DataFrame(columns=[*key, "source_digest"])
+    ok = frame[frame["status"] == "ok"]
+    counts = ok.groupby([*key, "source_digest"]).size()
+    return counts[counts == program.rows_per_input].reset_index()[[*key, "source_digest"]]
+
+
+def pending_rows(rows: pd.DataFrame, folder: Path, program: Table) -> pd.DataFrame:
+    """The input rows still to run: not done, failed, or changed since they were done."""
+    done = done_keys(folder, program)
+    if done.empty:
+        return rows
+    merged = rows.merge(done.assign(_done=True), on=[*program.row_key, "source_digest"], how="left")
+    return rows[merged["_done"].isna().to_numpy()]
