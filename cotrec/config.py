@@ -283,6 +283,8 @@ class LLMConfig(Section):
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (if any)
     max_concurrency: int = Field(32, ge=1)  # requests in flight
     request_timeout_s: float = Field(300, gt=0)
+    # Retries of a request the server refused (429, 5xx), dropped or let time out, with backoff.
+    http_retries: int = Field(4, ge=0)
     # Send vLLM's `allowed_token_ids` with choice scoring (vLLM servers only; the server should
     # run with --logprobs-mode processed_logprobs so the returned top logprobs are the choices).
     vllm_extensions: bool = True

@@ -25,7 +25,7 @@ from cotrec.config import Config, load_config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.llm import make_engine
 from cotrec.ranker.letters import LetterRanker
-from cotrec.ranker.lists import CandidateList, shown_order, stored_key_terms, stored_preferences
+from cotrec.ranker.lists import ANONYMOUS, CandidateList, shown_order, stored_key_terms, stored_preferences
 from cotrec.ranker.mapb import ranked_order
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.ranker.stage import merged_model
@@ -178,7 +178,7 @@ class RankerService:
 
     def candidate_list(self, user_idx: Optional[int], horizon: str, history: np.ndarray, candidates: Sequence[int]) -> Any:
         split = "test" if horizon == "next" else horizon  # the latest stored state stands for "next"
-        user = -1 if user_idx is None else int(user_idx)
+        user = ANONYMOUS if user_idx is None else int(user_idx)
         lst = CandidateList(user, split, [int(i) for i in history[-self.config.ranker.history_items:]],
                             [int(c) for c in candidates], target=-1, retriever_rank=-1,
                             preference=shorten(self.preferences.get((user, split), ""), self.config.ranker.preference_chars))

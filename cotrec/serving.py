@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 
 from cotrec.cluster import ensure_ray
 from cotrec.config import parse_ranker
@@ -94,7 +95,14 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
     """Every test user through `POST /recommend`; Hit@K / NDCG@K next to the offline figures."""
     config = run_config(run)
     rerank = parse_ranker(ranker)[0] != "none"
+    user, item = parse_variant(variant)
+    offline_path = (Path(run / ranker_folder(variant, ranker) / "eval" / "metrics.json") if rerank
+                    else Path(run / variant_dir(config, user, item, config.seed)) / "metrics.json")
+    offline = json.loads(offline_path.read_text()) if offline_path.is_file() else None
     users = read_table(run, "users").sort_values("user_idx")
+    if offline is not None and offline.get("sampled_users"):  # the ranker evaluated a seeded sample: the same users
+        evaluated = pd.read_parquet(offline_path.with_name("rankings.parquet"), columns=["user_idx"])["user_idx"]
+        users = users[users["user_idx"].isin(set(evaluated))]
     items = read_table(run, "items").sort_values("item_idx")
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))
     item_ids = items["item_id"].astype(str).to_numpy()
@@ -109,10 +117,6 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
         ranks.append(returned.index(target) if target in returned else k)
     metrics = ranking_metrics(np.asarray(ranks), [k])
     latency = [r["latency"]["total_ms"] for r in replies]
-    user, item = parse_variant(variant)
-    offline_path = (Path(run / ranker_folder(variant, ranker) / "eval" / "metrics.json") if rerank
-                    else Path(run / variant_dir(config, user, item, config.seed)) / "metrics.json")
-    offline = json.loads(offline_path.read_text()) if offline_path.is_file() else None
     result = {"via": url, "retriever": variant, "ranker": ranker, "split": "test", "users": len(replies), **metrics,
               "seconds": round(seconds, 3), "users_per_second": len(replies) / max(seconds, 1e-9),
               "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p95": float(np.percentile(latency, 95)),

@@ -1,40 +1,114 @@
 """The Ray Serve application: a retriever deployment, a ranker deployment and a FastAPI ingress.
 
     POST /recommend               {"user_id": "196", "k": 10, "rerank": true}
-                                  or {"history": ["242", "302", ...], "k": 10} for an unknown user
+                                  or {"history": ["242", "302", ...], "k": 10, "rerank": true} for an unknown user
     GET  /healthz
     GET  /users/{user_id}/preference
 
 The model code lives in `cotrec.recommend` (shared with the offline evaluation); this module only
-puts it behind Serve: `Retriever` batches concurrent requests into one SASRec forward pass
-(`@serve.batch`), `Ranker` holds one LLM engine and batches concurrent candidate lists into one
-engine call, `Ingress` validates requests (pydantic: malformed bodies and out-of-range values are
-422), chains the two and reports each stage's latency. Deploy with `serve deploy serve/config.yaml`
-or `cotrec serve --run-dir R`; `app_builder` is the import path both use.
+puts it behind Serve: `Retriever` resolves, scores and describes concurrent requests in one SASRec
+forward pass (`@serve.batch`), `Ranker` holds one LLM engine and scores concurrent candidate lists
+in one engine call, `Ingress` validates requests (pydantic: malformed bodies and out-of-range values
+are 422), chains the two and reports each stage's latency. A request that cannot be answered comes
+back from a deployment as an error value, never as an exception, so a bad request in a batch fails
+alone. Deploy with `serve deploy serve/config.yaml` or `cotrec serve --run-dir R`; `app_builder` is
+the import path both use.
+
+`DEPLOYMENTS` holds each deployment's load settings; serve/config.yaml and the RayService restate
+them (a test checks they agree). Why these numbers: a replica takes up to `max_ongoing_requests`
+(Ray's default of 5 would cap every `@serve.batch` below its batch size), the autoscaler aims at
+`target_ongoing_requests` per replica (at most `max_ongoing_requests`, or it is never reached), and
+past `max_queued_requests` waiting at a handle a request is refused at once (503) instead of
+queueing without bound.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cotrec.config import parse_ranker
+from cotrec.llm.base import EngineDeadError
 from cotrec.recommend import RankerService, RequestError, RetrieverService, run_config
 from cotrec.rundir import RunDir
 
 MAX_K = 100
-api = FastAPI(title="cotrec", description="CoT-Rec: SASRec retrieval, then LLM re-ranking")
+MAX_BODY_BYTES = 1 << 20  # a history of the longest accepted length fits many times over
+
+# Each deployment's load settings (serve/config.yaml and the RayService restate them).
+DEPLOYMENTS: dict[str, dict[str, Any]] = {
+    "Retriever": {
+        "ray_actor_options": {"num_cpus": 0.25},
+        "max_ongoing_requests": 64, "max_queued_requests": 1024,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32,
+                               "upscale_delay_s": 5, "downscale_delay_s": 60},
+    },
+    "Ranker": {
+        "ray_actor_options": {"num_cpus": 1},
+        "max_ongoing_requests": 32, "max_queued_requests": 256,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16,
+                               "upscale_delay_s": 10, "downscale_delay_s": 120},
+        "health_check_period_s": 10, "health_check_timeout_s": 30,
+    },
+    "Ingress": {
+        "ray_actor_options": {"num_cpus": 0.25},
+        "max_ongoing_requests": 256, "max_queued_requests": 2048,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128,
+                               "upscale_delay_s": 5, "downscale_delay_s": 60},
+    },
+}
+# @serve.batch per deployment: the most requests in one forward pass, and how long a batch waits to fill.
+BATCHING = {"Retriever": {"max_batch_size": 64, "batch_wait_timeout_s": 0.005},
+            "Ranker": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}}
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a request's text echoed back (a lone surrogate
+    included) can never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+api = FastAPI(title="cotrec", description="CoT-Rec: SASRec retrieval, then LLM re-ranking",
+              default_response_class=SafeJSONResponse)
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+    """422 with each problem's location and message (the offending input is not echoed back)."""
+    problems = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
+                for error in exc.errors()]
+    return SafeJSONResponse(status_code=422, content={"detail": problems})
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next: Any) -> Any:
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        return SafeJSONResponse(status_code=413, content={"detail": f"the body must be at most {MAX_BODY_BYTES} bytes"})
+    return await call_next(request)
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A client's value in an error message: quoted and cut short."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: Optional[Union[StrictStr, StrictInt]] = None  # the dataset's raw user id
+    user_id: Optional[Union[Annotated[StrictStr, StringConstraints(max_length=200)], StrictInt]] = None  # raw user id
     history: Optional[list[Union[StrictStr, StrictInt]]] = Field(None, min_length=1)  # raw item ids, oldest first
     k: int = Field(10, ge=1, le=MAX_K)
     rerank: bool = False
@@ -42,9 +116,14 @@ class RecommendRequest(BaseModel):
     horizon: Literal["next", "valid", "test"] = "next"
 
 
-@serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.25},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 60})
+def error_value(exc: Exception) -> dict[str, Any]:
+    """An exception as the value a deployment returns: a request's own problem is its status (4xx)."""
+    if isinstance(exc, RequestError):
+        return {"error": str(exc), "status": exc.status}
+    return {"error": f"{type(exc).__name__}: {exc}"[:300], "status": 500}
+
+
+@serve.deployment(name="Retriever", **DEPLOYMENTS["Retriever"])
 class Retriever:
     def __init__(self, run_dir: str, variant: Optional[str], max_history: int = 2000):
         self.service = RetrieverService(run_dir, variant, max_history=max_history)
@@ -53,36 +132,35 @@ class Retriever:
         return {"variant": self.service.variant, "users": len(self.service.user_ids),
                 "items": len(self.service.item_ids), "domain": self.service.domain}
 
-    def resolve(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request's user and history, or {"error", "status"} (errors cross handles as values)."""
-        try:
-            resolved = self.service.resolve(request)
-        except RequestError as exc:
-            return {"error": str(exc), "status": exc.status}
-        return {**resolved, "history": resolved["history"].tolist()}
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def top_k(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import numpy as np
-
-        k = max(r["k"] for r in requests)
-        resolved = [{**r["resolved"], "history": np.asarray(r["resolved"]["history"], dtype=np.int64)} for r in requests]
-        found = self.service.retrieve(resolved, k)
-        return [{"items": f["items"][:r["k"]], "scores": f["scores"][:r["k"]]} for f, r in zip(found, requests)]
-
-    def describe(self, items: list[int], scores: list[float]) -> list[dict[str, Any]]:
-        return self.service.describe(items, scores)
+    @serve.batch(**BATCHING["Retriever"])
+    async def recommend(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per request: its user, horizon and history, and the top `k` items described, or an error
+        value for that request alone."""
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        resolved = {}
+        for i, request in enumerate(requests):
+            try:
+                resolved[i] = self.service.resolve(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail its batch
+                out[i] = error_value(exc)
+        if resolved:
+            k = max(requests[i]["k"] for i in resolved)
+            found = self.service.retrieve(list(resolved.values()), k)
+            for (i, request), top in zip(resolved.items(), found):
+                n = requests[i]["k"]
+                out[i] = {"user_idx": request["user_idx"], "horizon": request["horizon"],
+                          "history": request["history"].tolist(),
+                          "items": self.service.describe(top["items"][:n], top["scores"][:n])}
+        return out
 
     def preference(self, user_id: str) -> dict[str, Any]:
-        service = self.service
-        user = service.user_index.get(str(user_id))
+        user = self.service.user_index.get(str(user_id))
         if user is None:
-            return {"error": f"unknown user {user_id!r}", "status": 404}
-        return {"user_id": str(user_id), "preferences": service.preferences_of(user)}
+            return {"error": f"unknown user {shown(user_id)}", "status": 404}
+        return {"user_id": str(user_id), "preferences": self.service.preferences_of(user)}
 
 
-@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 1},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16})
+@serve.deployment(name="Ranker", **DEPLOYMENTS["Ranker"])
 class Ranker:
     def __init__(self, run_dir: str, variant: str, ranker: str):
         self.service = RankerService(run_dir, variant, ranker)
@@ -90,18 +168,32 @@ class Ranker:
     def info(self) -> dict[str, Any]:
         return {"ranker": self.service.ranker, "model": self.service.model}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    def check_health(self) -> None:
+        """Serve's probe: a replica whose engine died is replaced instead of receiving traffic."""
+        self.service.engine.check_health()
+
+    @serve.batch(**BATCHING["Ranker"])
     async def rerank(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import numpy as np
+        """Per request, the candidates' ranked order and probabilities, or an error value."""
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        lists = {}
+        for i, r in enumerate(requests):
+            try:
+                lists[i] = self.service.candidate_list(r["user_idx"], r["horizon"], np.asarray(r["history"], dtype=np.int64),
+                                                       r["candidates"])
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail its batch
+                out[i] = error_value(exc)
+        if lists:
+            try:
+                ranked = await self.service.rerank(list(lists.values()))
+            except EngineDeadError as exc:
+                ranked = [{"error": f"the ranker's engine died: {exc}", "status": 503}] * len(lists)
+            for i, result in zip(lists, ranked):
+                out[i] = result
+        return out
 
-        lists = [self.service.candidate_list(r["user_idx"], r["horizon"], np.asarray(r["history"], dtype=np.int64),
-                                             r["candidates"]) for r in requests]
-        return await self.service.rerank(lists)
 
-
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 60})
+@serve.deployment(name="Ingress", **DEPLOYMENTS["Ingress"])
 @serve.ingress(api)
 class Ingress:
     def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int):
@@ -127,31 +219,30 @@ class Ingress:
         request = body.model_dump()
         if body.rerank and self.ranker is None:
             raise HTTPException(status_code=422, detail="this deployment has no ranker; send rerank: false")
-        resolved = await self.retriever.resolve.remote(request)
-        if "error" in resolved:
-            raise HTTPException(status_code=resolved["status"], detail=resolved["error"])
-        k = max(body.k, self.top_m) if body.rerank else body.k
-        found = await self.retriever.top_k.remote({"resolved": resolved, "k": k})
+        request["k"] = max(body.k, self.top_m) if body.rerank else body.k
+        found = await self.retriever.recommend.remote(request)
+        if "error" in found:
+            raise HTTPException(status_code=found["status"], detail=found["error"])
         retrieved = time.perf_counter()
-        items, scores = found["items"], found["scores"]
-        latency = {"retrieve_ms": (retrieved - started) * 1e3}
-        probs: list[Optional[float]] = [None] * len(items)
-        if body.rerank and len(items) >= 2:
-            m = min(self.top_m, len(items))
-            ranked = await self.ranker.rerank.remote({"user_idx": resolved["user_idx"], "horizon": resolved["horizon"],
-                                                      "history": resolved["history"], "candidates": items[:m]})
-            order = ranked["order"] + list(range(m, len(items)))
-            probs = ranked["probs"] + [None] * (len(items) - m)
-            items, scores = [items[i] for i in order], [scores[i] for i in order]
-            latency["rerank_ms"] = (time.perf_counter() - retrieved) * 1e3
-        described = await self.retriever.describe.remote(items[:body.k], scores[:body.k])
-        for row, prob in zip(described, probs):
+        rows = found["items"]
+        for row in rows:
             row["retriever_score"] = row.pop("score")
-            if prob is not None:
+        latency = {"retrieve_ms": (retrieved - started) * 1e3}
+        if body.rerank and len(rows) >= 2:
+            m = min(self.top_m, len(rows))
+            ranked = await self.ranker.rerank.remote({"user_idx": found["user_idx"], "horizon": found["horizon"],
+                                                      "history": found["history"],
+                                                      "candidates": [row["item_idx"] for row in rows[:m]]})
+            if "error" in ranked:
+                raise HTTPException(status_code=ranked["status"], detail=ranked["error"])
+            reordered = [rows[i] for i in ranked["order"]]
+            for row, prob in zip(reordered, ranked["probs"]):
                 row["ranker_prob"] = prob
+            rows = reordered + rows[m:]
+            latency["rerank_ms"] = (time.perf_counter() - retrieved) * 1e3
         latency["total_ms"] = (time.perf_counter() - started) * 1e3
-        return {"user_id": body.user_id, "horizon": resolved["horizon"], "reranked": bool(body.rerank),
-                "items": described, "latency": latency}
+        return {"user_id": body.user_id, "horizon": found["horizon"], "reranked": bool(body.rerank),
+                "items": rows[:body.k], "latency": latency}
 
 
 def app_builder(args: dict[str, Any]) -> Any:

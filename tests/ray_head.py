@@ -4,7 +4,7 @@
         job_id = head.submit(f"{sys.executable} jobs/prepare.py --config demo --run-dir {run}")
         status, logs = head.wait(job_id, timeout=300)
 
-Why it looks like this (see ../shared/FIELD_NOTES.md, "Ray 2.60 on one 2-core machine"):
+Why it looks like this:
 
 * Every port the head opens is picked free here, and the temp dir is its own short folder under
   /tmp (unix socket paths are limited to ~107 bytes), so a neighbour's Ray is never joined or hit.

@@ -59,7 +59,7 @@ def synthetic_run(root, users: int = 60, items: int = 80, length: int = 24, seed
 
 
 def fake_extraction(run, status_failed_items=(), missing_users=()):
-    """SYNTHETIC extraction outputs in the DESIGN.md layout (not LLM text)."""
+    """SYNTHETIC extraction outputs in the run directory layout of docs/design.md (not LLM text)."""
     inter = pd.read_parquet(run / "data" / "interactions.parquet")
     items = pd.read_parquet(run / "data" / "items.parquet")
     desc = pd.DataFrame({

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import sys
 import shlex
 from pathlib import Path
 
@@ -386,7 +387,31 @@ def test_rayservice_serves_the_app_builder_with_autoscaled_deployments():
     _check_kuberay_runtime_env(app["runtime_env"])
 
 
-@pytest.mark.skipif(not SERVE_APP.exists(), reason="serve/app.py is not written yet")
+LOAD_KEYS = ("max_ongoing_requests", "max_queued_requests", "health_check_period_s", "health_check_timeout_s")
+
+
+@pytest.mark.parametrize("where", ["serve/config.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_serve_load_settings_agree_with_the_app_and_let_batches_fill(where):
+    """Every deployment's load settings in the Serve configs are the app's own, and coherent: a replica
+    takes at least a full @serve.batch and at least the ongoing requests its autoscaler aims at."""
+    sys.path.insert(0, str(REPO))
+    from serve.app import BATCHING, DEPLOYMENTS
+
+    config = serve_config() if where.endswith("rayservice.yaml") else yaml.safe_load((REPO / where).read_text())
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert set(deployments) == set(DEPLOYMENTS)
+    for name, settings in DEPLOYMENTS.items():
+        found = deployments[name]
+        for key in LOAD_KEYS:
+            assert found.get(key) == settings.get(key), f"{where}: {name}.{key}"
+        target = found["autoscaling_config"]["target_ongoing_requests"]
+        assert target == settings["autoscaling_config"]["target_ongoing_requests"], f"{where}: {name} target"
+        assert target <= found["max_ongoing_requests"] <= found["max_queued_requests"], name
+        assert BATCHING.get(name, {}).get("max_batch_size", 1) <= found["max_ongoing_requests"], name
+    # the Ingress holds every request in flight while it waits on the others
+    assert deployments["Ingress"]["max_ongoing_requests"] >= max(d["max_ongoing_requests"] for d in deployments.values())
+
+
 def test_rayservice_names_what_serve_app_defines():
     source = SERVE_APP.read_text()
     module, attribute = serve_config()["applications"][0]["import_path"].split(":")

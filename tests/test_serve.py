@@ -1,4 +1,4 @@
-"""The Ray Serve chain on 127.0.0.1: responses, validation, and --via-serve == offline metrics.
+"""The Ray Serve chain on 127.0.0.1: responses, validation, bad requests, and --via-serve == offline metrics.
 
 A small synthetic run (the retriever tests' learnable walk) with the real embedded model as a
 zero-shot ranker on the transformers backend (it starts in seconds inside a replica).
@@ -6,8 +6,14 @@ zero-shot ranker on the transformers backend (it starts in seconds inside a repl
 
 from __future__ import annotations
 
+import asyncio
+import json
+from urllib.parse import quote
+
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cotrec.ranker.stage import ranker_eval
 from cotrec.retriever import train_variant
@@ -76,3 +82,65 @@ def test_via_serve_metrics_equal_the_offline_metrics(served):
     ranker_eval(config, run, "none/random", "llm/zero-shot")
     reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot")
     assert reranked["equal"], reranked
+
+
+@pytest.mark.slow
+def test_an_anonymous_rerank_and_bad_requests_batched_with_good_ones(served):
+    """Concurrent requests land in the same @serve.batch: the anonymous re-rank is answered (the same
+    order every time), and a bad request fails alone with its own 4xx."""
+    _, _, url = served
+    anonymous = {"history": ["i10", "i11", "i12", "i13"], "k": 10, "rerank": True}
+    bodies = [{"user_id": "u3", "rerank": True}, anonymous, {"user_id": "nobody", "rerank": True},
+              {"user_id": "u5", "rerank": True}, {"history": ["i1", "no-such-item"], "rerank": True},
+              {"user_id": "u7", "k": 3}, anonymous]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
+
+    replies = asyncio.run(send_all())
+    assert [r.status_code for r in replies] == [200, 200, 404, 200, 422, 200, 200], [r.text for r in replies]
+    first, again = replies[1].json(), replies[6].json()
+    assert first["reranked"] and len(first["items"]) == 10 and all("ranker_prob" in row for row in first["items"])
+    assert [row["item_id"] for row in first["items"]] == [row["item_id"] for row in again["items"]]
+    assert "nobody" in replies[2].json()["detail"] and "no-such-item" in replies[4].json()["detail"]
+
+
+unicode = st.text(st.characters(exclude_categories=[]))  # every code point, lone surrogates included
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | unicode,
+                           lambda children: st.lists(children, max_size=4) | st.dictionaries(unicode, children, max_size=4),
+                           max_leaves=12)
+request_fields = st.builds(lambda known, extra: {**extra, **known}, st.fixed_dictionaries({}, optional={
+    "user_id": json_values | st.text(min_size=150, max_size=400), "history": json_values | st.lists(unicode, max_size=3),
+    "k": json_values, "rerank": json_values, "horizon": json_values}), st.dictionaries(unicode, json_values, max_size=2))
+bodies = (request_fields.map(lambda b: json.dumps(b).encode()) | json_values.map(lambda b: json.dumps(b).encode())
+          | st.binary(max_size=200) | st.text().map(lambda t: t.encode("utf-8", "surrogatepass")))
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, path=st.text(st.characters(exclude_categories=[]), max_size=40))
+def test_bad_requests_are_4xx_with_a_message_never_500(served, body, path):
+    """Malformed, wrongly typed, unicode-heavy bodies and paths: a 4xx that says why (or a 200 for the
+    rare body that happens to be a valid request), never a 5xx."""
+    _, _, url = served
+    raw = path.encode("utf-8", "surrogatepass")  # lone surrogates become bytes no UTF-8 decoder accepts
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for reply in (client.post("/recommend", content=body, headers={"content-type": "application/json"}),
+                      client.get("/users/" + quote(raw, safe="") + "/preference"),
+                      client.post("/" + quote(raw, safe="/").lstrip("/"), content=body)):
+            assert reply.status_code < 500, (body, path, reply.status_code, reply.text[:300])
+            if reply.status_code != 200:
+                assert 400 <= reply.status_code < 500 and reply.json()["detail"], (body, path, reply.text[:300])
+
+
+@pytest.mark.slow
+def test_oversized_requests_are_refused_and_good_ones_still_served(served):
+    _, _, url = served
+    with httpx.Client(base_url=url, timeout=120) as client:
+        huge = client.post("/recommend", content=b'{"history": [' + b'"i1",' * 300_000 + b'"i2"]}',
+                           headers={"content-type": "application/json"})
+        assert huge.status_code == 413 and "at most" in huge.json()["detail"]
+        long = client.post("/recommend", json={"history": ["i1"] * 5000})
+        assert long.status_code == 422 and "at most 2000" in long.json()["detail"]
+        assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200

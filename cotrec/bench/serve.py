@@ -10,8 +10,8 @@ semaphore). Each request's latency is taken at the client; the server's own per-
 
 Autoscaling: while the load runs, a thread samples `serve.status()` every 0.5 s and records the
 RUNNING replicas of each deployment. Serve upscales only after a deployment's averaged ongoing
-requests stay above its `target_ongoing_requests` for `upscale_delay_s` (Ray's default 30 s;
-`serve/app.py` sets none), so the retrieval-only level at the highest concurrency keeps sending
+requests stay above its `target_ongoing_requests` for `upscale_delay_s` (`serve/app.py`'s
+DEPLOYMENTS), so the retrieval-only level at the highest concurrency keeps sending
 requests for at least `--sustain` seconds (default: the longest upscale delay of the deployments
 that can scale, plus 15 s). When no replica count rose, the notes say so with the measured length.
 
@@ -30,12 +30,20 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pandas as pd
+import ray
+from ray import serve
 
 from cotrec.bench.common import load_average, machine, rate
+from cotrec.cluster import ensure_ray
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.progress import log
+from cotrec.ranker.stage import merged_model, ranker_folder
+from cotrec.recommend import run_config
+from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
+from cotrec.serving import APP_NAME, free_port, start_app, stop_app
 
 DEFAULT_OUT = "bench/serve.json"
 DEFAULT_CONCURRENCY = (1, 8, 32)
@@ -56,12 +64,6 @@ RAY_DEFAULT_UPSCALE_DELAY_S = 30.0
 def check_run(run: RunDir, variant: str, ranker: str) -> tuple[Config, list[str]]:
     """The run's config and raw user ids, after checking what the app will load (one-line errors,
     before Ray starts)."""
-    import pandas as pd
-
-    from cotrec.ranker.stage import merged_model, ranker_folder
-    from cotrec.recommend import run_config
-    from cotrec.retriever.variants import parse_variant, variant_dir
-
     if not run.root.is_dir():
         raise DataError(f"{run.root}: no such run directory")
     config = run_config(run)
@@ -96,25 +98,13 @@ def user_stream(user_ids: list[str], seed: tuple[int, ...]) -> Iterator[str]:
 
 # -- Serve's view ------------------------------------------------------------------------------
 def deployed_autoscaling() -> dict[str, dict[str, Any]]:
-    """Each deployment's autoscaling settings as the controller holds them (Ray's defaults filled in)."""
-    from ray.serve.context import _get_global_client
+    """Each deployment's autoscaling and load settings as the app deploys them (serve/app.py)."""
+    from serve.app import DEPLOYMENTS  # importable once start_app has put the repository on the path
 
-    from cotrec.serving import APP_NAME
-
-    try:
-        details = _get_global_client().get_serve_details()
-        deployments = details["applications"][APP_NAME]["deployments"]
-    except Exception as exc:  # the figures are still useful without it
-        log(f"bench serve: could not read the deployed autoscaling settings: {exc}")
-        return {}
-    keys = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
-            "look_back_period_s")
-    found = {}
-    for name, deployment in deployments.items():
-        auto = (deployment.get("deployment_config") or {}).get("autoscaling_config") or {}
-        found[name] = {k: auto.get(k) for k in keys}
-        found[name]["target_num_replicas"] = deployment.get("target_num_replicas")
-    return found
+    keys = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+    return {name: {**{k: d["autoscaling_config"].get(k) for k in keys},
+                   "max_ongoing_requests": d["max_ongoing_requests"], "max_queued_requests": d["max_queued_requests"]}
+            for name, d in DEPLOYMENTS.items()}
 
 
 class ReplicaSampler:
@@ -131,10 +121,6 @@ class ReplicaSampler:
         self._thread = threading.Thread(target=self._loop, name="replica-sampler", daemon=True)
 
     def sample(self) -> None:
-        from ray import serve
-
-        from cotrec.serving import APP_NAME
-
         t = time.perf_counter() - self.t0
         try:
             app = serve.status().applications[APP_NAME]
@@ -362,7 +348,7 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"no deployment rose above its min_replicas: the longest level ({longest['mode']} at concurrency "
                      f"{longest['concurrency']}) ran {longest['seconds']:.1f} s ({longest['requests']} requests). "
                      "Serve upscales a deployment only after its averaged ongoing requests per replica stay above "
-                     "target_ongoing_requests for upscale_delay_s (serve/app.py sets none: Ray's default, 30 s). "
+                     "target_ongoing_requests for upscale_delay_s (serve/app.py's DEPLOYMENTS). "
                      + "; ".join(why) + ".")
     for name, p in per.items():
         if p["rose_above_min"]:
@@ -388,11 +374,6 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
                 concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY, requests: int = DEFAULT_REQUESTS,
                 rerank_requests: int = DEFAULT_RERANK_REQUESTS, out: str | Path = DEFAULT_OUT,
                 sustain: Optional[float] = None, config_spec: Optional[str] = None) -> dict[str, Any]:
-    import ray
-
-    from cotrec.cluster import ensure_ray
-    from cotrec.serving import free_port, start_app, stop_app
-
     concurrency = tuple(sorted(set(concurrency)))
     if not concurrency or min(concurrency) < 1:
         raise CotrecError(f"--concurrency: every level must be at least 1, got {concurrency}")

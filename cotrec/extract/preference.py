@@ -205,7 +205,7 @@ async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
 
 def horizon_row(user: int, horizon: str, walked: WalkState, history: list[int], target: int, spent: StepStats,
                 failures: list[str], continued: bool, source: str) -> dict[str, Any]:
-    """One output row of the users table (DESIGN.md): the state a horizon's walk ended in."""
+    """One output row of the users table (docs/design.md): the state a horizon's walk ended in."""
     return {
         "user_idx": user, "horizon": horizon,
         "preference": walked.preference or "",

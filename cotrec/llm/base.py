@@ -106,6 +106,11 @@ def validate_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, str | 
     return value, None
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can serve no more requests (its loop stopped, its backend process died): whoever
+    holds it replaces it (a Ray Data actor restarts, a Serve replica is taken out of rotation)."""
+
+
 # The statuses a reply is tried again for (a truncated one only where the settings say so).
 _RETRIED = frozenset({"empty", "invalid_json"})
 _RETRIED_WITH_TRUNCATED = _RETRIED | {"truncated"}
@@ -157,6 +162,15 @@ class LLMEngine(ABC):
 
     def score_choices_sync(self, conversations: list[Conversation], choices: Sequence[str]) -> list[ChoiceScores]:
         return self._run(self._score_choices(list(conversations), list(choices)))
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError when the engine can serve no more requests."""
+        if self._closed or not self._thread.is_alive():
+            raise EngineDeadError(f"{self.backend} engine: closed or its event loop stopped")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        """A backend's own liveness check (raise EngineDeadError); cheap, it runs on every probe."""
 
     def forget_prompts(self) -> None:
         """Drop whatever the backend cached of earlier prompts (vLLM: its prefix cache), so that a

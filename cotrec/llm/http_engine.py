@@ -1,11 +1,14 @@
-"""OpenAI-compatible HTTP backend: a `vllm serve` endpoint, or a hosted model.
+"""OpenAI-compatible HTTP backend: a `vllm serve` endpoint, or a hosted model, through the `openai` SDK.
 
-Chat goes to `POST {base_url}/chat/completions`; a JSON schema is sent as
-`response_format: {type: json_schema}`. Choice scoring asks for one token with
-`logprobs`/`top_logprobs` and reads the choices' log-probabilities from the top list (a choice
-absent from it gets probability 0 before renormalising). With `llm.vllm_extensions` and a
-tokenizer that can be loaded locally, it also sends vLLM's `allowed_token_ids`; start such a
-server with `--logprobs-mode processed_logprobs` so its top list is exactly the choices.
+The SDK's client retries what a busy or restarting server answers (429, 5xx, connection errors and
+timeouts), `llm.http_retries` times with exponential backoff, honouring a server's Retry-After; a
+request that still fails becomes an `error` reply (chat) or a CotrecError naming the endpoint
+(choice scoring). A JSON schema is sent as `response_format: {type: json_schema}`. Choice scoring
+asks for one token with `logprobs`/`top_logprobs` and reads the choices' log-probabilities from the
+top list (a choice absent from it gets probability 0 before renormalising). With
+`llm.vllm_extensions` and a tokenizer that can be loaded locally, it also sends vLLM's
+`allowed_token_ids` (in `extra_body`); start such a server with `--logprobs-mode processed_logprobs`
+so its top list is exactly the choices.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import asyncio
 import math
 import os
 from typing import Any
+
+import openai
 
 from cotrec.config import LLMConfig
 from cotrec.errors import CotrecError
@@ -29,14 +34,10 @@ class HTTPEngine(LLMEngine):
 
     def __init__(self, config: LLMConfig):
         super().__init__(config)
-        import httpx
-
         self.base_url = config.base_url.rstrip("/")
-        headers = {}
-        key = os.environ.get(config.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(headers=headers, timeout=config.request_timeout_s)
+        # a server that needs no key (a local vLLM) still gets one: the SDK refuses to start without
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=os.environ.get(config.api_key_env) or "none",
+                                         timeout=config.request_timeout_s, max_retries=config.http_retries)
         self.limit = asyncio.Semaphore(config.max_concurrency)
         self.tokenizer = self._local_tokenizer()
 
@@ -50,17 +51,17 @@ class HTTPEngine(LLMEngine):
 
         return AutoTokenizer.from_pretrained(resolve_model(self.config.model))
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
+    async def _create(self, **request: Any) -> Any:
+        """One chat completion, retried by the SDK; what still fails is a CotrecError naming the endpoint."""
         async with self.limit:
             try:
-                response = await self.client.post(f"{self.base_url}/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                raise CotrecError(f"{self.base_url}: request failed: {exc!r}") from exc
-        if response.status_code != 200:
-            raise CotrecError(f"{self.base_url}/chat/completions answered {response.status_code}: {response.text[:300]}")
-        return response.json()
+                return await self.client.chat.completions.create(model=self.config.model, **request)
+            except openai.APIStatusError as exc:
+                raise CotrecError(f"{self.base_url}/chat/completions answered {exc.status_code} after "
+                                  f"{self.config.http_retries} retries: {str(exc)[:300]}") from exc
+            except openai.APIError as exc:  # connection errors and timeouts
+                raise CotrecError(f"{self.base_url}: request failed after {self.config.http_retries} retries: "
+                                  f"{exc!r}") from exc
 
     async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
                         json_schema: dict[str, Any] | None) -> list[Generation]:
@@ -68,23 +69,21 @@ class HTTPEngine(LLMEngine):
 
     async def _generate_one(self, conversation: Conversation, settings: SamplingSettings,
                             json_schema: dict[str, Any] | None) -> Generation:
-        body: dict[str, Any] = {"model": self.config.model, "messages": conversation,
-                                "max_tokens": settings.max_tokens, "temperature": settings.temperature,
-                                "top_p": settings.top_p}
+        request: dict[str, Any] = {"messages": conversation, "max_tokens": settings.max_tokens,
+                                   "temperature": settings.temperature, "top_p": settings.top_p}
         if settings.repetition_penalty != 1.0 and self.config.vllm_extensions:
-            body["repetition_penalty"] = settings.repetition_penalty  # a vLLM server extension
+            request["extra_body"] = {"repetition_penalty": settings.repetition_penalty}  # a vLLM server extension
         if json_schema is not None:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "reply", "schema": json_schema}}
+            request["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": json_schema}}
         try:
-            reply = await self._post(body)
+            reply = await self._create(**request)
         except CotrecError as exc:
             return Generation("", status="error", error=str(exc))
-        choice = reply["choices"][0]
-        usage = reply.get("usage") or {}
-        return Generation(choice["message"].get("content") or "", finish_reason=choice.get("finish_reason"),
-                          prompt_tokens=usage.get("prompt_tokens", 0),
-                          completion_tokens=usage.get("completion_tokens", 0))
+        choice = reply.choices[0]
+        usage = reply.usage
+        return Generation(choice.message.content or "", finish_reason=choice.finish_reason,
+                          prompt_tokens=usage.prompt_tokens if usage else 0,
+                          completion_tokens=usage.completion_tokens if usage else 0)
 
     async def _score_choices(self, conversations: list[Conversation], choices: list[str]) -> list[ChoiceScores]:
         if len(choices) > MAX_TOP_LOGPROBS:
@@ -93,22 +92,20 @@ class HTTPEngine(LLMEngine):
         return list(await asyncio.gather(*(self._score_one(c, choices, token_ids) for c in conversations)))
 
     async def _score_one(self, conversation: Conversation, choices: list[str], token_ids: list[int] | None) -> ChoiceScores:
-        body: dict[str, Any] = {"model": self.config.model, "messages": conversation, "max_tokens": 1,
-                                "temperature": 0.0, "logprobs": True,
-                                "top_logprobs": len(choices) if token_ids else MAX_TOP_LOGPROBS}
+        request: dict[str, Any] = {"messages": conversation, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+                                   "top_logprobs": len(choices) if token_ids else MAX_TOP_LOGPROBS}
         if token_ids:
-            body["allowed_token_ids"] = token_ids
-        reply = await self._post(body)
-        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            request["extra_body"] = {"allowed_token_ids": token_ids}
+        reply = await self._create(**request)
         best: dict[str, float] = {}
-        for entry in top:
-            token = entry["token"].strip()
-            best[token] = max(best.get(token, -math.inf), entry["logprob"])
+        for entry in reply.choices[0].logprobs.content[0].top_logprobs:
+            token = entry.token.strip()
+            best[token] = max(best.get(token, -math.inf), entry.logprob)
         probs = normalise_logprobs([best.get(c, -math.inf) for c in choices])
-        return ChoiceScores(list(choices), probs, prompt_tokens=(reply.get("usage") or {}).get("prompt_tokens", 0))
+        return ChoiceScores(list(choices), probs, prompt_tokens=reply.usage.prompt_tokens if reply.usage else 0)
 
     def _shutdown(self) -> None:
         try:
-            self._run(self.client.aclose())
+            self._run(self.client.close())
         except RuntimeError:
             pass

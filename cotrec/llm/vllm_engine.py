@@ -20,7 +20,7 @@ from typing import Any
 
 from cotrec.cache import cache_dir
 from cotrec.config import LLMConfig
-from cotrec.llm.base import (ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings,
+from cotrec.llm.base import (ChoiceScores, Conversation, EngineDeadError, Generation, LLMEngine, SamplingSettings,
                              normalise_logprobs, single_token_ids)
 from cotrec.llm.placement import resolve_placement
 
@@ -80,6 +80,10 @@ class VLLMEngine(LLMEngine):
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+    def _check_backend(self) -> None:
+        if self.engine is None or self.engine.errored:
+            raise EngineDeadError("vLLM engine: its engine core is dead or its output handler stopped")
 
     def forget_prompts(self) -> None:
         self._run(self.engine.reset_prefix_cache())

@@ -24,6 +24,7 @@ import pandas as pd
 from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.extract.programs import output_folder, stored_outputs
+from cotrec.extract.windows import history_digest
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.retriever.data import Sequences
 from cotrec.retriever.variants import parse_variant, variant_dir
@@ -32,9 +33,12 @@ from cotrec.rundir import RunDir, read_table
 SPLIT_CODES = {"valid": 1, "test": 2}
 
 
+ANONYMOUS = -1  # the user_idx of a list for a user the run has never seen (a served history)
+
+
 @dataclass
 class CandidateList:
-    user_idx: int
+    user_idx: int                 # ANONYMOUS for a user without an index
     split: str                    # valid | test: which target this list is for
     history: list[int]            # the last items before the target, oldest first
     candidates: list[int]         # the retriever's top-M, best first
@@ -50,8 +54,10 @@ class CandidateList:
 
 
 def shown_order(lst: CandidateList, seed: int, epoch: int = 0) -> np.ndarray:
-    """The seeded order (indices into `lst.candidates`) in which the candidates are shown."""
-    rng = np.random.default_rng([seed, lst.user_idx, SPLIT_CODES[lst.split], epoch])
+    """The seeded order (indices into `lst.candidates`) in which the candidates are shown. A user
+    without an index is keyed by its history instead, so the same request gets the same order."""
+    user = lst.user_idx if lst.user_idx >= 0 else int(history_digest(list(lst.history)), 16)
+    rng = np.random.default_rng([seed, user, SPLIT_CODES[lst.split], epoch])
     return rng.permutation(len(lst.candidates))
 
 
