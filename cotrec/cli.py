@@ -182,10 +182,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_retriever(args: argparse.Namespace) -> int:
-    from cotrec.bench.retriever import bench_retriever, format_bench
+    from cotrec.bench.retriever import bench_retriever, format_bench, scheme_settings
 
     config, run = open_run(args)
-    print(format_bench(bench_retriever(config, run, args.variant, args.out)))
+    schemes = tuple(x.strip() for x in args.schemes.split(",") if x.strip())
+    for scheme in schemes:
+        try:
+            scheme_settings(scheme, config.retriever.max_len)
+        except ValueError as exc:
+            raise CotrecError(f"--schemes: {exc}") from None
+    masks = tuple(m.strip() for m in args.masks.split(",") if m.strip())
+    if not masks or any(m not in ("masked", "unmasked") for m in masks):
+        raise CotrecError(f"--masks {args.masks!r}: expected masked, unmasked or both, comma-separated")
+    masks = tuple(m == "masked" for m in masks)
+    print(format_bench(bench_retriever(config, run, args.variant, schemes, masks, args.seeds, args.out)))
     print(f"wrote {args.out}")
     return 0
 
@@ -287,6 +297,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    from cotrec.bench.faults import SCENARIOS, bench_faults, format_bench
+
+    config, run = open_run(args)
+    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown or not scenarios:
+        raise CotrecError(f"--scenarios {args.scenarios!r}: expected some of {', '.join(SCENARIOS)}")
+    print(format_bench(bench_faults(config, run, scenarios, args.variant, args.actor_users, args.out)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cotrec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cotrec {__version__}")
@@ -383,9 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks; figures written to JSON")
     benches = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    bench_retr = benches.add_parser("retriever", help="epoch time, time to best epoch, peak memory, eval users/s")
+    bench_retr = benches.add_parser("retriever", help="training-row schemes over seeds, masked and unmasked: "
+                                                      "NDCG@10, Hit@10, best epoch, time to it, targets/s")
     _add_run_options(bench_retr)
     bench_retr.add_argument("--variant", default="none/random", metavar="USER/ITEM")
+    bench_retr.add_argument("--schemes", default="previous,disjoint,stride8,stride4,prefix",
+                            help="comma-separated: previous (the earlier default), disjoint, prefix, stride<N>")
+    bench_retr.add_argument("--masks", default="unmasked,masked", help="comma-separated: unmasked, masked")
+    bench_retr.add_argument("--seeds", type=int, default=3, help="seeds per scheme (config seed, +1, ...)")
     bench_retr.add_argument("--out", default="bench/retriever.json", help="JSON output path")
     bench_retr.set_defaults(handler=cmd_bench_retriever)
     bench_llm = benches.add_parser("llm", help="the same prompts through each LLM backend: tokens/s, load time")
@@ -446,6 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Serve's autoscaler can act (default: the longest upscale_delay_s + 15 s)")
     bench_srv.add_argument("--out", default="bench/serve.json", help="JSON output path")
     bench_srv.set_defaults(handler=cmd_bench_serve)
+
+    bench_faults = benches.add_parser("faults", help="kill an extraction actor, an engine, a Train worker, a Serve "
+                                                     "replica, the driver; count what was lost")
+    _add_run_options(bench_faults)
+    bench_faults.add_argument("--scenarios", default="actor,engine,train,replica,driver",
+                              help="comma-separated: actor, engine, train, replica, driver")
+    bench_faults.add_argument("--variant", default="none/random", metavar="USER/ITEM",
+                              help="the retriever variant trained (train) and served (replica)")
+    bench_faults.add_argument("--actor-users", type=int, default=200_000,
+                              help="SYNTHETIC users in the actor scenario (default 200,000)")
+    bench_faults.add_argument("--out", default="bench/faults.json", help="JSON output path")
+    bench_faults.set_defaults(handler=cmd_bench_faults)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -29,12 +29,14 @@ def ensure_ray(**init_kwargs: Any) -> bool:
 
 
 def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,
-                      cpus_per_worker: float, gpus_per_worker: float) -> Any:
-    """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint.
+                      cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0) -> Any:
+    """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint;
+    a worker that dies restarts the group up to `max_failures` times, the loop resuming from the
+    last checkpoint it reported.
 
     Returns Ray Train's result (its `.checkpoint` and `.return_value`); shared by every recipe.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray()
@@ -44,7 +46,8 @@ def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, stor
         loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

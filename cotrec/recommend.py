@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from cotrec.config import Config, load_config, parse_ranker
 from cotrec.errors import CotrecError, DataError
@@ -31,8 +30,7 @@ from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.ranker.stage import merged_model
 from cotrec.retriever.data import Sequences, history_queries
 from cotrec.retriever.evaluate import score_queries
-from cotrec.retriever.sasrec import SASRec, SASRecConfig
-from cotrec.retriever.variants import parse_variant, variant_dir
+from cotrec.retriever.stage import load_retriever
 from cotrec.rundir import RunDir, read_stats, read_table
 
 HORIZONS = ("next", "valid", "test")
@@ -61,21 +59,8 @@ class RetrieverService:
         self.config = config = run_config(self.run)
         # default: the last of Table 2's retrievers (CRM++, the personalised one)
         self.variant = variant or config.ranker.default_retriever
-        user, item = parse_variant(self.variant)
-        folder = Path(self.run / variant_dir(config, user, item, config.seed))
-        if not (folder / "model.pt").is_file():
-            raise DataError(f"{folder}: no trained retriever (model.pt); run `cotrec retriever train "
-                            f"--variant {user}/{item}` first")
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
-        cfg = SASRecConfig(**state["sasrec"])
-        weights = dict(state["model"])
-        if cfg.user_token:  # one extra row: the mean user, for users the model has never seen
-            table = weights["user_emb.weight"]
-            weights["user_emb.weight"] = torch.cat([table, table.mean(0, keepdim=True)])
-            cfg = SASRecConfig(**{**state["sasrec"], "num_users": cfg.num_users + 1})
-        self.model = SASRec(cfg)
-        self.model.load_state_dict(weights)
-        self.model.eval()
+        self.model = load_retriever(config, self.run, self.variant, unknown_user=True)
+        cfg = self.model.cfg
         self.unknown_user = cfg.num_users - 1 if cfg.user_token else 0
         self.mask_history = config.retriever.mask_history
         self.max_len = cfg.max_len

@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from cotrec.config import parse_ranker
@@ -199,6 +200,15 @@ class Ingress:
     def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int):
         self.retriever, self.ranker, self.top_m = retriever, ranker, top_m
 
+    @staticmethod
+    async def call(method: Any, request: dict[str, Any]) -> dict[str, Any]:
+        """A deployment method, once more if its replica died under the request (both are
+        idempotent: the router sends the retry to a live replica)."""
+        try:
+            return await method.remote(request)
+        except RayActorError:
+            return await method.remote(request)
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         info = {"status": "ok", "retriever": await self.retriever.info.remote()}
@@ -220,7 +230,7 @@ class Ingress:
         if body.rerank and self.ranker is None:
             raise HTTPException(status_code=422, detail="this deployment has no ranker; send rerank: false")
         request["k"] = max(body.k, self.top_m) if body.rerank else body.k
-        found = await self.retriever.recommend.remote(request)
+        found = await self.call(self.retriever.recommend, request)
         if "error" in found:
             raise HTTPException(status_code=found["status"], detail=found["error"])
         retrieved = time.perf_counter()
@@ -230,9 +240,9 @@ class Ingress:
         latency = {"retrieve_ms": (retrieved - started) * 1e3}
         if body.rerank and len(rows) >= 2:
             m = min(self.top_m, len(rows))
-            ranked = await self.ranker.rerank.remote({"user_idx": found["user_idx"], "horizon": found["horizon"],
-                                                      "history": found["history"],
-                                                      "candidates": [row["item_idx"] for row in rows[:m]]})
+            ranked = await self.call(self.ranker.rerank, {"user_idx": found["user_idx"], "horizon": found["horizon"],
+                                                          "history": found["history"],
+                                                          "candidates": [row["item_idx"] for row in rows[:m]]})
             if "error" in ranked:
                 raise HTTPException(status_code=ranked["status"], detail=ranked["error"])
             reordered = [rows[i] for i in ranked["order"]]

@@ -66,6 +66,8 @@ def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_pat
     pref = load_embedding(config, run, "preference")
     assert pref["matrix"].shape == (3, 60, 16)
     assert pref["found"].sum(axis=1).tolist() == [59, 59, 59] and not pref["found"][:, 5].any()
+    meta = summary["kinds"]["preference"]  # the map is fitted on what the train horizon knows, nothing later
+    assert meta["fit_on"] == "train horizon" and meta["fit_rows"] == 59
     assert np.allclose(np.linalg.norm(pref["matrix"][pref["found"]], axis=1), 1.0, atol=1e-5)
     # descriptions change (a new shard supersedes the failed row) -> only the description embedding is redone
     folder = tmp_path / "run" / "extract" / "item_descriptions"

@@ -149,6 +149,10 @@ def test_no_prompt_of_the_recurrence_shows_a_horizons_own_target(length):
     assert sum(valid_target in p for p in engine.prompts) == 1
     assert train["items_consumed"] == valid["items_consumed"] == length - 2 and test["items_consumed"] == length - 1
     assert (valid["target_item_idx"], test["target_item_idx"]) == (length - 2, length - 1)
+    # the trajectory: one state per window, in order, each after items all before the horizon's target
+    for row, seen in ((train, length - 2), (test, length - 1)):
+        assert row["trajectory_ends"] == sorted(row["trajectory_ends"]) and row["trajectory_ends"][-1] == seen
+        assert len(row["trajectory"]) == row["windows"] and row["trajectory"][-1] == row["preference"]
 
 
 def test_a_crashing_row_fails_alone_and_the_rest_of_its_batch_is_kept():
@@ -208,6 +212,8 @@ def test_incremental_update_matches_a_full_run_with_far_fewer_calls(demo_data, t
     assert (a["windows"] == b["windows"]).all()
     assert a["preference"].tolist() == b["preference"].tolist()
     assert [list(x) for x in a["short_term"]] == [list(x) for x in b["short_term"]]
+    assert [list(x) for x in a["trajectory"]] == [list(x) for x in b["trajectory"]]
+    assert [list(x) for x in a["trajectory_ends"]] == [list(x) for x in b["trajectory_ends"]]
     assert calls(incremental.stdout) <= 0.4 * calls(fresh.stdout)
 
 
@@ -468,3 +474,49 @@ def test_the_instruction_count_bench_runs_its_users_through_an_extract_worker(tm
              "runpy.run_path('cotrec/bench/instructions.py', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", inner], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_an_extraction_actor_killed_mid_job_loses_no_row_and_duplicates_none_once_compacted():
+    """SIGKILL one of the two actors after the first shard: Ray Data restarts it and runs its batches
+    again; a batch it had already written comes back twice and the folder's compaction keeps one."""
+    import ray
+
+    from cotrec.bench.faults import actor_killed
+    from cotrec.config import load_config
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        result = actor_killed(load_config("demo"), users=30_000)
+    finally:
+        ray.shutdown()
+    assert result["killed"] and "ExtractWorker" in result["killed"]["title"]
+    assert result["after_compaction"] == {"rows": 90_000, "keys": 90_000, "lost": 0, "duplicated": 0, "unexpected": 0}
+    assert result["before_compaction"]["lost"] == 0 and result["failed_rows"] == 0 and result["ok"]
+
+
+def test_an_actor_whose_engine_died_ends_itself_instead_of_writing_failed_rows(tmp_path, monkeypatch):
+    """The engine dead under a batch: the actor asks to be replaced (Ray Data then runs the batch on a
+    new actor) and writes no shard of failures."""
+    import pyarrow as pa
+
+    from cotrec.extract import runner
+    from cotrec.config import load_config
+
+    config = load_config("demo", ["llm.backend=zero-latency"])
+    worker = runner.ExtractWorker("users", config.llm.model_dump(mode="json"), config.extract.model_dump(mode="json"),
+                                  "movie", str(tmp_path), [f"item {i}" for i in range(20)])
+    asked = []
+
+    def replace_actor(reason):
+        asked.append(reason)
+        raise SystemExit(70)
+
+    monkeypatch.setattr(runner, "replace_actor", replace_actor)
+    batch = pa.Table.from_pylist([{"user_idx": 0, "history": list(range(12)), "source_digest": "x"}])
+    asyncio.run(worker(batch))
+    assert len(shard_files(tmp_path)) == 1 and not asked  # a live engine: the batch is written
+    worker.engine.close()  # what a dead engine looks like to the actor
+    with pytest.raises(SystemExit):
+        asyncio.run(worker(batch))
+    assert len(asked) == 1 and "engine died" in asked[0] and len(shard_files(tmp_path)) == 1

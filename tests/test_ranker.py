@@ -8,6 +8,7 @@ LLM-written preferences and perceptions; the ranker itself is the real embedded 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,8 @@ import pytest
 from cotrec.extract.programs import PROGRAMS
 from cotrec.extract.shards import write_shard
 from cotrec.metrics import ndcg_at_k
-from cotrec.ranker.letters import evaluate_ranker
-from cotrec.ranker.lists import CandidateList, candidate_pairs, load_lists, ranked_lists, shown_order
+from cotrec.ranker.letters import LetterRanker, evaluate_ranker
+from cotrec.ranker.lists import CandidateList, candidate_pairs, load_lists, prefix_lists, ranked_lists, shown_order
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
 from cotrec.ranker.stage import ranker_eval, ranker_grid
 from cotrec.retriever import train_variant
@@ -128,6 +129,51 @@ def test_perception_pairs_are_exactly_the_lists_the_ranker_reads(ranked_run):
     assert candidate_pairs(run, config)[0].groupby("horizon").user_idx.nunique().to_dict() == {"test": 60, "valid": 60}
 
 
+def test_prefix_lists_show_the_history_and_the_preference_from_before_their_target(ranked_run, tmp_path):
+    """LlamaRec-style training lists: the target is a training item, the history the items before it,
+    the candidates the retriever's top-10 for that history (the target put in when missed), and the
+    llm+ preference the recurrence's state before the target: no prompt shows a list's own target."""
+    config, run = ranked_run
+    config = config.model_copy(deep=True)
+    config.ranker.prefix_lists, config.ranker.max_train_users = 3, 20
+    inter = pd.read_parquet(run / "data" / "interactions.parquet").sort_values(["user_idx", "position"])
+    train = {u: g.item_idx.tolist() for u, g in inter[inter.split == "train"].groupby("user_idx")}
+    folder = tmp_path / "users"  # a trajectory whose every state names the items it has seen
+    records = []
+    for u, items in train.items():
+        ends = list(range(8, len(items), 8)) + [len(items)]
+        records.append({"user_idx": u, "horizon": "train", "preference": "", "status": "ok", "created_at": 1.0,
+                        "trajectory_ends": ends, "trajectory": [" ".join(f"#{i}#" for i in items[:e]) for e in ends]})
+    real = run / "extract" / "preferences"
+    shutil.copytree(real, folder)
+    write_shard(real, records, PROGRAMS["users"].schema)
+    try:
+        lists, notes = prefix_lists(config, run, "none/random", "llm+")
+        ranker = LetterRanker.for_run(run, "llm+")
+        for lst in lists:
+            items = train[lst.user_idx]
+            assert lst.split == "prefix" and items[lst.position] == lst.target and lst.hit
+            assert lst.history == items[:lst.position][-config.ranker.history_items:]
+            assert f"#{lst.target}#" not in lst.preference and lst.target not in lst.history
+            seen = max(e for e in range(8, len(items), 8) if e <= lst.position) if lst.position >= 8 else 0
+            assert lst.preference == " ".join(f"#{i}#" for i in items[:seen])[:len(lst.preference)]
+            prompt = ranker.conversation(lst, shown_order(lst, 0))[-1]["content"]
+            history_part = prompt.split("Candidates:")[0]
+            assert f"number {lst.target})" not in history_part and f"number {lst.target} " not in history_part
+        assert notes["prefix_lists"] == len(lists) == sum(min(3, len(train[u]) - 3) for u in {l.user_idx for l in lists})
+        assert len({lst.user_idx for lst in lists}) == 20
+    finally:
+        shutil.rmtree(real)
+        shutil.copytree(folder, real)
+
+
+def test_reference_rankers_measure_what_no_signal_scores(ranked_run):
+    config, run = ranked_run
+    rows = {name: ranker_eval(config, run, "none/random", name) for name in ("position", "random")}
+    assert rows["position"]["mapb"] == pytest.approx(2.5)  # rank == position, whatever the list
+    assert 1.8 < rows["random"]["mapb"] < 2.8 and rows["random"]["ranked_users"] == rows["position"]["ranked_users"]
+
+
 def test_the_none_ranker_equals_the_retriever(ranked_run):
     config, run = ranked_run
     result = ranker_eval(config, run, "none/random", "none")
@@ -154,8 +200,8 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     config = config.model_copy(deep=True)
     # fp32 training and a float32 engine: whether the loss falls must not depend on the CPU's bf16 kernels
     for key, value in {"retrievers": {"CRM": "none/random"}, "grid": ["none", "llm++"], "num_workers": 2,
-                       "epochs": 2, "max_train_users": 8, "batch_size": 4, "lr": 2e-3, "trainer": "ray",
-                       "max_eval_users": 6, "precision": "fp32"}.items():
+                       "epochs": 2, "max_train_users": 10, "val_lists": 2, "batch_size": 2, "micro_batch": 1,
+                       "lr": 2e-3, "trainer": "ray", "max_eval_users": 6, "precision": "fp32"}.items():
         setattr(config.ranker, key, value)
     config.llm.dtype = "float32"
     import ray
@@ -166,8 +212,15 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     finally:
         ray.shutdown()
     train = json.loads((run / "ranker" / "none-random--llm++" / "model" / "train.json").read_text())
-    assert train["num_workers"] == 2 and train["zero_stage"] == 2 and train["train_users"] == 8
-    assert train["last_epoch_loss"] < train["first_epoch_loss"], train["history"]
+    assert train["num_workers"] == 2 and train["zero_stage"] == 2
+    assert train["train_lists"] == 8 and train["val_lists"] == 2 and train["examples_per_epoch"] == 8
+    assert train["last_epoch_loss"] < train["first_epoch_loss"], train["curve"]
+    # the curve: the base model (epoch 0), then every epoch scored on the held-out lists
+    assert [c["epoch"] for c in train["curve"]] == [0, 1, 2] and all(c["val_lists"] == 2 for c in train["curve"])
+    # the adapter moves the held-out lists' letter probabilities away from the base model's, and the
+    # float32 merge keeps what the adapter does
+    assert train["curve"][0]["val_mean_abs_dp"] == 0 and train["curve"][-1]["val_mean_abs_dp"] > 1e-3
+    assert train["update_kept"]["merged_saved"]["max_abs_dp"] < 1e-3
     folder = run / "ranker" / "none-random--llm++"
     assert (folder / "model" / "adapter" / "adapter_config.json").exists()
     assert (folder / "model" / "merged" / "model.safetensors").exists()

@@ -16,7 +16,7 @@ import torch
 from cotrec.errors import CotrecError
 from cotrec.metrics import hit_at_k, ndcg_at_k, ranking_metrics
 from cotrec.retriever import retriever_grid, train_variant
-from cotrec.retriever.data import Sequences, eval_queries, training_windows
+from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
@@ -38,23 +38,33 @@ def test_metrics_from_ranks():
                                                "ndcg@10": pytest.approx(ndcg_at_k(ranks, 10))}
 
 
-def test_training_windows_cover_every_train_transition_and_no_target(tmp_path):
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_training_rows_train_every_target_once_with_its_preceding_items_and_no_held_out_target(tmp_path, stride):
+    """Each train target is trained exactly once per epoch, reading exactly the items before it (the
+    last max_len of them, and at least max_len - stride + 1 where it has them)."""
     config, run = small_run(tmp_path)
     inter = pd.read_parquet(tmp_path / "run" / "data" / "interactions.parquet")
     seqs = Sequences.from_interactions(inter, num_items=80)
+    max_len = 8
     for user_token in (False, True):
-        w = training_windows(seqs, max_len=8, user_token=user_token)
-        pairs = set()
-        for items, targets, user in zip(w["items"], w["targets"], w["users"]):
-            offset = int(user_token)
-            for t, target in enumerate(targets):
-                if target:
-                    previous = items[t - offset] if t - offset >= 0 else None
-                    pairs.add((int(user), None if previous is None else int(previous) - 1, int(target) - 1))
-        expected = {(u, int(a), int(b)) for u, s in enumerate(seqs.train) for a, b in zip(s[:-1], s[1:])}
-        assert expected <= pairs
-        targets = {(u, b) for u, _, b in pairs}
-        assert not any((u, seqs.valid[u]) in targets or (u, seqs.test[u]) in targets for u in range(seqs.num_users))
+        rows = training_rows(seqs, max_len=max_len, user_token=user_token, stride=stride)
+        trained = {}  # (user, target index in its train items) -> the items the row showed before it
+        for items, targets, user in zip(rows["items"], rows["targets"], rows["users"]):
+            history = list(seqs.train[user])  # a user's items are distinct: an item names its place
+            shown = [int(i) - 1 for i in items if i]
+            for position in np.flatnonzero(targets):
+                j = history.index(int(targets[position]) - 1)
+                context = shown[:position + 1 - int(user_token)]
+                assert context == history[j - len(context):j], "a target must read the items right before it"
+                assert (int(user), j) not in trained, "a target trained twice in one epoch"
+                trained[(int(user), j)] = context
+        first = 0 if user_token else 1
+        assert set(trained) == {(u, j) for u, s in enumerate(seqs.train) for j in range(first, len(s))}
+        for (user, j), context in trained.items():
+            assert min(j, max_len - stride + 1) <= len(context) <= max_len
+        held_out = {(u, int(seqs.valid[u])) for u in range(seqs.num_users)} | {(u, int(seqs.test[u])) for u in range(seqs.num_users)}
+        assert not any((int(u), int(t) - 1) in held_out for u, ts in zip(rows["users"], rows["targets"]) for t in ts if t)
+    assert len(training_rows(seqs, max_len, False, stride=max_len)["users"]) < len(training_rows(seqs, max_len, False, 1)["users"])
     q = eval_queries(seqs, "test", max_len=8)
     assert (q["targets"] == seqs.test).all() and q["lengths"].max() == 8
     assert q["seen_indptr"][-1] == sum(len(s) + 1 for s in seqs.train)     # train + valid items are masked

@@ -9,6 +9,7 @@ from cotrec.data.amazon import load_amazon_folder
 from cotrec.data.mind import load_mind_folder
 from cotrec.data.movielens import RECBOLE_ML1M, RECBOLE_ML100K, load_movielens_folder, load_recbole
 from cotrec.data.raw import RawDataset
+from cotrec.data.synthetic import load_synthetic
 from cotrec.data.yelp import load_yelp_folder
 
 
@@ -17,6 +18,8 @@ def load_source(data: DataConfig) -> RawDataset:
         raw = load_recbole(RECBOLE_ML100K)
     elif data.source == "ml-1m":
         raw = load_recbole(RECBOLE_ML1M)
+    elif data.source == "synthetic":
+        raw = load_synthetic(data.synthetic)
     else:
         folder = Path(data.path).expanduser()
         if data.source == "movielens":

@@ -51,10 +51,12 @@ class _Encoder:
         self.config, self.model = config, None
 
     def __call__(self, texts: list[str], label: str) -> np.ndarray:
+        """One row per text; each distinct text is encoded once (the valid horizon repeats train)."""
         if self.model is None:
             log(f"embed: loading sentence encoder {self.config.embed.model}")
             self.model = load_encoder(self.config.embed.model, self.config.embed.device)
-        return encode(self.model, texts, self.config.embed.batch_size, label)
+        distinct, rows = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        return encode(self.model, distinct.tolist(), self.config.embed.batch_size, label)[rows.reshape(-1)]
 
 
 def _embed_kind(config: Config, run: RunDir, kind: str, encoder: _Encoder, force: bool) -> dict[str, Any]:
@@ -77,12 +79,14 @@ def _embed_kind(config: Config, run: RunDir, kind: str, encoder: _Encoder, force
         covered = int(found.sum())
     log(f"embed: {kind}: {len(texts):,} texts ({covered:,} from their source)")
     vectors = encoder(texts, kind)
-    # Fit the reduction on real texts only (empty placeholders of missing preferences are left out).
-    fit_rows = vectors if found is None else vectors[found.reshape(-1)]
+    # Fit the reduction on real texts only (empty placeholders of missing preferences are left out),
+    # and for preferences on the train horizon only: the test horizon has seen the valid target.
+    fit_rows = vectors if found is None else vectors[:found.shape[1]][found[0]]
     pipeline = fit_map(fit_rows, config.embed.reduction, config.retriever.dim)
     matrix = apply_map(pipeline, vectors)
     meta = {"kind": kind, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
             "covered": covered, "encoder": config.embed.model, "encoder_dim": int(vectors.shape[1]),
+            "fit_rows": int(len(fit_rows)), "fit_on": "texts" if found is None else "train horizon",
             "reduction": config.embed.reduction, "seconds": round(time.perf_counter() - started, 3)}
     if found is not None:
         meta["horizons"] = list(HORIZONS)

@@ -13,6 +13,11 @@ Horizons (what the preference may have seen, by the target it serves):
 - `test`: the history before the test target (the training items and the valid target),
   continued from the `train` state with the one extra item, not started again.
 
+A walk also keeps its trajectory: the long-term preference after every window, with the window's
+end (`trajectory`, `trajectory_ends`): the state a user's preference was in before any item of
+their history, which is what a ranker trained on earlier targets may show (never a state that has
+seen its target).
+
 A walk stores its resume point: the state after its last *complete* window (`settled_*`).
 Windows lie on a fixed grid (see `windows.py`), so continuing from the resume point over a longer
 history gives what a fresh walk over that history gives, while calling the LLM only for the
@@ -47,6 +52,8 @@ class WalkState:
     # The resume point: the state after the last complete (W-item) window.
     settled_windows: int = 0
     settled_preference: str | None = None
+    # (end of the window, the preference after it), one per window walked
+    trajectory: list[tuple[int, str | None]] = field(default_factory=list)
 
 
 async def summarise_windows(steps: Steps, domain: Domain, windows: list[list[str]], budget: int,
@@ -133,6 +140,7 @@ async def walk(steps: Steps, domain: Domain, interests: Interests, windows: rang
     `windows`: where `interests` planned this walk's windows (`walk_bounds(state, length, config)`)."""
     settled_windows, preference = state.settled_windows, state.settled_preference
     short_terms = state.short_terms[:settled_windows]
+    trajectory = state.trajectory[:settled_windows]
     settled_preference = preference
     for index in windows:
         begin, end, _ = interests.planned[index]
@@ -148,11 +156,12 @@ async def walk(steps: Steps, domain: Domain, interests: Interests, windows: rang
                     preference = merged
                 else:
                     stats.fail(f"merge: {describe_failure(reply)}")
+        trajectory.append((end, preference))
         if end - begin == config.window:
             settled_windows, settled_preference = len(short_terms), preference
     return WalkState(start=state.start, items_consumed=length, windows=len(short_terms),
                      preference=preference, short_terms=short_terms, settled_windows=settled_windows,
-                     settled_preference=settled_preference)
+                     settled_preference=settled_preference, trajectory=trajectory)
 
 
 def prior_state(row: dict[str, Any], history: list[int], train_length: int) -> WalkState | None:
@@ -163,10 +172,14 @@ def prior_state(row: dict[str, Any], history: list[int], train_length: int) -> W
     consumed = int(consumed)
     if consumed > train_length or history_digest(history[:consumed]) != row.get("prior_consumed_digest"):
         return None
+    ends, states = row.get("prior_trajectory_ends"), row.get("prior_trajectory")
+    if ends is None or states is None or len(ends) != int(row["prior_windows"]):  # a row from before trajectories
+        return None
     return WalkState(start=int(row["prior_history_start"]), items_consumed=consumed,
                      windows=int(row["prior_windows"]), preference=row["prior_preference"],
                      short_terms=list(row["prior_short_term"]), settled_windows=int(row["prior_settled_windows"]),
-                     settled_preference=row["prior_settled_preference"])
+                     settled_preference=row["prior_settled_preference"],
+                     trajectory=[(int(e), p or None) for e, p in zip(ends, states)])
 
 
 async def user_program(row: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
@@ -213,6 +226,8 @@ def horizon_row(user: int, horizon: str, walked: WalkState, history: list[int], 
         "windows": walked.windows, "items_consumed": walked.items_consumed,
         "history_start": walked.start, "target_item_idx": int(target),
         "settled_windows": walked.settled_windows, "settled_preference": walked.settled_preference,
+        "trajectory_ends": [end for end, _ in walked.trajectory],
+        "trajectory": [text or "" for _, text in walked.trajectory],
         "consumed_digest": history_digest(history[:walked.items_consumed]), "source_digest": source,
         "continued": continued,
         "status": "ok" if walked.preference else "failed",
@@ -227,7 +242,8 @@ def failed_user_rows(row: dict[str, Any], error: str) -> list[dict[str, Any]]:
     return [{"user_idx": int(row["user_idx"]), "horizon": horizon, "preference": "", "short_term": [],
              "windows": 0, "items_consumed": 0, "history_start": 0,
              "target_item_idx": int(history[-1] if horizon == "test" else history[-2]),
-             "settled_windows": 0, "settled_preference": None, "consumed_digest": None,
+             "settled_windows": 0, "settled_preference": None, "trajectory_ends": [], "trajectory": [],
+             "consumed_digest": None,
              "source_digest": history_digest(history), "continued": False, "status": "error", "error": error,
              "failed_steps": 1, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
             for horizon in HORIZONS]

@@ -55,7 +55,8 @@ PROGRAMS = {
         [("user_idx", pa.int32()), ("horizon", pa.string()), ("preference", pa.string()),
          ("short_term", pa.list_(pa.string())), ("windows", pa.int32()), ("items_consumed", pa.int32()),
          ("history_start", pa.int32()), ("target_item_idx", pa.int32()), ("settled_windows", pa.int32()),
-         ("settled_preference", pa.string()), ("consumed_digest", pa.string()), ("continued", pa.bool_()),
+         ("settled_preference", pa.string()), ("trajectory_ends", pa.list_(pa.int32())),
+         ("trajectory", pa.list_(pa.string())), ("consumed_digest", pa.string()), ("continued", pa.bool_()),
          ("failed_steps", pa.int32()), *COMMON_COLUMNS]), input_key=("user_idx",), rows_per_input=3),
     "perceptions": Program("perceptions", "extract/perceptions", ("user_idx", "horizon", "item_idx"), pair_program,
                            failed_pair_rows, pa.schema(

@@ -8,7 +8,10 @@ rows run in lanes (`concurrency.Lanes`). Several Ray Data batches are in flight 
 batch's slowest row never idles the engine.
 
 Each finished batch is written by its actor as one shard (`shards.write_shard`). A batch's rows
-are isolated: a program that crashes yields failure rows for its own row only.
+are isolated: a program that crashes yields failure rows for its own row only. Faults lose nothing:
+Ray Data restarts an actor whose process died and runs its batches again, and an actor whose engine
+died ends its own process (`replace_actor`) instead of writing the batch's failures, so it is
+replaced the same way; a batch written twice is resolved by the shard store (newest row per key).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cotrec.extract.prompts import PROMPT_VERSION, domain_of
 from cotrec.extract.shards import write_shard
 from cotrec.extract.steps import Steps
 from cotrec.llm import make_engine
+from cotrec.llm.base import EngineDeadError
 from cotrec.progress import log
 
 # The actor's collector thresholds (generation 0, 1, 2): far rarer than Python's (700, 10, 10),
@@ -101,6 +105,13 @@ def batch_summary(records: list[dict[str, Any]], rows: int, seconds: float) -> d
             "seconds": seconds}
 
 
+def replace_actor(reason: str) -> None:
+    """End this actor's process: Ray Data starts a new actor (a fresh engine) and runs its batches
+    again. An exception would fail the whole dataset instead; a process that dies is retried."""
+    log(f"extract: {reason}; ending this actor so that Ray Data replaces it")
+    os._exit(70)
+
+
 def load_actor_engine(llm: dict[str, Any]) -> tuple[Any, float]:
     """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
     llm_config = LLMConfig.model_validate(llm)
@@ -126,6 +137,14 @@ class ExtractWorker:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
 
+    def _replace_if_the_engine_died(self) -> None:
+        """A batch whose rows failed for want of an engine is not theirs to record: run it elsewhere."""
+        try:
+            self.engine.check_health()
+        except EngineDeadError as exc:
+            replace_actor(f"its engine died ({exc})")
+            raise
+
     def __del__(self) -> None:
         # Ray Data drops the UDF when the pool shuts down gracefully: close the engine in order
         # (a vLLM engine killed under its output handler logs an EngineDeadError).
@@ -136,7 +155,10 @@ class ExtractWorker:
     async def __call__(self, batch: pa.Table) -> pd.DataFrame:
         started_at, started = time.time(), time.perf_counter()
         rows = batch.to_pylist()
-        records = await self.pool.run(rows)
+        try:
+            records = await self.pool.run(rows)
+        finally:
+            self._replace_if_the_engine_died()
         self.count += 1
         write_shard(self.folder, records, self.pool.program.schema, tag=f"{self.tag}-{self.count:06d}",
                     constants=self.pool.batch_columns())

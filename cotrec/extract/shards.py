@@ -91,15 +91,15 @@ def read_shards(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     files = shard_files(folder)
     if not files:
         return pd.DataFrame(columns=columns or [])
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default").to_pandas()
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="permissive").to_pandas()
 
 
 def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
     """The newest row per key (by created_at)."""
     if frame.empty:
         return frame
-    if "created_at" in frame.columns:
-        frame = frame.sort_values("created_at", kind="stable")
+    if "created_at" in frame.columns:  # a row without a time (written by hand) is the oldest
+        frame = frame.sort_values("created_at", kind="stable", na_position="first")
     return frame.drop_duplicates(list(key), keep="last")
 
 

@@ -34,8 +34,10 @@ _OUTPUT_KEYS = ("window", "overlap", "max_windows", "interest_tokens", "preferen
 
 
 def extraction_fingerprint(config: Config, kind: str) -> str:
+    # the output columns too: a folder written with another schema starts afresh
     return fingerprint({"kind": kind, "prompt_version": PROMPT_VERSION, "model": config.llm.model,
-                        "dtype": config.llm.dtype, "extract": {k: getattr(config.extract, k) for k in _OUTPUT_KEYS}})
+                        "dtype": config.llm.dtype, "extract": {k: getattr(config.extract, k) for k in _OUTPUT_KEYS},
+                        "columns": PROGRAMS[kind].schema.names})
 
 
 def _text_digest(*parts: Any) -> str:
@@ -73,7 +75,7 @@ def user_rows(histories: pd.DataFrame, config: Config) -> pd.DataFrame:
 
 
 _PRIOR_COLUMNS = ["history_start", "items_consumed", "windows", "preference", "short_term", "settled_windows",
-                  "settled_preference", "consumed_digest"]
+                  "settled_preference", "trajectory_ends", "trajectory", "consumed_digest"]
 
 
 def attach_prior_states(rows: pd.DataFrame, folder: Path) -> pd.DataFrame:
@@ -82,7 +84,8 @@ def attach_prior_states(rows: pd.DataFrame, folder: Path) -> pd.DataFrame:
     if stored.empty:
         return rows
     train = stored[(stored["horizon"] == "train") & (stored["status"] == "ok")]
-    prior = train[["user_idx", *_PRIOR_COLUMNS]].rename(columns={c: f"prior_{c}" for c in _PRIOR_COLUMNS})
+    columns = [c for c in _PRIOR_COLUMNS if c in train.columns]  # rows of an older schema lack some
+    prior = train[["user_idx", *columns]].rename(columns={c: f"prior_{c}" for c in columns})
     return rows.merge(prior, on="user_idx", how="left")
 
 

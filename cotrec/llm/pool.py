@@ -13,14 +13,19 @@ from cotrec.progress import log
 
 
 class EnginePool:
+    """`model` is the (model, dtype) whose engine is held, None when none is."""
+
     def __init__(self, config: LLMConfig):
         self.config, self.model, self.engine = config, None, None
 
-    def get(self, model: str) -> LLMEngine:
-        if self.model != model:
+    def get(self, model: str, dtype: str | None = None) -> LLMEngine:
+        """The engine of `model` (in `dtype` rather than the configured one, when given)."""
+        key = (model, dtype)
+        if self.model != key:
             self.close()
-            log(f"starting {self.config.backend} on {model}")
-            self.engine, self.model = make_engine(self.config.model_copy(update={"model": model})), model
+            log(f"starting {self.config.backend} on {model}" + (f" in {dtype}" if dtype else ""))
+            update = {"model": model, **({"dtype": dtype} if dtype else {})}
+            self.engine, self.model = make_engine(self.config.model_copy(update=update)), key
         return self.engine  # type: ignore[return-value]
 
     def close(self) -> None:

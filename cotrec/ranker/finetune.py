@@ -1,30 +1,38 @@
 """The fine-tuning recipe: LoRA on the ranking prompts, loss on the answer letter only.
 
 Read top to bottom:
-1. `training_examples` (driver): one (conversation, answer letter) per training list and epoch.
-   Each epoch shows the candidates in a fresh seeded order, so the letter carries no information
-   by itself and the model has to read the items.
-2. `train_loop` (each Ray Train worker): load the base model, wrap it in a peft LoRA adapter,
-   hand it to DeepSpeed (ZeRO stage and precision from the config, a plain torch AdamW as the
-   client optimiser so no optimiser op has to be compiled), and step through this worker's share
-   of each epoch, one example per micro-step with gradient accumulation up to `ranker.batch_size`
-   examples per optimiser step over all workers. The loss is the cross-entropy of the answer
-   letter at the last prompt position; only that position's logits are computed
-   (`logits_to_keep=1`), which saves the vocabulary projection at every other position.
-   Rank 0 saves the adapter and reports it as the run's checkpoint.
+1. `epoch_examples` and `validation_probe` (driver): per epoch, the (conversation, answer letter)
+   of every training list in a fresh seeded order of examples and of candidates (the letter
+   carries no information by itself, the model has to read the items); the held-out validation
+   lists as MAPB probes (each list with its target at every position).
+2. `train_loop` (each Ray Train worker): load the base model, wrap it in a peft LoRA adapter, hand
+   it to DeepSpeed (ZeRO stage and precision from the config, a plain torch AdamW as the client
+   optimiser so no optimiser op has to be compiled) with a linear warm-up and linear decay of the
+   learning rate, and step through this worker's share of each epoch in left-padded micro-batches,
+   accumulating gradients up to `ranker.batch_size` examples per optimiser step over all workers.
+   The loss is the cross-entropy of the answer letter at the last prompt position; only that
+   position's logits are computed. Before the first epoch and after each, the workers score their
+   share of the validation probes with letter-only probabilities (NDCG@10 and MAPB, all-reduced);
+   the adapter with the best validation NDCG@10 (then the lower MAPB) is the one kept. Each epoch
+   ends with a Ray Train checkpoint (the adapter, the schedule's position, the curve), from which a
+   restarted worker group resumes.
 3. `fit` launches it with Ray Train's TorchTrainer (gloo on CPU, nccl on GPU), or in-process with
    `ranker.trainer: local` (the same loop with a plain optimiser and no DeepSpeed).
-4. `merge_adapter` folds the adapter into a full checkpoint that any backend (vLLM) serves.
+4. `merge_adapter` folds the adapter into a full checkpoint that any backend (vLLM) serves, merged
+   in float32 and saved in `ranker.merged_dtype`; `update_kept` measures what the saved checkpoint
+   keeps of the adapter's change to the letter probabilities.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,11 +41,17 @@ from cotrec.config import RankerConfig
 from cotrec.llm import letters
 from cotrec.llm.base import single_token_ids
 from cotrec.llm.placement import cpu_has_bf16
+from cotrec.metrics import ndcg_at_k
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
+from cotrec.ranker.mapb import predicted_ranks, probe_orders, sample_bias
 
-def training_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: int, seed: int) -> list[list[dict]]:
-    """Per epoch, the (conversation, answer) of every list whose target is among its candidates."""
+ADAPTER_STATE = "adapter_state.pt"
+
+
+def epoch_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: int, seed: int) -> list[list[dict]]:
+    """Per epoch, the (conversation, answer) of every list whose target is among its candidates, the
+    examples in a seeded order of their own and each list's candidates in a fresh seeded order."""
     out = []
     for epoch in range(epochs):
         examples = []
@@ -47,8 +61,22 @@ def training_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: 
             order = shown_order(lst, seed, epoch=epoch + 1)  # epoch 0's order is the evaluation's
             answer = letters(len(order))[int(np.flatnonzero(order == lst.candidates.index(lst.target))[0])]
             examples.append({"conversation": ranker.conversation(lst, order), "answer": answer})
-        out.append(examples)
+        permutation = np.random.default_rng([seed, 17, epoch]).permutation(len(examples))
+        out.append([examples[i] for i in permutation])
     return out
+
+
+def validation_probe(lists: list[CandidateList], ranker: LetterRanker, seed: int) -> list[dict[str, Any]]:
+    """Each held-out list as the evaluation shows it (its shown order) with the target moved to every
+    position: the conversations, and where the target is in each (the MAPB probe of `ranker eval`)."""
+    probes = []
+    for lst in lists:
+        order = shown_order(lst, seed)
+        target = lst.candidates.index(lst.target)
+        shown = int(np.flatnonzero(order == target)[0])
+        probes.append({"conversations": [ranker.conversation(lst, o) for o in probe_orders(order, target)],
+                       "shown": shown})
+    return probes
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
@@ -58,11 +86,18 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     return "bf16" if use_gpu or cpu_has_bf16() else "fp32"
 
 
+def learning_rate_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` optimiser steps, then linear decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def _deepspeed_config(job: dict[str, Any], accumulation: int, world: int) -> dict[str, Any]:
     return {
-        "train_micro_batch_size_per_gpu": 1,
+        "train_micro_batch_size_per_gpu": job["micro_batch"],
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": accumulation * world,
+        "train_batch_size": job["micro_batch"] * accumulation * world,
         "zero_optimization": {"stage": job["zero_stage"]},
         "bf16": {"enabled": job["precision"] == "bf16"},
         "gradient_clipping": 1.0,
@@ -81,16 +116,70 @@ def _start_deepspeed_on_cpu() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def train_loop(job: dict[str, Any]) -> dict[str, Any]:
-    """One worker's fine-tuning; returns the per-epoch history (rank 0 also saves the adapter)."""
+class _Batcher:
+    """Token ids of prompts, left-padded into micro-batches: every prompt's answer position is last,
+    so one position's logits (`logits_to_keep=1`) score the whole batch."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int, device: Any):
+        self.tokenizer, self.max_tokens, self.device = tokenizer, max_tokens, device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_tokens:]
+
+    def batch(self, sequences: list[list[int]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, width - len(sequence):] = torch.tensor(sequence)
+            mask[row, width - len(sequence):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": positions.to(self.device)}
+
+
+def _last_logits(model: Any, inputs: dict[str, Any]) -> Any:
+    return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+
+
+def _validate(model: Any, probes: list[list[list[int]]], shown: list[int], letter_ids: list[int], batcher: _Batcher,
+              micro_batch: int) -> tuple[list[float], np.ndarray]:
+    """This worker's validation sums [NDCG@10 gain sum, MAPB bias sum, lists], and the letter
+    probabilities of every probe prompt (rows: prompts)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    model.eval()
+    gains, biases, every = 0.0, 0.0, []
+    with torch.no_grad():
+        for conversations, position in zip(probes, shown):
+            probs = []
+            for start in range(0, len(conversations), micro_batch):
+                logits = _last_logits(model, batcher.batch(conversations[start:start + micro_batch]))
+                probs.append(torch.softmax(logits[:, letter_ids], dim=-1).cpu().numpy())
+            probs = np.concatenate(probs)
+            ranks = np.array([predicted_ranks(p)[j] for j, p in enumerate(probs)])  # the target is at j in probe j
+            gains += ndcg_at_k(np.array([ranks[position]]), 10)
+            biases += sample_bias(ranks)
+            every.append(probs)
+    model.train()
+    return [gains, biases, float(len(probes))], (np.concatenate(every) if every else np.zeros((0, len(letter_ids))))
+
+
+def train_loop(job: dict[str, Any]) -> dict[str, Any]:
+    """One worker's fine-tuning; returns the curve (rank 0 also saves the best adapter)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = job.get("local", False)
     if local:
         rank, world = 0, 1
         device = torch.device("cuda" if job["use_gpu"] and torch.cuda.is_available() else "cpu")
+        resumed = None
     else:
         import ray.train
         import ray.train.torch
@@ -98,6 +187,11 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         device = ray.train.torch.get_device()
+        checkpoint = ray.train.get_checkpoint()
+        resumed = None
+        if checkpoint is not None:  # a worker died: carry on after the last finished epoch
+            with checkpoint.as_directory() as folder:
+                resumed = torch.load(Path(folder) / ADAPTER_STATE, map_location="cpu", weights_only=False)
     torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
     torch.manual_seed(job["seed"])
     started = time.perf_counter()
@@ -109,21 +203,30 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     model = get_peft_model(model, LoraConfig(r=job["lora_r"], lora_alpha=job["lora_alpha"],
                                              lora_dropout=job["lora_dropout"], target_modules=job["lora_targets"],
                                              task_type="CAUSAL_LM"))
+    if resumed is not None:
+        set_peft_model_state_dict(model, resumed["adapter"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=0.0)
 
-    # Tokenise once: prompt ids up to the answer position, and the answer letter's id.
-    def encode(example: dict[str, Any]) -> tuple[list[int], int]:
-        text = tokenizer.apply_chat_template(example["conversation"], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[-job["max_tokens"]:], single_token_ids(tokenizer, [example["answer"]])[0]
+    batcher = _Batcher(tokenizer, job["max_tokens"], device)
+    letter_ids = single_token_ids(tokenizer, letters(job["candidates"]))
+    epochs = [[(batcher.encode(e["conversation"]), single_token_ids(tokenizer, [e["answer"]])[0]) for e in examples]
+              for examples in job["examples"]]
+    mine_val = job["validation"][rank::world]
+    val_probes = [[batcher.encode(c) for c in probe["conversations"]] for probe in mine_val]
+    val_shown = [probe["shown"] for probe in mine_val]
 
-    epochs = [[encode(e) for e in examples] for examples in job["examples"]]
+    micro = job["micro_batch"]
     per_worker = min(len(e) for e in epochs) // world
-    if per_worker < 1:
-        raise ValueError(f"{min(len(e) for e in epochs)} training examples cannot feed {world} workers")
-    accumulation = max(1, min(per_worker, math.ceil(job["batch_size"] / world)))
-    per_worker = per_worker // accumulation * accumulation  # whole optimiser steps only
+    if per_worker < micro:
+        raise ValueError(f"{min(len(e) for e in epochs)} training examples cannot give {world} worker(s) a "
+                         f"micro-batch of {micro}")
+    accumulation = max(1, math.ceil(job["batch_size"] / (micro * world)))
+    steps_per_epoch = max(1, per_worker // (micro * accumulation))
+    per_worker = steps_per_epoch * micro * accumulation  # whole optimiser steps only
+    total_steps = steps_per_epoch * len(epochs)
+    warmup = max(1, round(job["warmup_ratio"] * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total_steps, warmup))
 
     if local:
         model.to(device)
@@ -134,6 +237,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             if (micro_step + 1) % accumulation == 0:
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimiser.step()
+                schedule.step()
                 optimiser.zero_grad(set_to_none=True)
     else:
         if device.type == "cpu":
@@ -141,6 +245,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimiser, model_parameters=trainable,
+                                               lr_scheduler=schedule,
                                                config=_deepspeed_config(job, accumulation, world))
         forward = engine
 
@@ -148,87 +253,161 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             engine.backward(loss)
             engine.step()
 
-    history = []
-    for epoch, examples in enumerate(epochs):
+    def gathered(modifier_rank: Optional[int] = None) -> Any:
+        """The adapter's parameters whole on every rank (ZeRO-3 partitions them); a collective."""
+        if local or job["zero_stage"] != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(trainable, modifier_rank=modifier_rank)
+
+    def adapter_state() -> dict[str, Any]:
+        with gathered():
+            return copy.deepcopy(get_peft_model_state_dict(model))
+
+    base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's probes
+
+    def validation(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        forward.train()
-        mine = examples[rank::world][:per_worker]
-        losses = []
-        for micro_step, (ids, answer) in enumerate(mine):
-            input_ids = torch.tensor([ids], device=device)
-            logits = forward(input_ids=input_ids, logits_to_keep=1).logits[:, -1, :].float()
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([answer], device=device))
-            learn(loss, micro_step)
-            losses.append(float(loss.detach()))
-        sums = torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64)
+        found, probs = _validate(forward, val_probes, val_shown, letter_ids, batcher, micro)
+        if not base_probs:
+            base_probs.append(probs)
+        change = float(np.abs(probs - base_probs[0]).sum())
+        sums = torch.tensor([*found, change, float(probs.size)], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(sums)
-        record = {"epoch": epoch, "loss": float(sums[0] / sums[1]), "first_step_loss": losses[0],
-                  "examples": int(sums[1]), "optimiser_steps": per_worker // accumulation,
-                  "seconds": time.perf_counter() - t0, "losses": losses}
-        history.append(record)
+        lists = max(float(sums[2]), 1.0)
+        return {"epoch": epoch, "val_ndcg@10": float(sums[0] / lists), "val_mapb": float(sums[1] / lists),
+                "val_lists": int(sums[2]), "val_seconds": round(time.perf_counter() - t0, 2),
+                # how far the adapter has moved the held-out lists' letter probabilities from the base model's
+                "val_mean_abs_dp": float(sums[3] / max(float(sums[4]), 1.0))}
+
+    curve: list[dict[str, Any]] = []
+    best_key, best_adapter, first_epoch = None, None, 0
+    if resumed is not None:
+        curve, best_key, best_adapter, first_epoch = (resumed["curve"], resumed["best_key"], resumed["best_adapter"],
+                                                      resumed["epoch"] + 1)
+        for _ in range(first_epoch * steps_per_epoch):
+            schedule.step()  # the learning rate where the schedule stood (the optimiser's moments start afresh)
+    else:
+        curve.append({**validation(0), "loss": None, "examples": 0, "learning_rate": 0.0})  # the base model
+        best_key = (curve[0]["val_ndcg@10"], -curve[0]["val_mapb"])
+    forward.train()
+    for epoch in range(first_epoch, len(epochs)):
+        t0 = time.perf_counter()
+        mine = epochs[epoch][rank::world][:per_worker]
+        losses = []
+        for micro_step, start in enumerate(range(0, len(mine), micro)):
+            batch = mine[start:start + micro]
+            logits = _last_logits(forward, batcher.batch([ids for ids, _ in batch]))
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([a for _, a in batch], device=device))
+            learn(loss, micro_step)
+            losses.append(float(loss.detach()))
+        train_seconds = time.perf_counter() - t0
+        sums = torch.tensor([sum(losses) * micro, float(len(mine))], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        record = {**validation(epoch + 1), "loss": float(sums[0] / sums[1]), "examples": int(sums[1]),
+                  "optimiser_steps": steps_per_epoch, "train_seconds": round(train_seconds, 2),
+                  "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
+                  "learning_rate": float(optimiser.param_groups[0]["lr"])}
+        curve.append(record)
+        key = (record["val_ndcg@10"], -record["val_mapb"])
+        adapter = adapter_state()
+        if key > best_key:
+            best_key, best_adapter = key, adapter
         if rank == 0:
-            print(f"[ranker {job.get('name', '')}] epoch {epoch} loss {record['loss']:.4f} "
-                  f"({record['examples']} examples, {record['seconds']:.1f} s)", flush=True)
-
-    result = {"history": history, "world_size": world, "accumulation": accumulation,
-              "seconds": time.perf_counter() - started, "precision": job["precision"]}
-    peft_model = model if local else engine.module
-    if local:
-        peft_model.save_pretrained(job["adapter_out"])
-        return result
-    import ray.train
-
-    metrics = {"loss": history[-1]["loss"], "epochs": len(history)}
-    with tempfile.TemporaryDirectory() as folder:
-        if job["zero_stage"] == 3:  # parameters are partitioned: gather the adapter's on every rank
-            with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            print(f"[ranker {job.get('name', '')}] epoch {epoch + 1} loss {record['loss']:.4f} val ndcg@10 "
+                  f"{record['val_ndcg@10']:.4f} mapb {record['val_mapb']:.3f} ({record['examples_per_s']:.2f} "
+                  f"examples/s)", flush=True)
+        if not local:  # the epoch's checkpoint: a restarted group resumes after it
+            state = {"adapter": adapter, "epoch": epoch, "curve": curve,
+                     "best_key": best_key, "best_adapter": best_adapter}
+            with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
-                    peft_model.save_pretrained(folder)
-        elif rank == 0:
-            peft_model.save_pretrained(folder)
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+                    torch.save(state, Path(folder) / ADAPTER_STATE)
+                ray.train.report({"epoch": epoch + 1, "val_ndcg@10": record["val_ndcg@10"]},
+                                 checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+    best_epoch = max(range(len(curve)), key=lambda i: (curve[i]["val_ndcg@10"], -curve[i]["val_mapb"]))
+    result = {"curve": curve, "world_size": world, "accumulation": accumulation, "micro_batch": micro,
+              "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
+              "seconds": time.perf_counter() - started, "precision": job["precision"],
+              "resumed_after_epoch": None if resumed is None else resumed["epoch"] + 1}
+    with gathered(modifier_rank=0):  # the best adapter, or a zero update when no epoch beat the base model
+        if rank == 0:
+            if best_adapter is not None:
+                set_peft_model_state_dict(model, best_adapter)
+            else:
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.data.zero_()
+            model.save_pretrained(job["adapter_out"])
     return result
 
 
 def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Path) -> dict[str, Any]:
-    """Fine-tune with the configured trainer; the adapter ends up in `adapter_out`."""
+    """Fine-tune with the configured trainer; the best adapter ends up in `adapter_out`."""
     use_gpu = rcfg.gpus_per_worker > 0
-    job = {**job, "precision": resolve_precision(rcfg.precision, use_gpu), "cpus_per_worker": rcfg.cpus_per_worker}
+    job = {**job, "precision": resolve_precision(rcfg.precision, use_gpu), "cpus_per_worker": rcfg.cpus_per_worker,
+           "adapter_out": str(adapter_out)}
     if rcfg.trainer == "local":
         import torch
 
         threads = torch.get_num_threads()
         try:
-            return train_loop({**job, "local": True, "use_gpu": use_gpu, "adapter_out": str(adapter_out)})
+            return train_loop({**job, "local": True, "use_gpu": use_gpu})
         finally:
             torch.set_num_threads(threads)
-
     result = fit_torch_trainer(train_loop, job, name="finetune", storage=str(Path(storage).resolve()),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
-                               gpus_per_worker=rcfg.gpus_per_worker)
-    with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
+                               gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     return result.return_value
 
 
-def merge_adapter(base_path: str, adapter: Path, out: Path, precision: str) -> Path:
-    """Fold the LoRA adapter into the base weights: a plain checkpoint any backend loads.
-
-    Merged in fp32 and saved in fp32 when trained in fp32: rounding the merged weights to bf16
-    would erase much of a small adapter's change (bf16 keeps ~3 significant digits).
-    """
+def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str) -> Path:
+    """Fold the LoRA adapter into the base weights in float32, saved in `dtype`: a plain checkpoint
+    any backend loads (float32 keeps a small adapter's change, which bfloat16's three significant
+    digits round much of away; `update_kept` measures it)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged = merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-    merged.save_pretrained(out)
+    merged.to(getattr(torch, dtype)).save_pretrained(out)
     AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
     for extra in ("generation_config.json", "chat_template.jinja"):
         if (Path(base_path) / extra).is_file() and not (Path(out) / extra).exists():
             shutil.copy(Path(base_path) / extra, Path(out) / extra)
     return Path(out)
+
+
+def update_kept(base_path: str, adapter: Path, merged: Path, conversations: list[list[dict[str, str]]],
+                choices: list[str]) -> dict[str, Any]:
+    """How much of the adapter's change to the letter probabilities the merged checkpoint keeps, on
+    held-out prompts: the change itself (adapter vs base), and what is left of it once merged and
+    once rounded to bfloat16 (max |dp| against the adapter, same first letter)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    batcher = _Batcher(tokenizer, 4096, "cpu")
+    ids = single_token_ids(tokenizer, choices)
+    inputs = batcher.batch([batcher.encode(c) for c in conversations])
+
+    def probs(model: Any) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(_last_logits(model.eval(), inputs)[:, ids], dim=-1).numpy()
+
+    base = probs(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32))
+    tuned = probs(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                            str(adapter)))
+    saved = probs(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    rounded = probs(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).float())
+
+    def against(p: np.ndarray) -> dict[str, float]:
+        return {"max_abs_dp": round(float(np.abs(p - tuned).max()), 5),
+                "same_first": round(float((p.argmax(1) == tuned.argmax(1)).mean()), 3)}
+
+    return {"prompts": len(conversations), "adapter_vs_base": against(base), "merged_saved": against(saved),
+            "merged_in_bfloat16": against(rounded)}

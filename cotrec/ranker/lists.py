@@ -26,11 +26,14 @@ from cotrec.errors import DataError
 from cotrec.extract.programs import output_folder, stored_outputs
 from cotrec.extract.windows import history_digest
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
-from cotrec.retriever.data import Sequences
+from cotrec.retriever.data import Sequences, history_queries
+from cotrec.retriever.evaluate import score_queries
+from cotrec.retriever.stage import load_retriever
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, read_table
 
-SPLIT_CODES = {"valid": 1, "test": 2}
+SPLIT_CODES = {"valid": 1, "test": 2, "prefix": 3}
+MIN_PREFIX = 3  # a prefix list's target has at least this many training items before it
 
 
 ANONYMOUS = -1  # the user_idx of a list for a user the run has never seen (a served history)
@@ -46,6 +49,7 @@ class CandidateList:
     retriever_rank: int           # the target's rank in the retriever's full ranking (0 = first)
     preference: str = ""
     key_terms: list[list[str]] = field(default_factory=list)  # per candidate, retriever order
+    position: int = -1            # a prefix list's target: its index among the user's training items
 
     @property
     def hit(self) -> bool:
@@ -57,8 +61,8 @@ def shown_order(lst: CandidateList, seed: int, epoch: int = 0) -> np.ndarray:
     """The seeded order (indices into `lst.candidates`) in which the candidates are shown. A user
     without an index is keyed by its history instead, so the same request gets the same order."""
     user = lst.user_idx if lst.user_idx >= 0 else int(history_digest(list(lst.history)), 16)
-    rng = np.random.default_rng([seed, user, SPLIT_CODES[lst.split], epoch])
-    return rng.permutation(len(lst.candidates))
+    key = [seed, user, SPLIT_CODES[lst.split], epoch] + ([lst.position] if lst.position >= 0 else [])
+    return np.random.default_rng(key).permutation(len(lst.candidates))
 
 
 def candidates_path(config: Config, run: RunDir, variant: str) -> Path:
@@ -205,3 +209,66 @@ def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
     pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
     pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
     return pairs.reset_index(drop=True), ", ".join(paths)
+
+
+def stored_trajectories(run: RunDir) -> dict[int, tuple[list[int], list[str]]]:
+    """user_idx -> the `train` walk's trajectory: window ends and the preference after each."""
+    frame = _extraction(run, "users", "prefix lists of the llm+ and llm++ prompts")
+    if "trajectory" not in frame.columns:
+        raise DataError(f"{output_folder(run, 'users')}: the preferences have no trajectory (written by an older "
+                        f"version); run `cotrec extract users --force`")
+    train = frame[(frame["horizon"] == "train") & (frame["status"].astype(str) == "ok")]
+    return {int(u): ([int(e) for e in ends], [str(t) for t in states])
+            for u, ends, states in zip(train["user_idx"], train["trajectory_ends"], train["trajectory"])
+            if ends is not None and states is not None}
+
+
+def preference_before(trajectory: tuple[list[int], list[str]] | None, position: int) -> str:
+    """The preference after the last window that ended before item `position`: it has seen nothing
+    from `position` on ("" when no window had ended yet)."""
+    if trajectory is None:
+        return ""
+    ends, states = trajectory
+    before = [state for end, state in zip(ends, states) if end <= position]
+    return before[-1] if before else ""
+
+
+def prefix_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tuple[list[CandidateList], dict[str, Any]]:
+    """LlamaRec-style training lists from the users' training histories: for `ranker.prefix_lists`
+    seeded target positions per user, the history before the target and the retriever's top-M for it
+    (the lists the ranker meets at test time: the retriever's hard negatives), with the target put in
+    place of the weakest candidate when the retriever missed it, so every list can teach. `llm+`
+    shows the preference as it stood before the target (the recurrence's trajectory)."""
+    rc = config.ranker
+    count = rc.prefix_lists if prompt in rc.prefix_prompts else 0
+    if count == 0:
+        return [], {"prefix_lists": 0}
+    seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(read_table(run, "items")))
+    users = [lst.user_idx for lst in sample_lists([CandidateList(u, "prefix", [], [], -1, -1)
+                                                   for u in range(seqs.num_users)], rc.max_train_users, config.seed)]
+    rng = np.random.default_rng([config.seed, SPLIT_CODES["prefix"]])
+    picks = []
+    for user in users:
+        positions = np.arange(MIN_PREFIX, len(seqs.train[user]))
+        if len(positions):
+            picks += [(user, int(j)) for j in np.sort(rng.choice(positions, size=min(count, len(positions)), replace=False))]
+    if not picks:
+        return [], {"prefix_lists": 0}
+    model = load_retriever(config, run, variant)
+    queries = history_queries([seqs.train[u][:j] for u, j in picks], np.array([u for u, _ in picks]),
+                              np.array([seqs.train[u][j] for u, j in picks]), model.cfg.max_len)
+    found = score_queries(model, queries, np.arange(len(picks)), config.retriever.mask_history, config.retriever.top_m,
+                          batch_size=config.retriever.eval_batch_size)
+    trajectories = stored_trajectories(run) if uses_preference(prompt) else {}
+    keep, lists, inserted = rc.history_items, [], 0
+    for (user, j), top, rank in zip(picks, found["top_items"], found["ranks"]):
+        target, candidates = int(seqs.train[user][j]), [int(i) for i in top]
+        if target not in candidates:
+            candidates[-1], inserted = target, inserted + 1
+        lst = CandidateList(user, "prefix", [int(i) for i in seqs.train[user][:j][-keep:]], candidates, target,
+                            int(rank), position=j)
+        if trajectories:
+            lst.preference = shorten(preference_before(trajectories.get(user), j), rc.preference_chars)
+        lists.append(lst)
+    return lists, {"prefix_lists": len(lists), "prefix_targets_inserted": inserted,
+                   "prefix_users": len({lst.user_idx for lst in lists})}

@@ -47,3 +47,21 @@ def mapb(rank_matrix: np.ndarray) -> float:
     if matrix.size == 0:
         return 0.0
     return float(np.mean([sample_bias(row) for row in matrix]))
+
+
+class PositionScorer:
+    """Ranks by the shown position alone (A first): MAPB 2.5 with 10 candidates, the most biased."""
+
+    def score(self, queries: list) -> np.ndarray:
+        return np.stack([np.linspace(1.0, 0.0, len(order)) for _, order in queries])
+
+
+class RandomScorer:
+    """A seeded random order for each prompt, whatever it shows: what "no signal" scores (MAPB about
+    2.33 with 10 candidates)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng([seed, 29])
+
+    def score(self, queries: list) -> np.ndarray:
+        return np.stack([self.rng.random(len(order)) for _, order in queries])

@@ -25,19 +25,25 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from cotrec.config import Config, parse_ranker
+import numpy as np
+import pandas as pd
+
+from cotrec.config import RANKER_PROMPTS, Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.extract.programs import output_folder
 from cotrec.extract.shards import folder_digest
 from cotrec.fingerprint import fingerprint
+from cotrec.llm import letters
 from cotrec.llm.embedded import resolve_model
 from cotrec.llm.pool import EnginePool
+from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
-from cotrec.ranker.finetune import fit, merge_adapter, resolve_precision, training_examples
+from cotrec.ranker.finetune import epoch_examples, fit, merge_adapter, resolve_precision, update_kept, validation_probe
 from cotrec.ranker.letters import LetterRanker, evaluate_ranker
-from cotrec.ranker.lists import ranked_lists
+from cotrec.ranker.lists import CandidateList, prefix_lists, ranked_lists
+from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
-from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position
+from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position, plot_training_curve
 from cotrec.reporting.tables import TABLE2, ranker_label, write_table2
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
@@ -75,11 +81,18 @@ def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) ->
                     "seed": config.seed, "inputs": _inputs(config, run, variant, prompt)})
 
 
+def split_validation(lists: list[CandidateList], count: int, seed: int) -> tuple[list[CandidateList], list[CandidateList]]:
+    """A seeded `count` of the lists held out of training to validate on, and the rest."""
+    held = set(np.random.default_rng([seed, 23]).choice(len(lists), size=min(count, len(lists)), replace=False).tolist())
+    return [lst for i, lst in enumerate(lists) if i in held], [lst for i, lst in enumerate(lists) if i not in held]
+
+
 def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> dict[str, Any]:
-    """Fine-tune a LoRA ranker on the valid lists of one retriever; merge it. Skipped when current."""
+    """Fine-tune a LoRA ranker on one retriever's valid lists (less the held-out ones) and prefix
+    lists; keep the adapter of the best validation epoch; merge it. Skipped when current."""
     parse_ranker(prompt)
-    if prompt == "none":
-        raise CotrecError("ranker 'none' has nothing to train")
+    if prompt not in RANKER_PROMPTS:
+        raise CotrecError(f"ranker {prompt!r} has nothing to train")
     rc = config.ranker
     stage = f"{ranker_folder(variant, prompt)}/model"
     fp = train_fingerprint(config, run, variant, prompt)
@@ -87,33 +100,55 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "train.json").read_text())}
     started = time.perf_counter()
-    lists, notes = ranked_lists(config, run, variant, "valid", prompt)
-    if not lists:
-        raise DataError(f"{run / variant_dir(config, *parse_variant(variant), config.seed)}: no valid list has its "
-                        f"target among the candidates; nothing to fine-tune on")
-    examples = training_examples(lists, LetterRanker.for_run(run, prompt), rc.epochs, rc.shuffle_seed)
+    valid, notes = ranked_lists(config, run, variant, "valid", prompt)
+    held_out, valid_train = split_validation(valid, rc.val_lists, config.seed)
+    prefixes, prefix_notes = prefix_lists(config, run, variant, prompt)
+    lists = valid_train + prefixes
+    if not lists or not held_out:
+        raise DataError(f"{run / variant_dir(config, *parse_variant(variant), config.seed)}: {len(valid)} valid lists "
+                        f"have their target among the candidates and {len(prefixes)} prefix lists were made: too few "
+                        f"to train on and validate with (ranker.val_lists {rc.val_lists}, ranker.prefix_lists "
+                        f"{rc.prefix_lists})")
+    ranker = LetterRanker.for_run(run, prompt)
+    examples = epoch_examples(lists, ranker, rc.epochs, rc.shuffle_seed)
+    probe = validation_probe(held_out, ranker, rc.shuffle_seed)
     base = resolve_model(config.llm.model)  # a local folder (the embedded model is materialised)
-    job = {"name": f"{variant} {prompt}", "model_path": base, "examples": examples, "seed": config.seed,
-           "lora_r": rc.lora_r, "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout,
-           "lora_targets": rc.lora_targets, "lr": rc.lr, "batch_size": rc.batch_size, "zero_stage": rc.zero_stage,
-           "max_tokens": config.llm.max_model_len}
-    log(f"ranker: fine-tuning {prompt} on {len(lists):,} valid lists of {variant} for {rc.epochs} epoch(s) "
-        f"({rc.trainer}, {rc.num_workers} worker(s), ZeRO-{rc.zero_stage}, "
-        f"{resolve_precision(rc.precision, rc.gpus_per_worker > 0)})")
+    job = {"name": f"{variant} {prompt}", "model_path": base, "examples": examples, "validation": probe,
+           "candidates": len(held_out[0].candidates), "seed": config.seed, "lora_r": rc.lora_r,
+           "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout, "lora_targets": rc.lora_targets, "lr": rc.lr,
+           "warmup_ratio": rc.warmup_ratio, "batch_size": rc.batch_size, "micro_batch": rc.micro_batch,
+           "zero_stage": rc.zero_stage, "max_tokens": config.llm.max_model_len}
+    log(f"ranker: fine-tuning {prompt} on {len(valid_train):,} valid and {len(prefixes):,} prefix lists of {variant} "
+        f"for {rc.epochs} epoch(s), validating on {len(held_out)} held-out lists ({rc.trainer}, {rc.num_workers} "
+        f"worker(s), ZeRO-{rc.zero_stage}, {resolve_precision(rc.precision, rc.gpus_per_worker > 0)})")
     with run.staged(stage, fp) as folder:
         result = fit(job, rc, folder / ".ray", folder / "adapter")
-        merge_adapter(base, folder / "adapter", folder / "merged", result["precision"])
+        merge_adapter(base, folder / "adapter", folder / "merged", rc.merged_dtype)
+        shown = [p["conversations"][p["shown"]] for p in probe[:8]]
+        kept = update_kept(base, folder / "adapter", folder / "merged", shown, letters(job["candidates"]))
+        curve = result["curve"]
         summary = {"retriever": variant, "prompt": prompt, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
-                   "train_users": len(lists), "epochs": rc.epochs, "trainer": rc.trainer,
-                   "num_workers": result["world_size"], "zero_stage": rc.zero_stage, "precision": result["precision"],
-                   "accumulation": result["accumulation"], "history": result["history"],
-                   "first_epoch_loss": result["history"][0]["loss"], "last_epoch_loss": result["history"][-1]["loss"],
+                   "train_lists": len(lists), "valid_lists": len(valid_train), "val_lists": len(held_out),
+                   **prefix_notes, "examples_per_epoch": len(examples[0]), "epochs": rc.epochs,
+                   "optimiser_steps": result["steps_per_epoch"] * rc.epochs, "warmup_steps": result["warmup_steps"],
+                   "micro_batch": result["micro_batch"], "accumulation": result["accumulation"],
+                   "trainer": rc.trainer, "num_workers": result["world_size"], "zero_stage": rc.zero_stage,
+                   "precision": result["precision"], "curve": curve, "best_epoch": result["best_epoch"],
+                   "base_val_ndcg@10": curve[0]["val_ndcg@10"], "base_val_mapb": curve[0]["val_mapb"],
+                   "best_val_ndcg@10": curve[result["best_epoch"]]["val_ndcg@10"],
+                   "best_val_mapb": curve[result["best_epoch"]]["val_mapb"],
+                   "first_epoch_loss": curve[1]["loss"], "last_epoch_loss": curve[-1]["loss"],
+                   "examples_per_s": round(float(np.mean([c["examples_per_s"] for c in curve[1:]])), 3),
+                   "merged_dtype": rc.merged_dtype, "update_kept": kept,
+                   "resumed_after_epoch": result["resumed_after_epoch"],
                    "train_seconds": round(result["seconds"], 3),
                    "wall_seconds": round(time.perf_counter() - started, 3), **notes}
         write_json(folder / "train.json", summary)
+        plot_training_curve(folder / "curve.png", summary)
         shutil.rmtree(folder / ".ray", ignore_errors=True)
-    losses = " -> ".join(f"{epoch['loss']:.4f}" for epoch in summary["history"])
-    log(f"ranker: {prompt} on {variant}: mean training loss per epoch {losses} ({summary['wall_seconds']:.0f} s)")
+    log(f"ranker: {prompt} on {variant}: validation NDCG@10 {summary['base_val_ndcg@10']:.4f} -> "
+        f"{summary['best_val_ndcg@10']:.4f}, MAPB {summary['base_val_mapb']:.3f} -> {summary['best_val_mapb']:.3f} "
+        f"(best epoch {summary['best_epoch']} of {rc.epochs}; {summary['wall_seconds']:.0f} s)")
     return {"skipped": False, "folder": str(run / stage), **summary}
 
 
@@ -121,15 +156,16 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
                 engines: Optional[EnginePool] = None) -> dict[str, Any]:
     """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
     prompt, fine_tuned = parse_ranker(ranker)
-    shows = "llm" if prompt == "none" else prompt  # what the lists carry (None needs only the candidates)
+    reads = prompt in RANKER_PROMPTS  # the others read nothing but the candidates
+    shows = prompt if reads else "llm"
     rc = config.ranker
     model = None
     if fine_tuned:
         model = str(merged_model(run, variant, prompt))
-        if engines is not None and engines.model != model:
+        if engines is not None and engines.model != (model, rc.merged_dtype):
             engines.close()  # an idle vLLM CPU engine keeps polling: free the cores for training
         trained = ranker_train(config, run, variant, prompt, force=False)
-    elif prompt != "none":
+    elif reads:
         model = config.llm.model
     stage = f"{ranker_folder(variant, ranker)}/eval"
     fp = fingerprint({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
@@ -144,9 +180,9 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
     own = engines is None
     engines = engines or EnginePool(config.llm)
     try:
-        scorer = None
-        if model is not None:
-            scorer = LetterRanker.for_run(run, prompt, engines.get(model))
+        scorer = {"random": RandomScorer(config.seed), "position": PositionScorer()}.get(prompt)
+        if model is not None:  # a fine-tuned model is served in the dtype it was merged in
+            scorer = LetterRanker.for_run(run, prompt, engines.get(model, rc.merged_dtype if fine_tuned else None))
         log(f"ranker: ranking {notes['hits']:,} of {len(lists):,} test lists of {variant} with {ranker}"
             + (" (MAPB probe: each target at all positions)" if rc.mapb and scorer else ""))
         metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
@@ -162,8 +198,10 @@ def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: b
               "seed": config.seed, "shuffle_seed": rc.shuffle_seed, "sampled_users": rc.max_eval_users,
               "wall_seconds": round(time.perf_counter() - started, 3), **notes}
     if fine_tuned:
-        result["train"] = {k: trained[k] for k in ("train_users", "epochs", "first_epoch_loss", "last_epoch_loss",
-                                                   "num_workers", "zero_stage", "precision", "train_seconds")}
+        result["train"] = {k: trained[k] for k in ("train_lists", "prefix_lists", "epochs", "best_epoch",
+                                                   "base_val_ndcg@10", "best_val_ndcg@10", "base_val_mapb",
+                                                   "best_val_mapb", "num_workers", "zero_stage", "precision",
+                                                   "train_seconds")}
     with run.staged(stage, fp) as folder:
         write_json(folder / "metrics.json", result)
         rankings.to_parquet(folder / "rankings.parquet", index=False)
@@ -194,6 +232,7 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     order = {(label, ranker): i for i, (label, ranker) in
              enumerate((label, ranker) for label in rc.retrievers for ranker in rc.grid)}
     rows.sort(key=lambda r: order[(r["label"], r["ranker"])])
+    rows = with_intervals(config, run, rows)
     summary = {"skipped": all(r["skipped"] for r in rows), "rows": rows, "report": str(run / TABLE2),
                "plot": str(run / RANK_PLOT), "seconds": round(time.perf_counter() - started, 3)}
     write_table2(run, config, summary)
@@ -209,6 +248,19 @@ def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
             stage = f"{ranker_folder(variant, ranker)}/eval"
             if run.completion(stage) is not None:
                 rows.append({"label": label, **json.loads(Path(run / stage / "metrics.json").read_text())})
+    return with_intervals(config, run, rows)
+
+
+def with_intervals(config: Config, run: RunDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each re-ranking row's paired NDCG@10 difference to its retriever on the same users (the rankings
+    keep both ranks), with its 95% bootstrap interval over users."""
+    for row in rows:
+        if row["ranker"] == "none":
+            continue
+        rankings = pd.read_parquet(Path(run / ranker_folder(row["retriever"], row["ranker"])) / "eval" / "rankings.parquet",
+                                   columns=["target_rank", "retriever_rank"])
+        differences = ndcg_gains(rankings["target_rank"], 10) - ndcg_gains(rankings["retriever_rank"], 10)
+        row["ndcg@10_vs_retriever"] = paired_bootstrap(differences, seed=config.seed)
     return rows
 
 

@@ -1,10 +1,8 @@
 """From the prepared interactions to SASRec tensors: training windows and leave-one-out queries.
 
-Training uses every position of every sequence in each step: a user's train items are cut into
-windows of max_len + 1 items (from the most recent backwards, consecutive windows sharing one
-item), the model reads the first max_len and predicts the next item at every position. One
-epoch thus covers every train interaction once (about 3k rows for ml-100k) instead of one row per
-prefix (~97k rows for RecBole's SASRec), which is what makes an epoch take seconds.
+Training rows (`training_rows`) slide over each user's train items with a stride: every target is
+trained once per epoch with (nearly) the context evaluation gives it, while a row still trains
+many targets, so an epoch stays a few thousand rows instead of one row per prefix.
 
 Evaluation is leave-one-out: `valid` predicts the second-to-last item from the train items,
 `test` the last item from train + valid items. The whole history (not only the last max_len
@@ -58,32 +56,40 @@ class Sequences:
         return self.valid if split == "valid" else self.test
 
 
-def training_windows(seqs: Sequences, max_len: int, user_token: bool) -> dict[str, np.ndarray]:
+def training_rows(seqs: Sequences, max_len: int, user_token: bool, stride: int) -> dict[str, np.ndarray]:
     """All training rows: `items` (n, max_len) inputs, `targets` (n, max_len + user_token), `users` (n,).
 
+    A user's rows end every `stride` items, from the end of their train items backwards; a row
+    holds the up to max_len items before its end as input and trains only the targets no later row
+    trains (its last `stride`), except the row that reaches the start of the history, which trains
+    all of its targets. Every target is thus trained once per epoch, with at least
+    max_len - stride + 1 items before it (or all it has): evaluation always reads max_len items,
+    and targets trained on almost no context (disjoint windows) pull the model away from that.
     Ids are shifted by one (0 = padding / no target). With a user token, position 0 (the user
-    alone) is trained to predict the window's first item.
+    alone) predicts the history's first item.
     """
     rows_items, rows_targets, rows_users = [], [], []
-    width = max_len + 1
+    offset = int(user_token)
     for user, seq in enumerate(seqs.train):
         end = len(seq)
         while end > 0:
-            chunk = seq[max(0, end - width):end] + 1
-            inputs, targets = chunk[:-1], chunk[1:]
-            if user_token:
-                targets = chunk
-            if targets.size:
-                row_i = np.zeros(max_len, dtype=np.int64)
-                row_i[:inputs.size] = inputs
-                row_t = np.zeros(max_len + int(user_token), dtype=np.int64)
-                row_t[:targets.size] = targets
+            begin = max(0, end - max_len - 1)  # the row's inputs are seq[begin:end-1]
+            inputs = seq[begin:end - 1] + 1
+            first = 0 if begin == 0 else end - stride  # the first target this row trains (index into seq)
+            if begin == 0 and not user_token:
+                first = 1
+            row_i = np.zeros(max_len, dtype=np.int64)
+            row_i[:inputs.size] = inputs
+            row_t = np.zeros(max_len + offset, dtype=np.int64)
+            positions = np.arange(first, end) - begin - 1 + offset  # where target j is predicted
+            row_t[positions] = seq[first:end] + 1
+            if first < end:
                 rows_items.append(row_i)
                 rows_targets.append(row_t)
                 rows_users.append(user)
-            if end - width <= 0:
+            if begin == 0:
                 break
-            end -= max_len
+            end -= stride
     return {"items": np.stack(rows_items), "targets": np.stack(rows_targets),
             "users": np.asarray(rows_users, dtype=np.int64)}
 

@@ -33,6 +33,7 @@ class SASRecConfig:
     max_len: int = 32           # items per input row (the authors: 32)
     layers: int = 2
     heads: int = 1
+    ffn_mult: int = 1           # the feed-forward's hidden width in multiples of dim (1: checkpoints that predate it)
     dropout: float = 0.2
 
     @property
@@ -73,7 +74,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim),
+        inner = cfg.dim * cfg.ffn_mult
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, inner), nn.GELU(), nn.Linear(inner, cfg.dim),
                                  nn.Dropout(cfg.dropout))
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -24,10 +24,12 @@ import pandas as pd
 import torch
 
 from cotrec.config import Config
+from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
+from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
-from cotrec.retriever.data import Sequences, eval_queries, training_windows
+from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import evaluate_split
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.train import fit, peak_memory_mb
@@ -50,9 +52,9 @@ def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> 
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))
     item_init, user_init, notes = initial_tables(config, run, user, item, seqs.num_users, seed)
     model = {"num_items": seqs.num_items, "num_users": seqs.num_users if user != "none" else 0,
-             "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads,
+             "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads, "ffn_mult": rc.ffn_mult,
              "dropout": rc.dropout}
-    windows = training_windows(seqs, rc.max_len, user_token=user != "none")
+    windows = training_rows(seqs, rc.max_len, user_token=user != "none", stride=rc.train_stride)
     counts = np.bincount(np.concatenate(seqs.train), minlength=seqs.num_items)
     job = {"name": variant_name(user, item), "seed": seed, "model": model, "item_init": item_init,
            "user_init": user_init, "windows": windows, "valid": eval_queries(seqs, "valid", rc.max_len),
@@ -101,6 +103,9 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
             "valid": {"split": "valid", **evaluated["valid"]},
             "seed": seed, "mask_history": rc.mask_history, "ks": list(rc.ks), "top_m": rc.top_m,
             "best_epoch": state["epoch"], "epochs": len(result["history"]),
+            # patience never ran out: the cap ended the training, and a longer one might do better
+            "stopped_by_max_epochs": len(result["history"]) == rc.max_epochs
+                                     and result["history"][-1]["epoch"] - state["epoch"] < rc.patience,
             "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss,
             "train_seconds": round(trained - started, 3),
             "wall_seconds": round(time.perf_counter() - started, 3),
@@ -115,6 +120,25 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
     log(f"retriever: {variant_name(user, item)} seed {seed}: test ndcg@10 {metrics['ndcg@10']:.4f} "
         f"hit@10 {metrics['hit@10']:.4f} (best epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
     return {"skipped": False, "folder": str(run / stage), **metrics}
+
+
+def load_retriever(config: Config, run: RunDir, variant: str, unknown_user: bool = False) -> SASRec:
+    """A trained variant's SASRec (the config seed's, in eval mode). `unknown_user`: a user-token model
+    gets one more user row, the mean of the others, for users it has never seen."""
+    user, item = parse_variant(variant)
+    folder = Path(run / variant_dir(config, user, item, config.seed))
+    if not (folder / "model.pt").is_file():
+        raise DataError(f"{folder}: no trained retriever (model.pt); run `cotrec retriever train "
+                        f"--variant {user}/{item}` first")
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
+    cfg, weights = SASRecConfig(**state["sasrec"]), dict(state["model"])
+    if cfg.user_token and unknown_user:
+        table = weights["user_emb.weight"]
+        weights["user_emb.weight"] = torch.cat([table, table.mean(0, keepdim=True)])
+        cfg = SASRecConfig(**{**state["sasrec"], "num_users": cfg.num_users + 1})
+    model = SASRec(cfg)
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
@@ -159,20 +183,51 @@ def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str
         results = [train_variant(config, run, name, seed, force) for seed in seeds]
         skipped &= all(r["skipped"] for r in results)
         rows.append(grid_row(name, results))
-    summary = {"skipped": skipped, "rows": rows, "seeds": seeds, "mask_history": rc.mask_history,
-               "report": str(run / TABLE1), "seconds": round(time.perf_counter() - started, 3)}
+    summary = {"skipped": skipped, "rows": with_intervals(config, run, rows), "seeds": seeds,
+               "mask_history": rc.mask_history, "report": str(run / TABLE1),
+               "seconds": round(time.perf_counter() - started, 3)}
     write_table1(run, config, summary)
     return summary
 
 
 def grid_row(variant: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One Table 1 row: a variant's test metrics, mean and std over its seeds."""
+    """One Table 1 row: a variant's test metrics, mean and std over its seeds, and whether any seed
+    was stopped by `max_epochs` rather than by patience."""
     row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in results]}
     for metric in ("hit@10", "ndcg@10"):
         row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in results])
     row["best_epoch"] = float(np.mean([r["best_epoch"] for r in results]))
+    row["stopped_by_max_epochs"] = [r["seed"] for r in results if r.get("stopped_by_max_epochs")]
     row["users"] = results[0]["users"]
     return row
+
+
+BASELINE = "none/random"  # Table 1's first row: what every other row is compared with
+
+
+def test_gains(config: Config, run: RunDir, variant: str, seed: int) -> np.ndarray:
+    """A trained variant's test NDCG@10 per user (in user order), from its candidates table."""
+    user, item = parse_variant(variant)
+    table = pd.read_parquet(Path(run / variant_dir(config, user, item, seed)) / "candidates.parquet",
+                            columns=["user_idx", "split", "target_rank"])
+    test = table[table["split"] == "test"].sort_values("user_idx")
+    return ndcg_gains(test["target_rank"].to_numpy(), 10)
+
+
+def with_intervals(config: Config, run: RunDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's paired NDCG@10 difference to None/Random, per user and seed (the seeds both have),
+    with its 95% bootstrap interval over users and seeds."""
+    baseline = next((r for r in rows if r["variant"] == BASELINE), None)
+    if baseline is None:
+        return rows
+    for row in rows:
+        seeds = [s for s in row["seeds"] if s in baseline["seeds"]]
+        if row is baseline or not seeds:
+            continue
+        differences = np.stack([test_gains(config, run, row["variant"], s) - test_gains(config, run, BASELINE, s)
+                                for s in seeds])
+        row["ndcg@10_vs_baseline"] = paired_bootstrap(differences, seed=config.seed)
+    return rows
 
 
 def finished_grid(config: Config, run: RunDir) -> dict[str, Any]:
@@ -185,6 +240,7 @@ def finished_grid(config: Config, run: RunDir) -> dict[str, Any]:
         results = [read_metrics(run / stage) for stage in stages if run.completion(stage) is not None]
         if results:
             rows.append(grid_row(name, results))
+    rows = with_intervals(config, run, rows)
     return {"rows": rows, "seeds": seeds, "mask_history": config.retriever.mask_history, "report": str(run / TABLE1)}
 
 

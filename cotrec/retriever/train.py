@@ -1,14 +1,17 @@
 """The training recipe: one loop that runs under Ray Train (TorchTrainer, DDP) or in-process.
 
 `train_loop(job)` is the per-worker function. Each epoch every worker takes its share of one
-seeded permutation of the training windows (same permutation on all workers, strided by rank,
+seeded permutation of the training rows (same permutation on all workers, strided by rank,
 per-worker batch = batch_size / workers, so the effective batch and the number of steps do not
 depend on the worker count), steps Adam, then the workers evaluate valid NDCG@10 on disjoint
 slices of the users and all-reduce the sums, so they all take the same early-stopping decision.
-Rank 0 keeps the best state and reports it as a checkpoint every `checkpoint_every` epochs when it
-changed, and at the end; only improvements are ever checkpointed, so with `num_to_keep=1` the
-checkpoint Ray Train holds is the best one. The loop stops after `patience` epochs without
-improvement or at `max_epochs`.
+The loop stops after `patience` epochs without improvement or at `max_epochs`.
+
+Every `checkpoint_every` epochs and at the end, rank 0 reports a checkpoint holding the training
+state (weights, optimiser, epoch, early-stopping counters, history) and the best state so far.
+When a worker dies, Ray Train restarts the group (`max_failures`) and every worker resumes from
+that checkpoint (`ray.train.get_checkpoint`), not from epoch 0; the last checkpoint's best state
+is the trained model.
 
 `fit(job, rcfg, storage)` launches it: Ray Train's TorchTrainer (workers, CPUs and GPUs per
 worker from the config; gloo on CPU, nccl on GPU) or, with `trainer: local`, a plain call.
@@ -43,16 +46,19 @@ def peak_memory_mb() -> float:
 
 
 class _Local:
-    """The single-process stand-in for Ray Train's context and report()."""
+    """The single-process stand-in for Ray Train's context, report() and get_checkpoint()."""
 
     world_rank, world_size = 0, 1
 
     def __init__(self):
-        self.best_state: Optional[dict[str, Any]] = None
+        self.last: Optional[dict[str, Any]] = None
 
     def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
         if state is not None:
-            self.best_state = state
+            self.last = state
+
+    def resume_state(self) -> Optional[dict[str, Any]]:
+        return None
 
 
 class _RayTrain:
@@ -70,6 +76,14 @@ class _RayTrain:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(folder))
+
+    def resume_state(self) -> Optional[dict[str, Any]]:
+        """The last checkpoint of this run, when the worker group was restarted after a failure."""
+        checkpoint = self.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
 def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: dict[str, Any],
@@ -120,11 +134,19 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     use_users = cfg.user_token
 
     history: list[dict[str, Any]] = []
-    best, best_epoch, since_best = -1.0, -1, 0
+    best, best_epoch, since_best, first_epoch = -1.0, -1, 0, 0
     best_state: Optional[dict[str, Any]] = None
-    unsaved = False
-    started = time.perf_counter()
-    for epoch in range(job["max_epochs"]):
+    resumed = ctx.resume_state()
+    if resumed is not None:  # a worker died: carry on from the last checkpoint, on every rank
+        model.load_state_dict(resumed["model"])
+        optim.load_state_dict(resumed["optim"])
+        best, best_epoch, since_best = resumed["best"], resumed["best_epoch"], resumed["since_best"]
+        best_state, history, first_epoch = resumed["best_state"], resumed["history"], resumed["epoch"] + 1
+        if rank == 0:
+            print(f"[retriever {job.get('name', '')}] resuming after epoch {resumed['epoch']} from its checkpoint",
+                  flush=True)
+    started = time.perf_counter() - (history[-1]["elapsed"] if history else 0.0)
+    for epoch in range(first_epoch, job["max_epochs"]):
         t0 = time.perf_counter()
         model.train()
         order = np.random.default_rng(seed * 100_003 + epoch).permutation(len(windows["users"]))
@@ -159,20 +181,22 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "valid_hit@10": hit,
                   "valid_ndcg@10": ndcg, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                   "eval_users": int(sums[2]), "elapsed": time.perf_counter() - started,
-                  "peak_memory_mb": peak_memory_mb(), "improved": improved}
+                  "peak_memory_mb": peak_memory_mb(), "improved": improved,
+                  **({"resumed": True} if resumed is not None and epoch == first_epoch else {})}
         history.append(record)
         if improved and rank == 0:
             best_state = {"model": copy.deepcopy(model.state_dict()), "sasrec": job["model"], "epoch": epoch,
                           "valid_ndcg@10": ndcg}
-        unsaved |= improved
         stop = since_best >= job["patience"] or epoch == job["max_epochs"] - 1
-        # Checkpoint the best state every `checkpoint_every` epochs (when it changed) and at the end.
         # Every rank takes the same decision (the metrics were all-reduced), as report() is collective.
         # Not every epoch: a Ray Train report blocks until the controller polls it.
-        if stop or (unsaved and (epoch + 1) % job.get("checkpoint_every", 10) == 0):
-            ctx.report({k: v for k, v in record.items() if k != "improved"},
-                       best_state if (unsaved and rank == 0) else None)
-            unsaved = False
+        if stop or (epoch + 1) % job.get("checkpoint_every", 10) == 0:
+            state = None
+            if rank == 0:
+                state = {"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch, "best": best,
+                         "best_epoch": best_epoch, "since_best": since_best, "best_state": best_state,
+                         "history": history}
+            ctx.report({k: v for k, v in record.items() if k not in ("improved", "resumed")}, state)
         if job.get("log") and rank == 0:
             mark = " *" if improved else ""
             print(f"[retriever {job.get('name', '')} rank {rank}] epoch {epoch:3d} loss {record['loss']:.4f} "
@@ -181,9 +205,10 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         if stop:
             break
     out: dict[str, Any] = {"history": history, "best_epoch": best_epoch, "best_valid_ndcg@10": best,
-                           "world_size": world, "seconds": time.perf_counter() - started}
+                           "world_size": world, "seconds": time.perf_counter() - started,
+                           "resumed_after_epoch": None if resumed is None else resumed["epoch"]}
     if job.get("local"):
-        out["best_state"] = ctx.best_state
+        out["best_state"] = ctx.last["best_state"]
     return out
 
 
@@ -200,7 +225,7 @@ def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict
 
     result = fit_torch_trainer(train_loop, job, name="train", storage=str(Path(storage).resolve()),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
-                               gpus_per_worker=rcfg.gpus_per_worker)
+                               gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    return state, result.return_value
+        last = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    return last["best_state"], result.return_value
