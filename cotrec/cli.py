@@ -301,7 +301,7 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
     from cotrec.bench.faults import SCENARIOS, bench_faults, format_bench
 
     config, run = open_run(args)
-    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    scenarios = SCENARIOS if args.scenarios is None else tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or not scenarios:
         raise CotrecError(f"--scenarios {args.scenarios!r}: expected some of {', '.join(SCENARIOS)}")
@@ -475,11 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_srv.add_argument("--out", default="bench/serve.json", help="JSON output path")
     bench_srv.set_defaults(handler=cmd_bench_serve)
 
-    bench_faults = benches.add_parser("faults", help="kill an extraction actor, an engine, a Train worker, a Serve "
-                                                     "replica, the driver; count what was lost")
+    bench_faults = benches.add_parser("faults", help="kill an extraction actor, an engine, a Train worker (SASRec, the "
+                                                     "fine-tune), a Serve replica, the driver; count what was lost")
     _add_run_options(bench_faults)
-    bench_faults.add_argument("--scenarios", default="actor,engine,train,replica,driver",
-                              help="comma-separated: actor, engine, train, replica, driver")
+    bench_faults.add_argument("--scenarios", default=None,
+                              help="comma-separated: actor, engine, train, finetune, replica, driver (default: all)")
     bench_faults.add_argument("--variant", default="none/random", metavar="USER/ITEM",
                               help="the retriever variant trained (train) and served (replica)")
     bench_faults.add_argument("--actor-users", type=int, default=200_000,

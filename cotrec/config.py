@@ -356,6 +356,16 @@ class Config(Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)
 
+    @model_validator(mode="after")
+    def _cuda_engines_hold_gpus(self) -> "Config":
+        """A CUDA engine runs where the config places it: each such place must ask for a GPU."""
+        if self.llm.device == "cuda" and self.llm.backend in ("vllm", "transformers"):
+            for key, value in (("extract.gpus_per_actor", self.extract.gpus_per_actor),
+                               ("ranker.gpus_per_worker", self.ranker.gpus_per_worker)):
+                if value <= 0:
+                    raise ValueError(f"{key}: llm.device is cuda, so the engines it places need a GPU (got {value})")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -428,7 +438,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{key}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{key}: {message}"
+    if error["type"] == "value_error":  # a rule over several keys names them itself
+        return message if not error["loc"] else f"{key}: {message}"
+    return f"{key}: {message} (got {error.get('input')!r})"
 
 
 def load_config(spec: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

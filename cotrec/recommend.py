@@ -20,12 +20,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cotrec.config import Config, load_config, parse_ranker
+from cotrec.config import REFERENCE_RANKERS, Config, load_config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.llm import make_engine
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import ANONYMOUS, CandidateList, shown_order, stored_key_terms, stored_preferences
-from cotrec.ranker.mapb import ranked_order
+from cotrec.ranker.mapb import PositionScorer, RandomScorer, ranked_order
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.ranker.stage import merged_model
 from cotrec.retriever.data import Sequences, history_queries
@@ -142,12 +142,18 @@ class RankerService:
         self.prompt, fine_tuned = parse_ranker(ranker)
         if self.prompt == "none":
             raise CotrecError("ranker 'none' needs no ranker service")
+        if self.prompt in REFERENCE_RANKERS:  # they read nothing: no engine
+            self.engine, self.model = None, None
+            self.scorer = RandomScorer(config.seed) if self.prompt == "random" else PositionScorer()
+            self.preferences, self.key_terms = {}, {}
+            return
         model = str(merged_model(self.run, variant, self.prompt)) if fine_tuned else config.llm.model
         if fine_tuned and not Path(model).is_dir():
             raise DataError(f"{model}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
                             f"--prompt {self.prompt}` first")
-        if engine is None:
-            engine = make_engine(config.llm.model_copy(update={"model": model}))
+        if engine is None:  # a fine-tuned model in the dtype it was merged in, as the offline evaluation serves it
+            dtype = {"dtype": config.ranker.merged_dtype} if fine_tuned else {}
+            engine = make_engine(config.llm.model_copy(update={"model": model, **dtype}))
         self.engine, self.model = engine, model
         self.scorer = LetterRanker.for_run(self.run, self.prompt, engine)
         self.preferences, self.key_terms = self._stored_extraction()
@@ -175,12 +181,18 @@ class RankerService:
         """Per list, the candidates' indices in ranked order (the offline rule, `ranked_order`)
         and their letter probabilities."""
         orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
-        probs = await self.scorer.ascore(list(zip(lists, orders)))
+        queries = list(zip(lists, orders))
+        probs = await self.scorer.ascore(queries) if self.engine is not None else self.scorer.score(queries)
         out = []
         for order, p in zip(orders, probs):
             best = ranked_order(p)
             out.append({"order": [int(i) for i in order[best]], "probs": [float(x) for x in p[best]]})
         return out
 
+    def check_health(self) -> None:
+        if self.engine is not None:
+            self.engine.check_health()
+
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()

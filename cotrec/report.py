@@ -11,12 +11,13 @@ Nothing is trained or generated here; every figure is read back from the stages'
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from cotrec.config import Config
+from cotrec.config import Config, parse_ranker
 from cotrec.extract.programs import stored_outputs
-from cotrec.ranker.stage import finished_table2
+from cotrec.ranker.stage import finished_table2, ranker_folder
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
 from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
 from cotrec.reporting.tables import ranker_label, write_table1, write_table2
@@ -40,6 +41,20 @@ def extraction_usage(run: RunDir) -> dict[str, dict[str, int]]:
     return usage
 
 
+def copy_training_curves(config: Config, run: RunDir) -> list[Path]:
+    """Each fine-tuned ranker's learning curve, as `reports/finetune-<retriever>--<prompt>.png`."""
+    copied = []
+    for variant in config.ranker.retrievers.values():
+        for ranker in config.ranker.grid:
+            prompt, fine_tuned = parse_ranker(ranker)
+            curve = Path(run / ranker_folder(variant, prompt) / "model" / "curve.png")
+            if fine_tuned and curve.is_file():
+                target = Path(run / "reports" / f"finetune-{Path(ranker_folder(variant, prompt)).name}.png")
+                shutil.copyfile(curve, target)
+                copied.append(target)
+    return copied
+
+
 def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> dict[str, Any]:
     """Render every report the run's outputs allow; returns what was written and what is missing.
     `stage_names`: the main job's stages, in order (the stage table lists them)."""
@@ -55,6 +70,7 @@ def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> di
         plot = plot_rank_vs_position(run, table2_rows)
         if plot is not None:
             written.append(str(plot))
+        written += [str(path) for path in copy_training_curves(config, run)]
     else:
         missing.append("Table 2 (no ranker evaluation finished: `cotrec ranker grid`)")
     records, usage = stage_records(run), extraction_usage(run)
@@ -86,8 +102,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if path.exists():
             body = path.read_text().strip().splitlines()
             lines += ["#" + body[0], *body[1:], ""]  # one heading level down
-    for name in ("table1.png", "rank_vs_position.png", "stages.png"):
-        if (Path(summary["run"]) / "reports" / name).exists():
+    reports = Path(summary["run"]) / "reports"
+    curves = sorted(p.name for p in reports.glob("finetune-*.png"))
+    for name in ("table1.png", "rank_vs_position.png", *curves, "stages.png"):
+        if (reports / name).exists():
             lines.append(f"![{name}]({name})")
     if summary["missing"]:
         lines += ["", "Not yet available: " + "; ".join(summary["missing"]) + "."]

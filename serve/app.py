@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cotrec.config import parse_ranker
 from cotrec.llm.base import EngineDeadError
+from cotrec.llm.placement import give_engine_every_core
 from cotrec.recommend import RankerService, RequestError, RetrieverService, run_config
 from cotrec.rundir import RunDir
 
@@ -164,6 +165,7 @@ class Retriever:
 @serve.deployment(name="Ranker", **DEPLOYMENTS["Ranker"])
 class Ranker:
     def __init__(self, run_dir: str, variant: str, ranker: str):
+        give_engine_every_core(run_config(RunDir(run_dir)).llm)
         self.service = RankerService(run_dir, variant, ranker)
 
     def info(self) -> dict[str, Any]:
@@ -171,7 +173,7 @@ class Ranker:
 
     def check_health(self) -> None:
         """Serve's probe: a replica whose engine died is replaced instead of receiving traffic."""
-        self.service.engine.check_health()
+        self.service.check_health()
 
     @serve.batch(**BATCHING["Ranker"])
     async def rerank(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,6 +257,14 @@ class Ingress:
                 "items": rows[:body.k], "latency": latency}
 
 
+def ranker_resources(config: Any) -> dict[str, Any]:
+    """The Ranker replica's resources: a CUDA engine gets the GPUs the ranker's workers get."""
+    options = dict(DEPLOYMENTS["Ranker"]["ray_actor_options"])
+    if config.llm.device == "cuda":
+        options["num_gpus"] = config.ranker.gpus_per_worker
+    return options
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """The application from `args`: run_dir (required), variant, ranker ("none" for none), top_m."""
     if "run_dir" not in args:
@@ -264,5 +274,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     variant = args.get("variant") or config.ranker.default_retriever
     ranker = args.get("ranker") or config.ranker.grid[-1]
     retriever = Retriever.bind(run_dir, variant, int(args.get("max_history", 2000)))
-    ranker_handle = None if parse_ranker(ranker)[0] == "none" else Ranker.bind(run_dir, variant, ranker)
+    ranker_handle = None
+    if parse_ranker(ranker)[0] != "none":
+        ranker_handle = Ranker.options(ray_actor_options=ranker_resources(config)).bind(run_dir, variant, ranker)
     return Ingress.bind(retriever, ranker_handle, int(args.get("top_m", config.retriever.top_m)))

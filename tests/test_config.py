@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REPO
 from cotrec.config import load_config, preset_names
 from cotrec.errors import ConfigError
 
@@ -61,3 +62,22 @@ def test_fingerprint_follows_the_sections_a_stage_reads():
     base = load_config("demo")
     assert base.fingerprint("data") == load_config("demo", ["seed=9"]).fingerprint("data")
     assert base.fingerprint("data") != load_config("demo", ["data.k_core=6"]).fingerprint("data")
+
+
+def test_every_cuda_engine_a_preset_places_holds_a_gpu():
+    """Extraction actors, the ranker's workers and the served Ranker get GPUs wherever the engine is
+    CUDA; a config that places one without a GPU is refused in one line naming the key."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from serve.app import ranker_resources
+
+    cuda = [name for name in preset_names() if load_config(name).llm.device == "cuda"]
+    assert cuda == ["gpu-cluster"]
+    for name in cuda:
+        config = load_config(name)
+        assert config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1
+        assert ranker_resources(config)["num_gpus"] >= 1
+    for key in ("extract.gpus_per_actor", "ranker.gpus_per_worker"):
+        with pytest.raises(ConfigError, match=f"^config preset 'gpu-cluster': {key}: llm.device is cuda"):
+            load_config("gpu-cluster", [f"{key}=0"])

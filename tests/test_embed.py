@@ -89,3 +89,15 @@ def test_embed_cli_on_synthetic_run(tmp_path, cli):
     result = cli("embed", "--run-dir", str(tmp_path / "run"), "--set", "retriever.dim=16")
     assert result.returncode == 0, result.stderr
     assert "caption" in result.stdout and "80 x 16" in result.stdout and "not available" in result.stdout
+
+
+def test_a_reduction_fitted_on_fewer_texts_than_the_width_is_padded_not_refused():
+    """A small run has fewer users than the SASRec width: PCA finds as many components as there are
+    texts, and the rest of the width starts at zero (rows still unit length, new texts mapped alike)."""
+    from cotrec.embed.mapping import apply_map, fit_map
+
+    vectors = np.random.default_rng(0).normal(size=(10, 384)).astype(np.float32)
+    pipeline = fit_map(vectors, "pca", 16)
+    mapped = apply_map(pipeline, np.concatenate([vectors, vectors[:2] + 0.01]))
+    assert mapped.shape == (12, 16) and np.allclose(np.linalg.norm(mapped, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(mapped[:, 10:], 0.0) and not np.allclose(mapped[:, :10], 0.0)

@@ -34,8 +34,8 @@ from cotrec.rundir import RunDir
 
 # Short budgets keep the real-model tests quick; greedy decoding in float32 keeps them reproducible
 # on any CPU (see conftest.FLOAT32).
-REAL = ["--set", FLOAT32, "--set", "extract.max_windows=null", "--set", "llm.backend=transformers", "--set", "llm.batch_size=1", "--set", "extract.interest_tokens=24",
-        "--set", "extract.preference_tokens=32", "--set", "extract.batch_size=1", "--set", "extract.cpus_per_actor=1"]
+REAL = ["--set", FLOAT32, "--set", "extract.max_windows=null", "--set", "llm.backend=transformers", "--set", "llm.batch_size=1", "--set", "extract.interest_tokens=12",
+        "--set", "extract.preference_tokens=16", "--set", "extract.batch_size=1", "--set", "extract.cpus_per_actor=1"]
 ZERO = ["--set", "llm.backend=zero-latency", "--set", "extract.cpus_per_actor=0.5", "--set", "extract.max_windows=null"]
 
 
@@ -191,7 +191,7 @@ def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
 @pytest.mark.slow
 def test_incremental_update_matches_a_full_run_with_far_fewer_calls(demo_data, tmp_path):
     """Greedy decoding: continuing stored states over new items == walking the longer histories."""
-    users = [97, 82]  # the shortest demo histories (20 items); small windows make several of them
+    users = [97]  # one of the shortest demo histories (20 items); small windows make several of them
     small = [*REAL, "--set", "extract.window=4", "--set", "extract.overlap=1"]
     old = small_run(demo_data, tmp_path / "inc", users, drop_last=2)
     first = run_cli("extract", "users", "--run-dir", str(old.root), *small)
@@ -208,7 +208,7 @@ def test_incremental_update_matches_a_full_run_with_far_fewer_calls(demo_data, t
         return int(next(line for line in output.splitlines() if line.startswith("LLM calls")).split()[2].replace(",", ""))
 
     a, b = preferences(old.root), preferences(full.root)
-    assert len(a) == len(b) == 6 and a["continued"].all() and not b["continued"].any()
+    assert len(a) == len(b) == 3 and a["continued"].all() and not b["continued"].any()
     assert (a["windows"] == b["windows"]).all()
     assert a["preference"].tolist() == b["preference"].tolist()
     assert [list(x) for x in a["short_term"]] == [list(x) for x in b["short_term"]]
@@ -219,7 +219,7 @@ def test_incremental_update_matches_a_full_run_with_far_fewer_calls(demo_data, t
 
 @pytest.mark.slow
 def test_a_killed_users_job_resumes_without_redoing_or_duplicating_users(demo_data, tmp_path):
-    run = small_run(demo_data, tmp_path, users=[97, 82, 91, 98, 93, 81])
+    run = small_run(demo_data, tmp_path, users=[97, 82, 91, 98])
     folder = run.root / "extract" / "preferences"
     command = [sys.executable, "-m", "cotrec", "extract", "users", "--run-dir", str(run.root), *REAL,
                "--set", "extract.in_flight=1"]
@@ -234,13 +234,13 @@ def test_a_killed_users_job_resumes_without_redoing_or_duplicating_users(demo_da
         job.wait()
     before = read_shards(folder)
     done_before = set(before["user_idx"])
-    assert 1 <= len(done_before) < 6, "the kill should land part-way"
+    assert 1 <= len(done_before) < 4, "the kill should land part-way"
     (folder / ".part-00000000000000000000-halfwritten.parquet.tmp").write_bytes(b"PAR1 truncated")
     rerun = run_cli("extract", "users", "--run-dir", str(run.root), *REAL, "--set", "extract.in_flight=1")
     assert rerun.returncode == 0, rerun.stderr
-    assert f"rows          {6 - len(done_before)} run, {len(done_before)} already done" in rerun.stdout
+    assert f"rows          {4 - len(done_before)} run, {len(done_before)} already done" in rerun.stdout
     after = preferences(run.root)
-    assert len(after) == 18 and not after.duplicated(["user_idx", "horizon"]).any()
+    assert len(after) == 12 and not after.duplicated(["user_idx", "horizon"]).any()
     kept = after[after["user_idx"].isin(done_before)].set_index(["user_idx", "horizon"])["created_at"]
     original = before.set_index(["user_idx", "horizon"])["created_at"]
     assert (kept == original.loc[kept.index]).all()  # finished users were not redone

@@ -42,7 +42,7 @@ def test_vllm_prompt_over_the_context_is_an_error_reply_not_a_crash(vllm_engine)
 
 
 def test_choice_scoring_sums_to_one_and_agrees_with_transformers(vllm_engine, transformers_engine):
-    conversations = ranking_conversations(50)
+    conversations = ranking_conversations(24)
     choices = letters(10)
     fast = vllm_engine.score_choices_sync(conversations, choices)
     reference = transformers_engine.score_choices_sync(conversations, choices)
@@ -75,14 +75,14 @@ def test_many_concurrent_programs_on_one_engine(vllm_engine):
 def test_transformers_generation_and_json_validation(transformers_engine):
     """No guided decoding on this backend: every reply is judged by the schema, and one that cannot
     match it is retried json_retries times and then reported, not raised."""
-    (reply,) = transformers_engine.chat_sync(preference_conversations(1), SamplingSettings(max_tokens=48))
+    (reply,) = transformers_engine.chat_sync(preference_conversations(1), SamplingSettings(max_tokens=24))
     assert reply.text and reply.completion_tokens > 0 and reply.ok
-    replies = transformers_engine.chat_sync(keyword_conversations(2), SamplingSettings(max_tokens=64), KEYWORDS_SCHEMA)
+    replies = transformers_engine.chat_sync(keyword_conversations(1), SamplingSettings(max_tokens=48), KEYWORDS_SCHEMA)
     for reply in replies:  # the verdict is the schema's own, whichever way it went
         value, problem = validate_json(reply.text, KEYWORDS_SCHEMA)
         assert reply.ok == (problem is None) and (reply.parsed == value if reply.ok else reply.error)
     impossible = {"type": "integer", "minimum": 10**12}  # prose can never be this
-    (reply,) = transformers_engine.chat_sync(preference_conversations(1), SamplingSettings(max_tokens=24), impossible)
+    (reply,) = transformers_engine.chat_sync(preference_conversations(1), SamplingSettings(max_tokens=8), impossible)
     assert reply.status in ("invalid_json", "truncated") and reply.error and reply.parsed is None
     assert reply.attempts == transformers_engine.json_retries + 1
 

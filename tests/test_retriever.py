@@ -244,3 +244,14 @@ def test_ray_train_two_workers_match_one(tmp_path, ray_session):
         assert results[workers]["trainer"] == "ray" and results[workers]["num_workers"] == workers
     assert results[1]["ndcg@10"] > 0.3 and results[2]["ndcg@10"] > 0.3
     assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
+
+
+def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path, ray_session):
+    """SIGKILL the Ray Train worker once a checkpoint is in: the group restarts and the loop carries on
+    after that checkpoint's epoch (the history runs on without a gap or a restart from epoch 0)."""
+    from cotrec.bench.faults import train_worker_killed
+
+    config, run = small_run(tmp_path, "retriever.max_epochs=16", "retriever.patience=16")
+    result = train_worker_killed(config, run)
+    assert result["killed"] and "RayTrainWorker" in result["killed"]["title"]
+    assert result["resumed_at_epoch"] and result["resumed_at_epoch"] > 0 and result["epochs"] == 16 and result["ok"]

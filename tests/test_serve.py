@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from urllib.parse import quote
 
 import httpx
@@ -79,9 +80,11 @@ def test_via_serve_metrics_equal_the_offline_metrics(served):
     config, run, url = served
     retrieval = evaluate_via_serve(run, url, "none/random", "none")
     assert retrieval["users"] == 30 and retrieval["equal"], retrieval
-    ranker_eval(config, run, "none/random", "llm/zero-shot")
+    sampled = config.model_copy(deep=True)
+    sampled.ranker.max_eval_users = 8  # a seeded sample: the served comparison asks for the same users
+    ranker_eval(sampled, run, "none/random", "llm/zero-shot")
     reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot")
-    assert reranked["equal"], reranked
+    assert reranked["users"] == 8 and reranked["equal"], reranked
 
 
 @pytest.mark.slow
@@ -143,4 +146,27 @@ def test_oversized_requests_are_refused_and_good_ones_still_served(served):
         assert huge.status_code == 413 and "at most" in huge.json()["detail"]
         long = client.post("/recommend", json={"history": ["i1"] * 5000})
         assert long.status_code == 422 and "at most 2000" in long.json()["detail"]
+        assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_retriever_replica_killed_under_load_fails_no_request(served):
+    """SIGKILL the Retriever replica while requests flow: the Ingress sends the requests it had in
+    flight again, the controller starts a new replica, and every request is answered."""
+    from cotrec.bench.faults import Killer
+
+    _, _, url = served
+    statuses, started = [], time.perf_counter()
+
+    async def load(seconds):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def worker(n):
+                while time.perf_counter() - started < seconds:
+                    statuses.append((await client.post("/recommend", json={"user_id": f"u{n}", "k": 5})).status_code)
+            await asyncio.gather(*(worker(n) for n in range(4)))
+
+    with Killer("ServeReplica:cotrec:Retriever", lambda: time.perf_counter() - started > 2) as killer:
+        asyncio.run(load(12))
+    assert killer.killed and statuses and set(statuses) == {200}, statuses
+    with httpx.Client(base_url=url, timeout=120) as client:
         assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200

@@ -11,6 +11,7 @@ among this process's descendants by its Ray or vLLM process title) and measures 
   the actor is replaced and its batches run again, so no row is written as failed;
 - `train`: a Ray Train worker of a SASRec fit: the group restarts and resumes from the last
   checkpoint, not from epoch 0;
+- `finetune`: a Ray Train worker of the ranker's LoRA fine-tune (DeepSpeed, 2 workers): the same;
 - `replica`: a Serve `Retriever` replica under load: failed requests while it is down and after;
 - `driver`: the `cotrec extract users` driver itself, then the same command again: it resumes.
 """
@@ -46,11 +47,12 @@ from cotrec.extract.runner import run_programs
 from cotrec.extract.shards import compact, read_shards, shard_files
 from cotrec.extract.stage import extract_users
 from cotrec.progress import log
+from cotrec.ranker.stage import ranker_train
 from cotrec.retriever.stage import train_variant
 from cotrec.rundir import DATA_DIR, RunDir, write_json
 from cotrec.serving import free_port, start_app, stop_app
 
-SCENARIOS = ("actor", "engine", "train", "replica", "driver")
+SCENARIOS = ("actor", "engine", "train", "finetune", "replica", "driver")
 DEFAULT_OUT = "bench/faults.json"
 
 
@@ -156,6 +158,19 @@ def engine_died(config: Config, run: RunDir, users: int = 24) -> dict[str, Any]:
             and summary["rows_in_folder"] == 3 * users}
 
 
+def checkpoint_written(root: Path, staging: str) -> Callable[[], bool]:
+    """A `Killer` condition: Ray Train has written a checkpoint under the stage's staging folder(s)
+    `staging` (a glob below `root`), a few seconds ago, so that the controller has registered it."""
+    seen: list[float] = []
+
+    def ready() -> bool:
+        if not seen and any(Path(root).glob(f"{staging}/.ray/**/checkpoint_*")):
+            seen.append(time.perf_counter())
+        return bool(seen) and time.perf_counter() - seen[0] > 3.0
+
+    return ready
+
+
 def train_worker_killed(config: Config, run: RunDir, variant: str = "none/random") -> dict[str, Any]:
     """A SASRec fit on Ray Train (checkpoint every 2 epochs); its worker SIGKILLed once the first
     checkpoint is written: the fit must resume after that checkpoint's epoch."""
@@ -164,15 +179,7 @@ def train_worker_killed(config: Config, run: RunDir, variant: str = "none/random
     tmp = _copy_prepared(cfg, run)
     try:
         started = time.perf_counter()
-
-        seen: list[float] = []
-
-        def checkpointed() -> bool:  # a checkpoint folder that has had time to be registered
-            if not seen and any(tmp.root.glob("retriever/.*partial*/.ray/**/checkpoint_*")):
-                seen.append(time.perf_counter())
-            return bool(seen) and time.perf_counter() - seen[0] > 3.0
-
-        with Killer("RayTrainWorker", checkpointed) as killer:
+        with Killer("RayTrainWorker", checkpoint_written(tmp.root, "retriever/.*partial*")) as killer:
             summary = train_variant(cfg, tmp, variant, force=True)
         history = json.loads((Path(summary["folder"]) / "history.json").read_text())
     finally:
@@ -183,6 +190,30 @@ def train_worker_killed(config: Config, run: RunDir, variant: str = "none/random
             "best_epoch": summary["best_epoch"], "test_ndcg@10": summary["ndcg@10"],
             "ok": killer.killed is not None and bool(resumed) and resumed[0] > 0
             and [h["epoch"] for h in history] == list(range(len(history)))}
+
+
+def finetune_worker_killed(config: Config, run: RunDir, variant: str = "none/random") -> dict[str, Any]:
+    """The `llm` ranker's fine-tune on 2 Ray Train workers (a checkpoint every epoch); a worker SIGKILLed
+    once the first checkpoint is written: the group must resume after that epoch, not from the base model."""
+    cfg = config.model_copy(deep=True)
+    cfg.retriever.trainer = "local"
+    for key, value in {"trainer": "ray", "num_workers": 2, "epochs": 3, "max_train_users": 10, "val_lists": 2,
+                       "prefix_lists": 0, "batch_size": 2, "micro_batch": 1}.items():
+        setattr(cfg.ranker, key, value)
+    tmp = _copy_prepared(cfg, run)
+    try:
+        train_variant(cfg, tmp, variant)  # the candidates the ranker trains on
+        started = time.perf_counter()
+        with Killer("RayTrainWorker", checkpoint_written(tmp.root, "ranker/*/.model.partial*")) as killer:
+            summary = ranker_train(cfg, tmp, variant, "llm", force=True)
+    finally:
+        shutil.rmtree(tmp.root, ignore_errors=True)
+    resumed = summary["resumed_after_epoch"]
+    return {"variant": variant, "prompt": "llm", "killed": killer.killed, "seconds": round(time.perf_counter() - started, 2),
+            "epochs": summary["epochs"], "curve_epochs": [c["epoch"] for c in summary["curve"]],
+            "resumed_at_epoch": resumed, "best_epoch": summary["best_epoch"],
+            "ok": killer.killed is not None and bool(resumed) and resumed > 0
+            and [c["epoch"] for c in summary["curve"]] == list(range(summary["epochs"] + 1))}
 
 
 def replica_killed(run: RunDir, variant: str, seconds: float = 30.0, concurrency: int = 8) -> dict[str, Any]:
@@ -277,6 +308,8 @@ def bench_faults(config: Config, run: RunDir, scenarios: tuple[str, ...] = SCENA
                 result = engine_died(config, run)
             elif scenario == "train":
                 result = train_worker_killed(config, run, variant)
+            elif scenario == "finetune":
+                result = finetune_worker_killed(config, run, variant)
             elif scenario == "replica":
                 train_variant(config, run, variant)  # the served retriever (skipped when it is there)
                 result = replica_killed(run, variant)
@@ -299,6 +332,7 @@ def format_bench(report: dict[str, Any]) -> str:
                                    f"(before compaction: {r['before_compaction']['duplicated']} duplicated)",
                   "engine": lambda: f"{r['rows']} rows, {r['failed_rows']} failed, {r['accounting']['duplicated']} duplicated",
                   "train": lambda: f"resumed at epoch {r['resumed_at_epoch']} of {r['epochs']}",
+                  "finetune": lambda: f"resumed at epoch {r['resumed_at_epoch']} of {r['epochs']}",
                   "replica": lambda: f"{r['failed']} of {r['requests']} requests failed; the first request sent after "
                                      f"the kill answered {r['answered_after_kill_s']} s after it",
                   "driver": lambda: f"lost {r['accounting']['lost']}, duplicated {r['accounting']['duplicated']}"}[name]()

@@ -4,7 +4,7 @@ The app of `serve/app.py` (Retriever -> Ranker behind the FastAPI Ingress) is de
 with `cotrec.serving.start_app` on a free port, warmed up (a few requests of each kind, not
 counted), then loaded level by level: for each concurrency, (a) retrieval only (`rerank: false`)
 and (b) retrieval + LLM re-ranking (`rerank: true`), `POST /recommend` for seeded random known
-users (`horizon: next`, k = 10) with exactly that many requests in flight (asyncio + httpx, a
+users (`horizon: next`, k = 10) with exactly that many requests in flight (asyncio + aiohttp, a
 semaphore). Each request's latency is taken at the client; the server's own per-stage figures
 (`latency.retrieve_ms`, `rerank_ms`, `total_ms`) come from the replies.
 
@@ -22,6 +22,7 @@ replicas, and the figures are those of the pair.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import Counter
@@ -167,7 +168,7 @@ async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrenc
                      min_seconds: float = 0.0) -> tuple[list[dict[str, Any]], float, float]:
     """`count` requests (and, with `min_seconds`, more until that long has passed) with `concurrency`
     in flight; returns one record per request and the level's start and end (perf_counter)."""
-    import httpx
+    import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
     records: list[dict[str, Any]] = []
@@ -177,14 +178,16 @@ async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrenc
         record: dict[str, Any] = {"user_id": user}
         started = time.perf_counter()
         try:
-            reply = await client.post("/recommend", json={"user_id": user, "k": K, "rerank": rerank, "horizon": "next"})
+            async with client.post("/recommend", json={"user_id": user, "k": K, "rerank": rerank,
+                                                       "horizon": "next"}) as reply:
+                body = await reply.read()
             record["latency_ms"] = (time.perf_counter() - started) * 1e3
-            record["status"] = reply.status_code
-            if reply.status_code == 200:
-                record.update({k: float(v) for k, v in reply.json().get("latency", {}).items()})
+            record["status"] = reply.status
+            if reply.status == 200:
+                record.update({k: float(v) for k, v in json.loads(body).get("latency", {}).items()})
             else:
-                record["detail"] = reply.text[:200]
-        except (httpx.HTTPError, ValueError) as exc:  # transport errors, timeouts, a body that is not JSON
+                record["detail"] = body[:200].decode(errors="replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # transport errors, timeouts, not JSON
             record["latency_ms"] = (time.perf_counter() - started) * 1e3
             record["exception"] = type(exc).__name__
             record["detail"] = str(exc)[:200]
@@ -259,11 +262,12 @@ async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, A
 async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]],
                    rerank: bool) -> tuple[dict[str, Any], list[dict[str, Any]], ReplicaSampler]:
     """Warm-up, then every level in order; the sampler's clock starts when the first level does."""
-    import httpx
+    import aiohttp  # Serve's own HTTP client library: as load generator it leaves the replicas more of the cores than httpx
 
     top = max(level["concurrency"] for level in levels)
-    limits = httpx.Limits(max_connections=top + 8, max_keepalive_connections=top + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=top + 8)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as client:
         log("bench serve: warm-up")
         warmup = await warm_up(client, user_ids, rerank)
         results = []

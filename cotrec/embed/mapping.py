@@ -8,7 +8,10 @@ embedding tables start from unit-norm rows, the same scale as their random initi
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
@@ -27,13 +30,32 @@ def make_reduction(method: str, dim: int, seed: int = 0):
     raise CotrecError(f"embed.reduction: unknown method {method!r}")
 
 
+class ZeroPad(BaseEstimator, TransformerMixin):
+    """Widen rows to `dim` with zero columns: a reduction fitted on fewer texts than `dim` has fewer
+    components than the SASRec width, and the rest of the width starts empty."""
+
+    def __init__(self, dim: int = 0):
+        self.dim = dim
+
+    def fit(self, vectors: np.ndarray, y: Any = None) -> "ZeroPad":
+        return self
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        return np.pad(vectors, ((0, 0), (0, max(0, self.dim - vectors.shape[1]))))
+
+
 def fit_map(vectors: np.ndarray, method: str, dim: int, seed: int = 0) -> Pipeline:
-    """Fit reduction + L2 normalisation on `vectors`; the pipeline maps new encoder outputs the same way."""
+    """Fit reduction + L2 normalisation on `vectors`; the pipeline maps new encoder outputs the same way.
+    PCA and SVD find at most as many components as there are texts (and encoder dimensions): with
+    fewer than `dim`, the rows are zero-padded to `dim`."""
     rows, width = vectors.shape
-    if method in ("pca", "svd") and dim > min(rows, width):
-        raise CotrecError(f"embed.reduction {method}: cannot reduce {rows} texts of width {width} to "
-                          f"retriever.dim={dim} (needs at least {dim} texts and encoder width >= {dim})")
-    pipeline = Pipeline([("reduce", make_reduction(method, dim, seed)), ("l2", Normalizer(norm="l2"))])
+    components = dim if method == "random_projection" else min(dim, rows - (method == "svd"), width)
+    if components < 1:
+        raise CotrecError(f"embed.reduction {method}: cannot fit on {rows} text(s) of width {width}")
+    steps = [("reduce", make_reduction(method, components, seed))]
+    if components < dim:
+        steps.append(("pad", ZeroPad(dim)))
+    pipeline = Pipeline([*steps, ("l2", Normalizer(norm="l2"))])
     pipeline.fit(vectors.astype(np.float64))
     return pipeline
 

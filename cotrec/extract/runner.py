@@ -37,6 +37,7 @@ from cotrec.extract.shards import write_shard
 from cotrec.extract.steps import Steps
 from cotrec.llm import make_engine
 from cotrec.llm.base import EngineDeadError
+from cotrec.llm.placement import give_engine_every_core
 from cotrec.progress import log
 
 # The actor's collector thresholds (generation 0, 1, 2): far rarer than Python's (700, 10, 10),
@@ -115,8 +116,7 @@ def replace_actor(reason: str) -> None:
 def load_actor_engine(llm: dict[str, Any]) -> tuple[Any, float]:
     """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
     llm_config = LLMConfig.model_validate(llm)
-    # Ray limits an actor's OpenMP threads to its CPU share; an engine on CPU wants the cores.
-    os.environ["OMP_NUM_THREADS"] = str(llm_config.threads or os.cpu_count() or 1)
+    give_engine_every_core(llm_config)
     started = time.perf_counter()
     engine = make_engine(llm_config)
     return engine, time.perf_counter() - started

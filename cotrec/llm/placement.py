@@ -23,6 +23,12 @@ class Placement:
         return iter((self.path, self.device, self.dtype))
 
 
+def give_engine_every_core(config: LLMConfig) -> None:
+    """Call in a Ray actor before its engine starts: Ray caps an actor's OpenMP threads at its CPU
+    share, and an engine on CPU wants the cores (its processes inherit the setting)."""
+    os.environ["OMP_NUM_THREADS"] = str(config.threads or os.cpu_count() or 1)
+
+
 def pick_device(requested: str) -> str:
     if requested != "auto":
         return requested

@@ -332,15 +332,23 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
               "seconds": time.perf_counter() - started, "precision": job["precision"],
               "resumed_after_epoch": None if resumed is None else resumed["epoch"] + 1}
-    with gathered(modifier_rank=0):  # the best adapter, or a zero update when no epoch beat the base model
-        if rank == 0:
-            if best_adapter is not None:
-                set_peft_model_state_dict(model, best_adapter)
-            else:
-                for name, parameter in model.named_parameters():
-                    if "lora_B" in name:
-                        parameter.data.zero_()
-            model.save_pretrained(job["adapter_out"])
+    finished = None if local else {"adapter": adapter_state(), "epoch": len(epochs) - 1, "curve": curve,
+                                   "best_key": best_key, "best_adapter": best_adapter}
+    with tempfile.TemporaryDirectory() as folder:
+        if finished is not None and rank == 0:  # a group restarted after this point has nothing left to train
+            torch.save(finished, Path(folder) / ADAPTER_STATE)
+        with gathered(modifier_rank=0):  # the best adapter, or a zero update when no epoch beat the base model
+            if rank == 0:
+                if best_adapter is not None:
+                    set_peft_model_state_dict(model, best_adapter)
+                else:
+                    for name, parameter in model.named_parameters():
+                        if "lora_B" in name:
+                            parameter.data.zero_()
+                model.save_pretrained(job["adapter_out"] if local else folder)
+        if not local:  # the run's last checkpoint: the driver takes the adapter from it (the workers' disks are not its)
+            ray.train.report({"epoch": len(epochs), "best_epoch": best_epoch},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
     return result
 
 
@@ -348,7 +356,7 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
     """Fine-tune with the configured trainer; the best adapter ends up in `adapter_out`."""
     use_gpu = rcfg.gpus_per_worker > 0
     job = {**job, "precision": resolve_precision(rcfg.precision, use_gpu), "cpus_per_worker": rcfg.cpus_per_worker,
-           "adapter_out": str(adapter_out)}
+           "adapter_out": str(Path(adapter_out).resolve())}
     if rcfg.trainer == "local":
         import torch
 
@@ -360,6 +368,8 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
     result = fit_torch_trainer(train_loop, job, name="finetune", storage=str(Path(storage).resolve()),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
     return result.return_value
 
 

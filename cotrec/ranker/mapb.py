@@ -57,11 +57,13 @@ class PositionScorer:
 
 
 class RandomScorer:
-    """A seeded random order for each prompt, whatever it shows: what "no signal" scores (MAPB about
-    2.33 with 10 candidates)."""
+    """A random order for each prompt, whatever it shows: what "no signal" scores (MAPB about 2.33
+    with 10 candidates). Seeded by the list's user, split and shown order, so a list gets the same
+    scores offline and served."""
 
     def __init__(self, seed: int):
-        self.rng = np.random.default_rng([seed, 29])
+        self.seed = seed
 
     def score(self, queries: list) -> np.ndarray:
-        return np.stack([self.rng.random(len(order)) for _, order in queries])
+        return np.stack([np.random.default_rng([self.seed, 29, max(lst.user_idx, 0), len(lst.split), *map(int, order)])
+                         .random(len(order)) for lst, order in queries])

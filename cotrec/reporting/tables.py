@@ -71,8 +71,10 @@ def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
     lines = [
         "# Table 2: LLM-as-Ranker on the retrievers' top-10",
         "",
-        f"Dataset `{config.data.source}`, {users} test users, model `{config.llm.model}` "
-        f"(fine-tuned rows: LoRA r={config.ranker.lora_r}, {config.ranker.epochs} epoch(s) on the valid lists). "
+        f"Dataset `{config.data.source}`, {users} test users, model `{config.llm.model}` (fine-tuned rows: LoRA "
+        f"r={config.ranker.lora_r}, up to {config.ranker.epochs} epoch(s) on the valid lists and "
+        f"{config.ranker.prefix_lists} prefix list(s) per user, the epoch best on {config.ranker.val_lists} "
+        "held-out lists kept; their curves are in the report). "
         "NDCG@10 is over all test users: a user whose target is not among the candidates counts as 0, so "
         "Ranker=None is the retriever's own NDCG@10. ΔNDCG@10: each ranker minus its retriever on the same "
         "users, with a 95% bootstrap interval over users (an interval that holds 0 is no evidence of a "
