@@ -8,14 +8,15 @@
 # pip, it ignores the odd file that does not compile (templates, Python-2 examples).
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cotrec-installed
 TORCH := torch==2.13.0
 EXTRAS ?= cpu,dev
 RUN_DIR ?= runs/demo
+DRY_RUN ?= 0
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo gpu-check clean-venv
 
 venv: $(STAMP)
 
@@ -31,6 +32,10 @@ test: venv
 
 demo: venv
 	VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-WARNING} $(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)
+
+# On a machine with one NVIDIA GPU (DRY_RUN=1 prints the plan anywhere): scripts/gpu-check.sh.
+gpu-check:
+	DRY_RUN=$(DRY_RUN) scripts/gpu-check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -480,3 +480,23 @@ def test_repository_paths_named_in_the_cluster_files_exist():
             assert (REPO / path).is_file(), f"{where} names {path}, which does not exist"
             named += 1
     assert named >= 10
+
+
+def test_the_gpu_check_dry_run_prints_a_plan_whose_commands_parse_and_place_every_engine_on_a_gpu():
+    """`make gpu-check DRY_RUN=1` runs anywhere: each `cotrec` step it prints is one the CLI accepts,
+    and the demo it would run on CUDA validates with a GPU for every engine."""
+    import subprocess
+
+    result = subprocess.run(["make", "-s", "gpu-check", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    cotrec = [s[s.index(next(a for a in s if a.endswith("/cotrec"))) + 1:] for s in steps
+              if any(a.endswith("/cotrec") for a in s)]
+    assert [c[:2] for c in cotrec] == [["bench", "llm"], ["run", "--config"], ["bench", "ranker"]]
+    for args in cotrec:
+        build_parser().parse_args(args)
+    run = cotrec[1]
+    overrides = [run[i + 1] for i, a in enumerate(run) if a == "--set"]
+    config = load_config("demo", overrides)
+    assert config.llm.device == "cuda" and config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1
