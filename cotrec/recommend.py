@@ -181,8 +181,7 @@ class RankerService:
         """Per list, the candidates' indices in ranked order (the offline rule, `ranked_order`)
         and their letter probabilities."""
         orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
-        queries = list(zip(lists, orders))
-        probs = await self.scorer.ascore(queries) if self.engine is not None else self.scorer.score(queries)
+        probs = await self.scorer.ascore(list(zip(lists, orders)))
         out = []
         for order, p in zip(orders, probs):
             best = ranked_order(p)

@@ -49,14 +49,24 @@ def mapb(rank_matrix: np.ndarray) -> float:
     return float(np.mean([sample_bias(row) for row in matrix]))
 
 
-class PositionScorer:
+class ReferenceScorer:
+    """A ranker that reads nothing: scores come at once, so the async path is the sync one."""
+
+    def score(self, queries: list) -> np.ndarray:
+        raise NotImplementedError
+
+    async def ascore(self, queries: list) -> np.ndarray:
+        return self.score(queries)
+
+
+class PositionScorer(ReferenceScorer):
     """Ranks by the shown position alone (A first): MAPB 2.5 with 10 candidates, the most biased."""
 
     def score(self, queries: list) -> np.ndarray:
         return np.stack([np.linspace(1.0, 0.0, len(order)) for _, order in queries])
 
 
-class RandomScorer:
+class RandomScorer(ReferenceScorer):
     """A random order for each prompt, whatever it shows: what "no signal" scores (MAPB about 2.33
     with 10 candidates). Seeded by the list's user, split and shown order, so a list gets the same
     scores offline and served."""
