@@ -16,7 +16,7 @@ EXTRAS ?= cpu,dev
 RUN_DIR ?= runs/demo
 DRY_RUN ?= 0
 
-.PHONY: venv test demo gpu-check clean-venv
+.PHONY: venv test demo gpu-check cluster-files clean-venv
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: venv
 # On a machine with one NVIDIA GPU (DRY_RUN=1 prints the plan anywhere): scripts/gpu-check.sh.
 gpu-check:
 	DRY_RUN=$(DRY_RUN) scripts/gpu-check.sh
+
+# The launcher and KubeRay files with your image (cluster/Dockerfile, pushed) in build/cluster/.
+cluster-files:
+	@test -n "$(COTREC_IMAGE)" || { echo "make cluster-files: set COTREC_IMAGE to the image cluster/Dockerfile built and you pushed, e.g. COTREC_IMAGE=ghcr.io/me/cotrec:0.1" >&2; exit 2; }
+	$(PYTHON) scripts/cluster-files.py --image "$(COTREC_IMAGE)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ it; a local run must not, so without RAY_ADDRESS we ask for `address="local"` ex
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 
 def ensure_ray(**init_kwargs: Any) -> bool:
@@ -26,6 +26,29 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     kwargs.update(init_kwargs)
     ray.init(**kwargs)
     return True
+
+
+def in_ray_job() -> bool:
+    """Whether this process is a Ray driver (Ray initialised, or a cluster named by RAY_ADDRESS)."""
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def batches(dataset: Any, batch_format: str) -> Iterator[Any]:
+    """A Ray Data dataset's output batches as they come; an actor that failed on the user's input
+    (a model that cannot be loaded) surfaces as that one-line error, not as a dead actor."""
+    from ray.exceptions import RayError
+
+    from cotrec.errors import user_error_in
+
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format=batch_format)
+    except RayError as exc:
+        error = user_error_in(exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,

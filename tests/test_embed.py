@@ -78,6 +78,42 @@ def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_pat
     assert not again["kinds"]["description"]["skipped"] and again["kinds"]["description"]["covered"] == 80
 
 
+@pytest.mark.slow
+def test_in_a_ray_job_encoders_run_on_actors_and_a_vector_does_not_depend_on_their_number(tmp_path, monkeypatch,
+                                                                                          encoder):
+    import ray
+
+    import cotrec.embed.stage as stage
+
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16", "embed.batch_size=16"))
+    texts = pd.read_parquet(tmp_path / "run" / "data" / "items.parquet").caption.tolist()
+    in_process = encode(encoder, sorted(set(texts)), batch_size=16)
+
+    def no_encoder_here(*_, **__):
+        raise AssertionError("the driver loaded an encoder")
+
+    monkeypatch.setattr(stage, "load_encoder", no_encoder_here)  # this process only; actors load their own
+    stage._local_encoder.cache_clear()
+    two = config.model_copy(deep=True)
+    two.embed.max_actors = 2
+    missing = config.model_copy(deep=True)
+    missing.embed.model = "/nonexistent/encoder"
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        on_one = stage.encode_distinct(config, texts, "caption")
+        on_two = stage.encode_distinct(two, texts, "caption")
+        # an actor that cannot load the model fails, and the driver says why in one line (Ray Data's
+        # retries of the actor's start would only repeat it)
+        ray.data.DataContext.get_current().actor_init_max_retries = 0
+        with pytest.raises(CotrecError, match="embed.model: cannot load sentence encoder .*/nonexistent/encoder"):
+            stage.encode_distinct(missing, texts, "caption")
+    finally:
+        ray.shutdown()
+    assert on_one.shape == (80, 384) and np.array_equal(on_one, on_two)
+    rows = {t: i for i, t in enumerate(sorted(set(texts)))}
+    assert np.allclose(on_one, in_process[[rows[t] for t in texts]], atol=1e-5)
+
+
 def test_unknown_encoder_is_one_clear_error(tmp_path):
     config, run = synthetic_run(tmp_path / "run", config_overrides=("embed.model=/nonexistent/encoder",))
     with pytest.raises(CotrecError, match="embed.model: cannot load sentence encoder .*/nonexistent/encoder"):

@@ -121,6 +121,22 @@ def test_users_job_windows_horizons_and_resume_with_zero_latency_engine(demo_dat
     assert len(preferences(run.root)) == 90
 
 
+def test_zero_latency_replies_vary_with_their_prompt_and_repeat_for_the_same_one():
+    """A scale run's caches (distinct texts encoded once) must not hide work: replies differ by prompt."""
+    from cotrec.extract.prompts import key_terms_schema
+
+    engine = ZeroLatencyEngine(LLMConfig(backend="zero-latency"))
+    try:
+        first, second = [{"role": "user", "content": "user 1"}], [{"role": "user", "content": "user 2"}]
+        replies = [g.text for g in engine.chat_sync([first, second, first])]
+        assert replies[0] == replies[2] != replies[1] and all(r.startswith("Likes ") for r in replies)
+        terms = engine.chat_sync([first, second], json_schema=key_terms_schema(5))
+        assert all(g.status == "ok" for g in terms), terms
+        assert terms[0].parsed != terms[1].parsed
+    finally:
+        engine.close()
+
+
 class PromptRecordingEngine(ZeroLatencyEngine):
     """The zero-latency engine (no model) keeping every prompt it was sent: for orchestration tests."""
 

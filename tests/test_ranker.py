@@ -183,6 +183,40 @@ def test_the_none_ranker_equals_the_retriever(ranked_run):
     assert (run / "ranker" / "none-random--none" / "eval" / "rankings.parquet").exists()
 
 
+@pytest.mark.slow
+def test_an_llm_ranker_is_scored_on_a_ray_data_actor_pool_not_in_the_driver(ranked_run, transformers_engine, monkeypatch):
+    """The driver starts no engine: the prompts go to a Ray Data actor that holds one, and each
+    list's letter probabilities are the ones the same model gives in process."""
+    import ray
+
+    import cotrec.llm
+
+    config, run = ranked_run
+    config = config.model_copy(deep=True)
+    # the session engine's backend and numerics (transformers starts fastest; the path is the same)
+    config.llm.backend, config.llm.dtype = "transformers", "float32"
+    config.ranker.max_eval_users, config.ranker.mapb, config.ranker.lists_per_call = 5, False, 2
+
+    def no_engine_here(*_, **__):
+        raise AssertionError("the driver started an engine")
+
+    monkeypatch.setattr(cotrec.llm, "make_engine", no_engine_here)  # this process only; actors import their own
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        result = ranker_eval(config, run, "none/random", "llm/zero-shot", force=True)
+    finally:
+        ray.shutdown()
+    assert result["scoring_actors"] == 1
+    rankings = pd.read_parquet(run / "ranker" / "none-random--llm-zero-shot" / "eval" / "rankings.parquet")
+    ranked = rankings[rankings.probs.map(len) > 0]
+    assert len(ranked) == result["ranked_users"] > 0
+    lists = {lst.user_idx: lst for lst in ranked_lists(config, run, "none/random", "test", "llm")[0]}
+    letter_ranker = LetterRanker.for_run(run, "llm", transformers_engine)
+    queries = [(lists[u], np.array([lists[u].candidates.index(i) for i in shown]))
+               for u, shown in zip(ranked.user_idx, ranked.shown)]
+    assert np.allclose(np.stack(ranked.probs.to_list()), letter_ranker.score(queries), atol=1e-4)
+
+
 def test_llm_plus_plus_without_perceptions_fails_in_one_line(tmp_path, cli):
     config, run = synthetic_run(tmp_path / "run", config_overrides=SMALL)
     train_variant(config, run, "none/random")
@@ -201,7 +235,7 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     # fp32 training and a float32 engine: whether the loss falls must not depend on the CPU's bf16 kernels
     for key, value in {"retrievers": {"CRM": "none/random"}, "grid": ["none", "llm++"], "num_workers": 2,
                        "epochs": 2, "max_train_users": 5, "val_lists": 1, "batch_size": 2, "micro_batch": 1,
-                       "lr": 2e-3, "trainer": "ray", "max_eval_users": 4, "precision": "fp32"}.items():
+                       "lr": 2e-3, "trainer": "ray", "max_eval_users": 2, "precision": "fp32"}.items():
         setattr(config.ranker, key, value)
     config.llm.dtype = "float32"
     import ray
@@ -236,7 +270,7 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     assert llm_row["mapb"] == pytest.approx(ranked.bias.mean())
     # the sampled users' None row is the retriever's rank on those users, and NDCG counts every user
     plain = pd.read_parquet(run / "ranker" / "none-random--none" / "eval" / "rankings.parquet")
-    assert (plain.target_rank == plain.retriever_rank).all() and len(plain) == none_row["users"] == 4
+    assert (plain.target_rank == plain.retriever_rank).all() and len(plain) == none_row["users"] == 2
     assert none_row["ndcg@10"] == pytest.approx(ndcg_at_k(plain.retriever_rank.to_numpy(), 10))
     assert llm_row["ndcg@10"] == pytest.approx(ndcg_at_k(rankings.target_rank.to_numpy(), 10))
     table = (run / "reports" / "table2.md").read_text()

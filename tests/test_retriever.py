@@ -7,6 +7,7 @@ demo preset; one module-scoped Ray session serves the Ray Train tests.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -255,3 +256,39 @@ def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path
     result = train_worker_killed(config, run)
     assert result["killed"] and "RayTrainWorker" in result["killed"]["title"]
     assert result["resumed_at_epoch"] and result["resumed_at_epoch"] > 0 and result["epochs"] == 16 and result["ok"]
+
+
+@pytest.mark.slow
+def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on_their_number(tmp_path, monkeypatch,
+                                                                                             ray_session):
+    """The driver builds no SASRec: actors load model.pt and rank every query; ranks and top-M are
+    the same on 1 or 2 actors, equal those of the same model scored in process, and are what the
+    stage wrote."""
+    import cotrec.retriever.scoring as scoring
+    from cotrec.retriever.data import eval_queries
+    from cotrec.retriever.stage import _build_job
+
+    config, run = small_run(tmp_path, "retriever.eval_batch_size=16")
+    result = train_variant(config, run, "none/random")
+    assert result["scoring_actors"] == 1  # in a Ray job the evaluation went to an actor
+    job, seqs, _ = _build_job(config, run, "none", "random", config.seed)
+    queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", config.retriever.max_len)}
+    model_path = Path(result["folder"]) / "model.pt"
+    here, _ = scoring.score_splits(config.retriever, model_path, queries, on_actors=False)
+
+    def no_model_here(*_, **__):
+        raise AssertionError("the driver built a model")
+
+    monkeypatch.setattr(scoring, "load_model", no_model_here)  # this process only; actors load their own
+    two = config.retriever.model_copy(update={"num_workers": 2})
+    on_one, actors_one = scoring.score_splits(config.retriever, model_path, queries, on_actors=True)
+    on_two, actors_two = scoring.score_splits(two, model_path, queries, on_actors=True)
+    assert (actors_one, actors_two) == (1, 2)
+    for split in ("valid", "test"):
+        for key in ("ranks", "top_items", "top_scores"):
+            assert np.array_equal(on_one[split][key], on_two[split][key]), (split, key)
+        assert np.array_equal(on_one[split]["ranks"], here[split]["ranks"])
+        assert np.allclose(on_one[split]["top_scores"], here[split]["top_scores"], atol=1e-5)
+    candidates = pd.read_parquet(Path(result["folder"]) / "candidates.parquet")
+    test = candidates[candidates.split == "test"].sort_values("user_idx")
+    assert test.target_rank.tolist() == on_one["test"]["ranks"].tolist()

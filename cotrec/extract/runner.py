@@ -29,15 +29,14 @@ import pyarrow as pa
 import ray
 
 from cotrec.cluster import ensure_ray
-from cotrec.config import Config, ExtractConfig, LLMConfig
+from cotrec.config import Config, ExtractConfig
 from cotrec.extract.concurrency import Lanes, Slots
 from cotrec.extract.programs import PROGRAMS, Program
 from cotrec.extract.prompts import PROMPT_VERSION, domain_of
 from cotrec.extract.shards import write_shard
 from cotrec.extract.steps import Steps
-from cotrec.llm import make_engine
 from cotrec.llm.base import EngineDeadError
-from cotrec.llm.placement import give_engine_every_core
+from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import log
 
 # The actor's collector thresholds (generation 0, 1, 2): far rarer than Python's (700, 10, 10),
@@ -111,15 +110,6 @@ def replace_actor(reason: str) -> None:
     again. An exception would fail the whole dataset instead; a process that dies is retried."""
     log(f"extract: {reason}; ending this actor so that Ray Data replaces it")
     os._exit(70)
-
-
-def load_actor_engine(llm: dict[str, Any]) -> tuple[Any, float]:
-    """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
-    llm_config = LLMConfig.model_validate(llm)
-    give_engine_every_core(llm_config)
-    started = time.perf_counter()
-    engine = make_engine(llm_config)
-    return engine, time.perf_counter() - started
 
 
 class ExtractWorker:

@@ -1,13 +1,16 @@
 """A zero-latency engine: no model, every reply is instant and fixed.
 
 It exists to measure orchestration (the extraction runner's own overhead at a million users)
-and to test orchestration paths; it is never a stand-in for results. Replies are a short fixed
-sentence, or the smallest value matching the JSON schema when one is given. Token counts are
-rough (characters / 4): there is no tokenizer.
+and to test orchestration paths; it is never a stand-in for results. Replies are a short sentence,
+or the smallest value matching the JSON schema when one is given, whose words come from a digest
+of the prompt: two prompts get different replies, so no cache downstream (an encoder's distinct
+texts, a preference that repeats) can hide work a real model's varied replies would cause. Token
+counts are rough (characters / 4): there is no tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -16,22 +19,36 @@ import numpy as np
 from cotrec.config import LLMConfig
 from cotrec.llm.base import ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings
 
-REPLY = "Likes light comedies and character-driven dramas."
+TASTES = ("light", "dark", "slow", "witty", "epic", "quiet", "tense", "warm")
+KINDS = ("comedies", "dramas", "thrillers", "westerns", "musicals", "documentaries", "romances", "mysteries")
 
 
-def smallest_instance(schema: dict[str, Any]) -> Any:
-    """The smallest value of a (simple) JSON schema: required keys only, minItems items."""
+def prompt_digest(conversation: Conversation) -> str:
+    return hashlib.blake2b(json.dumps(conversation, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def reply_for(conversation: Conversation) -> str:
+    """A sentence that varies with the prompt (its digest spelt out), the same for the same prompt."""
+    digest = prompt_digest(conversation)
+    a, b, c, d = (int(digest[i:i + 2], 16) for i in range(0, 8, 2))
+    return (f"Likes {TASTES[a % 8]} {KINDS[b % 8]} and {TASTES[c % 8]} {KINDS[d % 8]} "
+            f"(taste {digest[8:]}).")
+
+
+def smallest_instance(schema: dict[str, Any], word: str = "term") -> Any:
+    """The smallest value of a (simple) JSON schema: required keys only, minItems items, every
+    string `word`."""
     kind = schema.get("type")
     if kind == "object":
         properties = schema.get("properties", {})
-        return {key: smallest_instance(properties.get(key, {})) for key in schema.get("required", [])}
+        return {key: smallest_instance(properties.get(key, {}), word) for key in schema.get("required", [])}
     if kind == "array":
-        return [smallest_instance(schema.get("items", {})) for _ in range(max(1, schema.get("minItems", 1)))]
+        return [smallest_instance(schema.get("items", {}), word) for _ in range(max(1, schema.get("minItems", 1)))]
     if kind in ("integer", "number"):
         return schema.get("minimum", 0)
     if kind == "boolean":
         return False
-    return "term"
+    return word
 
 
 def _chars(conversation: Conversation) -> int:
@@ -46,10 +63,10 @@ class ZeroLatencyEngine(LLMEngine):
 
     async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
                         json_schema: dict[str, Any] | None) -> list[Generation]:
-        text = REPLY if json_schema is None else json.dumps(smallest_instance(json_schema))
-        completion_tokens = len(text) // 4
-        return [Generation(text, finish_reason="stop", prompt_tokens=_chars(c) // 4, completion_tokens=completion_tokens)
-                for c in conversations]
+        texts = [reply_for(c) if json_schema is None else
+                 json.dumps(smallest_instance(json_schema, f"term {prompt_digest(c)[:6]}")) for c in conversations]
+        return [Generation(text, finish_reason="stop", prompt_tokens=_chars(c) // 4, completion_tokens=len(text) // 4)
+                for c, text in zip(conversations, texts)]
 
     async def _score_choices(self, conversations: list[Conversation], choices: list[str]) -> list[ChoiceScores]:
         uniform = np.full(len(choices), 1.0 / len(choices))

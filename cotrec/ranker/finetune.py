@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cotrec.cluster import fit_torch_trainer
+from cotrec.cluster import fit_torch_trainer, in_ray_job
 from cotrec.config import RankerConfig
 from cotrec.llm import letters
 from cotrec.llm.base import single_token_ids
@@ -371,6 +371,22 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
     return result.return_value
+
+
+def merge_and_measure(base_path: str, adapter: Path, out: Path, dtype: str,
+                      conversations: list[list[dict[str, str]]], choices: list[str], cpus: float) -> dict[str, Any]:
+    """`merge_adapter`, then `update_kept` on held-out prompts. In a Ray job both run in a Ray task
+    with the fine-tune workers' CPUs, so the driver loads no model; without Ray, here."""
+    if not in_ray_job():
+        merge_adapter(base_path, adapter, out, dtype)
+        return update_kept(base_path, adapter, out, conversations, choices)
+    import ray
+
+    def merge_there() -> dict[str, Any]:
+        merge_adapter(base_path, adapter, out, dtype)
+        return update_kept(base_path, adapter, out, conversations, choices)
+
+    return ray.get(ray.remote(num_cpus=cpus)(merge_there).remote())
 
 
 def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str) -> Path:

@@ -5,7 +5,9 @@ and reads the probabilities of the letters A, B, C, ... as the next token: one f
 list through the LLM interface (`score_choices`), no generation. Candidates are ranked by
 those probabilities.
 
-`evaluate_ranker` runs a ranker over every list of a split. Lists whose target is not among the
+An evaluation plans its prompts (`plan_rankings`), has them scored (`evaluate_ranker` with a scorer
+in this process; `cotrec.ranker.scoring` on a Ray Data actor pool for an LLM) and turns the scores
+into ranks and metrics (`rankings_from_scores`). Lists whose target is not among the
 candidates keep the retriever's rank (>= M, so they count as misses for K <= M, as in the
 paper's Table 2); with no ranker at all every list keeps the retriever's rank, so "Ranker=None"
 is the retriever's own NDCG. With MAPB on, each ranked list is scored with its target at each
@@ -16,6 +18,7 @@ target at its shown position is the one the NDCG uses, so the probe costs M-1 ex
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
@@ -75,70 +78,99 @@ class LetterRanker:
         return np.stack([s.probs for s in await self.engine.score_choices(*self._request(queries))])
 
 
-def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,
-                    lists_per_call: int = 64, ks: Sequence[int] = (1, 5, 10),
-                    name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
-    """Rank every list; returns (metrics, one rankings row per list)."""
-    started = time.perf_counter()
-    ranks = np.array([lst.retriever_rank for lst in lists], dtype=np.int64)
-    rows: list[dict[str, Any]] = []
-    ranked = [i for i, lst in enumerate(lists) if lst.hit] if scorer is not None else []
-    m = len(lists[0].candidates) if lists else 0
-    per_user = m if with_mapb else 1
-    users_per_call = max(1, lists_per_call // per_user)
-    position_ranks: list[np.ndarray] = []
-    last_log = time.perf_counter()
-    for start in range(0, len(ranked), users_per_call):
-        chunk = ranked[start:start + users_per_call]
-        # Per list: the shown order, where the target sits in it, and the prompts' orders. The
-        # probe's j-th order has the target at position j, so its order at the target's shown
+@dataclass
+class RankingPlan:
+    """What a split's evaluation asks of a ranker: per re-ranked list, the order it is shown in,
+    where its target sits, and the orders of its prompts (all M positions with the MAPB probe)."""
+
+    lists: list[CandidateList]
+    with_mapb: bool
+    ranked: list[int]  # indices of the lists whose target is among their candidates
+    shown: list[tuple[np.ndarray, int, list[np.ndarray]]]  # per ranked list: order, target position, prompt orders
+
+    @property
+    def prompts_per_list(self) -> int:
+        return len(self.lists[0].candidates) if self.with_mapb else 1
+
+    def queries(self) -> list[Query]:
+        """Every prompt to score, list by list, in the plan's order."""
+        return [(self.lists[i], o) for i, (_, _, orders) in zip(self.ranked, self.shown) for o in orders]
+
+
+def plan_rankings(lists: list[CandidateList], seed: int, with_mapb: bool, rerank: bool = True) -> RankingPlan:
+    """The prompts an evaluation scores; `rerank` False plans none (every list keeps its rank)."""
+    ranked = [i for i, lst in enumerate(lists) if lst.hit] if rerank else []
+    shown = []
+    for i in ranked:
+        lst = lists[i]
+        order = shown_order(lst, seed)
+        target_index = lst.candidates.index(lst.target)
+        position = int(np.flatnonzero(order == target_index)[0])
+        # The probe's j-th order has the target at position j, so its order at the target's shown
         # position is the shown order itself.
-        plans = []
-        for i in chunk:
-            lst = lists[i]
-            order = shown_order(lst, seed)
-            target_index = lst.candidates.index(lst.target)
-            position = int(np.flatnonzero(order == target_index)[0])
-            orders = probe_orders(order, target_index) if with_mapb else [order]
-            plans.append((i, order, position, orders))
-        probs = scorer.score([(lists[i], o) for i, _, _, orders in plans for o in orders])
-        for k, (i, order, position, orders) in enumerate(plans):
-            lst = lists[i]
-            block = probs[k * per_user:(k + 1) * per_user]
-            target_at = range(per_user) if with_mapb else [position]  # the target's position in each prompt
-            target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
-            shown = position if with_mapb else 0
-            shown_probs = block[shown]
-            ranks[i] = target_ranks[shown]
-            row = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
-                   "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
-                   "predicted": [lst.candidates[order[j]] for j in ranked_order(shown_probs)],
-                   "target_position": position, "target_rank": int(ranks[i]),
-                   "retriever_rank": lst.retriever_rank}
-            if with_mapb:
-                row["ranks_by_position"] = target_ranks.tolist()
-                row["bias"] = sample_bias(target_ranks)
-                position_ranks.append(target_ranks)
-            rows.append(row)
-        if time.perf_counter() - last_log > 10:
-            done = min(start + users_per_call, len(ranked))
-            log(f"{name}: {done:,} of {len(ranked):,} lists ranked "
-                f"({done / (time.perf_counter() - started):.1f} lists/s)")
-            last_log = time.perf_counter()
-    ranked_set = set(ranked)
+        shown.append((order, position, probe_orders(order, target_index) if with_mapb else [order]))
+    return RankingPlan(lists, with_mapb, ranked, shown)
+
+
+def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
+                         ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics and one rankings row per list, from the scores of `plan.queries()` in order."""
+    lists, with_mapb = plan.lists, plan.with_mapb
+    ranks = np.array([lst.retriever_rank for lst in lists], dtype=np.int64)
+    per_user = plan.prompts_per_list if lists else 1
+    rows: list[dict[str, Any]] = []
+    position_ranks: list[np.ndarray] = []
+    for k, (i, (order, position, _)) in enumerate(zip(plan.ranked, plan.shown)):
+        lst = lists[i]
+        block = probs[k * per_user:(k + 1) * per_user]
+        target_at = range(per_user) if with_mapb else [position]  # the target's position in each prompt
+        target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
+        shown_probs = block[position if with_mapb else 0]
+        ranks[i] = target_ranks[position if with_mapb else 0]
+        row = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
+               "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
+               "predicted": [lst.candidates[order[j]] for j in ranked_order(shown_probs)],
+               "target_position": position, "target_rank": int(ranks[i]), "retriever_rank": lst.retriever_rank}
+        if with_mapb:
+            row["ranks_by_position"] = target_ranks.tolist()
+            row["bias"] = sample_bias(target_ranks)
+            position_ranks.append(target_ranks)
+        rows.append(row)
+    ranked_set = set(plan.ranked)
     for i, lst in enumerate(lists):  # lists nobody re-ranks keep the retriever's rank
         if i not in ranked_set:
             rows.append({"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
                          "shown": list(lst.candidates), "probs": [], "predicted": list(lst.candidates),
                          "target_position": lst.candidates.index(lst.target) if lst.hit else -1,
                          "target_rank": int(ranks[i]), "retriever_rank": lst.retriever_rank})
-    seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {**ranking_metrics(ranks, ks), "users": len(lists), "ranked_users": len(ranked),
+    ranked = len(plan.ranked)
+    metrics: dict[str, Any] = {**ranking_metrics(ranks, ks), "users": len(lists), "ranked_users": ranked,
                                "seconds": round(seconds, 3),
-                               "lists_per_second": (len(ranked) * per_user / seconds) if ranked else None}
-    if with_mapb and scorer is not None:
-        matrix = np.array(position_ranks, dtype=np.float64).reshape(-1, m)
+                               "lists_per_second": (ranked * per_user / seconds) if ranked and seconds > 0 else None}
+    if with_mapb and ranked:
+        matrix = np.array(position_ranks, dtype=np.float64).reshape(-1, per_user)
         metrics["mapb"] = mapb(matrix)
-        metrics["mean_rank_by_position"] = matrix.mean(axis=0).tolist() if len(matrix) else []
+        metrics["mean_rank_by_position"] = matrix.mean(axis=0).tolist()
     frame = pd.DataFrame(rows).sort_values("user_idx", kind="stable").reset_index(drop=True)
     return metrics, frame
+
+
+def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,
+                    lists_per_call: int = 64, ks: Sequence[int] = (1, 5, 10),
+                    name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
+    """Rank every list with a scorer in this process; returns (metrics, one rankings row per list).
+    (`cotrec.ranker.scoring` scores an LLM ranker's plan on a Ray Data actor pool instead.)"""
+    started = time.perf_counter()
+    plan = plan_rankings(lists, seed, with_mapb, rerank=scorer is not None)
+    queries = plan.queries()
+    per_call = max(1, lists_per_call // (plan.prompts_per_list if lists else 1)) * (plan.prompts_per_list if lists else 1)
+    blocks, last_log = [], time.perf_counter()
+    for start in range(0, len(queries), per_call):
+        blocks.append(scorer.score(queries[start:start + per_call]))  # type: ignore[union-attr]
+        if time.perf_counter() - last_log > 10:
+            done = min(start + per_call, len(queries))
+            log(f"{name}: {done:,} of {len(queries):,} prompts scored "
+                f"({done / (time.perf_counter() - started):.1f} prompts/s)")
+            last_log = time.perf_counter()
+    probs = np.concatenate(blocks) if blocks else np.zeros((0, 0))
+    return rankings_from_scores(plan, probs, time.perf_counter() - started, ks)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,18 +36,19 @@ from cotrec.extract.shards import folder_digest
 from cotrec.fingerprint import fingerprint
 from cotrec.llm import letters
 from cotrec.llm.embedded import resolve_model
-from cotrec.llm.pool import EnginePool
 from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
-from cotrec.ranker.finetune import epoch_examples, fit, merge_adapter, resolve_precision, update_kept, validation_probe
-from cotrec.ranker.letters import LetterRanker, evaluate_ranker
+from cotrec.ranker.finetune import epoch_examples, fit, merge_and_measure, resolve_precision, validation_probe
+from cotrec.ranker.letters import LetterRanker, RankingPlan, evaluate_ranker, plan_rankings, rankings_from_scores
 from cotrec.ranker.lists import CandidateList, prefix_lists, ranked_lists
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
+from cotrec.ranker.scoring import score_prompts
 from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position, plot_training_curve
 from cotrec.reporting.tables import TABLE2, ranker_label, write_table2
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
+
 # What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
 EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
 
@@ -123,9 +125,9 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
         f"worker(s), ZeRO-{rc.zero_stage}, {resolve_precision(rc.precision, rc.gpus_per_worker > 0)})")
     with run.staged(stage, fp) as folder:
         result = fit(job, rc, folder / ".ray", folder / "adapter")
-        merge_adapter(base, folder / "adapter", folder / "merged", rc.merged_dtype)
         shown = [p["conversations"][p["shown"]] for p in probe[:8]]
-        kept = update_kept(base, folder / "adapter", folder / "merged", shown, letters(job["candidates"]))
+        kept = merge_and_measure(base, folder / "adapter", folder / "merged", rc.merged_dtype, shown,
+                                 letters(job["candidates"]), rc.cpus_per_worker)
         curve = result["curve"]
         summary = {"retriever": variant, "prompt": prompt, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
                    "train_lists": len(lists), "valid_lists": len(valid_train), "val_lists": len(held_out),
@@ -152,63 +154,115 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     return {"skipped": False, "folder": str(run / stage), **summary}
 
 
-def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False,
-                engines: Optional[EnginePool] = None) -> dict[str, Any]:
-    """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
+def _scoring_model(config: Config, run: RunDir, variant: str, ranker: str) -> Optional[tuple[str, Optional[str]]]:
+    """The (model, dtype) whose engine scores a ranker's prompts; None for a ranker without one.
+    A fine-tuned model is served in the dtype it was merged in."""
     prompt, fine_tuned = parse_ranker(ranker)
-    reads = prompt in RANKER_PROMPTS  # the others read nothing but the candidates
-    shows = prompt if reads else "llm"
-    rc = config.ranker
-    model = None
     if fine_tuned:
-        model = str(merged_model(run, variant, prompt))
-        if engines is not None and engines.model != (model, rc.merged_dtype):
-            engines.close()  # an idle vLLM CPU engine keeps polling: free the cores for training
-        trained = ranker_train(config, run, variant, prompt, force=False)
-    elif reads:
-        model = config.llm.model
+        return str(merged_model(run, variant, prompt)), config.ranker.merged_dtype
+    return (config.llm.model, None) if prompt in RANKER_PROMPTS else None
+
+
+@dataclass
+class PendingEval:
+    """An evaluation whose prompts are planned and wait for an engine's scores."""
+
+    variant: str
+    ranker: str
+    shows: str  # the prompt its lists are built for
+    model: tuple[str, Optional[str]]
+    stage: str
+    fp: str
+    notes: dict[str, Any]
+    plan: RankingPlan
+    trained: Optional[dict[str, Any]]
+    started: float
+
+
+def _plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool) -> dict[str, Any] | PendingEval:
+    """An evaluation up to date (its result), one scored here without an engine (written, its
+    result), or one whose prompts an engine must score (pending). Fine-tunes first when needed."""
+    prompt, fine_tuned = parse_ranker(ranker)
+    shows = prompt if prompt in RANKER_PROMPTS else "llm"  # the others read nothing but the candidates
+    rc = config.ranker
+    model = _scoring_model(config, run, variant, ranker)
+    trained = ranker_train(config, run, variant, prompt, force=False) if fine_tuned else None
     stage = f"{ranker_folder(variant, ranker)}/eval"
     fp = fingerprint({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
                   "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call"}),
-                  "model": run.completion(f"{ranker_folder(variant, prompt)}/model") if fine_tuned else model,
+                  "model": run.completion(f"{ranker_folder(variant, prompt)}/model") if fine_tuned else
+                  (model[0] if model else None),
                   "inputs": _inputs(config, run, variant, shows)})
     if not force and run.is_complete(stage, fp):
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
     lists, notes = ranked_lists(config, run, variant, "test", shows)
-    own = engines is None
-    engines = engines or EnginePool(config.llm)
-    try:
-        scorer = {"random": RandomScorer(config.seed), "position": PositionScorer()}.get(prompt)
-        if model is not None:  # a fine-tuned model is served in the dtype it was merged in
-            scorer = LetterRanker.for_run(run, prompt, engines.get(model, rc.merged_dtype if fine_tuned else None))
-        log(f"ranker: ranking {notes['hits']:,} of {len(lists):,} test lists of {variant} with {ranker}"
-            + (" (MAPB probe: each target at all positions)" if rc.mapb and scorer else ""))
-        metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
-                                            lists_per_call=rc.lists_per_call, name=f"ranker {ranker}")
-    finally:
-        if own:
-            engines.close()
-    retriever_metrics = json.loads((Path(run / variant_dir(config, *parse_variant(variant), config.seed))
+    pending = PendingEval(variant, ranker, shows, model or ("", None), stage, fp, notes,
+                          plan_rankings(lists, rc.shuffle_seed, rc.mapb, rerank=prompt != "none"), trained, started)
+    if model is not None:
+        return pending
+    scorer = {"random": RandomScorer(config.seed), "position": PositionScorer()}.get(prompt)
+    metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
+                                        lists_per_call=rc.lists_per_call, name=f"ranker {ranker}")
+    return _write_eval(config, run, pending, metrics, rankings)
+
+
+def _score_and_write(config: Config, run: RunDir, pending: list[PendingEval]) -> list[dict[str, Any]]:
+    """Score the prompts of evaluations of one model in one pass on the actor pool; write each.
+    Each is credited with the pass's time in proportion to its prompts."""
+    prompts: list[tuple[Any, int]] = []
+    spans = []
+    for p in pending:
+        letter_ranker = LetterRanker.for_run(run, p.shows)
+        first = len(prompts)
+        prompts += [(letter_ranker.conversation(lst, order), len(order)) for lst, order in p.plan.queries()]
+        spans.append((first, len(prompts)))
+        log(f"ranker: ranking {p.notes['hits']:,} of {len(p.plan.lists):,} test lists of {p.variant} with {p.ranker}"
+            + (" (MAPB probe: each target at all positions)" if p.plan.with_mapb else ""))
+    started = time.perf_counter()
+    model, dtype = pending[0].model
+    probs, actors = score_prompts(config, model, dtype, prompts, name=f"ranker {' '.join(p.ranker for p in pending)}")
+    seconds = time.perf_counter() - started
+    results = []
+    for p, (first, last) in zip(pending, spans):
+        block = np.stack(probs[first:last]) if last > first else np.zeros((0, 0))
+        metrics, rankings = rankings_from_scores(p.plan, block, seconds * (last - first) / max(len(prompts), 1))
+        metrics["scoring_actors"] = actors
+        results.append(_write_eval(config, run, p, metrics, rankings))
+    return results
+
+
+def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, Any],
+                rankings: pd.DataFrame) -> dict[str, Any]:
+    prompt, fine_tuned = parse_ranker(p.ranker)
+    rc = config.ranker
+    model = p.model[0] or None
+    retriever_metrics = json.loads((Path(run / variant_dir(config, *parse_variant(p.variant), config.seed))
                                     / "metrics.json").read_text())
-    result = {"retriever": variant, "ranker": ranker, "prompt": prompt, "fine_tuned": fine_tuned,
+    result = {"retriever": p.variant, "ranker": p.ranker, "prompt": prompt, "fine_tuned": fine_tuned,
               "split": "test", **metrics, "retriever_ndcg@10": retriever_metrics["ndcg@10"],
               "model": model, "backend": config.llm.backend if model else None, "prompt_version": PROMPT_VERSION,
               "seed": config.seed, "shuffle_seed": rc.shuffle_seed, "sampled_users": rc.max_eval_users,
-              "wall_seconds": round(time.perf_counter() - started, 3), **notes}
-    if fine_tuned:
-        result["train"] = {k: trained[k] for k in ("train_lists", "prefix_lists", "epochs", "best_epoch",
-                                                   "base_val_ndcg@10", "best_val_ndcg@10", "base_val_mapb",
-                                                   "best_val_mapb", "num_workers", "zero_stage", "precision",
-                                                   "train_seconds")}
-    with run.staged(stage, fp) as folder:
+              "wall_seconds": round(time.perf_counter() - p.started, 3), **p.notes}
+    if p.trained is not None:
+        result["train"] = {k: p.trained[k] for k in ("train_lists", "prefix_lists", "epochs", "best_epoch",
+                                                     "base_val_ndcg@10", "best_val_ndcg@10", "base_val_mapb",
+                                                     "best_val_mapb", "num_workers", "zero_stage", "precision",
+                                                     "train_seconds")}
+    with run.staged(p.stage, p.fp) as folder:
         write_json(folder / "metrics.json", result)
         rankings.to_parquet(folder / "rankings.parquet", index=False)
     mapb_text = f" mapb {result['mapb']:.3f}" if "mapb" in result else ""
-    log(f"ranker: {ranker} on {variant}: test ndcg@10 {result['ndcg@10']:.4f}{mapb_text} "
+    log(f"ranker: {p.ranker} on {p.variant}: test ndcg@10 {result['ndcg@10']:.4f}{mapb_text} "
         f"(retriever {result['retriever_ndcg@10']:.4f}; {result['wall_seconds']:.0f} s)")
-    return {"skipped": False, "folder": str(run / stage), **result}
+    return {"skipped": False, "folder": str(run / p.stage), **result}
+
+
+def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False) -> dict[str, Any]:
+    """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
+    planned = _plan_eval(config, run, variant, ranker, force)
+    return planned if isinstance(planned, dict) else _score_and_write(config, run, [planned])[0]
 
 
 # --- Table 2 ---------------------------------------------------------------------------------
@@ -219,16 +273,28 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     for variant in rc.retrievers.values():  # fail in one line before any work
         _inputs(config, run, variant, "llm")
     started = time.perf_counter()
-    engines = EnginePool(config.llm)
-    rows = []
-    # Same-model evaluations back to back, so each engine starts once.
+    # Same-model evaluations back to back and scored in one pass, so each engine starts once; a
+    # pass ends before the next fine-tune, which then has the cores.
     jobs = [(label, variant, ranker) for label, variant in rc.retrievers.items() for ranker in rc.grid]
     jobs.sort(key=lambda j: (parse_ranker(j[2])[0] != "none", parse_ranker(j[2])[1], j[1], j[2]))
-    try:
-        for label, variant, ranker in jobs:
-            rows.append({"label": label, **ranker_eval(config, run, variant, ranker, force, engines)})
-    finally:
-        engines.close()
+    rows: list[dict[str, Any]] = []
+    group: list[tuple[str, PendingEval]] = []
+
+    def score_group() -> None:
+        if group:
+            results = _score_and_write(config, run, [p for _, p in group])
+            rows.extend({"label": label, **r} for (label, _), r in zip(group, results))
+            group.clear()
+
+    for label, variant, ranker in jobs:
+        if group and _scoring_model(config, run, variant, ranker) != group[0][1].model:
+            score_group()
+        planned = _plan_eval(config, run, variant, ranker, force)
+        if isinstance(planned, dict):
+            rows.append({"label": label, **planned})
+        else:
+            group.append((label, planned))
+    score_group()
     order = {(label, ranker): i for i, (label, ranker) in
              enumerate((label, ranker) for label in rc.retrievers for ranker in rc.grid)}
     rows.sort(key=lambda r: order[(r["label"], r["ranker"])])

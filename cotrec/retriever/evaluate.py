@@ -51,13 +51,9 @@ def score_queries(model: SASRec, queries: dict[str, np.ndarray], rows: np.ndarra
             "top_scores": np.concatenate(top_scores)}
 
 
-def evaluate_split(model: SASRec, queries: dict[str, np.ndarray], split: str, ks: Iterable[int],
-                   mask_history: bool, top_m: int, batch_size: int = 1024,
-                   rows: Optional[np.ndarray] = None,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of one split and its candidates table (one row per user)."""
-    rows = np.arange(len(queries["users"])) if rows is None else rows
-    out = score_queries(model, queries, rows, mask_history, top_m, batch_size, device)
+def split_results(queries: dict[str, np.ndarray], split: str, rows: np.ndarray, out: dict[str, np.ndarray],
+                  ks: Iterable[int]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of one split and its candidates table (one row per user), from `score_queries`'s output."""
     metrics = ranking_metrics(out["ranks"], ks)
     targets = queries["targets"][rows]
     candidates = pd.DataFrame({
@@ -70,3 +66,12 @@ def evaluate_split(model: SASRec, queries: dict[str, np.ndarray], split: str, ks
         "target_in_candidates": (out["top_items"] == targets[:, None]).any(axis=1),
     })
     return metrics, candidates
+
+
+def evaluate_split(model: SASRec, queries: dict[str, np.ndarray], split: str, ks: Iterable[int],
+                   mask_history: bool, top_m: int, batch_size: int = 1024,
+                   rows: Optional[np.ndarray] = None,
+                   device: str | torch.device = "cpu") -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of one split and its candidates table (one row per user), scored here."""
+    rows = np.arange(len(queries["users"])) if rows is None else rows
+    return split_results(queries, split, rows, score_queries(model, queries, rows, mask_history, top_m, batch_size, device), ks)

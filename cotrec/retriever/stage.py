@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cotrec.cluster import in_ray_job
 from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
@@ -30,8 +31,9 @@ from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
-from cotrec.retriever.evaluate import evaluate_split
+from cotrec.retriever.evaluate import split_results
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.retriever.scoring import score_splits
 from cotrec.retriever.train import fit, peak_memory_mb
 from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
                                        variant_dir, variant_name)
@@ -84,17 +86,15 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
     with run.staged(stage, fp) as folder:
         state, result = fit(job, rc, folder / ".ray")
         trained = time.perf_counter()
-        model = SASRec(SASRecConfig(**state["sasrec"]))
-        model.load_state_dict(state["model"])
+        torch.save(state, folder / "model.pt")  # what the evaluation loads, here or in its actors
+        queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", rc.max_len)}
+        scored, actors = score_splits(rc, folder / "model.pt", queries, on_actors=in_ray_job())
+        users_per_second = sum(len(q["users"]) for q in queries.values()) / max(time.perf_counter() - trained, 1e-9)
         evaluated, tables = {}, []
-        for split in ("valid", "test"):
-            t0 = time.perf_counter()
-            queries = job["valid"] if split == "valid" else eval_queries(seqs, "test", rc.max_len)
-            metrics, candidates = evaluate_split(model, queries, split, rc.ks, rc.mask_history, rc.top_m,
-                                                 rc.eval_batch_size)
-            seconds = time.perf_counter() - t0
-            evaluated[split] = {**metrics, "users": len(candidates),
-                                "eval_users_per_second": len(candidates) / max(seconds, 1e-9)}
+        for split, split_queries in queries.items():
+            metrics, candidates = split_results(split_queries, split, np.arange(len(split_queries["users"])),
+                                                scored[split], rc.ks)
+            evaluated[split] = {**metrics, "users": len(candidates), "eval_users_per_second": users_per_second}
             tables.append(candidates)
         candidates = pd.concat(tables, ignore_index=True)
         metrics = {
@@ -106,13 +106,12 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
             # patience never ran out: the cap ended the training, and a longer one might do better
             "stopped_by_max_epochs": len(result["history"]) == rc.max_epochs
                                      and result["history"][-1]["epoch"] - state["epoch"] < rc.patience,
-            "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss,
+            "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss, "scoring_actors": actors,
             "train_seconds": round(trained - started, 3),
             "wall_seconds": round(time.perf_counter() - started, 3),
             "peak_memory_mb": max([peak_memory_mb()] + [h["peak_memory_mb"] for h in result["history"]]),
             **notes,
         }
-        torch.save(state, folder / "model.pt")
         write_json(folder / "metrics.json", metrics)
         write_json(folder / "history.json", result["history"])
         candidates.to_parquet(folder / "candidates.parquet", index=False)
