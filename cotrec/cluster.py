@@ -35,20 +35,38 @@ def in_ray_job() -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def batches(dataset: Any, batch_format: str) -> Iterator[Any]:
-    """A Ray Data dataset's output batches as they come; an actor that failed on the user's input
-    (a model that cannot be loaded) surfaces as that one-line error, not as a dead actor."""
+def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str, Any], *, actors: int,
+                  cpus: float, gpus: float, in_format: str, out_format: str, min_actors: int = 1) -> Iterator[Any]:
+    """Map `blocks` through a Ray Data pool of up to `actors` `worker` actors; yields the output
+    batches as they come.
+
+    Each block is one batch (`batch_size=None`), so what a row is computed beside never depends on
+    the pool's size; the dataset is made in the driver (`from_blocks` keeps the blocks as cut and
+    runs no metadata task, which would wait for a free CPU on a busy cluster). An actor that failed
+    on the user's input (a model that cannot be loaded) surfaces as that one-line error, not as a
+    dead actor. Starts Ray when needed and stops it when done.
+    """
+    import ray
     from ray.exceptions import RayError
 
     from cotrec.errors import user_error_in
 
+    started_ray = ensure_ray()
     try:
-        yield from dataset.iter_batches(batch_size=None, batch_format=batch_format)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        dataset = ray.data.from_blocks(blocks).map_batches(
+            worker, batch_size=None, batch_format=in_format, fn_constructor_kwargs=constructor_kwargs,
+            compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, actors), max_size=actors),
+            num_cpus=cpus, num_gpus=gpus)
+        yield from dataset.iter_batches(batch_size=None, batch_format=out_format)
     except RayError as exc:
         error = user_error_in(exc)
         if error is None:
             raise
         raise error from None
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
 def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,

@@ -2,9 +2,9 @@
 batch of texts per call, so the driver loads no encoder and encoding scales with the pool
 (`embed.max_actors`, `cpus_per_actor`, `gpus_per_actor`).
 
-The driver cuts the texts into blocks of exactly `embed.batch_size` and each block is one batch
-and one `encode` call: a text is encoded beside the same texts whatever the pool's size, so its
-vector does not depend on how many actors there were.
+The driver cuts the texts into blocks of exactly `embed.batch_size`, each one batch and one
+`encode` call (`cluster.map_on_actors`): a text is encoded beside the same texts whatever the
+pool's size, so its vector does not depend on how many actors there were.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
 
-from cotrec.cluster import batches, ensure_ray
+from cotrec.cluster import map_on_actors
 from cotrec.config import EmbedConfig
 from cotrec.embed.encoder import load_encoder
 from cotrec.progress import Progress
@@ -44,30 +43,20 @@ def encode_on_actors(config: EmbedConfig, texts: list[str], label: str) -> np.nd
     table = pa.table({"row": np.arange(len(texts)), "text": texts})
     blocks = [table.slice(i, size) for i in range(0, len(texts), size)]
     actors = max(1, min(config.max_actors, len(blocks)))
-    started_ray = ensure_ray()
     matrix: np.ndarray | None = None
     done = 0
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # from_blocks keeps the blocks as cut and runs no metadata task (see the module docstring)
-        dataset = ray.data.from_blocks(blocks).map_batches(
-            EncodeWorker, batch_size=None, batch_format="pandas",
-            fn_constructor_kwargs={"model": config.model, "device": config.device,
-                                   "threads": max(1, int(config.cpus_per_actor))},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)
-        progress = Progress(len(texts))
-        for batch in batches(dataset, batch_format="numpy"):
-            vectors = batch["vector"]
-            if matrix is None:
-                matrix = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            matrix[batch["row"]] = vectors
-            done += len(vectors)
-            progress.update(done, lambda rate: f"embed {label}: {done:,} of {len(texts):,} texts encoded on "
-                                               f"{actors} actor(s) ({rate:,.0f} texts/s)")
-    finally:
-        if started_ray:
-            ray.shutdown()
+    progress = Progress(len(texts))
+    for batch in map_on_actors(blocks, EncodeWorker, {"model": config.model, "device": config.device,
+                                                      "threads": max(1, int(config.cpus_per_actor))},
+                               actors=actors, cpus=config.cpus_per_actor, gpus=config.gpus_per_actor,
+                               in_format="pandas", out_format="numpy"):
+        vectors = batch["vector"]
+        if matrix is None:
+            matrix = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+        matrix[batch["row"]] = vectors
+        done += len(vectors)
+        progress.update(done, lambda rate: f"embed {label}: {done:,} of {len(texts):,} texts encoded on "
+                                           f"{actors} actor(s) ({rate:,.0f} texts/s)")
     assert matrix is not None and done == len(texts), (done, len(texts))
     return matrix
 

@@ -1,4 +1,4 @@
-"""A zero-latency engine: no model, every reply is instant and fixed.
+"""A zero-latency engine: no model, every reply instant and made from a digest of its prompt.
 
 It exists to measure orchestration (the extraction runner's own overhead at a million users)
 and to test orchestration paths; it is never a stand-in for results. Replies are a short sentence,

@@ -7,7 +7,7 @@ those probabilities.
 
 An evaluation plans its prompts (`plan_rankings`), has them scored (`evaluate_ranker` with a scorer
 in this process; `cotrec.ranker.scoring` on a Ray Data actor pool for an LLM) and turns the scores
-into ranks and metrics (`rankings_from_scores`). Lists whose target is not among the
+into ranks and metrics (`rankings_from_scores`); `score_plan` scores in this process. Lists whose target is not among the
 candidates keep the retriever's rank (>= M, so they count as misses for K <= M, as in the
 paper's Table 2); with no ranker at all every list keeps the retriever's rank, so "Ranker=None"
 is the retriever's own NDCG. With MAPB on, each ranked list is scored with its target at each
@@ -29,7 +29,7 @@ from cotrec.extract.prompts import Domain, domain_of, item_labels
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation, LLMEngine
 from cotrec.metrics import ranking_metrics
-from cotrec.progress import log
+from cotrec.progress import Progress
 from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, ranked_order, sample_bias
 from cotrec.ranker.prompts import ranking_conversation
@@ -155,22 +155,26 @@ def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
     return metrics, frame
 
 
+def score_plan(plan: RankingPlan, scorer: Optional[ListScorer], lists_per_call: int = 64,
+               ks: Sequence[int] = (1, 5, 10), name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score a plan's prompts with a scorer in this process, whole lists per call; returns (metrics,
+    one rankings row per list). (`cotrec.ranker.scoring` scores an LLM ranker's plan on a Ray Data
+    actor pool instead.)"""
+    started = time.perf_counter()
+    queries = plan.queries()
+    per_list = plan.prompts_per_list if plan.lists else 1
+    per_call = max(1, lists_per_call // per_list) * per_list
+    blocks, progress = [], Progress(len(queries))
+    for start in range(0, len(queries), per_call):
+        blocks.append(scorer.score(queries[start:start + per_call]))  # type: ignore[union-attr]
+        done = min(start + per_call, len(queries))
+        progress.update(done, lambda rate: f"{name}: {done:,} of {len(queries):,} prompts scored ({rate:.1f} prompts/s)")
+    probs = np.concatenate(blocks) if blocks else np.zeros((0, 0))
+    return rankings_from_scores(plan, probs, time.perf_counter() - started, ks)
+
+
 def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,
                     lists_per_call: int = 64, ks: Sequence[int] = (1, 5, 10),
                     name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
-    """Rank every list with a scorer in this process; returns (metrics, one rankings row per list).
-    (`cotrec.ranker.scoring` scores an LLM ranker's plan on a Ray Data actor pool instead.)"""
-    started = time.perf_counter()
-    plan = plan_rankings(lists, seed, with_mapb, rerank=scorer is not None)
-    queries = plan.queries()
-    per_call = max(1, lists_per_call // (plan.prompts_per_list if lists else 1)) * (plan.prompts_per_list if lists else 1)
-    blocks, last_log = [], time.perf_counter()
-    for start in range(0, len(queries), per_call):
-        blocks.append(scorer.score(queries[start:start + per_call]))  # type: ignore[union-attr]
-        if time.perf_counter() - last_log > 10:
-            done = min(start + per_call, len(queries))
-            log(f"{name}: {done:,} of {len(queries):,} prompts scored "
-                f"({done / (time.perf_counter() - started):.1f} prompts/s)")
-            last_log = time.perf_counter()
-    probs = np.concatenate(blocks) if blocks else np.zeros((0, 0))
-    return rankings_from_scores(plan, probs, time.perf_counter() - started, ks)
+    """Plan and rank every list with a scorer in this process (None: every list keeps its rank)."""
+    return score_plan(plan_rankings(lists, seed, with_mapb, rerank=scorer is not None), scorer, lists_per_call, ks, name)

@@ -1,7 +1,8 @@
 """Ranker scoring on a Ray Data actor pool: letter probabilities of many ranking prompts.
 
 The driver renders the prompts (it has the run's items) and each actor of the pool holds one
-engine and scores a batch of them per call (`score_choices`: one forward step per prompt). The
+engine and scores a block of `ranker.lists_per_call` of them per call (`score_choices`: one
+forward step per prompt; `cluster.map_on_actors`). The
 pool is placed like the extraction actors (`extract.min_actors`, `max_actors`, `cpus_per_actor`,
 `gpus_per_actor`), so the driver holds no engine and scoring scales with the GPUs a cluster has;
 a CUDA engine is never placed without a GPU (the config refuses it). Several evaluations of one
@@ -16,9 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
 
-from cotrec.cluster import batches, ensure_ray
+from cotrec.cluster import map_on_actors
 from cotrec.config import Config
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation
@@ -56,31 +56,19 @@ def score_prompts(config: Config, model: str, dtype: Optional[str], prompts: lis
     ec = config.extract
     llm = config.llm.model_copy(update={"model": model, **({"dtype": dtype} if dtype else {})})
     per_batch = max(1, config.ranker.lists_per_call)
-    started_ray = ensure_ray()
+    table = pa.table({"prompt": np.arange(len(prompts)),
+                      "conversation": [json.dumps(c) for c, _ in prompts],
+                      "choices": [n for _, n in prompts]})
+    blocks = [table.slice(i, per_batch) for i in range(0, len(table), per_batch)]
+    # No more actors than batches: an actor that would score nothing still loads a model.
+    actors = max(1, min(ec.max_actors, len(blocks)))
     scored: dict[int, np.ndarray] = {}
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        table = pa.table({"prompt": np.arange(len(prompts)),
-                          "conversation": [json.dumps(c) for c, _ in prompts],
-                          "choices": [n for _, n in prompts]})
-        # Blocks of whole batches, made into a dataset in the driver (from_blocks keeps them and runs
-        # no metadata task, which would wait for a CPU on a busy cluster): a prompt's batch is the
-        # same whatever the pool's size.
-        blocks = [table.slice(i, per_batch) for i in range(0, len(table), per_batch)]
-        # No more actors than batches: an actor that would score nothing still loads a model.
-        actors = max(1, min(ec.max_actors, -(-len(prompts) // per_batch)))
-        dataset = ray.data.from_blocks(blocks).map_batches(
-            ChoiceScoringWorker, batch_size=None, batch_format="pandas",
-            fn_constructor_kwargs={"llm": llm.model_dump(mode="json")},
-            compute=ray.data.ActorPoolStrategy(min_size=min(ec.min_actors, actors), max_size=actors),
-            num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor)
-        progress = Progress(len(prompts))
-        for batch in batches(dataset, batch_format="pandas"):
-            for prompt, probs in zip(batch["prompt"], batch["probs"]):
-                scored[int(prompt)] = np.asarray(probs, dtype=np.float64)
-            progress.update(len(scored), lambda rate: f"{name}: {len(scored):,} of {len(prompts):,} prompts scored "
-                                                      f"on {actors} actor(s) ({rate:.1f} prompts/s)")
-    finally:
-        if started_ray:
-            ray.shutdown()
+    progress = Progress(len(prompts))
+    for batch in map_on_actors(blocks, ChoiceScoringWorker, {"llm": llm.model_dump(mode="json")}, actors=actors,
+                               min_actors=ec.min_actors, cpus=ec.cpus_per_actor, gpus=ec.gpus_per_actor,
+                               in_format="pandas", out_format="pandas"):
+        for prompt, probs in zip(batch["prompt"], batch["probs"]):
+            scored[int(prompt)] = np.asarray(probs, dtype=np.float64)
+        progress.update(len(scored), lambda rate: f"{name}: {len(scored):,} of {len(prompts):,} prompts scored "
+                                                  f"on {actors} actor(s) ({rate:.1f} prompts/s)")
     return [scored[i] for i in range(len(prompts))], actors

@@ -39,7 +39,7 @@ from cotrec.llm.embedded import resolve_model
 from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
 from cotrec.ranker.finetune import epoch_examples, fit, merge_and_measure, resolve_precision, validation_probe
-from cotrec.ranker.letters import LetterRanker, RankingPlan, evaluate_ranker, plan_rankings, rankings_from_scores
+from cotrec.ranker.letters import LetterRanker, RankingPlan, plan_rankings, rankings_from_scores, score_plan
 from cotrec.ranker.lists import CandidateList, prefix_lists, ranked_lists
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
@@ -170,7 +170,7 @@ class PendingEval:
     variant: str
     ranker: str
     shows: str  # the prompt its lists are built for
-    model: tuple[str, Optional[str]]
+    model: Optional[tuple[str, Optional[str]]]  # (model, dtype) of the engine; None: a reference ranker
     stage: str
     fp: str
     notes: dict[str, Any]
@@ -198,13 +198,12 @@ def _plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bo
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
     lists, notes = ranked_lists(config, run, variant, "test", shows)
-    pending = PendingEval(variant, ranker, shows, model or ("", None), stage, fp, notes,
+    pending = PendingEval(variant, ranker, shows, model, stage, fp, notes,
                           plan_rankings(lists, rc.shuffle_seed, rc.mapb, rerank=prompt != "none"), trained, started)
     if model is not None:
         return pending
     scorer = {"random": RandomScorer(config.seed), "position": PositionScorer()}.get(prompt)
-    metrics, rankings = evaluate_ranker(lists, scorer, rc.shuffle_seed, with_mapb=rc.mapb,
-                                        lists_per_call=rc.lists_per_call, name=f"ranker {ranker}")
+    metrics, rankings = score_plan(pending.plan, scorer, rc.lists_per_call, name=f"ranker {ranker}")
     return _write_eval(config, run, pending, metrics, rankings)
 
 
@@ -221,7 +220,7 @@ def _score_and_write(config: Config, run: RunDir, pending: list[PendingEval]) ->
         log(f"ranker: ranking {p.notes['hits']:,} of {len(p.plan.lists):,} test lists of {p.variant} with {p.ranker}"
             + (" (MAPB probe: each target at all positions)" if p.plan.with_mapb else ""))
     started = time.perf_counter()
-    model, dtype = pending[0].model
+    model, dtype = pending[0].model  # type: ignore[misc]
     probs, actors = score_prompts(config, model, dtype, prompts, name=f"ranker {' '.join(p.ranker for p in pending)}")
     seconds = time.perf_counter() - started
     results = []
@@ -237,7 +236,7 @@ def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, 
                 rankings: pd.DataFrame) -> dict[str, Any]:
     prompt, fine_tuned = parse_ranker(p.ranker)
     rc = config.ranker
-    model = p.model[0] or None
+    model = p.model[0] if p.model else None
     retriever_metrics = json.loads((Path(run / variant_dir(config, *parse_variant(p.variant), config.seed))
                                     / "metrics.json").read_text())
     result = {"retriever": p.variant, "ranker": p.ranker, "prompt": prompt, "fine_tuned": fine_tuned,

@@ -8,7 +8,7 @@ miss (rank = number of items). Candidates are the top-M items after masking.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -67,11 +67,3 @@ def split_results(queries: dict[str, np.ndarray], split: str, rows: np.ndarray, 
     })
     return metrics, candidates
 
-
-def evaluate_split(model: SASRec, queries: dict[str, np.ndarray], split: str, ks: Iterable[int],
-                   mask_history: bool, top_m: int, batch_size: int = 1024,
-                   rows: Optional[np.ndarray] = None,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of one split and its candidates table (one row per user), scored here."""
-    rows = np.arange(len(queries["users"])) if rows is None else rows
-    return split_results(queries, split, rows, score_queries(model, queries, rows, mask_history, top_m, batch_size, device), ks)

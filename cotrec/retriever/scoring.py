@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
-from cotrec.cluster import batches, ensure_ray
+from cotrec.cluster import map_on_actors
 from cotrec.config import RetrieverConfig
 from cotrec.progress import Progress
 from cotrec.retriever.evaluate import score_queries
@@ -35,11 +34,12 @@ def load_model(path: str | Path, device: str = "cpu") -> SASRec:
 class RetrieverScoringWorker:
     """The Ray Data actor: the trained model and the queries; a block of (split, row) -> ranks, top-M."""
 
-    def __init__(self, model_path: str, queries: list, mask_history: bool, top_m: int, threads: int, device: str):
+    def __init__(self, model_path: str, queries: dict[str, dict[str, np.ndarray]], mask_history: bool, top_m: int,
+                 threads: int, device: str):
         if device == "cpu":
             torch.set_num_threads(threads)  # the actor's CPU share
         self.model = load_model(model_path, device)
-        self.queries = ray.get(queries[0])  # one copy per actor, from the object store
+        self.queries = queries  # Ray Data puts the constructor's arguments in the object store once
         self.mask_history, self.top_m, self.device = mask_history, top_m, device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,35 +68,25 @@ def score_splits(config: RetrieverConfig, model_path: Path, queries: dict[str, d
     out = {split: {"ranks": np.empty(len(q["users"]), dtype=np.int64),
                    "top_items": np.empty((len(q["users"]), 0), dtype=np.int64),
                    "top_scores": np.empty((len(q["users"]), 0), dtype=np.float32)} for split, q in queries.items()}
-    started_ray = ensure_ray()
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        actors = max(1, min(config.num_workers, len(blocks)))
-        dataset = ray.data.from_blocks(blocks).map_batches(
-            RetrieverScoringWorker, batch_size=None, batch_format="numpy",
-            fn_constructor_kwargs={"model_path": str(model_path), "queries": [ray.put(queries)],
-                                   "mask_history": config.mask_history, "top_m": config.top_m,
-                                   "threads": max(1, int(config.cpus_per_worker)),
-                                   "device": "cuda" if config.gpus_per_worker > 0 else "cpu"},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)
-        progress, done = Progress(total), 0
-        for batch in batches(dataset, batch_format="numpy"):
-            for split in set(batch["split"].tolist()):
-                target, mine = out[split], batch["split"] == split
-                if target["top_items"].shape[1] == 0:
-                    width = batch["top_items"].shape[1]
-                    target["top_items"] = np.empty((len(target["ranks"]), width), dtype=np.int64)
-                    target["top_scores"] = np.empty((len(target["ranks"]), width), dtype=np.float32)
-                rows = batch["row"][mine]
-                target["ranks"][rows] = batch["rank"][mine]
-                target["top_items"][rows] = batch["top_items"][mine]
-                target["top_scores"][rows] = batch["top_scores"][mine]
-            done += len(batch["row"])
-            progress.update(done, lambda rate: f"retriever: {done:,} of {total:,} queries ranked on {actors} "
-                                               f"actor(s) ({rate:,.0f} queries/s)")
-    finally:
-        if started_ray:
-            ray.shutdown()
+    actors = max(1, min(config.num_workers, len(blocks)))
+    progress, done = Progress(total), 0
+    kwargs = {"model_path": str(model_path), "queries": queries, "mask_history": config.mask_history,
+              "top_m": config.top_m, "threads": max(1, int(config.cpus_per_worker)),
+              "device": "cuda" if config.gpus_per_worker > 0 else "cpu"}
+    for batch in map_on_actors(blocks, RetrieverScoringWorker, kwargs, actors=actors, cpus=config.cpus_per_worker,
+                               gpus=config.gpus_per_worker, in_format="numpy", out_format="numpy"):
+        for split in set(batch["split"].tolist()):
+            target, mine = out[split], batch["split"] == split
+            if target["top_items"].shape[1] == 0:
+                width = batch["top_items"].shape[1]
+                target["top_items"] = np.empty((len(target["ranks"]), width), dtype=np.int64)
+                target["top_scores"] = np.empty((len(target["ranks"]), width), dtype=np.float32)
+            rows = batch["row"][mine]
+            target["ranks"][rows] = batch["rank"][mine]
+            target["top_items"][rows] = batch["top_items"][mine]
+            target["top_scores"][rows] = batch["top_scores"][mine]
+        done += len(batch["row"])
+        progress.update(done, lambda rate: f"retriever: {done:,} of {total:,} queries ranked on {actors} "
+                                           f"actor(s) ({rate:,.0f} queries/s)")
     return out, actors
 
