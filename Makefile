@@ -37,10 +37,11 @@ demo: venv
 gpu-check:
 	DRY_RUN=$(DRY_RUN) scripts/gpu-check.sh
 
-# The launcher and KubeRay files with your image (cluster/Dockerfile, pushed) in build/cluster/.
+# The launcher and KubeRay files with your image (cluster/Dockerfile, pushed) in build/cluster/;
+# COTREC_RUN_DIR=s3://bucket/runs/gpu-cluster puts the KubeRay job's run on a bucket instead of /shared.
 cluster-files:
 	@test -n "$(COTREC_IMAGE)" || { echo "make cluster-files: set COTREC_IMAGE to the image cluster/Dockerfile built and you pushed, e.g. COTREC_IMAGE=ghcr.io/me/cotrec:0.1" >&2; exit 2; }
-	$(PYTHON) scripts/cluster-files.py --image "$(COTREC_IMAGE)"
+	$(PYTHON) scripts/cluster-files.py --image "$(COTREC_IMAGE)" $(if $(COTREC_RUN_DIR),--run-dir "$(COTREC_RUN_DIR)")
 
 clean-venv:
 	rm -rf $(VENV)

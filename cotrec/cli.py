@@ -18,6 +18,7 @@ from cotrec.config import Config, config_name, load_config, preset_names
 from cotrec.data.prepare import format_summary, prepare
 from cotrec.errors import CotrecError
 from cotrec.rundir import RunDir
+from cotrec.storage import run_path
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cotrec.pipeline import STAGE_NAMES
     from cotrec.report import format_report, write_reports
 
-    root = Path(args.run_dir or Path("runs") / config_name(args.config))
+    root = run_path(args.run_dir or Path("runs") / config_name(args.config))
     if not (root / "data").is_dir():
         raise CotrecError(f"{root}: not a prepared run directory (no data/); run `cotrec run` or "
                           "`cotrec prepare` first")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cotrec.errors import ConfigError
 from cotrec.fingerprint import fingerprint
+from cotrec.storage import run_path
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
@@ -395,7 +396,7 @@ def _read_yaml(spec: str) -> tuple[dict[str, Any], str]:
         where = f"preset {spec!r}"
         text = (resources.files("cotrec") / "presets" / f"{spec}.yaml").read_text()
     else:
-        path = Path(spec)
+        path = run_path(spec)  # a file on disk, or a run directory's on a store
         if not path.is_file():
             raise ConfigError(
                 f"config {spec!r}: no such file and no preset of that name "

@@ -45,7 +45,7 @@ class RequestError(CotrecError):
 
 
 def run_config(run: RunDir) -> Config:
-    path = Path(run / "config.yaml")
+    path = run / "config.yaml"
     if not path.is_file():
         raise DataError(f"{path}: not a run directory (no config.yaml)")
     return load_config(str(path))

@@ -11,7 +11,6 @@ Nothing is trained or generated here; every figure is read back from the stages'
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,6 +22,7 @@ from cotrec.reporting.stages import finished_stage_seconds, stage_records, write
 from cotrec.reporting.tables import ranker_label, write_table1, write_table2
 from cotrec.retriever.stage import finished_grid
 from cotrec.rundir import RunDir, atomic_write_text, read_stats
+from cotrec.storage import replace_file, run_path
 
 # The extraction stages of the main job and the kind each runs (tokens are read from its shards).
 EXTRACTION_STAGES = {"items": "items", "preferences": "users", "perceptions": "perceptions"}
@@ -47,10 +47,11 @@ def copy_training_curves(config: Config, run: RunDir) -> list[Path]:
     for variant in config.ranker.retrievers.values():
         for ranker in config.ranker.grid:
             prompt, fine_tuned = parse_ranker(ranker)
-            curve = Path(run / ranker_folder(variant, prompt) / "model" / "curve.png")
+            curve = run / ranker_folder(variant, prompt) / "model" / "curve.png"
             if fine_tuned and curve.is_file():
-                target = Path(run / "reports" / f"finetune-{Path(ranker_folder(variant, prompt)).name}.png")
-                shutil.copyfile(curve, target)
+                target = run / "reports" / f"finetune-{Path(ranker_folder(variant, prompt)).name}.png"
+                data = curve.read_bytes()
+                replace_file(lambda out: out.write_bytes(data), target)
                 copied.append(target)
     return copied
 
@@ -81,7 +82,7 @@ def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> di
         stats = None
     summary = {"config": config.name, "run": str(run.root), "stats": stats, "table1": table1, "table2": table2_rows,
                "stages": records, "usage": usage, "written": written, "missing": missing}
-    atomic_write_text(Path(run / "reports/summary.md"), summary_markdown(summary))
+    atomic_write_text(run / "reports/summary.md", summary_markdown(summary))
     written.append(str(run / "reports/summary.md"))
     return summary
 
@@ -98,11 +99,11 @@ def _dataset_line(stats: Optional[dict[str, Any]]) -> str:
 def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Run `{summary['run']}` (config `{summary['config']}`)", "", _dataset_line(summary["stats"]), ""]
     for name in ("table1.md", "table2.md", "stages.md"):
-        path = Path(summary["run"]) / "reports" / name
+        path = run_path(summary["run"]) / "reports" / name
         if path.exists():
             body = path.read_text().strip().splitlines()
             lines += ["#" + body[0], *body[1:], ""]  # one heading level down
-    reports = Path(summary["run"]) / "reports"
+    reports = run_path(summary["run"]) / "reports"
     curves = sorted(p.name for p in reports.glob("finetune-*.png"))
     for name in ("table1.png", "rank_vs_position.png", *curves, "stages.png"):
         if (reports / name).exists():
@@ -152,5 +153,5 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
         lines.append(f"  {'total':<12} {total:8.1f} s ({total / 60:.1f} min)")
     for item in summary["missing"]:
         lines.append(f"missing: {item}")
-    lines.append(f"reports: {Path(summary['run']) / 'reports'}")
+    lines.append(f"reports: {run_path(summary['run']) / 'reports'}")
     return "\n".join(lines)

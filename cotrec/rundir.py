@@ -7,13 +7,15 @@ Every stage writes into a hidden sibling folder first and renames it into place 
 whole, with a `.complete.json` marker that records the fingerprint of the config it was made
 from. A folder without a matching marker is never taken as a finished output, so an interrupted
 stage leaves nothing that looks complete, and a rerun with the same inputs is skipped.
+
+The root may be a URI (`s3://bucket/run`; see `cotrec.storage`): the same layout, published with
+the marker copied last instead of renamed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ import pandas as pd
 
 from cotrec.config import Config
 from cotrec.errors import DataError
+from cotrec.storage import publish_folder, remove_tree, replace_file, run_path
 
 COMPLETE_MARKER = ".complete.json"
 DATA_DIR = "data"  # what `prepare` writes: the tables below and stats.json
@@ -30,15 +33,8 @@ TABLES = ("interactions", "items", "users")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file under a temporary name and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a file whole or not at all (`storage.replace_file`)."""
+    replace_file(lambda target: target.write_text(text), path)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -49,7 +45,7 @@ class RunDir:
     """Paths and completion markers of one run directory."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = run_path(root)
 
     def __truediv__(self, part: str) -> Path:
         return self.root / part
@@ -76,12 +72,14 @@ class RunDir:
         """Yield an empty folder to write a stage's outputs into; publish it only on success.
 
         On success the folder gets its completion marker and replaces `<run>/<stage_dir>`
-        (the old outputs, if any, are removed). On any exception it is deleted.
+        (the old outputs, if any, are removed). On any exception it is deleted; one a killed
+        process left behind is deleted when the stage next starts.
         """
         final = self.root / stage_dir
         final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            remove_tree(stale)
         tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             yield tmp
@@ -89,13 +87,9 @@ class RunDir:
                 tmp / COMPLETE_MARKER,
                 {"stage": stage_dir, "fingerprint": fingerprint, "finished_at": time.time()},
             )
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_folder(tmp, final, last=COMPLETE_MARKER)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
 
 def read_stats(run: RunDir) -> dict[str, Any]:
@@ -109,4 +103,4 @@ def read_table(run: RunDir, name: str) -> pd.DataFrame:
         raise ValueError(name)
     if run.completion(DATA_DIR) is None:
         raise DataError(f"{run / DATA_DIR}: no prepared data; run `cotrec prepare` first")
-    return pd.read_parquet(Path(run / DATA_DIR) / f"{name}.parquet")
+    return pd.read_parquet(str(run / DATA_DIR / f"{name}.parquet"))

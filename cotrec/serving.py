@@ -96,12 +96,12 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
     config = run_config(run)
     rerank = parse_ranker(ranker)[0] != "none"
     user, item = parse_variant(variant)
-    offline_path = (Path(run / ranker_folder(variant, ranker) / "eval" / "metrics.json") if rerank
-                    else Path(run / variant_dir(config, user, item, config.seed)) / "metrics.json")
+    offline_path = (run / ranker_folder(variant, ranker) / "eval" / "metrics.json" if rerank
+                    else run / variant_dir(config, user, item, config.seed) / "metrics.json")
     offline = json.loads(offline_path.read_text()) if offline_path.is_file() else None
     users = read_table(run, "users").sort_values("user_idx")
     if offline is not None and offline.get("sampled_users"):  # the ranker evaluated a seeded sample: the same users
-        evaluated = pd.read_parquet(offline_path.with_name("rankings.parquet"), columns=["user_idx"])["user_idx"]
+        evaluated = pd.read_parquet(str(offline_path.with_name("rankings.parquet")), columns=["user_idx"])["user_idx"]
         users = users[users["user_idx"].isin(set(evaluated))]
     items = read_table(run, "items").sort_values("item_idx")
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))

@@ -548,3 +548,19 @@ def test_the_gpu_check_dry_run_prints_a_plan_whose_commands_parse_and_place_ever
     overrides = [run[i + 1] for i, a in enumerate(run) if a == "--set"]
     config = load_config("demo", overrides)
     assert config.llm.device == "cuda" and config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1
+
+
+def test_the_kuberay_run_directory_is_the_shared_volume_or_a_bucket_the_user_names(tmp_path):
+    import subprocess
+
+    script = [sys.executable, str(REPO / "scripts" / "cluster-files.py"), "--image", TEST_IMAGE]
+    out = subprocess.run([*script, "--run-dir", "s3://team-bucket/runs/gpu-cluster", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    job = yaml.safe_load((tmp_path / "kuberay" / "rayjob.yaml").read_text())["spec"]
+    assert check_command(python_commands(job["entrypoint"])[0]).run_dir == "s3://team-bucket/runs/gpu-cluster"
+    service = yaml.safe_load(yaml.safe_load((tmp_path / "kuberay" / "rayservice.yaml").read_text())["spec"]["serveConfigV2"])
+    assert service["applications"][0]["args"]["run_dir"] == "s3://team-bucket/runs/gpu-cluster"
+    bad = subprocess.run([*script, "--run-dir", "runs/relative", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "COTREC_RUN_DIR" in bad.stderr

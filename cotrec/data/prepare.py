@@ -27,9 +27,9 @@ def prepare(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     prepared = preprocess(raw, config.data)
     prepared.stats["files"] = raw.files
     with run.staged(DATA_DIR, fingerprint) as folder:
-        prepared.interactions.to_parquet(folder / "interactions.parquet", index=False)
-        prepared.items.to_parquet(folder / "items.parquet", index=False)
-        prepared.users.to_parquet(folder / "users.parquet", index=False)
+        prepared.interactions.to_parquet(str(folder / "interactions.parquet"), index=False)
+        prepared.items.to_parquet(str(folder / "items.parquet"), index=False)
+        prepared.users.to_parquet(str(folder / "users.parquet"), index=False)
         prepared.stats["seconds"] = round(time.perf_counter() - started, 3)
         write_json(folder / "stats.json", prepared.stats)
     return {"skipped": False, **prepared.stats}

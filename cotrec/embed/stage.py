@@ -105,10 +105,13 @@ def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str
         matrix = matrix.reshape(len(HORIZONS), -1, matrix.shape[1])
         meta["users_per_horizon"] = {h: int(n) for h, n in zip(HORIZONS, found.sum(axis=1))}
     with run.staged(stage, fp) as folder:
-        np.save(folder / "matrix.npy", matrix)
+        with (folder / "matrix.npy").open("wb") as out:
+            np.save(out, matrix)
         if found is not None:
-            np.save(folder / "found.npy", found)
-        joblib.dump(pipeline, folder / "reduction.joblib")
+            with (folder / "found.npy").open("wb") as out:
+                np.save(out, found)
+        with (folder / "reduction.joblib").open("wb") as out:
+            joblib.dump(pipeline, out)
         write_json(folder / "meta.json", meta)
     return {"skipped": False, **meta}
 
@@ -121,18 +124,22 @@ def embed(config: Config, run: RunDir, force: bool = False,
         if kind not in EMBED_KINDS:
             raise CotrecError(f"embed: unknown kind {kind!r} (kinds: {', '.join(EMBED_KINDS)})")
     done = {kind: _embed_kind(config, run, kind, force) for kind in wanted}
-    missing = [k for k in EMBED_KINDS if k not in wanted]
+    available = available_kinds(run)
+    missing = [k for k in EMBED_KINDS if k not in wanted and k not in available]
     return {"skipped": all(v["skipped"] for v in done.values()), "kinds": done, "not_available": missing,
+            "not_needed": [k for k in EMBED_KINDS if k not in wanted and k in available],
             "folder": str(run / STAGE_DIR)}
 
 
 def load_embedding(config: Config, run: RunDir, kind: str) -> dict[str, np.ndarray]:
     """The `matrix` (and `found` for preference) of one kind, embedding it first when needed."""
     embed(config, run, kinds=[kind])
-    folder = Path(run / STAGE_DIR / kind)
-    out = {"matrix": np.load(folder / "matrix.npy")}
-    if (folder / "found.npy").exists():
-        out["found"] = np.load(folder / "found.npy")
+    folder = run / STAGE_DIR / kind
+    out = {}
+    for name in ("matrix", "found"):
+        if name == "matrix" or (folder / f"{name}.npy").exists():
+            with (folder / f"{name}.npy").open("rb") as saved:
+                out[name] = np.load(saved)
     return out
 
 
@@ -144,4 +151,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{meta['encoder']} -> {meta['reduction']}){state}")
     for kind in summary["not_available"]:
         lines.append(f"{kind:<12} not available (no {PROGRAMS[SOURCES[kind]].folder} output yet)")
+    for kind in summary.get("not_needed", []):
+        lines.append(f"{kind:<12} not needed by this run's grids")
     return "\n".join(lines)

@@ -66,7 +66,7 @@ PROGRAMS = {
 
 
 def output_folder(run: RunDir, kind: str) -> Path:
-    return Path(run / PROGRAMS[kind].folder)
+    return run / PROGRAMS[kind].folder
 
 
 def stored_outputs(run: RunDir, kind: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -78,6 +78,6 @@ def stored_outputs(run: RunDir, kind: str, columns: list[str] | None = None) -> 
         files = shard_files(folder)
         if not files:
             return pd.DataFrame(columns=columns)
-        present = set(pq.read_schema(files[0]).names)
+        present = set(pq.read_schema(str(files[0])).names)
         columns = [c for c in dict.fromkeys([*program.key, *columns, "created_at"]) if c in present]
     return latest_rows(read_shards(folder, columns), program.key)

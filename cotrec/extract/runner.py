@@ -38,6 +38,7 @@ from cotrec.extract.steps import Steps
 from cotrec.llm.base import EngineDeadError
 from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import log
+from cotrec.storage import as_path
 
 # The actor's collector thresholds (generation 0, 1, 2): far rarer than Python's (700, 10, 10),
 # since thousands of waiting programs keep the same live objects for a collection to walk again.
@@ -119,7 +120,7 @@ class ExtractWorker:
                  labels: list[str] | None = None, incremental: bool = False):
         self.engine, self.load_seconds = load_actor_engine(llm)
         self.pool = ProgramPool(kind, self.engine, ExtractConfig.model_validate(extract), domain, labels, incremental)
-        self.folder = Path(folder)
+        self.folder = as_path(folder)
         self.tag = uuid.uuid4().hex[:8]
         self.count = 0
         # Freeze what the imports and the engine left behind out of the collector, which would

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 import uuid
 from operator import itemgetter
@@ -31,6 +29,7 @@ import pyarrow.parquet as pq
 from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
 from cotrec.rundir import COMPLETE_MARKER, write_json
+from cotrec.storage import as_path, remove_tree, replace_file
 
 COMPACT_ROWS = 200_000  # rows per shard when a folder is compacted
 
@@ -46,7 +45,8 @@ class Table(Protocol):
 
 def shard_files(folder: Path) -> list[Path]:
     """The finished shards of a folder, oldest first (names start with a nanosecond clock)."""
-    return sorted(Path(folder).glob("part-*.parquet")) if Path(folder).is_dir() else []
+    folder = as_path(folder)
+    return sorted(folder.glob("part-*.parquet"), key=lambda f: f.name) if folder.is_dir() else []
 
 
 def folder_digest(folder: Path) -> str:
@@ -60,10 +60,9 @@ def write_shard(folder: Path, records: list[dict[str, Any]], schema: pa.Schema, 
     """Write one shard under a hidden name and rename it into place: whole or absent.
     `constants`: columns with one value for every record (a batch's model, prompt version, time)."""
     name = f"part-{time.time_ns():020d}-{tag or uuid.uuid4().hex[:8]}.parquet"
-    final = Path(folder) / name
-    tmp = final.with_name(f".{name}.tmp")
-    pq.write_table(records_table(records, schema, constants or {}), tmp)
-    os.replace(tmp, final)
+    final = as_path(folder) / name
+    table = records_table(records, schema, constants or {})
+    replace_file(lambda target: pq.write_table(table, str(target)), final)
     return final
 
 
@@ -91,7 +90,7 @@ def read_shards(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     files = shard_files(folder)
     if not files:
         return pd.DataFrame(columns=columns or [])
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="permissive").to_pandas()
+    return pa.concat_tables([pq.read_table(str(f), columns=columns) for f in files], promote_options="permissive").to_pandas()
 
 
 def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
@@ -145,7 +144,7 @@ def prepare_folder(folder: Path, settings: str, force: bool) -> None:
         if force or not same:
             if shard_files(folder):
                 log(f"{folder}: {'--force' if force else 'made with other settings'}; starting afresh")
-            shutil.rmtree(folder)
+            remove_tree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPLETE_MARKER).unlink(missing_ok=True)
     if not manifest.exists():

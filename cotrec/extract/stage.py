@@ -119,7 +119,7 @@ def read_pairs(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: no such pairs file")
     try:
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        frame = pd.read_csv(str(path)) if path.suffix == ".csv" else pd.read_parquet(str(path))
     except Exception as exc:  # noqa: BLE001 - the user's file
         raise DataError(f"{path}: cannot read: {exc}") from exc
     missing = [c for c in ("user_idx", "horizon", "item_idx") if c not in frame.columns]

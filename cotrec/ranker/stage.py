@@ -20,7 +20,6 @@ evaluation the `test` horizon, as LlamaRec does; neither ever sees the test targ
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position, plot_traini
 from cotrec.reporting.tables import TABLE2, ranker_label, write_table2
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
+from cotrec.storage import remove_tree
 
 # What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
 EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
@@ -60,7 +60,7 @@ def ranker_folder(variant: str, ranker: str) -> str:
 
 def merged_model(run: RunDir, variant: str, prompt: str) -> Path:
     """Where `ranker train` leaves the fine-tuned checkpoint (adapter merged) of a prompt."""
-    return Path(run / ranker_folder(variant, prompt) / "model" / "merged")
+    return run / ranker_folder(variant, prompt) / "model" / "merged"
 
 
 def _inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
                    "wall_seconds": round(time.perf_counter() - started, 3), **notes}
         write_json(folder / "train.json", summary)
         plot_training_curve(folder / "curve.png", summary)
-        shutil.rmtree(folder / ".ray", ignore_errors=True)
+        remove_tree(folder / ".ray")
     log(f"ranker: {prompt} on {variant}: validation NDCG@10 {summary['base_val_ndcg@10']:.4f} -> "
         f"{summary['best_val_ndcg@10']:.4f}, MAPB {summary['base_val_mapb']:.3f} -> {summary['best_val_mapb']:.3f} "
         f"(best epoch {summary['best_epoch']} of {rc.epochs}; {summary['wall_seconds']:.0f} s)")
@@ -237,7 +237,7 @@ def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, 
     prompt, fine_tuned = parse_ranker(p.ranker)
     rc = config.ranker
     model = p.model[0] if p.model else None
-    retriever_metrics = json.loads((Path(run / variant_dir(config, *parse_variant(p.variant), config.seed))
+    retriever_metrics = json.loads(((run / variant_dir(config, *parse_variant(p.variant), config.seed))
                                     / "metrics.json").read_text())
     result = {"retriever": p.variant, "ranker": p.ranker, "prompt": prompt, "fine_tuned": fine_tuned,
               "split": "test", **metrics, "retriever_ndcg@10": retriever_metrics["ndcg@10"],
@@ -251,7 +251,7 @@ def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, 
                                                      "train_seconds")}
     with run.staged(p.stage, p.fp) as folder:
         write_json(folder / "metrics.json", result)
-        rankings.to_parquet(folder / "rankings.parquet", index=False)
+        rankings.to_parquet(str(folder / "rankings.parquet"), index=False)
     mapb_text = f" mapb {result['mapb']:.3f}" if "mapb" in result else ""
     log(f"ranker: {p.ranker} on {p.variant}: test ndcg@10 {result['ndcg@10']:.4f}{mapb_text} "
         f"(retriever {result['retriever_ndcg@10']:.4f}; {result['wall_seconds']:.0f} s)")
@@ -312,7 +312,7 @@ def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
         for ranker in config.ranker.grid:
             stage = f"{ranker_folder(variant, ranker)}/eval"
             if run.completion(stage) is not None:
-                rows.append({"label": label, **json.loads(Path(run / stage / "metrics.json").read_text())})
+                rows.append({"label": label, **json.loads((run / stage / "metrics.json").read_text())})
     return with_intervals(config, run, rows)
 
 
@@ -322,7 +322,7 @@ def with_intervals(config: Config, run: RunDir, rows: list[dict[str, Any]]) -> l
     for row in rows:
         if row["ranker"] == "none":
             continue
-        rankings = pd.read_parquet(Path(run / ranker_folder(row["retriever"], row["ranker"])) / "eval" / "rankings.parquet",
+        rankings = pd.read_parquet(str(run / ranker_folder(row["retriever"], row["ranker"]) / "eval" / "rankings.parquet"),
                                    columns=["target_rank", "retriever_rank"])
         differences = ndcg_gains(rankings["target_rank"], 10) - ndcg_gains(rankings["retriever_rank"], 10)
         row["ndcg@10_vs_retriever"] = paired_bootstrap(differences, seed=config.seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cotrec.storage import replace_file
+
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only backend (no display on servers and in Ray workers);
@@ -18,11 +20,13 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Write a figure under a temporary name and rename it into place (never half a PNG)."""
+    """Write a figure whole or not at all (`storage.replace_file`): never half a PNG."""
     plt = pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+
+    def write(target: Path) -> None:
+        with target.open("wb") as out:
+            fig.savefig(out, dpi=120, format="png")
+
+    replace_file(write, path)
     plt.close(fig)
-    tmp.replace(path)
     return path

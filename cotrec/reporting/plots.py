@@ -10,6 +10,7 @@ import numpy as np
 from cotrec.reporting.figures import pyplot, save_figure
 from cotrec.reporting.tables import ranker_label
 from cotrec.rundir import RunDir
+from cotrec.storage import as_path
 
 TABLE1_PLOT = "reports/table1.png"
 RANK_PLOT = "reports/rank_vs_position.png"
@@ -30,7 +31,7 @@ def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
     ax.set_title("Table 1: SASRec retriever by initialisation (test, full ranking)")
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, Path(run / TABLE1_PLOT))
+    return save_figure(fig, run / TABLE1_PLOT)
 
 
 def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
@@ -51,7 +52,7 @@ def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[P
     ax.legend(fontsize=8)
     ax.set_title("Position bias: predicted rank vs shown position")
     fig.tight_layout()
-    return save_figure(fig, Path(run / RANK_PLOT))
+    return save_figure(fig, run / RANK_PLOT)
 
 
 def plot_stages(run: RunDir, seconds: dict[str, float], generated_tokens: dict[str, int]) -> Optional[Path]:
@@ -68,7 +69,7 @@ def plot_stages(run: RunDir, seconds: dict[str, float], generated_tokens: dict[s
     ax.set_xlabel("wall time (s)")
     ax.set_title("Time per stage")
     fig.tight_layout()
-    return save_figure(fig, Path(run / STAGES_PLOT))
+    return save_figure(fig, run / STAGES_PLOT)
 
 
 def plot_training_curve(path: Path, train: dict[str, Any]) -> Path:
@@ -90,4 +91,4 @@ def plot_training_curve(path: Path, train: dict[str, Any]) -> Path:
     fig.suptitle(f"{train['prompt']} on {train['retriever']}: {train['train_lists']} training lists, "
                  f"{train['val_lists']} held out")
     fig.tight_layout()
-    return save_figure(fig, Path(path))
+    return save_figure(fig, as_path(path))

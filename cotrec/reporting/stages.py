@@ -36,12 +36,12 @@ def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interru
         records[stage] = {"seconds": round(seconds + earlier, 3), "skipped": skipped, "finished_at": time.time()}
         if earlier:
             records[stage]["of_which_interrupted_seconds"] = round(earlier, 3)
-    write_json(Path(run / STAGES_JSON), records)
+    write_json(run / STAGES_JSON, records)
 
 
 def stage_records(run: RunDir) -> dict[str, dict[str, Any]]:
     try:
-        return json.loads(Path(run / STAGES_JSON).read_text())
+        return json.loads((run / STAGES_JSON).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -74,7 +74,7 @@ def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[st
         lines.append(f"| {stage} | {seconds} | {llm} |")
     total = sum(finished.values())
     lines += ["", f"Total recorded wall time of the finished stages: {total:.1f} s ({total / 60:.1f} min)."]
-    path = Path(run / STAGES_MD)
+    path = run / STAGES_MD
     atomic_write_text(path, "\n".join(lines) + "\n")
     plot_stages(run, {s: finished[s] for s in stage_names if s in finished},
                 {s: u["completion_tokens"] for s, u in usage.items()})

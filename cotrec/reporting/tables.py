@@ -60,7 +60,7 @@ def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
     if capped:
         lines += ["", f"† stopped by retriever.max_epochs ({config.retriever.max_epochs}) before patience ran out, "
                       f"for some seed: {', '.join(capped)}. A higher cap may change these rows."]
-    path = Path(run / TABLE1)
+    path = run / TABLE1
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -90,6 +90,6 @@ def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
         lines.append(f"| {row['label']} ({row['retriever']}) | {ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
                      f"{interval(row, 'ndcg@10_vs_retriever')} | {row['hit@1']:.4f} | {mapb} | "
                      f"{row['ranked_users']} |")
-    path = Path(run / TABLE2)
+    path = run / TABLE2
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -22,10 +22,12 @@ from cotrec.config import RetrieverConfig
 from cotrec.progress import Progress
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.storage import as_path
 
 
 def load_model(path: str | Path, device: str = "cpu") -> SASRec:
-    state = torch.load(path, map_location=device, weights_only=False)
+    with as_path(path).open("rb") as saved:  # a run directory's file, on disk or on a store
+        state = torch.load(saved, map_location=device, weights_only=False)
     model = SASRec(SASRecConfig(**state["sasrec"])).to(device)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -14,7 +14,6 @@ it starts from, so a rerun with the same inputs is skipped.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +37,7 @@ from cotrec.retriever.train import fit, peak_memory_mb
 from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
                                        variant_dir, variant_name)
 from cotrec.rundir import RunDir, read_table, write_json
+from cotrec.storage import as_path, remove_tree
 
 
 def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
@@ -86,7 +86,8 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
     with run.staged(stage, fp) as folder:
         state, result = fit(job, rc, folder / ".ray")
         trained = time.perf_counter()
-        torch.save(state, folder / "model.pt")  # what the evaluation loads, here or in its actors
+        with (folder / "model.pt").open("wb") as out:  # what the evaluation loads, here or in its actors
+            torch.save(state, out)
         queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", rc.max_len)}
         scored, actors = score_splits(rc, folder / "model.pt", queries, on_actors=in_ray_job())
         users_per_second = sum(len(q["users"]) for q in queries.values()) / max(time.perf_counter() - trained, 1e-9)
@@ -114,8 +115,8 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         }
         write_json(folder / "metrics.json", metrics)
         write_json(folder / "history.json", result["history"])
-        candidates.to_parquet(folder / "candidates.parquet", index=False)
-        shutil.rmtree(folder / ".ray", ignore_errors=True)
+        candidates.to_parquet(str(folder / "candidates.parquet"), index=False)
+        remove_tree(folder / ".ray")
     log(f"retriever: {variant_name(user, item)} seed {seed}: test ndcg@10 {metrics['ndcg@10']:.4f} "
         f"hit@10 {metrics['hit@10']:.4f} (best epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
     return {"skipped": False, "folder": str(run / stage), **metrics}
@@ -125,11 +126,12 @@ def load_retriever(config: Config, run: RunDir, variant: str, unknown_user: bool
     """A trained variant's SASRec (the config seed's, in eval mode). `unknown_user`: a user-token model
     gets one more user row, the mean of the others, for users it has never seen."""
     user, item = parse_variant(variant)
-    folder = Path(run / variant_dir(config, user, item, config.seed))
+    folder = run / variant_dir(config, user, item, config.seed)
     if not (folder / "model.pt").is_file():
         raise DataError(f"{folder}: no trained retriever (model.pt); run `cotrec retriever train "
                         f"--variant {user}/{item}` first")
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
+    with (folder / "model.pt").open("rb") as saved:
+        state = torch.load(saved, map_location="cpu", weights_only=False)
     cfg, weights = SASRecConfig(**state["sasrec"]), dict(state["model"])
     if cfg.user_token and unknown_user:
         table = weights["user_emb.weight"]
@@ -141,7 +143,7 @@ def load_retriever(config: Config, run: RunDir, variant: str, unknown_user: bool
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "metrics.json").read_text())
+    return json.loads((as_path(folder) / "metrics.json").read_text())
 
 
 def format_train_summary(summary: dict[str, Any]) -> str:
@@ -207,7 +209,7 @@ BASELINE = "none/random"  # Table 1's first row: what every other row is compare
 def test_gains(config: Config, run: RunDir, variant: str, seed: int) -> np.ndarray:
     """A trained variant's test NDCG@10 per user (in user order), from its candidates table."""
     user, item = parse_variant(variant)
-    table = pd.read_parquet(Path(run / variant_dir(config, user, item, seed)) / "candidates.parquet",
+    table = pd.read_parquet(str(run / variant_dir(config, user, item, seed) / "candidates.parquet"),
                             columns=["user_idx", "split", "target_rank"])
     test = table[table["split"] == "test"].sort_values("user_idx")
     return ndcg_gains(test["target_rank"].to_numpy(), 10)

@@ -36,6 +36,7 @@ from cotrec.metrics import ranking_metrics
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.storage import location
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -223,7 +224,7 @@ def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict
             torch.set_num_threads(threads)
         return result.pop("best_state"), result
 
-    result = fit_torch_trainer(train_loop, job, name="train", storage=str(Path(storage).resolve()),
+    result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     with result.checkpoint.as_directory() as folder:
