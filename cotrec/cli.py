@@ -298,6 +298,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from cotrec.bench.scale import bench_scale, format_bench
+
+    try:
+        sizes = [int(s.replace("_", "")) for s in args.users.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 10:
+        raise CotrecError(f"--users {args.users!r}: expected comma-separated user counts of at least 10, e.g. 10000,100000")
+    out = Path(args.out)
+    print(format_bench(bench_scale(args.config or "ml-100k", sizes, args.overrides, out, Path(args.run_root), args.keep)))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from cotrec.bench.faults import SCENARIOS, bench_faults, format_bench
 
@@ -487,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
                               help="SYNTHETIC users in the actor scenario (default 200,000)")
     bench_faults.add_argument("--out", default="bench/faults.json", help="JSON output path")
     bench_faults.set_defaults(handler=cmd_bench_faults)
+
+    bench_scale = benches.add_parser("scale", help="the main job on SYNTHETIC users with the zero-latency engine and "
+                                                   "the zero-cost encoder: per stage, wall, users/s, CPU and memory")
+    bench_scale.add_argument("--config", "-c", metavar="NAME|PATH", help="the base preset (default: ml-100k)")
+    bench_scale.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config key after the bench's own settings (repeatable)")
+    bench_scale.add_argument("--users", default="10000,100000,1000000", help="comma-separated sizes")
+    bench_scale.add_argument("--run-root", default="runs/scale", help="where each size's run directory goes")
+    bench_scale.add_argument("--keep", action="store_true", help="keep each size's run directory")
+    bench_scale.add_argument("--out", default="bench/scale.json", help="JSON output path (the plot beside it)")
+    bench_scale.set_defaults(handler=cmd_bench_scale)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -12,8 +12,9 @@ an unchanged run costs seconds. A stage that none of the configured grids reads 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import ray
 
@@ -153,8 +154,10 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage in order on one Ray session; returns per-stage summaries and timings."""
+def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print,
+                 measure: Callable[[str], ContextManager[Any]] = lambda stage: nullcontext()) -> dict[str, Any]:
+    """Run every stage in order on one Ray session; returns per-stage summaries and timings.
+    `measure(stage)`: a context each stage runs in (the scale bench samples CPU and memory there)."""
     started_ray = ensure_ray()  # one Ray session for all stages: no start-up per stage
     results: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
@@ -172,7 +175,8 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
             timed = stage.name != "report"  # the report renders stages.json; its own time is not recorded
             t0 = time.perf_counter()
             try:
-                summary = stage.run(config, run, force)
+                with measure(stage.name):
+                    summary = stage.run(config, run, force)
             except BaseException:  # killed or failed: keep the attempt's time for the one that finishes
                 if timed:
                     record_stage(run, stage.name, time.perf_counter() - t0, skipped=False, interrupted=True)

@@ -72,6 +72,20 @@ def test_pipeline_orchestration_with_fake_stages_skips_and_keeps_the_working_tim
     run_pipeline(DEMO, run, force=True, echo=lines.append)
     assert "last_checked_at" not in stage_records(run)["a"]
 
+    from contextlib import contextmanager
+
+    around = []
+
+    @contextmanager
+    def measure(stage):  # what the scale bench samples CPU and memory in: each stage's own run
+        around.append(("enter", stage, len(calls)))
+        yield
+        around.append(("exit", stage, len(calls)))
+
+    run_pipeline(DEMO, run, echo=lines.append, measure=measure)
+    n = len(calls)
+    assert around == [("enter", "a", n - 2), ("exit", "a", n - 1), ("enter", "b", n - 1), ("exit", "b", n)]
+
 
 def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, monkeypatch):
     """FAKE stages (orchestration): an error propagates, nothing after it runs."""

@@ -17,7 +17,8 @@ class MemorySampler:
         self.psutil = psutil
         self.interval = interval
         self.me = psutil.Process()
-        self.peak = {"driver_rss_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0}
+        self.peak = {"driver_rss_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0,
+                     "largest_process_rss_mb": 0.0}  # the largest single Ray worker (an actor, a Train worker)
         self.cpu: dict[int, tuple[str, str, float]] = {}  # pid -> (kind, name, user + system seconds)
         self._cpu_start = sum(self.me.cpu_times()[:2])
         self._baseline: dict[int, float] = {}  # CPU seconds of processes that were there before sampling
@@ -51,6 +52,7 @@ class MemorySampler:
             self.cpu[child.pid] = (kind, name, cpu)
             if name.startswith("ray::"):
                 workers += rss
+                self.peak["largest_process_rss_mb"] = max(self.peak["largest_process_rss_mb"], round(rss, 1))
             else:
                 others += rss
         for key, value in (("driver_rss_mb", driver), ("ray_workers_rss_mb", workers),

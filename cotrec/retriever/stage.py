@@ -84,10 +84,8 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         f"worker(s)) on {len(job['windows']['users']):,} windows of {seqs.num_users:,} users, "
         f"{seqs.num_items:,} items")
     with run.staged(stage, fp) as folder:
-        state, result = fit(job, rc, folder / ".ray")
+        result = fit(job, rc, folder / ".ray", folder / "model.pt")  # what the evaluation loads
         trained = time.perf_counter()
-        with (folder / "model.pt").open("wb") as out:  # what the evaluation loads, here or in its actors
-            torch.save(state, out)
         queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", rc.max_len)}
         scored, actors = score_splits(rc, folder / "model.pt", queries, on_actors=in_ray_job())
         users_per_second = sum(len(q["users"]) for q in queries.values()) / max(time.perf_counter() - trained, 1e-9)
@@ -103,10 +101,10 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
             "split": "test", **{k: v for k, v in evaluated["test"].items()},
             "valid": {"split": "valid", **evaluated["valid"]},
             "seed": seed, "mask_history": rc.mask_history, "ks": list(rc.ks), "top_m": rc.top_m,
-            "best_epoch": state["epoch"], "epochs": len(result["history"]),
+            "best_epoch": result["best_epoch"], "epochs": len(result["history"]),
             # patience never ran out: the cap ended the training, and a longer one might do better
             "stopped_by_max_epochs": len(result["history"]) == rc.max_epochs
-                                     and result["history"][-1]["epoch"] - state["epoch"] < rc.patience,
+                                     and result["history"][-1]["epoch"] - result["best_epoch"] < rc.patience,
             "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss, "scoring_actors": actors,
             "train_seconds": round(trained - started, 3),
             "wall_seconds": round(time.perf_counter() - started, 3),

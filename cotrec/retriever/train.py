@@ -10,10 +10,11 @@ The loop stops after `patience` epochs without improvement or at `max_epochs`.
 Every `checkpoint_every` epochs and at the end, rank 0 reports a checkpoint holding the training
 state (weights, optimiser, epoch, early-stopping counters, history) and the best state so far.
 When a worker dies, Ray Train restarts the group (`max_failures`) and every worker resumes from
-that checkpoint (`ray.train.get_checkpoint`), not from epoch 0; the last checkpoint's best state
-is the trained model.
+that checkpoint (`ray.train.get_checkpoint`), not from epoch 0. At the end rank 0 saves the best
+state as `model.pt` in the stage's folder (on disk or on a store), so the weights never pass
+through the driver.
 
-`fit(job, rcfg, storage)` launches it: Ray Train's TorchTrainer (workers, CPUs and GPUs per
+`fit(job, rcfg, storage, model_out)` launches it: Ray Train's TorchTrainer (workers, CPUs and GPUs per
 worker from the config; gloo on CPU, nccl on GPU) or, with `trainer: local`, a plain call.
 """
 
@@ -36,7 +37,7 @@ from cotrec.metrics import ranking_metrics
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
-from cotrec.storage import location
+from cotrec.storage import as_path, location
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -51,12 +52,8 @@ class _Local:
 
     world_rank, world_size = 0, 1
 
-    def __init__(self):
-        self.last: Optional[dict[str, Any]] = None
-
     def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
-        if state is not None:
-            self.last = state
+        pass
 
     def resume_state(self) -> Optional[dict[str, Any]]:
         return None
@@ -205,28 +202,32 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                   flush=True)
         if stop:
             break
-    out: dict[str, Any] = {"history": history, "best_epoch": best_epoch, "best_valid_ndcg@10": best,
-                           "world_size": world, "seconds": time.perf_counter() - started,
-                           "resumed_after_epoch": None if resumed is None else resumed["epoch"]}
-    if job.get("local"):
-        out["best_state"] = ctx.last["best_state"]
-    return out
+    if rank == 0:  # the trained model goes where the stage publishes it, not back through the driver
+        save_model(best_state, job["model_out"])
+    return {"history": history, "best_epoch": best_epoch, "best_valid_ndcg@10": best, "world_size": world,
+            "seconds": time.perf_counter() - started,
+            "resumed_after_epoch": None if resumed is None else resumed["epoch"]}
 
 
-def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train with the configured trainer; returns (best checkpoint state, the loop's result)."""
+def save_model(state: dict[str, Any], path: str) -> None:
+    """`model.pt` ({"model": state dict, "sasrec": config fields, "epoch", "valid_ndcg@10"}), on disk
+    or on a store: what the evaluation actors and `load_retriever` load."""
+    with as_path(path).open("wb") as out:
+        torch.save(state, out)
+
+
+def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path, model_out: Path) -> dict[str, Any]:
+    """Train with the configured trainer; the best epoch's model is saved at `model_out` (by the
+    worker of rank 0: the driver never holds the weights); returns the loop's result."""
     use_gpu = rcfg.gpus_per_worker > 0
+    job = {**job, "model_out": location(model_out)}
     if rcfg.trainer == "local":
         threads = torch.get_num_threads()
         try:
-            result = train_loop({**job, "local": True, "use_gpu": use_gpu})
+            return train_loop({**job, "local": True, "use_gpu": use_gpu})
         finally:
             torch.set_num_threads(threads)
-        return result.pop("best_state"), result
-
     result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
-    with result.checkpoint.as_directory() as folder:
-        last = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    return last["best_state"], result.return_value
+    return result.return_value
