@@ -313,6 +313,32 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from cotrec.bench.models import bench_models, format_bench
+
+    config = load_config(args.config, args.overrides)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    print(format_bench(bench_models(config, args.out, parts, args.rounds)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cotrec.plan import format_plan, parse_throughput, plan, write_plan
+
+    config = load_config(args.config, args.overrides)
+    root = run_path(args.run_dir or Path("runs") / config_name(args.config))
+    if not (root / "data" / "stats.json").is_file():
+        raise CotrecError(f"{root}: not a prepared run directory (no data/stats.json); the plan reads the work "
+                          "per user from a finished run (`cotrec run`), passed as --run-dir")
+    result = plan(config, RunDir(root), args.users, args.items, Path(args.models), parse_throughput(args.throughput))
+    write_plan(result, Path(args.out) if args.out else None)
+    print(format_plan(result))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from cotrec.bench.faults import SCENARIOS, bench_faults, format_bench
 
@@ -513,6 +539,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scale.add_argument("--keep", action="store_true", help="keep each size's run directory")
     bench_scale.add_argument("--out", default="bench/scale.json", help="JSON output path (the plot beside it)")
     bench_scale.set_defaults(handler=cmd_bench_scale)
+    bench_models = benches.add_parser("models", help="the real models' throughput per worker on this machine: LLM "
+                                      "prompt/generated tokens/s, encoder texts/s, SASRec windows/s (what `plan` uses)")
+    _add_config_options(bench_models)
+    bench_models.add_argument("--parts", default="llm,encoder,sasrec", help="comma-separated: llm, encoder, sasrec")
+    bench_models.add_argument("--rounds", type=int, default=3, help="timed rounds per part; figures are their median")
+    bench_models.add_argument("--out", default="bench/models.json", help="JSON output path")
+    bench_models.set_defaults(handler=cmd_bench_models)
+
+    pln = commands.add_parser("plan", help="worker-hours per stage for N users: a run's measured work per user over "
+                                           "`bench models` throughput (parameters for GPU stages)")
+    _add_config_options(pln)
+    pln.add_argument("--run-dir", "-r", metavar="DIR", help="a finished run whose work per user is measured; "
+                     "default: runs/<config name>")
+    pln.add_argument("--users", type=int, required=True, help="users to plan for")
+    pln.add_argument("--items", type=int, help="catalogue size to plan for (default: the run's)")
+    pln.add_argument("--models", default="bench/models.json", help="`cotrec bench models` output (per-worker throughput)")
+    pln.add_argument("--throughput", action="append", default=[], metavar="KEY=VALUE",
+                     help="a per-worker rate to use instead, e.g. llm.generated_tokens_per_s=2500 (repeatable)")
+    pln.add_argument("--out", help="also write the plan as JSON here")
+    pln.set_defaults(handler=cmd_plan)
 
     model = commands.add_parser("model", help="the LLM's weights")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -142,6 +142,9 @@ class RetrieverConfig(Section):
     loss: Literal["ce", "sampled"] = "ce"
     negatives: int = Field(1024, ge=1)
     sampler: Literal["popularity", "uniform"] = "popularity"
+    # Past this many items the full softmax's per-target cost (every item) dominates training: a
+    # run with `loss: ce` says so and advises `loss: sampled` (the plan too). None: never advise.
+    sampled_above_items: Optional[int] = Field(100_000, ge=1)
     # Evaluation: Hit@K / NDCG@K for these K; top-M candidates per user; mask seen items.
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     top_m: int = Field(10, ge=1)

@@ -272,7 +272,7 @@ def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on
     result = train_variant(config, run, "none/random")
     assert result["scoring_actors"] == 1  # in a Ray job the evaluation went to an actor
     job, seqs, _ = _build_job(config, run, "none", "random", config.seed)
-    queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", config.retriever.max_len)}
+    queries = {split: eval_queries(seqs, split, config.retriever.max_len) for split in ("valid", "test")}
     model_path = Path(result["folder"]) / "model.pt"
     here, _ = scoring.score_splits(config.retriever, model_path, queries, on_actors=False)
 
@@ -292,3 +292,14 @@ def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on
     candidates = pd.read_parquet(Path(result["folder"]) / "candidates.parquet")
     test = candidates[candidates.split == "test"].sort_values("user_idx")
     assert test.target_rank.tolist() == on_one["test"]["ranks"].tolist()
+
+
+def test_a_catalogue_past_the_threshold_with_the_full_softmax_is_advised_to_sample(tmp_path, capsys):
+    config, run = small_run(tmp_path, "retriever.sampled_above_items=50", "retriever.max_epochs=1")
+    assert not train_variant(config, run, "none/random")["skipped"]
+    err = capsys.readouterr().err
+    assert "80 items is past retriever.sampled_above_items (50)" in err and "set retriever.loss=sampled" in err
+    # the threshold is advice, not a setting of the model: changing it retrains nothing
+    quiet = config.model_copy(update={"retriever": config.retriever.model_copy(update={"sampled_above_items": None})})
+    assert train_variant(quiet, run, "none/random")["skipped"]
+    assert "sampled_above_items" not in capsys.readouterr().err

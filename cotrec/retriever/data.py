@@ -48,6 +48,22 @@ class Sequences:
         train = [train_items[bounds[u]:bounds[u + 1]] for u in range(num_users)]
         return cls(num_users, num_items, train, valid, test)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat (CSR) arrays: a fraction of the training rows' size, so a job ships these and each
+        Train worker cuts its own rows."""
+        lengths = np.fromiter((len(t) for t in self.train), dtype=np.int64, count=self.num_users)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.concatenate(self.train) if self.num_users else np.zeros(0, dtype=np.int64)
+        return {"num_users": np.int64(self.num_users), "num_items": np.int64(self.num_items), "train_items": flat,
+                "train_indptr": indptr, "valid": self.valid, "test": self.test}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Sequences":
+        flat, indptr = arrays["train_items"], arrays["train_indptr"]
+        num_users = int(arrays["num_users"])
+        return cls(num_users, int(arrays["num_items"]), [flat[indptr[u]:indptr[u + 1]] for u in range(num_users)],
+                   arrays["valid"], arrays["test"])
+
     def history(self, split: str, user: int) -> np.ndarray:
         """The items a user has seen before the split's target."""
         return self.train[user] if split == "valid" else np.append(self.train[user], self.valid[user])

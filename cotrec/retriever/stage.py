@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 
 from cotrec.cluster import in_ray_job
-from cotrec.config import Config
+from cotrec.config import Config, RetrieverConfig
 from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
 from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
-from cotrec.retriever.data import Sequences, eval_queries, training_rows
+from cotrec.retriever.data import Sequences, eval_queries
 from cotrec.retriever.evaluate import split_results
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.scoring import score_splits
@@ -42,8 +42,8 @@ from cotrec.storage import as_path, remove_tree
 
 def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
     # What one variant's training depends on: data + retriever settings, minus the grid's own keys
-    # (asking for more seeds must not retrain the seeds already done).
-    retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds"})
+    # (asking for more seeds must not retrain the seeds already done) and the advice threshold.
+    retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds", "sampled_above_items"})
     return fingerprint({"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
                         "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)})
 
@@ -56,15 +56,19 @@ def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> 
     model = {"num_items": seqs.num_items, "num_users": seqs.num_users if user != "none" else 0,
              "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads, "ffn_mult": rc.ffn_mult,
              "dropout": rc.dropout}
-    windows = training_rows(seqs, rc.max_len, user_token=user != "none", stride=rc.train_stride)
     counts = np.bincount(np.concatenate(seqs.train), minlength=seqs.num_items)
+    # The histories, not the training rows: each worker cuts its rows and valid queries from them.
     job = {"name": variant_name(user, item), "seed": seed, "model": model, "item_init": item_init,
-           "user_init": user_init, "windows": windows, "valid": eval_queries(seqs, "valid", rc.max_len),
+           "user_init": user_init, "sequences": seqs.to_arrays(), "train_stride": rc.train_stride,
            "item_counts": counts, "lr": rc.lr, "weight_decay": rc.weight_decay, "batch_size": rc.batch_size,
            "max_epochs": rc.max_epochs, "patience": rc.patience, "loss": rc.loss, "negatives": rc.negatives,
            "sampler": rc.sampler, "mask_history": rc.mask_history, "eval_batch_size": rc.eval_batch_size,
            "cpus_per_worker": rc.cpus_per_worker, "checkpoint_every": rc.checkpoint_every, "log": True}
     return job, seqs, notes
+
+
+def full_softmax_too_wide(rc: RetrieverConfig, num_items: int) -> bool:
+    return rc.loss == "ce" and rc.sampled_above_items is not None and num_items > rc.sampled_above_items
 
 
 def train_variant(config: Config, run: RunDir, variant: str = "none/random", seed: Optional[int] = None,
@@ -80,13 +84,16 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
     rc = config.retriever
     started = time.perf_counter()
     job, seqs, notes = _build_job(config, run, user, item, seed)
+    if full_softmax_too_wide(rc, seqs.num_items):
+        log(f"retriever: {seqs.num_items:,} items is past retriever.sampled_above_items ({rc.sampled_above_items:,}): "
+            f"the full softmax scores every item for every target; set retriever.loss=sampled to train on "
+            f"{rc.negatives:,} sampled negatives instead")
     log(f"retriever: training {variant_name(user, item)} seed {seed} ({rc.trainer}, {rc.num_workers} "
-        f"worker(s)) on {len(job['windows']['users']):,} windows of {seqs.num_users:,} users, "
-        f"{seqs.num_items:,} items")
+        f"worker(s)) on the histories of {seqs.num_users:,} users, {seqs.num_items:,} items")
     with run.staged(stage, fp) as folder:
         result = fit(job, rc, folder / ".ray", folder / "model.pt")  # what the evaluation loads
         trained = time.perf_counter()
-        queries = {"valid": job["valid"], "test": eval_queries(seqs, "test", rc.max_len)}
+        queries = {split: eval_queries(seqs, split, rc.max_len) for split in ("valid", "test")}
         scored, actors = score_splits(rc, folder / "model.pt", queries, on_actors=in_ray_job())
         users_per_second = sum(len(q["users"]) for q in queries.values()) / max(time.perf_counter() - trained, 1e-9)
         evaluated, tables = {}, []

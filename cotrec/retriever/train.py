@@ -34,6 +34,7 @@ import torch
 from cotrec.cluster import fit_torch_trainer
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
+from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
@@ -125,7 +126,12 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     sampled = (SampledSoftmax(job["item_counts"], job["negatives"], job["sampler"])
                if job["loss"] == "sampled" else None)
 
-    windows, queries = job["windows"], job["valid"]
+    seqs = Sequences.from_arrays(job["sequences"])
+    windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
+    queries = eval_queries(seqs, "valid", cfg.max_len)
+    del seqs
+    if rank == 0 and job.get("log"):
+        print(f"[retriever {job.get('name', '')}] {len(windows['users']):,} training rows per epoch", flush=True)
     rows_total = len(windows["users"]) // world * world    # equal shards: same step count everywhere
     per_worker = max(1, math.ceil(job["batch_size"] / world))
     steps = math.ceil(rows_total / world / per_worker)

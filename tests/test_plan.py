@@ -1,0 +1,118 @@
+"""`cotrec plan` and `cotrec bench models`: a run's measured work per user over one worker's throughput.
+
+The run is the small synthetic one of the retriever tests, with a real Encode & Map (zero-cost
+encoder) and a real SASRec training; the extraction shards are SYNTHETIC with known token counts,
+so the plan's arithmetic can be checked exactly. `bench models` measures the encoder and SASRec
+parts for real (tiny sizes); the LLM rates are given, as `--throughput` does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from cotrec.bench.models import bench_models
+from cotrec.config import load_config
+from cotrec.embed import embed
+from cotrec.errors import CotrecError
+from cotrec.plan import GPU_PARAMETERS, parse_throughput, plan
+from cotrec.reporting.stages import record_stage
+from cotrec.retriever import train_variant
+from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
+
+USERS, ITEMS = 60, 80
+LLM_RATES = {"llm.prompt_tokens_per_s": 100.0, "llm.generated_tokens_per_s": 10.0}
+SETTINGS = FAST_RETRIEVER + ("retriever.grid=[none/random]", "retriever.grid_seeds=1", "retriever.max_epochs=3",
+                             "embed.model=zero-cost", "ranker.grid=[none]")
+
+
+def _with_usage(folder, prompt_tokens: int, completion_tokens: int) -> None:
+    table = pd.read_parquet(folder / "part-0.parquet")
+    table.assign(calls=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens).to_parquet(
+        folder / "part-0.parquet", index=False)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    config, run = synthetic_run(root / "run", users=USERS, items=ITEMS, config_overrides=SETTINGS)
+    fake_extraction(run)
+    _with_usage(run / "extract" / "item_descriptions", 50, 20)   # per item
+    _with_usage(run / "extract" / "preferences", 100, 30)        # per (user, horizon): 3 horizons
+    embed(config, run)
+    trained = train_variant(config, run, "none/random")
+    models = root / "models.json"
+    bench_models(config, models, parts=("encoder", "sasrec"), rounds=1, texts=16, sasrec_steps=2)
+    return config, run, models, trained
+
+
+def _rows(result):
+    return {row["stage"]: row for row in result["rows"]}
+
+
+def test_the_plan_multiplies_the_runs_work_per_user_by_users_over_the_measured_rates(measured):
+    config, run, models, trained = measured
+    bench = json.loads(models.read_text())
+    assert {"encoder", "sasrec"} <= set(bench) and "llm" not in bench
+    assert [c["items"] for c in bench["sasrec"]["catalogues"]] == [1_000, 20_000]
+
+    small = plan(config, run, 1_000, None, models, LLM_RATES)
+    rows = _rows(small)
+    assert list(rows) == ["items", "preferences", "embed", "retriever training", "retriever evaluation"]
+    prefs = rows["preferences"]
+    assert prefs["per"] == "user" and prefs["per_unit"] == pytest.approx(3 * (100 + 30))
+    assert prefs["worker_hours"] == pytest.approx(1_000 * 3 * (100 / 100 + 30 / 10) / 3600)
+    assert prefs["source"] == "given (--throughput)"
+    items = rows["items"]   # the catalogue, not the users, sets the item stage: the run's 80 items
+    assert items["per"] == "item" and items["total"] == pytest.approx(ITEMS * 70)
+    assert rows["embed"]["total"] == pytest.approx(1_000 * 3 + ITEMS * 2)   # 3 horizons; caption + description
+    assert rows["embed"]["source"] == "measured (encoder bench)"
+    training = rows["retriever training"]
+    assert str(trained["epochs"]) in training["work"] and training["source"] == "measured (sasrec bench)"
+
+    large = _rows(plan(config, run, 4_000, None, models, LLM_RATES))
+    for stage in ("preferences", "retriever training", "retriever evaluation"):
+        assert large[stage]["worker_hours"] == pytest.approx(4 * rows[stage]["worker_hours"])
+    assert large["embed"]["total"] == pytest.approx(4_000 * 3 + ITEMS * 2)
+    assert large["items"]["worker_hours"] == pytest.approx(items["worker_hours"])
+    # beside the plan, the run's own recorded stage time against the plan at the run's size
+    record_stage(run, "preferences", 12.0, False)
+    check = {c["stage"]: c for c in plan(config, run, 1_000, None, models, LLM_RATES)["check"]}
+    assert check["preferences"]["run_s"] == 12.0
+    assert check["preferences"]["planned_s"] == pytest.approx(USERS * 3 * (100 / 100 + 30 / 10), abs=0.1)
+    # a larger catalogue: more item descriptions, and a full softmax that costs more per window
+    wide = _rows(plan(config, run, 1_000, 200_000, models, LLM_RATES))
+    assert wide["items"]["total"] == pytest.approx(200_000 * 70)
+    assert wide["retriever training"]["rate_per_worker"] < training["rate_per_worker"]
+    assert "past retriever.sampled_above_items" in wide["retriever training"]["work"]
+    assert "sampled_above_items" not in training["work"]
+
+
+def test_stages_a_preset_places_on_gpus_take_parameters_and_say_so(measured):
+    _, run, models, _ = measured
+    gpu = load_config("gpu-cluster", list(SETTINGS[:-1]) + ["retriever.gpus_per_worker=1"])
+    rows = _rows(plan(gpu, run, 1_000, None, models, {}))
+    assert rows["preferences"]["source"] == "parameter (GPU, not measured)"
+    assert rows["retriever training"]["rate_per_worker"] == GPU_PARAMETERS["sasrec.train_windows_per_s"]
+    assert rows["embed"]["source"].startswith("measured")     # the preset leaves the encoder on CPUs
+    assert rows["preferences"]["workers"] == gpu.extract.max_actors
+    assert rows["preferences"]["wall_hours"] == pytest.approx(rows["preferences"]["worker_hours"] / gpu.extract.max_actors)
+
+
+def test_plan_inputs_that_cannot_be_used_are_one_line_errors(measured, tmp_path, cli):
+    config, run, models, _ = measured
+    with pytest.raises(CotrecError, match="has no llm bench"):
+        plan(config, run, 1_000, None, models, {})
+    with pytest.raises(CotrecError, match="'llm.speed=3': expected KEY=VALUE"):
+        parse_throughput(["llm.speed=3"])
+    out = cli("plan", "--run-dir", str(run.root), "--users", "1000", "--models", str(tmp_path / "none.json"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "run `cotrec bench models" in out.stderr
+    out = cli("plan", "--run-dir", str(tmp_path / "empty"), "--users", "1000", "--models", str(models))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no data/stats.json" in out.stderr
+    out = cli("plan", "--config", str(run.root / "config.yaml"), "--run-dir", str(run.root), "--users", "1000",
+              "--models", str(models), "--throughput", "llm.prompt_tokens_per_s=100",
+              "--throughput", "llm.generated_tokens_per_s=10", "--out", str(tmp_path / "plan.json"))
+    assert out.returncode == 0, out.stderr
+    assert "retriever training" in out.stdout and json.loads((tmp_path / "plan.json").read_text())["users"] == 1000
