@@ -105,6 +105,10 @@ class EmbedConfig(Section):
     batch_size: int = Field(64, ge=1)
     # scikit-learn reduction to `retriever.dim`: pca, svd (TruncatedSVD) or random_projection.
     reduction: Literal["pca", "svd", "random_projection"] = "pca"
+    # With more texts to fit on than this, the reduction is fitted on a seeded sample of them and
+    # the actors map the rest as they encode it, so the driver never holds every encoder-width
+    # vector. None: fit on all.
+    fit_sample: Optional[int] = Field(50_000, ge=2)
     # The encoders run on a Ray Data actor pool of up to max_actors actors, each with these resources
     # (its torch threads: its CPUs); the driver loads no encoder.
     max_actors: int = Field(1, ge=1)

@@ -78,6 +78,30 @@ def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_pat
     assert not again["kinds"]["description"]["skipped"] and again["kinds"]["description"]["covered"] == 80
 
 
+def test_past_fit_sample_the_map_is_fitted_on_a_seeded_sample_and_maps_every_text(tmp_path, encoder):
+    from cotrec.embed.mapping import apply_map, fit_map
+    from cotrec.embed.stage import fingerprint
+
+    config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16", "embed.fit_sample=20"))
+    fake_extraction(run)
+    summary = embed(config, run)
+    caption, preference = summary["kinds"]["caption"], summary["kinds"]["preference"]
+    assert (caption["fit_rows"], caption["fit_sampled_from"]) == (20, 80)
+    assert (preference["fit_rows"], preference["fit_sampled_from"], preference["fit_on"]) == (20, 60, "train horizon")
+    assert preference["encoder_dim"] == 384
+    # the same as encoding every caption here, fitting on the seeded 20 and mapping all 80
+    captions = pd.read_parquet(tmp_path / "run" / "data" / "items.parquet").caption.tolist()
+    vectors = encode(encoder, captions, batch_size=64)
+    sample = np.sort(np.random.default_rng(config.seed).choice(np.arange(80), 20, replace=False))
+    expected = apply_map(fit_map(vectors[sample], "pca", 16), vectors)
+    matrix = load_embedding(config, run, "caption")["matrix"]
+    assert matrix.shape == (80, 16) and np.allclose(matrix, expected, atol=1e-4)
+    # a sample larger than the catalogue binds nothing: the fingerprint is that of no sample
+    wide, unset = config.model_copy(deep=True), config.model_copy(deep=True)
+    wide.embed.fit_sample, unset.embed.fit_sample = 1_000, None
+    assert fingerprint(wide, run, "caption") == fingerprint(unset, run, "caption") != fingerprint(config, run, "caption")
+
+
 @pytest.mark.slow
 def test_in_a_ray_job_encoders_run_on_actors_and_a_vector_does_not_depend_on_their_number(tmp_path, monkeypatch,
                                                                                           encoder):
@@ -99,9 +123,14 @@ def test_in_a_ray_job_encoders_run_on_actors_and_a_vector_does_not_depend_on_the
     missing = config.model_copy(deep=True)
     missing.embed.model = "/nonexistent/encoder"
     ray.init(address="local", num_cpus=2, include_dashboard=False)
+    sampled_one, sampled_two = config.model_copy(deep=True), two.model_copy(deep=True)
+    sampled_one.embed.fit_sample = sampled_two.embed.fit_sample = 20
     try:
         on_one = stage.encode_distinct(config, texts, "caption")
         on_two = stage.encode_distinct(two, texts, "caption")
+        # past the fit sample the actors map what they encode: the same vectors on one or two
+        mapped_one, _, fitted = stage.encode_and_map(sampled_one, texts, np.arange(len(texts)), "caption")
+        mapped_two, _, _ = stage.encode_and_map(sampled_two, texts, np.arange(len(texts)), "caption")
         # an actor that cannot load the model fails, and the driver says why in one line (Ray Data's
         # retries of the actor's start would only repeat it)
         ray.data.DataContext.get_current().actor_init_max_retries = 0
@@ -110,6 +139,7 @@ def test_in_a_ray_job_encoders_run_on_actors_and_a_vector_does_not_depend_on_the
     finally:
         ray.shutdown()
     assert on_one.shape == (80, 384) and np.array_equal(on_one, on_two)
+    assert fitted == 20 and mapped_one.shape == (80, 16) and np.array_equal(mapped_one, mapped_two)
     rows = {t: i for i, t in enumerate(sorted(set(texts)))}
     assert np.allclose(on_one, in_process[[rows[t] for t in texts]], atol=1e-5)
 

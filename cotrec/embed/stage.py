@@ -13,10 +13,11 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import joblib
 import numpy as np
+from sklearn.pipeline import Pipeline
 
 from cotrec.cluster import in_ray_job
 from cotrec.config import Config
@@ -29,14 +30,21 @@ from cotrec.extract.programs import PROGRAMS, output_folder
 from cotrec.extract.shards import shard_files
 from cotrec.fingerprint import fingerprint as fingerprint_of
 from cotrec.progress import log
-from cotrec.rundir import RunDir, read_table, write_json
+from cotrec.rundir import RunDir, read_stats, read_table, write_json
 
 STAGE_DIR = "embed"
 EMBED_KINDS = ("caption", "description", "preference")
 
 
 def fingerprint(config: Config, run: RunDir, kind: str) -> str:
-    parts = {"config": config.fingerprint("data", "embed"), "dim": config.retriever.dim, "kind": kind}
+    dumped = config.model_dump(mode="json")
+    settings = {k: v for k, v in dumped["embed"].items() if k != "fit_sample"}
+    parts = {"config": fingerprint_of({"data": dumped["data"], "embed": settings}), "dim": config.retriever.dim,
+             "kind": kind}
+    # The sample size changes the output only where it binds: more items or users than it.
+    sample = config.embed.fit_sample
+    if sample is not None and read_stats(run)["users" if kind == "preference" else "items"] > sample:
+        parts["fit_sample"] = sample
     if kind in SOURCES:
         parts["extract"] = source_digest(run, kind, f"{kind} embeddings")
     return fingerprint_of(parts)
@@ -53,22 +61,53 @@ def _local_encoder(model: str, device: str) -> Any:
     return load_encoder(model, device)
 
 
-def encode_distinct(config: Config, texts: list[str], label: str) -> np.ndarray:
-    """One row per text, each distinct text encoded once (the valid horizon repeats train).
+def _encode(config: Config, texts: list[str], label: str, mapping: Optional[Pipeline] = None) -> np.ndarray:
+    """One row per (distinct) text, mapped to the SASRec width when `mapping` is given.
 
     In a Ray job (`cotrec run`, `ray job submit`, any process with Ray up) the encoders run on the
     Ray Data actor pool and the driver loads none; a bare call without Ray encodes in this process,
     as a small local run needs no cluster start-up for it."""
-    distinct, rows = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     if in_ray_job():
-        log(f"embed: {label}: encoding {len(distinct):,} distinct texts with {config.embed.model} on up to "
+        log(f"embed: {label}: encoding {len(texts):,} distinct texts with {config.embed.model} on up to "
             f"{config.embed.max_actors} actor(s)")
-        vectors = encode_on_actors(config.embed, distinct.tolist(), label)
-    else:
-        log(f"embed: {label}: encoding {len(distinct):,} distinct texts with {config.embed.model} in this process")
-        vectors = encode(_local_encoder(config.embed.model, config.embed.device), distinct.tolist(),
-                         config.embed.batch_size, label)
-    return vectors[rows.reshape(-1)]
+        return encode_on_actors(config.embed, texts, label, mapping)
+    log(f"embed: {label}: encoding {len(texts):,} distinct texts with {config.embed.model} in this process")
+    vectors = encode(_local_encoder(config.embed.model, config.embed.device), texts, config.embed.batch_size, label)
+    return vectors if mapping is None else apply_map(mapping, vectors)
+
+
+def encode_distinct(config: Config, texts: list[str], label: str) -> np.ndarray:
+    """The encoder's vector of every text, each distinct text encoded once (the valid horizon repeats train)."""
+    distinct, rows = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    return _encode(config, distinct.tolist(), label)[rows.reshape(-1)]
+
+
+def encode_and_map(config: Config, texts: list[str], fit_rows: np.ndarray, label: str) -> tuple[np.ndarray, Pipeline, int]:
+    """Every text's vector at the SASRec width (each distinct text encoded once), the fitted map and
+    the number of texts it was fitted on.
+
+    The map is fitted on the texts at `fit_rows`. With more of them than `embed.fit_sample`, it is
+    fitted on a seeded sample: the sample's texts are encoded first, then the others are encoded
+    and mapped where they are encoded, so only the sample's encoder-width vectors reach this
+    process."""
+    distinct, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    reduction, dim, sample_size = config.embed.reduction, config.retriever.dim, config.embed.fit_sample
+    if sample_size is None or len(fit_rows) <= sample_size:
+        vectors = _encode(config, distinct.tolist(), label)
+        mapping = fit_map(vectors[inverse[fit_rows]], reduction, dim)
+        return apply_map(mapping, vectors)[inverse], mapping, len(fit_rows)
+    sample = np.sort(np.random.default_rng(config.seed).choice(fit_rows, sample_size, replace=False))
+    first = np.unique(inverse[sample])
+    sampled = _encode(config, distinct[first].tolist(), f"{label} fit sample")
+    mapping = fit_map(sampled[np.searchsorted(first, inverse[sample])], reduction, dim)
+    mapped = np.empty((len(distinct), dim), dtype=np.float32)
+    mapped[first] = apply_map(mapping, sampled)
+    del sampled
+    rest = np.setdiff1d(np.arange(len(distinct)), first)
+    if len(rest):
+        mapped[rest] = _encode(config, distinct[rest].tolist(), label, mapping)
+    return mapped[inverse], mapping, sample_size
 
 
 def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str, Any]:
@@ -90,15 +129,14 @@ def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str
         texts, found = preference_texts(run, len(users))
         covered = int(found.sum())
     log(f"embed: {kind}: {len(texts):,} texts ({covered:,} from their source)")
-    vectors = encode_distinct(config, texts, kind)
     # Fit the reduction on real texts only (empty placeholders of missing preferences are left out),
     # and for preferences on the train horizon only: the test horizon has seen the valid target.
-    fit_rows = vectors if found is None else vectors[:found.shape[1]][found[0]]
-    pipeline = fit_map(fit_rows, config.embed.reduction, config.retriever.dim)
-    matrix = apply_map(pipeline, vectors)
+    fit_rows = np.arange(len(texts)) if found is None else np.flatnonzero(found[0])
+    matrix, pipeline, fitted = encode_and_map(config, texts, fit_rows, kind)
     meta = {"kind": kind, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
-            "covered": covered, "encoder": config.embed.model, "encoder_dim": int(vectors.shape[1]),
-            "fit_rows": int(len(fit_rows)), "fit_on": "texts" if found is None else "train horizon",
+            "covered": covered, "encoder": config.embed.model, "encoder_dim": _encoder_width(pipeline),
+            "fit_rows": fitted, "fit_on": "texts" if found is None else "train horizon",
+            **({"fit_sampled_from": int(len(fit_rows))} if fitted < len(fit_rows) else {}),
             "reduction": config.embed.reduction, "seconds": round(time.perf_counter() - started, 3)}
     if found is not None:
         meta["horizons"] = list(HORIZONS)
@@ -114,6 +152,10 @@ def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str
             joblib.dump(pipeline, out)
         write_json(folder / "meta.json", meta)
     return {"skipped": False, **meta}
+
+
+def _encoder_width(pipeline: Pipeline) -> int:
+    return int(pipeline.steps[0][1].n_features_in_)
 
 
 def embed(config: Config, run: RunDir, force: bool = False,
