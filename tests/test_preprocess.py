@@ -117,3 +117,16 @@ def test_sample_k_core_filters_again_within_the_sample():
     assert cored.stats["sample"]["k_core"] == 3
     with pytest.raises(DataError, match="sample_k_core"):
         preprocess(make_raw(rows), config(k_core=1, sample_users=12, sample_seed=3, sample_k_core=50))
+
+
+def test_integer_ids_prepare_exactly_as_their_text_and_1_and_text_1_are_one_id():
+    rows = dense_block([10, 2, 33], [5, 7, 9, 11]) + [(2, 40, 100), (10, 40, 50)]
+    as_int = preprocess(make_raw(rows, items=["5", "7", "9", "11", "40"]), config(k_core=1, sample_users=2))
+    text_rows = [(str(u), str(i), t) for u, i, t in rows]
+    as_text = preprocess(make_raw(text_rows, items=["5", "7", "9", "11", "40"]), config(k_core=1, sample_users=2))
+    for name in ("interactions", "items", "users"):
+        pd.testing.assert_frame_equal(getattr(as_int, name), getattr(as_text, name))
+    # a column mixing 1 and "1" (one log written by two tools) counts one user, as text does
+    mixed = [(1, "5", 0), ("1", "7", 1), (1, "9", 2), (2, "5", 0), (2, "7", 1), (2, "9", 2)]
+    out = preprocess(make_raw(mixed, items=["5", "7", "9"]), config(k_core=1))
+    assert out.users.user_id.tolist() == ["1", "2"] and out.users.num_interactions.tolist() == [3, 3]

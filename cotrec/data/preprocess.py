@@ -44,6 +44,16 @@ def _natural_order(ids: np.ndarray) -> np.ndarray:
     return np.sort(unique.astype(str)).astype(object)
 
 
+def _factorize_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row codes into the column's distinct ids, and those ids as strings (an object array)."""
+    codes, uniques = pd.factorize(column.to_numpy(), use_na_sentinel=False)
+    as_text = pd.Index(uniques).astype(str).to_numpy(dtype=object)
+    text_codes, text_uniques = pd.factorize(as_text)
+    if len(text_uniques) < len(as_text):  # values that read the same (1 and "1") are one id
+        return text_codes[codes], np.asarray(text_uniques, dtype=object)
+    return codes, as_text
+
+
 def k_core(user_codes: np.ndarray, item_codes: np.ndarray, k_user: int, k_item: int,
            keep: np.ndarray) -> tuple[np.ndarray, int]:
     """Mask of the kept interactions that survive the k-core filter, and the rounds it took."""
@@ -71,13 +81,14 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
     items["caption"] = items["caption"].fillna("").astype(str).str.strip()
     items = items[items["caption"] != ""].drop_duplicates("item_id", keep="first")
 
-    # Object arrays, not numpy fixed-width strings: pandas hashes those orders of magnitude slower.
-    user_ids = inter["user_id"].astype(str).to_numpy(dtype=object)
-    item_ids = inter["item_id"].astype(str).to_numpy(dtype=object)
+    # Each raw id column is factorised as it comes (ints stay ints) and only its distinct values
+    # become strings: a per-row string copy of a large log costs gigabytes in the driver.
+    user_codes, user_uniques = _factorize_ids(inter["user_id"])
+    item_codes, item_uniques = _factorize_ids(inter["item_id"])
     timestamps = inter["timestamp"].to_numpy().astype(np.int64)
     order = np.arange(len(inter))  # source order: the tie-breaker for equal timestamps
 
-    keep = pd.Index(items["item_id"]).get_indexer(item_ids) >= 0
+    keep = (pd.Index(items["item_id"]).get_indexer(item_uniques) >= 0)[item_codes]
     stats["dropped_unknown_items"] = int((~keep).sum())
     if data.min_rating is not None:
         if "rating" not in inter.columns:
@@ -86,8 +97,6 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
         stats["dropped_low_rating"] = int((keep & ~rated).sum())
         keep &= rated
 
-    user_codes, _ = pd.factorize(user_ids)
-    item_codes, item_uniques = pd.factorize(item_ids)
     if data.dedupe:
         # The earliest (timestamp, source order) interaction of each pair survives.
         chrono = np.lexsort((order, timestamps))
@@ -109,11 +118,11 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
         )
 
     if data.sample_users is not None:
-        remaining = _natural_order(user_ids[keep])
+        remaining = _natural_order(user_uniques[pd.unique(user_codes[keep])])
         if data.sample_users < len(remaining):
             rng = np.random.default_rng(data.sample_seed)
             chosen = rng.choice(remaining, size=data.sample_users, replace=False)
-            keep &= pd.Index(chosen).get_indexer(user_ids) >= 0
+            keep &= (pd.Index(chosen).get_indexer(user_uniques) >= 0)[user_codes]
         stats["sample"] = {"users": data.sample_users, "seed": data.sample_seed,
                            "from_users": int(len(remaining))}
         if data.sample_k_core is not None:
@@ -124,11 +133,11 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
                 raise DataError(f"{raw.name}: nothing left of the {data.sample_users}-user sample after its "
                                 f"{data.sample_k_core}-core; lower data.sample_k_core or sample more users")
 
-    user_ids, item_ids, timestamps, order = user_ids[keep], item_ids[keep], timestamps[keep], order[keep]
-    user_index = pd.Index(_natural_order(user_ids))
-    item_index = pd.Index(_natural_order(item_ids))
-    user_idx = user_index.get_indexer(user_ids).astype(np.int32)
-    item_idx = item_index.get_indexer(item_ids).astype(np.int32)
+    user_codes, item_codes, timestamps, order = user_codes[keep], item_codes[keep], timestamps[keep], order[keep]
+    user_index = pd.Index(_natural_order(user_uniques[pd.unique(user_codes)]))
+    item_index = pd.Index(_natural_order(item_uniques[pd.unique(item_codes)]))
+    user_idx = user_index.get_indexer(user_uniques)[user_codes].astype(np.int32)
+    item_idx = item_index.get_indexer(item_uniques)[item_codes].astype(np.int32)
 
     chrono = np.lexsort((order, timestamps, user_idx))
     user_idx, item_idx, timestamps, order = user_idx[chrono], item_idx[chrono], timestamps[chrono], order[chrono]

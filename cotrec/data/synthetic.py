@@ -39,7 +39,8 @@ def load_synthetic(spec: SyntheticConfig) -> RawDataset:
             drawn[chosen] = rng.choice(pool, size=int(chosen.sum()), p=weights)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     step = np.arange(len(users)) - np.repeat(starts, lengths)
-    interactions = pd.DataFrame({"user_id": users.astype(str), "item_id": drawn.astype(str),
+    # integer ids: the prepare stage names ids as text only once per distinct id
+    interactions = pd.DataFrame({"user_id": users, "item_id": drawn,
                                  "timestamp": 1_000_000_000 + np.repeat(np.arange(spec.users) * 7, lengths) + step * 86_400})
     catalogue = pd.DataFrame({"item_id": items.astype(str),
                               "caption": [f"Synthetic Movie {i}" for i in items],
