@@ -25,7 +25,7 @@ from conftest import FLOAT32, REPO, run_cli
 from cotrec.config import ExtractConfig, LLMConfig, load_config
 from cotrec.extract.programs import PROGRAMS
 from cotrec.extract.runner import ProgramPool
-from cotrec.extract.shards import read_shards, shard_files, write_shard
+from cotrec.extract.shards import compact, latest_rows, read_shards, shard_files, write_shard
 from cotrec.extract.stage import item_rows, pair_rows, user_histories, user_rows
 from cotrec.extract.windows import capped_start, count_windows, history_digest, window_bounds
 from cotrec.llm.base import Generation
@@ -536,3 +536,24 @@ def test_an_actor_whose_engine_died_ends_itself_instead_of_writing_failed_rows(t
     with pytest.raises(SystemExit):
         asyncio.run(worker(batch))
     assert len(asked) == 1 and "engine died" in asked[0] and len(shard_files(tmp_path)) == 1
+
+
+def test_compaction_drops_superseded_rows_and_rewrites_only_the_shards_that_held_them(tmp_path):
+    program = PROGRAMS["items"]
+
+    def rows(items, created_at, text):
+        return [{"item_idx": i, "description": f"{text} {i}", "status": "ok", "created_at": created_at,
+                 "model": "m", "prompt_version": "v", "source_digest": "d", "calls": 1, "prompt_tokens": 1,
+                 "completion_tokens": 1} for i in items]
+
+    first = write_shard(tmp_path, rows([1, 2, 3], 1.0, "old"), program.schema)
+    second = write_shard(tmp_path, rows([2, 4], 2.0, "new"), program.schema)
+    third = write_shard(tmp_path, rows([5, 6], 1.0, "old"), program.schema)
+    before = latest_rows(read_shards(tmp_path), program.key).sort_values("item_idx").reset_index(drop=True)
+    assert compact(tmp_path, program) == 1
+    names = [f.name for f in shard_files(tmp_path)]
+    assert first.name not in names and second.name in names and third.name in names and len(names) == 3
+    after = read_shards(tmp_path).sort_values("item_idx").reset_index(drop=True)
+    pd.testing.assert_frame_equal(after, before)          # one row per key, the newest, nothing lost
+    assert after.loc[after.item_idx == 2, "description"].item() == "new 2"
+    assert compact(tmp_path, program) == 0 and [f.name for f in shard_files(tmp_path)] == names

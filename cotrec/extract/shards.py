@@ -3,7 +3,7 @@
 A folder holds shards `part-<ns clock>-<tag>.parquet`, each written under a hidden name and
 renamed into place, so a shard is whole or absent whatever kills its writer. Rows are never
 updated in place: a newer row for the same key supersedes an older one (`created_at`), readers
-take the newest (`latest_rows`) and `compact` rewrites a folder as one row per key. A batch
+take the newest (`latest_rows`) and `compact` drops the superseded rows. A batch
 written twice (its writer died after the rename and the batch ran again) is therefore harmless.
 
 `manifest.json` records the settings a folder was made with; a folder made with other settings
@@ -14,7 +14,6 @@ every output row is stored, ok, from the same inputs (`source_digest`).
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from operator import itemgetter
@@ -30,9 +29,6 @@ from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
 from cotrec.rundir import COMPLETE_MARKER, write_json
 from cotrec.storage import as_path, remove_tree, replace_file
-
-COMPACT_ROWS = 200_000  # rows per shard when a folder is compacted
-
 
 class Table(Protocol):
     """What the store needs to know of a folder's rows (`extract.programs.Program` is one)."""
@@ -59,9 +55,11 @@ def write_shard(folder: Path, records: list[dict[str, Any]], schema: pa.Schema, 
                 constants: dict[str, Any] | None = None) -> Path:
     """Write one shard under a hidden name and rename it into place: whole or absent.
     `constants`: columns with one value for every record (a batch's model, prompt version, time)."""
-    name = f"part-{time.time_ns():020d}-{tag or uuid.uuid4().hex[:8]}.parquet"
-    final = as_path(folder) / name
-    table = records_table(records, schema, constants or {})
+    return _write_table(folder, records_table(records, schema, constants or {}), tag)
+
+
+def _write_table(folder: Path, table: pa.Table, tag: str = "") -> Path:
+    final = as_path(folder) / f"part-{time.time_ns():020d}-{tag or uuid.uuid4().hex[:8]}.parquet"
     replace_file(lambda target: pq.write_table(table, str(target)), final)
     return final
 
@@ -103,33 +101,37 @@ def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
 
 
 def compact(folder: Path, program: Table) -> int:
-    """Rewrite a folder whose rows were superseded as one row per key; returns rows dropped.
-    The new shards are in place before the old ones go: a kill in between leaves duplicates that
-    readers resolve and the next run compacts, never a lost row."""
+    """Drop the rows a newer row of the same key superseded; returns how many.
+
+    Only the key columns and times are read to find them, and only the shards holding one are
+    rewritten (each as a new shard of its surviving rows), so a folder with nothing superseded
+    costs a read of its keys and the driver never holds a folder's payload. The new shards are in
+    place before the old ones go: a kill in between leaves duplicates that readers resolve and the
+    next run compacts, never a lost row."""
     files = shard_files(folder)
-    frame = read_shards(folder)
-    latest = latest_rows(frame, program.key)
-    dropped = len(frame) - len(latest)
+    wanted = [*program.key, "created_at"]
+    parts = []
+    for number, path in enumerate(files):
+        present = set(pq.read_schema(str(path)).names)
+        frame = pq.read_table(str(path), columns=[c for c in wanted if c in present]).to_pandas()
+        parts.append(frame.assign(_file=number, _row=np.arange(len(frame))))
+    if not parts:
+        return 0
+    rows = pd.concat(parts, ignore_index=True)
+    kept = latest_rows(rows, program.key)
+    dropped = len(rows) - len(kept)
     if dropped == 0:
         return 0
-    records = latest.sort_values(list(program.key)).to_dict("records")
-    for start in range(0, len(records), COMPACT_ROWS):
-        write_shard(folder, [_plain(r) for r in records[start:start + COMPACT_ROWS]], program.schema, tag="compact")
-    for path in files:
-        path.unlink()
+    kept_rows = kept.groupby("_file")["_row"].apply(np.sort).to_dict()
+    dirty = [number for number, part in enumerate(parts) if len(kept_rows.get(number, ())) < len(part)]
+    for number in dirty:
+        survivors = kept_rows.get(number)
+        if survivors is not None and len(survivors):
+            table = pq.read_table(str(files[number])).take(pa.array(survivors))
+            _write_table(folder, table, tag="compact")
+    for number in dirty:
+        files[number].unlink()
     return dropped
-
-
-def _plain(record: dict[str, Any]) -> dict[str, Any]:
-    """pandas -> python values for pyarrow (lists from numpy arrays, NaN -> None)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, float) and math.isnan(value):
-            value = None
-        out[key] = value
-    return out
 
 
 # -- resume ------------------------------------------------------------------------------------
