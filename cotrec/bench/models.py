@@ -64,10 +64,9 @@ def measure_llm(config: Config, prompts: int, max_tokens: int, rounds: int) -> d
         started = time.perf_counter()
         engine.score_choices_sync(ranking, letters(10))
         scoring_s = time.perf_counter() - started
-        prompt_rate = prompt_tokens / prefill_s
         # the full round repeats the prefill, so decoding gets what is left of its time
-        decode_s = max(generate_s - prompt_tokens / prompt_rate, generate_s * 0.05)
-        return {"prompt_tokens_per_s": prompt_rate, "generated_tokens_per_s": generated / decode_s,
+        decode_s = max(generate_s - prefill_s, generate_s * 0.05)
+        return {"prompt_tokens_per_s": prompt_tokens / prefill_s, "generated_tokens_per_s": generated / decode_s,
                 "scoring_lists_per_s": len(ranking) / scoring_s,
                 "prompt_tokens_per_prompt": prompt_tokens / len(conversations),
                 "generated_tokens_per_reply": generated / len(conversations)}
@@ -107,8 +106,8 @@ def measure_encoder(config: Config, texts: int, rounds: int) -> dict[str, Any]:
 def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[str, Any]:
     from cotrec.retriever.data import Sequences, eval_queries, training_rows
     from cotrec.retriever.evaluate import score_queries
-    from cotrec.retriever.loss import full_softmax_loss
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
+    from cotrec.retriever.train import train_step
 
     rc = config.retriever
     rng = np.random.default_rng(0)
@@ -128,11 +127,8 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[
         started = time.perf_counter()
         for start in range(0, len(order), rc.batch_size):
             idx = order[start:start + rc.batch_size]
-            hidden = model(torch.as_tensor(windows["items"][idx]), torch.as_tensor(windows["users"][idx]))
-            loss = full_softmax_loss(hidden, model.item_table(), torch.as_tensor(windows["targets"][idx]))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
+            train_step(model, model, optim, torch.as_tensor(windows["items"][idx]),
+                       torch.as_tensor(windows["users"][idx]), torch.as_tensor(windows["targets"][idx]))
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         score_queries(model, queries, np.arange(len(queries["users"])), rc.mask_history, top_m=rc.top_m,

@@ -96,6 +96,21 @@ def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world:
     return torch.tensor([m["hit@10"] * n, m["ndcg@10"] * n, float(n)], dtype=torch.float64)
 
 
+def train_step(model: SASRec, wrapped: torch.nn.Module, optim: torch.optim.Optimizer, items: torch.Tensor,
+               users: Optional[torch.Tensor], targets: torch.Tensor, sampled: Optional[SampledSoftmax] = None,
+               generator: Optional[torch.Generator] = None) -> float:
+    """One optimiser step on a batch of training rows (`wrapped`: the model, or its DDP wrapper);
+    returns the loss. Shared by the training loop and `bench models`."""
+    hidden = wrapped(items, users)
+    table = model.item_table()
+    loss = (sampled(hidden, table, targets, generator) if sampled is not None
+            else full_softmax_loss(hidden, table, targets))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return loss.detach().item()
+
+
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
     ctx = _Local() if job.get("local") else _RayTrain()
@@ -161,14 +176,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             items = torch.as_tensor(windows["items"][idx], device=device)
             targets = torch.as_tensor(windows["targets"][idx], device=device)
             users = torch.as_tensor(windows["users"][idx], device=device) if use_users else None
-            hidden = wrapped(items, users)
-            table = model.item_table()
-            loss = (sampled(hidden, table, targets, generator) if sampled is not None
-                    else full_softmax_loss(hidden, table, targets))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            total_loss += loss.detach().item()
+            total_loss += train_step(model, wrapped, optim, items, users, targets, sampled, generator)
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
