@@ -36,12 +36,14 @@ def in_ray_job() -> bool:
 
 
 def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str, Any], *, actors: int,
-                  cpus: float, gpus: float, in_format: str, out_format: str, min_actors: int = 1) -> Iterator[Any]:
+                  cpus: float, gpus: float, in_format: str, out_format: str, min_actors: int = 1,
+                  preserve_order: bool = False) -> Iterator[Any]:
     """Map `blocks` through a Ray Data pool of up to `actors` `worker` actors; yields the output
     batches as they come.
 
     Each block is one batch (`batch_size=None`), so what a row is computed beside never depends on
-    the pool's size; the dataset is made in the driver (`from_blocks` keeps the blocks as cut and
+    the pool's size (and with `preserve_order` neither does the order they come back in); the
+    dataset is made in the driver (`from_blocks` keeps the blocks as cut and
     runs no metadata task, which would wait for a free CPU on a busy cluster). An actor that failed
     on the user's input (a model that cannot be loaded) surfaces as that one-line error, not as a
     dead actor. Starts Ray when needed and stops it when done.
@@ -53,7 +55,9 @@ def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str,
 
     started_ray = ensure_ray()
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = preserve_order
         dataset = ray.data.from_blocks(blocks).map_batches(
             worker, batch_size=None, batch_format=in_format, fn_constructor_kwargs=constructor_kwargs,
             compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, actors), max_size=actors),

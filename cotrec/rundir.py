@@ -19,7 +19,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pandas as pd
 
@@ -97,10 +97,11 @@ def read_stats(run: RunDir) -> dict[str, Any]:
     return json.loads((run / DATA_DIR / "stats.json").read_text())
 
 
-def read_table(run: RunDir, name: str) -> pd.DataFrame:
-    """One prepared table; a clear error when `prepare` has not run for this run directory."""
+def read_table(run: RunDir, name: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """One prepared table (or its `columns`); a clear error when `prepare` has not run for this run
+    directory."""
     if name not in TABLES:
         raise ValueError(name)
     if run.completion(DATA_DIR) is None:
         raise DataError(f"{run / DATA_DIR}: no prepared data; run `cotrec prepare` first")
-    return pd.read_parquet(str(run / DATA_DIR / f"{name}.parquet"))
+    return pd.read_parquet(str(run / DATA_DIR / f"{name}.parquet"), columns=columns)

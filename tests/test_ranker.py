@@ -183,6 +183,27 @@ def test_the_none_ranker_equals_the_retriever(ranked_run):
     assert (run / "ranker" / "none-random--none" / "eval" / "rankings.parquet").exists()
 
 
+def test_the_none_rankings_are_what_a_plan_without_prompts_gives(ranked_run):
+    """The column-wise `none` path (no object per list) writes what the per-list path would, sampled
+    the same way."""
+    from cotrec.ranker.letters import unranked
+    from cotrec.ranker.lists import candidate_rows
+
+    config, run = ranked_run
+    config = config.model_copy(deep=True)  # the fixture's config is shared
+    for limit in (None, 17):
+        config.ranker.max_eval_users = limit
+        lists, _ = load_lists(config, run, "none/random", "test", "llm", limit=limit)
+        expected_metrics, expected = evaluate_ranker(lists, None, seed=0)
+        metrics, rankings = unranked(candidate_rows(config, run, "none/random", "test", limit=limit), 0.0)
+        assert {k: v for k, v in metrics.items() if k != "seconds"} == \
+            {k: v for k, v in expected_metrics.items() if k != "seconds"}
+        assert list(rankings.columns) == list(expected.columns) and len(rankings) == len(lists)
+        for column in rankings.columns:
+            assert [list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v for v in rankings[column]] == \
+                   [list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v for v in expected[column]], column
+
+
 @pytest.mark.slow
 def test_an_llm_ranker_is_scored_on_a_ray_data_actor_pool_not_in_the_driver(ranked_run, transformers_engine, monkeypatch):
     """The driver starts no engine: the prompts go to a Ray Data actor that holds one, and each

@@ -71,6 +71,28 @@ def test_training_rows_train_every_target_once_with_its_preceding_items_and_no_h
     assert q["seen_indptr"][-1] == sum(len(s) + 1 for s in seqs.train)     # train + valid items are masked
 
 
+def test_the_flat_histories_are_each_users_train_items_in_order_whatever_the_row_order(tmp_path):
+    """`sequence_arrays` (what the driver ships) holds each user's train items chronologically and
+    the two targets, from a table in any row order; a user without a test target is an error."""
+    from cotrec.errors import DataError
+    from cotrec.retriever.data import sequence_arrays
+
+    small_run(tmp_path)
+    inter = pd.read_parquet(tmp_path / "run" / "data" / "interactions.parquet")
+    shuffled = inter.sample(frac=1.0, random_state=0)
+    arrays = sequence_arrays(shuffled, num_items=80)
+    for user, rows in inter.groupby("user_idx"):
+        rows = rows.sort_values("position")
+        train = arrays["train_items"][arrays["train_indptr"][user]:arrays["train_indptr"][user + 1]]
+        assert train.tolist() == rows[rows.split == "train"].item_idx.tolist()
+        assert arrays["valid"][user] == rows[rows.split == "valid"].item_idx.item()
+        assert arrays["test"][user] == rows[rows.split == "test"].item_idx.item()
+    seqs = Sequences.from_arrays(arrays)
+    assert seqs.num_users == inter.user_idx.nunique() and len(seqs.train) == seqs.num_users
+    with pytest.raises(DataError, match="valid and one test target"):
+        sequence_arrays(inter[~((inter.user_idx == 3) & (inter.split == "test"))], num_items=80)
+
+
 def test_sasrec_is_causal_ignores_padding_and_uses_the_user_token():
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(num_items=30, num_users=4, dim=16, max_len=6, dropout=0.0)).eval()
@@ -261,37 +283,43 @@ def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path
 @pytest.mark.slow
 def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on_their_number(tmp_path, monkeypatch,
                                                                                              ray_session):
-    """The driver builds no SASRec: actors load model.pt and rank every query; ranks and top-M are
-    the same on 1 or 2 actors, equal those of the same model scored in process, and are what the
-    stage wrote."""
+    """The driver builds no SASRec and no queries: actors load model.pt, cut their blocks' queries
+    from the flat histories and rank them; the candidates table and the ranks are the same on 1 or
+    2 actors, equal those of the same model scored in process, and are what the stage wrote."""
     import cotrec.retriever.scoring as scoring
-    from cotrec.retriever.data import eval_queries
     from cotrec.retriever.stage import _build_job
 
     config, run = small_run(tmp_path, "retriever.eval_batch_size=16")
     result = train_variant(config, run, "none/random")
     assert result["scoring_actors"] == 1  # in a Ray job the evaluation went to an actor
-    job, seqs, _ = _build_job(config, run, "none", "random", config.seed)
-    queries = {split: eval_queries(seqs, split, config.retriever.max_len) for split in ("valid", "test")}
+    job, _ = _build_job(config, run, "none", "random", config.seed)
     model_path = Path(result["folder"]) / "model.pt"
-    here, _ = scoring.score_splits(config.retriever, model_path, queries, on_actors=False)
+    here, _ = scoring.rank_and_write(config.retriever, model_path, job["sequences"], tmp_path / "here.parquet",
+                                     on_actors=False)
 
-    def no_model_here(*_, **__):
-        raise AssertionError("the driver built a model")
+    def not_in_the_driver(*_, **__):
+        raise AssertionError("the driver built a model or queries")
 
-    monkeypatch.setattr(scoring, "load_model", no_model_here)  # this process only; actors load their own
+    monkeypatch.setattr(scoring, "load_model", not_in_the_driver)  # this process only; actors load their own
+    monkeypatch.setattr(scoring, "eval_queries", not_in_the_driver)
     two = config.retriever.model_copy(update={"num_workers": 2})
-    on_one, actors_one = scoring.score_splits(config.retriever, model_path, queries, on_actors=True)
-    on_two, actors_two = scoring.score_splits(two, model_path, queries, on_actors=True)
+    on_one, actors_one = scoring.rank_and_write(config.retriever, model_path, job["sequences"],
+                                                tmp_path / "one.parquet", on_actors=True)
+    on_two, actors_two = scoring.rank_and_write(two, model_path, job["sequences"], tmp_path / "two.parquet",
+                                                on_actors=True)
     assert (actors_one, actors_two) == (1, 2)
+    tables = {name: pd.read_parquet(tmp_path / f"{name}.parquet") for name in ("here", "one", "two")}
+    assert tables["one"].equals(tables["two"])  # the same rows in the same order
+    assert len(tables["one"]) == 2 * int(job["sequences"]["num_users"])
     for split in ("valid", "test"):
-        for key in ("ranks", "top_items", "top_scores"):
-            assert np.array_equal(on_one[split][key], on_two[split][key]), (split, key)
-        assert np.array_equal(on_one[split]["ranks"], here[split]["ranks"])
-        assert np.allclose(on_one[split]["top_scores"], here[split]["top_scores"], atol=1e-5)
-    candidates = pd.read_parquet(Path(result["folder"]) / "candidates.parquet")
-    test = candidates[candidates.split == "test"].sort_values("user_idx")
-    assert test.target_rank.tolist() == on_one["test"]["ranks"].tolist()
+        assert np.array_equal(on_one[split], on_two[split]) and np.array_equal(on_one[split], here[split])
+        assert (on_one[split] >= 0).all()
+    assert tables["one"].drop(columns="scores").equals(tables["here"].drop(columns="scores"))
+    assert np.allclose(np.stack(tables["one"].scores), np.stack(tables["here"].scores), atol=1e-5)
+    written = pd.read_parquet(Path(result["folder"]) / "candidates.parquet")
+    assert written.equals(tables["one"])
+    test = written[written.split == "test"]
+    assert test.user_idx.tolist() == sorted(test.user_idx) and test.target_rank.tolist() == on_one["test"].tolist()
 
 
 def test_a_catalogue_past_the_threshold_with_the_full_softmax_is_advised_to_sample(tmp_path, capsys):

@@ -45,12 +45,13 @@ def _natural_order(ids: np.ndarray) -> np.ndarray:
 
 
 def _factorize_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row codes into the column's distinct ids, and those ids as strings (an object array)."""
+    """Per-row codes (int32) into the column's distinct ids, and those ids as strings (an object array)."""
     codes, uniques = pd.factorize(column.to_numpy(), use_na_sentinel=False)
+    codes = codes.astype(np.int32)
     as_text = pd.Index(uniques).astype(str).to_numpy(dtype=object)
     text_codes, text_uniques = pd.factorize(as_text)
     if len(text_uniques) < len(as_text):  # values that read the same (1 and "1") are one id
-        return text_codes[codes], np.asarray(text_uniques, dtype=object)
+        return text_codes.astype(np.int32)[codes], np.asarray(text_uniques, dtype=object)
     return codes, as_text
 
 
@@ -82,11 +83,11 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
     items = items[items["caption"] != ""].drop_duplicates("item_id", keep="first")
 
     # Each raw id column is factorised as it comes (ints stay ints) and only its distinct values
-    # become strings: a per-row string copy of a large log costs gigabytes in the driver.
+    # become strings: a per-row string copy of a large log costs gigabytes in the driver. Rows keep
+    # their source order, and every sort below is stable: that order breaks timestamp ties.
     user_codes, user_uniques = _factorize_ids(inter["user_id"])
     item_codes, item_uniques = _factorize_ids(inter["item_id"])
-    timestamps = inter["timestamp"].to_numpy().astype(np.int64)
-    order = np.arange(len(inter))  # source order: the tie-breaker for equal timestamps
+    timestamps = np.asarray(inter["timestamp"].to_numpy(), dtype=np.int64)
 
     keep = (pd.Index(items["item_id"]).get_indexer(item_uniques) >= 0)[item_codes]
     stats["dropped_unknown_items"] = int((~keep).sum())
@@ -98,13 +99,16 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
         keep &= rated
 
     if data.dedupe:
-        # The earliest (timestamp, source order) interaction of each pair survives.
-        chrono = np.lexsort((order, timestamps))
-        pair = user_codes.astype(np.int64) * (len(item_uniques) + 1) + item_codes
-        first_of_pair = np.zeros(len(pair), dtype=bool)
-        candidates = chrono[keep[chrono]]
-        _, first = np.unique(pair[candidates], return_index=True)
-        first_of_pair[candidates[first]] = True
+        # The earliest (timestamp, source order) kept interaction of each pair survives: one sort
+        # by pair, kept rows first, then time; a pair's first row wins when it is kept.
+        by_pair = np.lexsort((timestamps, ~keep, item_codes, user_codes))
+        users_sorted, items_sorted = user_codes[by_pair], item_codes[by_pair]
+        starts_pair = np.ones(len(by_pair), dtype=bool)
+        starts_pair[1:] = (users_sorted[1:] != users_sorted[:-1]) | (items_sorted[1:] != items_sorted[:-1])
+        del users_sorted, items_sorted
+        first_of_pair = np.zeros(len(by_pair), dtype=bool)
+        first_of_pair[by_pair[starts_pair]] = True
+        del by_pair, starts_pair
         stats["dropped_repeats"] = int((keep & ~first_of_pair).sum())
         keep &= first_of_pair
 
@@ -133,22 +137,27 @@ def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
                 raise DataError(f"{raw.name}: nothing left of the {data.sample_users}-user sample after its "
                                 f"{data.sample_k_core}-core; lower data.sample_k_core or sample more users")
 
-    user_codes, item_codes, timestamps, order = user_codes[keep], item_codes[keep], timestamps[keep], order[keep]
+    user_codes, item_codes, timestamps = user_codes[keep], item_codes[keep], timestamps[keep]
     user_index = pd.Index(_natural_order(user_uniques[pd.unique(user_codes)]))
     item_index = pd.Index(_natural_order(item_uniques[pd.unique(item_codes)]))
     user_idx = user_index.get_indexer(user_uniques)[user_codes].astype(np.int32)
     item_idx = item_index.get_indexer(item_uniques)[item_codes].astype(np.int32)
 
-    chrono = np.lexsort((order, timestamps, user_idx))
-    user_idx, item_idx, timestamps, order = user_idx[chrono], item_idx[chrono], timestamps[chrono], order[chrono]
-    lengths = np.bincount(user_idx, minlength=len(user_index))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    position = (np.arange(len(user_idx)) - np.repeat(starts, lengths)).astype(np.int32)
-    from_end = np.repeat(lengths, lengths) - 1 - position  # 0 = last = test target
-    split = SPLITS[np.select([from_end == 0, from_end == 1], [2, 1], 0)]
+    del user_codes, item_codes
+    chrono = np.lexsort((timestamps, user_idx))
+    user_idx, item_idx, timestamps = user_idx[chrono], item_idx[chrono], timestamps[chrono]
+    lengths = np.bincount(user_idx, minlength=len(user_index)).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+    position = (np.arange(len(user_idx), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    from_end = np.repeat(lengths, lengths)
+    from_end -= 1 + position  # 0 = last = test target
+    split = np.zeros(len(from_end), dtype=np.int8)  # codes into SPLITS
+    split[from_end == 1], split[from_end == 0] = 1, 2
+    del from_end
 
     interactions = pd.DataFrame({"user_idx": user_idx, "item_idx": item_idx, "timestamp": timestamps,
-                                 "position": position, "split": pd.Categorical(split, categories=SPLITS)})
+                                 "position": position, "split": pd.Categorical.from_codes(split, categories=SPLITS)},
+                                copy=False)  # the arrays are this table's own: no second copy of every row
     if "rating" in inter.columns:
         interactions["rating"] = inter["rating"].to_numpy(dtype=np.float32)[keep][chrono]
 

@@ -21,15 +21,17 @@ IN_GENRE = 0.7  # the share of a user's items drawn from their favourite genre
 
 
 def load_synthetic(spec: SyntheticConfig) -> RawDataset:
+    # 32-bit columns and no per-row temporary kept longer than its use: a million users are tens of
+    # millions of rows, and the draws below are the same whatever width they are stored in.
     rng = np.random.default_rng(spec.seed)
     items = np.arange(spec.items)
     genre = rng.integers(len(GENRES), size=spec.items)
     popularity = 1.0 / np.power(rng.permutation(spec.items) + 1.0, spec.zipf)  # rank 1 = the most popular
     lengths = np.exp(rng.uniform(np.log(spec.min_history), np.log(spec.max_history + 1), size=spec.users)).astype(np.int64)
-    lengths = np.clip(lengths, spec.min_history, spec.max_history)
-    users = np.repeat(np.arange(spec.users), lengths)
-    favourite = rng.integers(len(GENRES), size=spec.users)[users]
-    drawn = rng.choice(items, size=len(users), p=popularity / popularity.sum())
+    lengths = np.clip(lengths, spec.min_history, spec.max_history).astype(np.int32)
+    users = np.repeat(np.arange(spec.users, dtype=np.int32), lengths)
+    favourite = rng.integers(len(GENRES), size=spec.users).astype(np.int8)[users]
+    drawn = rng.choice(items, size=len(users), p=popularity / popularity.sum()).astype(np.int32)
     in_genre = rng.random(len(users)) < IN_GENRE
     for g in range(len(GENRES)):  # the in-genre draws, genre by genre, by popularity within the genre
         pool = items[genre == g]
@@ -37,11 +39,15 @@ def load_synthetic(spec: SyntheticConfig) -> RawDataset:
         if len(pool) and chosen.any():
             weights = popularity[pool] / popularity[pool].sum()
             drawn[chosen] = rng.choice(pool, size=int(chosen.sum()), p=weights)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    step = np.arange(len(users)) - np.repeat(starts, lengths)
+    del favourite, in_genre, chosen
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int32)
+    step = np.arange(len(users), dtype=np.int32)
+    step -= np.repeat(starts, lengths)  # each row's index within its user's history
+    timestamps = np.repeat(np.arange(spec.users, dtype=np.int64) * 7 + 1_000_000_000, lengths)
+    timestamps += step.astype(np.int64) * 86_400
+    del step
     # integer ids: the prepare stage names ids as text only once per distinct id
-    interactions = pd.DataFrame({"user_id": users, "item_id": drawn,
-                                 "timestamp": 1_000_000_000 + np.repeat(np.arange(spec.users) * 7, lengths) + step * 86_400})
+    interactions = pd.DataFrame({"user_id": users, "item_id": drawn, "timestamp": timestamps}, copy=False)
     catalogue = pd.DataFrame({"item_id": items.astype(str),
                               "caption": [f"Synthetic Movie {i}" for i in items],
                               "year": (1950 + items % 70).astype(str),

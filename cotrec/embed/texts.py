@@ -34,10 +34,12 @@ def source_digest(run: RunDir, kind: str, need: str) -> str:
     return folder_digest(output_folder(run, SOURCES[kind]))
 
 
-def _read(run: RunDir, kind: str, need: str) -> pd.DataFrame:
+def _read(run: RunDir, kind: str, need: str, text: str) -> pd.DataFrame:
+    """The newest ok row per key of a kind's source, with its `text` column only (a preference row
+    also carries the recurrence's trajectory, many times its size)."""
     _require(run, kind, need)
     try:
-        frame = stored_outputs(run, SOURCES[kind])
+        frame = stored_outputs(run, SOURCES[kind], [text, "status"])
     except Exception as exc:  # noqa: BLE001 - a broken shard is the user's file
         raise CotrecError(f"{output_folder(run, SOURCES[kind])}: cannot read the parquet shards: {exc}") from exc
     if "status" in frame.columns:
@@ -51,7 +53,7 @@ def caption_texts(items: pd.DataFrame) -> list[str]:
 
 def description_texts(run: RunDir, items: pd.DataFrame) -> tuple[list[str], int]:
     """Caption followed by the LLM's description, per item; returns (texts, items with a description)."""
-    frame = _read(run, "description", "item init 'description'")
+    frame = _read(run, "description", "item init 'description'", "description")
     for column in ("item_idx", "description"):
         if column not in frame.columns:
             raise CotrecError(f"{output_folder(run, 'items')}: the shards have no {column!r} column")
@@ -70,7 +72,7 @@ def description_texts(run: RunDir, items: pd.DataFrame) -> tuple[list[str], int]
 
 def preference_texts(run: RunDir, num_users: int) -> tuple[list[str], np.ndarray]:
     """One text per (horizon, user), horizons in HORIZONS order; and a (3, users) mask of found rows."""
-    frame = _read(run, "preference", "user init 'preference'")
+    frame = _read(run, "preference", "user init 'preference'", "preference")
     for needed in ("user_idx", "horizon", "preference"):
         if needed not in frame.columns:
             raise CotrecError(f"{output_folder(run, 'users')}: the shards have no {needed!r} column")

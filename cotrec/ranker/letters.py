@@ -155,6 +155,24 @@ def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
     return metrics, frame
 
 
+def unranked(frame: pd.DataFrame, seconds: float, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics and rankings rows when no list is re-ranked (the `none` ranker), column-wise from
+    candidates-table rows in user order: what `rankings_from_scores` gives for a plan without
+    prompts, with no object per list, so the retriever-alone row costs little at any user count."""
+    candidates = frame["candidates"].to_numpy()
+    top = np.stack(candidates) if len(frame) else np.zeros((0, 0), dtype=np.int64)
+    at_target = top == frame["target_item"].to_numpy()[:, None]
+    ranks = frame["target_rank"].to_numpy(dtype=np.int64)
+    rankings = pd.DataFrame({"user_idx": frame["user_idx"].to_numpy(), "split": frame["split"].to_numpy(),
+                             "target_item": frame["target_item"].to_numpy(), "shown": candidates,
+                             "probs": [[]] * len(frame), "predicted": candidates,
+                             "target_position": np.where(at_target.any(axis=1), at_target.argmax(axis=1), -1),
+                             "target_rank": ranks, "retriever_rank": ranks})
+    metrics = {**ranking_metrics(ranks, ks), "users": len(frame), "ranked_users": 0, "seconds": round(seconds, 3),
+               "lists_per_second": None}
+    return metrics, rankings
+
+
 def score_plan(plan: RankingPlan, scorer: Optional[ListScorer], lists_per_call: int = 64,
                ks: Sequence[int] = (1, 5, 10), name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
     """Score a plan's prompts with a scorer in this process, whole lists per call; returns (metrics,

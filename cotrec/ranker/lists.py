@@ -79,6 +79,23 @@ def _extraction(run: RunDir, kind: str, need: Optional[str]) -> pd.DataFrame:
     return frame
 
 
+def candidate_rows(config: Config, run: RunDir, variant: str, split: str, only_hits: bool = False,
+                   limit: Optional[int] = None) -> pd.DataFrame:
+    """One split's rows of a retriever variant's candidates table, in user order (only those whose
+    target is among the candidates, with `only_hits`), or a seeded sample of `limit` of them."""
+    path = candidates_path(config, run, variant)
+    if not path.is_file():
+        user, item = parse_variant(variant)
+        raise DataError(f"{path}: no retriever candidates; train that variant first "
+                        f"(`cotrec retriever train --variant {user}/{item}`)")
+    frame = pd.read_parquet(str(path), filters=[("split", "==", split)])  # the other split is never read whole
+    frame = frame.sort_values("user_idx", kind="stable")
+    if only_hits:
+        frame = frame[frame["target_in_candidates"]]
+    keep = sample_positions(len(frame), limit, config.seed)
+    return (frame if keep is None else frame.iloc[keep]).reset_index(drop=True)
+
+
 def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str,
                only_hits: bool = False, limit: Optional[int] = None) -> tuple[list[CandidateList], dict[str, Any]]:
     """The candidate lists of one retriever variant and split, with what `prompt` shows.
@@ -87,21 +104,12 @@ def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: st
     counts of what the prompts lack. Sampling comes before the extraction is read, so only the
     sampled users need preferences and perceptions.
     """
-    path = candidates_path(config, run, variant)
-    if not path.is_file():
-        user, item = parse_variant(variant)
-        raise DataError(f"{path}: no retriever candidates; train that variant first "
-                        f"(`cotrec retriever train --variant {user}/{item}`)")
-    frame = pd.read_parquet(str(path))
-    frame = frame[frame["split"] == split].sort_values("user_idx")
-    if only_hits:
-        frame = frame[frame["target_in_candidates"]]
+    frame = candidate_rows(config, run, variant, split, only_hits, limit)
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(read_table(run, "items")))
     keep = config.ranker.history_items
     lists = [CandidateList(int(row.user_idx), split, [int(i) for i in seqs.history(split, int(row.user_idx))[-keep:]],
                            [int(i) for i in row.candidates], int(row.target_item), int(row.target_rank))
              for row in frame.itertuples(index=False)]
-    lists = sample_lists(lists, limit, config.seed)
     notes = {"lists": len(lists), "hits": sum(lst.hit for lst in lists)}
     ranked = [lst for lst in lists if lst.hit]
     if uses_preference(prompt) and ranked:
@@ -177,12 +185,11 @@ def ranked_lists(config: Config, run: RunDir, variant: str, split: str, prompt: 
     return load_lists(config, run, variant, split, prompt, limit=config.ranker.max_eval_users)
 
 
-def sample_lists(lists: list[CandidateList], limit: Optional[int], seed: int) -> list[CandidateList]:
-    """A seeded sample of at most `limit` lists (all of them when `limit` is None), in user order."""
-    if limit is None or len(lists) <= limit:
-        return lists
-    keep = np.sort(np.random.default_rng(seed).choice(len(lists), size=limit, replace=False))
-    return [lists[i] for i in keep]
+def sample_positions(count: int, limit: Optional[int], seed: int) -> Optional[np.ndarray]:
+    """The sorted positions of a seeded sample of `limit` of `count` lists (None: keep them all)."""
+    if limit is None or count <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
 def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
@@ -244,8 +251,8 @@ def prefix_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tupl
     if count == 0:
         return [], {"prefix_lists": 0}
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(read_table(run, "items")))
-    users = [lst.user_idx for lst in sample_lists([CandidateList(u, "prefix", [], [], -1, -1)
-                                                   for u in range(seqs.num_users)], rc.max_train_users, config.seed)]
+    sampled = sample_positions(seqs.num_users, rc.max_train_users, config.seed)
+    users = range(seqs.num_users) if sampled is None else sampled.tolist()
     rng = np.random.default_rng([config.seed, SPLIT_CODES["prefix"]])
     picks = []
     for user in users:

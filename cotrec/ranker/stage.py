@@ -38,8 +38,9 @@ from cotrec.llm.embedded import resolve_model
 from cotrec.metrics import ndcg_gains, paired_bootstrap
 from cotrec.progress import log
 from cotrec.ranker.finetune import epoch_examples, fit, merge_and_measure, resolve_precision, validation_probe
-from cotrec.ranker.letters import LetterRanker, RankingPlan, plan_rankings, rankings_from_scores, score_plan
-from cotrec.ranker.lists import CandidateList, prefix_lists, ranked_lists
+from cotrec.ranker.letters import (LetterRanker, RankingPlan, plan_rankings, rankings_from_scores, score_plan,
+                                   unranked)
+from cotrec.ranker.lists import CandidateList, candidate_rows, prefix_lists, ranked_lists
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
 from cotrec.ranker.scoring import score_prompts
@@ -174,7 +175,7 @@ class PendingEval:
     stage: str
     fp: str
     notes: dict[str, Any]
-    plan: RankingPlan
+    plan: Optional[RankingPlan]  # None: nothing is re-ranked
     trained: Optional[dict[str, Any]]
     started: float
 
@@ -197,9 +198,15 @@ def _plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bo
         log(f"ranker: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
+    if prompt == "none":  # nothing to re-rank: the candidates are read column-wise, whatever the user count
+        frame = candidate_rows(config, run, variant, "test", limit=rc.max_eval_users)
+        metrics, rankings = unranked(frame, time.perf_counter() - started)
+        notes = {"lists": len(frame), "hits": int(frame["target_in_candidates"].sum())}
+        return _write_eval(config, run, PendingEval(variant, ranker, shows, None, stage, fp, notes, None, None, started),
+                           metrics, rankings)
     lists, notes = ranked_lists(config, run, variant, "test", shows)
     pending = PendingEval(variant, ranker, shows, model, stage, fp, notes,
-                          plan_rankings(lists, rc.shuffle_seed, rc.mapb, rerank=prompt != "none"), trained, started)
+                          plan_rankings(lists, rc.shuffle_seed, rc.mapb), trained, started)
     if model is not None:
         return pending
     scorer = {"random": RandomScorer(config.seed), "position": PositionScorer()}.get(prompt)

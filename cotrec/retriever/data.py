@@ -12,10 +12,12 @@ items the model reads) is what gets masked when history masking is on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
+from cotrec.data.preprocess import SPLITS
 from cotrec.errors import DataError
 
 
@@ -31,22 +33,7 @@ class Sequences:
 
     @classmethod
     def from_interactions(cls, inter: pd.DataFrame, num_items: int) -> "Sequences":
-        inter = inter.sort_values(["user_idx", "position"], kind="stable")
-        num_users = int(inter["user_idx"].max()) + 1
-        split = inter["split"].astype(str).to_numpy()
-        users = inter["user_idx"].to_numpy()
-        items = inter["item_idx"].to_numpy().astype(np.int64)
-        valid = np.full(num_users, -1, dtype=np.int64)
-        test = np.full(num_users, -1, dtype=np.int64)
-        valid[users[split == "valid"]] = items[split == "valid"]
-        test[users[split == "test"]] = items[split == "test"]
-        if (valid < 0).any() or (test < 0).any():
-            raise DataError("interactions: every user needs one valid and one test target")
-        is_train = split == "train"
-        bounds = np.searchsorted(users[is_train], np.arange(num_users + 1))
-        train_items = items[is_train]
-        train = [train_items[bounds[u]:bounds[u + 1]] for u in range(num_users)]
-        return cls(num_users, num_items, train, valid, test)
+        return cls.from_arrays(sequence_arrays(inter, num_items))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat (CSR) arrays: a fraction of the training rows' size, so a job ships these and each
@@ -127,7 +114,33 @@ def history_queries(histories: list[np.ndarray], users: np.ndarray, targets: np.
             "targets": np.asarray(targets, dtype=np.int64), "seen_indptr": indptr, "seen_indices": seen}
 
 
-def eval_queries(seqs: Sequences, split: str, max_len: int) -> dict[str, np.ndarray]:
-    """Leave-one-out queries of a split: model inputs, targets and the histories to mask (CSR)."""
-    users = np.arange(seqs.num_users, dtype=np.int64)
-    return history_queries([seqs.history(split, u) for u in users], users, seqs.target(split).copy(), max_len)
+def eval_queries(seqs: Sequences, split: str, max_len: int, users: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Leave-one-out queries of a split (for `users`, or every user): model inputs, targets and the
+    histories to mask (CSR)."""
+    users = np.arange(seqs.num_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
+    return history_queries([seqs.history(split, u) for u in users], users, seqs.target(split)[users], max_len)
+
+
+def sequence_arrays(inter: pd.DataFrame, num_items: int) -> dict[str, np.ndarray]:
+    """The histories as `Sequences.to_arrays()` gives them, straight from the interactions table
+    (chronological per user), without a per-user list: what a driver holds for a million users."""
+    users = inter["user_idx"].to_numpy()
+    position = inter["position"].to_numpy()
+    step = np.diff(users)
+    if not ((step >= 0).all() and (np.diff(position)[step == 0] > 0).all()):  # prepare writes it in order
+        order = np.lexsort((position, users))
+        users, inter = users[order], inter.iloc[order]
+    codes = pd.Categorical(inter["split"], categories=SPLITS).codes
+    items = inter["item_idx"].to_numpy().astype(np.int64)
+    num_users = int(users.max()) + 1 if len(users) else 0
+    targets = {}
+    for code, split in enumerate(SPLITS[1:], start=1):
+        target = np.full(num_users, -1, dtype=np.int64)
+        target[users[codes == code]] = items[codes == code]
+        targets[split] = target
+    if (targets["valid"] < 0).any() or (targets["test"] < 0).any():
+        raise DataError("interactions: every user needs one valid and one test target")
+    is_train = codes == 0
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(users[is_train], minlength=num_users))]).astype(np.int64)
+    return {"num_users": np.int64(num_users), "num_items": np.int64(num_items), "train_items": items[is_train],
+            "train_indptr": indptr, "valid": targets["valid"], "test": targets["test"]}

@@ -8,13 +8,9 @@ miss (rank = number of items). Candidates are the top-M items after masking.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
-import pandas as pd
 import torch
 
-from cotrec.metrics import ranking_metrics
 from cotrec.retriever.sasrec import SASRec
 
 
@@ -49,21 +45,3 @@ def score_queries(model: SASRec, queries: dict[str, np.ndarray], rows: np.ndarra
         top_scores.append(best.values.float().cpu().numpy())
     return {"ranks": np.concatenate(ranks), "top_items": np.concatenate(top_items),
             "top_scores": np.concatenate(top_scores)}
-
-
-def split_results(queries: dict[str, np.ndarray], split: str, rows: np.ndarray, out: dict[str, np.ndarray],
-                  ks: Iterable[int]) -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of one split and its candidates table (one row per user), from `score_queries`'s output."""
-    metrics = ranking_metrics(out["ranks"], ks)
-    targets = queries["targets"][rows]
-    candidates = pd.DataFrame({
-        "user_idx": queries["users"][rows],
-        "split": split,
-        "target_item": targets,
-        "target_rank": out["ranks"],
-        "candidates": list(out["top_items"]),
-        "scores": list(out["top_scores"]),
-        "target_in_candidates": (out["top_items"] == targets[:, None]).any(axis=1),
-    })
-    return metrics, candidates
-

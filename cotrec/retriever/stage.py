@@ -26,13 +26,12 @@ from cotrec.cluster import in_ray_job
 from cotrec.config import Config, RetrieverConfig
 from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
-from cotrec.metrics import ndcg_gains, paired_bootstrap
+from cotrec.metrics import ndcg_gains, paired_bootstrap, ranking_metrics
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
-from cotrec.retriever.data import Sequences, eval_queries
-from cotrec.retriever.evaluate import split_results
+from cotrec.retriever.data import sequence_arrays
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
-from cotrec.retriever.scoring import score_splits
+from cotrec.retriever.scoring import rank_and_write
 from cotrec.retriever.train import fit, peak_memory_mb
 from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
                                        variant_dir, variant_name)
@@ -48,23 +47,26 @@ def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed:
                         "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)})
 
 
-def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> tuple[dict, Sequences, dict]:
+def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> tuple[dict, dict]:
     rc = config.retriever
     items = read_table(run, "items")
-    seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))
-    item_init, user_init, notes = initial_tables(config, run, user, item, seqs.num_users, seed)
-    model = {"num_items": seqs.num_items, "num_users": seqs.num_users if user != "none" else 0,
+    # The histories as flat arrays, never a per-user list: each Train worker cuts its rows and valid
+    # queries from them, and each evaluation actor its queries.
+    sequences = sequence_arrays(read_table(run, "interactions", columns=["user_idx", "item_idx", "position", "split"]),
+                                num_items=len(items))
+    num_users, num_items = int(sequences["num_users"]), len(items)
+    item_init, user_init, notes = initial_tables(config, run, user, item, num_users, seed)
+    model = {"num_items": num_items, "num_users": num_users if user != "none" else 0,
              "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads, "ffn_mult": rc.ffn_mult,
              "dropout": rc.dropout}
-    counts = np.bincount(np.concatenate(seqs.train), minlength=seqs.num_items)
-    # The histories, not the training rows: each worker cuts its rows and valid queries from them.
+    counts = np.bincount(sequences["train_items"], minlength=num_items)
     job = {"name": variant_name(user, item), "seed": seed, "model": model, "item_init": item_init,
-           "user_init": user_init, "sequences": seqs.to_arrays(), "train_stride": rc.train_stride,
+           "user_init": user_init, "sequences": sequences, "train_stride": rc.train_stride,
            "item_counts": counts, "lr": rc.lr, "weight_decay": rc.weight_decay, "batch_size": rc.batch_size,
            "max_epochs": rc.max_epochs, "patience": rc.patience, "loss": rc.loss, "negatives": rc.negatives,
            "sampler": rc.sampler, "mask_history": rc.mask_history, "eval_batch_size": rc.eval_batch_size,
            "cpus_per_worker": rc.cpus_per_worker, "checkpoint_every": rc.checkpoint_every, "log": True}
-    return job, seqs, notes
+    return job, notes
 
 
 def full_softmax_too_wide(rc: RetrieverConfig, num_items: int) -> bool:
@@ -83,26 +85,22 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         return {"skipped": True, "folder": str(run / stage), **read_metrics(run / stage)}
     rc = config.retriever
     started = time.perf_counter()
-    job, seqs, notes = _build_job(config, run, user, item, seed)
-    if full_softmax_too_wide(rc, seqs.num_items):
-        log(f"retriever: {seqs.num_items:,} items is past retriever.sampled_above_items ({rc.sampled_above_items:,}): "
+    job, notes = _build_job(config, run, user, item, seed)
+    num_users, num_items = int(job["sequences"]["num_users"]), int(job["sequences"]["num_items"])
+    if full_softmax_too_wide(rc, num_items):
+        log(f"retriever: {num_items:,} items is past retriever.sampled_above_items ({rc.sampled_above_items:,}): "
             f"the full softmax scores every item for every target; set retriever.loss=sampled to train on "
             f"{rc.negatives:,} sampled negatives instead")
     log(f"retriever: training {variant_name(user, item)} seed {seed} ({rc.trainer}, {rc.num_workers} "
-        f"worker(s)) on the histories of {seqs.num_users:,} users, {seqs.num_items:,} items")
+        f"worker(s)) on the histories of {num_users:,} users, {num_items:,} items")
     with run.staged(stage, fp) as folder:
         result = fit(job, rc, folder / ".ray", folder / "model.pt")  # what the evaluation loads
         trained = time.perf_counter()
-        queries = {split: eval_queries(seqs, split, rc.max_len) for split in ("valid", "test")}
-        scored, actors = score_splits(rc, folder / "model.pt", queries, on_actors=in_ray_job())
-        users_per_second = sum(len(q["users"]) for q in queries.values()) / max(time.perf_counter() - trained, 1e-9)
-        evaluated, tables = {}, []
-        for split, split_queries in queries.items():
-            metrics, candidates = split_results(split_queries, split, np.arange(len(split_queries["users"])),
-                                                scored[split], rc.ks)
-            evaluated[split] = {**metrics, "users": len(candidates), "eval_users_per_second": users_per_second}
-            tables.append(candidates)
-        candidates = pd.concat(tables, ignore_index=True)
+        ranks, actors = rank_and_write(rc, folder / "model.pt", job.pop("sequences"), folder / "candidates.parquet",
+                                       on_actors=in_ray_job())
+        users_per_second = 2 * num_users / max(time.perf_counter() - trained, 1e-9)
+        evaluated = {split: {**ranking_metrics(split_ranks, rc.ks), "users": len(split_ranks),
+                             "eval_users_per_second": users_per_second} for split, split_ranks in ranks.items()}
         metrics = {
             "variant": variant_name(user, item), "user_init": user, "item_init": item,
             "split": "test", **{k: v for k, v in evaluated["test"].items()},
@@ -120,7 +118,6 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         }
         write_json(folder / "metrics.json", metrics)
         write_json(folder / "history.json", result["history"])
-        candidates.to_parquet(str(folder / "candidates.parquet"), index=False)
         remove_tree(folder / ".ray")
     log(f"retriever: {variant_name(user, item)} seed {seed}: test ndcg@10 {metrics['ndcg@10']:.4f} "
         f"hit@10 {metrics['hit@10']:.4f} (best epoch {metrics['best_epoch']}, {metrics['wall_seconds']:.0f} s)")
