@@ -163,6 +163,10 @@ class RetrieverConfig(Section):
     grid: list[str] = Field(default_factory=lambda: list(TABLE1_VARIANTS))
     # Seeds per variant in `retriever grid` (config seed, seed + 1, ...); Table 1 reports mean ± std.
     grid_seeds: int = Field(5, ge=1)
+    # Trainings of the grid (variant, seed) run at once with the Ray trainer, each its own worker
+    # group: a 1-CPU worker leaves the other cores idle unless another training takes them. The
+    # results do not depend on it; `local` trains one at a time.
+    concurrent_trainings: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "RetrieverConfig":

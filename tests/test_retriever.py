@@ -269,6 +269,26 @@ def test_ray_train_two_workers_match_one(tmp_path, ray_session):
     assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
 
 
+def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_path, ray_session):
+    """With `concurrent_trainings: 2` Table 1's trainings overlap in time (each its own Ray Train
+    worker group); a seed trained beside another gives the same model, metrics and candidates as the
+    same seed trained alone."""
+    settings = SMALL + ("retriever.trainer=ray", "retriever.max_epochs=8", "retriever.grid=[none/random]")
+    config, run = synthetic_run(tmp_path / "grid", config_overrides=settings + (
+        "retriever.grid_seeds=2", "retriever.concurrent_trainings=2"))
+    retriever_grid(config, run)
+    folders = [tmp_path / "grid" / "retriever" / name for name in ("none-random", "none-random-seed1")]
+    first, second = (json.loads((folder / "metrics.json").read_text()) for folder in folders)
+    assert second["started_at"] < first["started_at"] + first["wall_seconds"]   # they overlapped
+    assert first["started_at"] < second["started_at"] + second["wall_seconds"]
+    alone_config, alone_run = synthetic_run(tmp_path / "alone", config_overrides=settings)
+    alone = train_variant(alone_config, alone_run, "none/random", seed=1)
+    assert {k: alone[k] for k in ("ndcg@10", "hit@10", "best_epoch")} == {
+        k: second[k] for k in ("ndcg@10", "hit@10", "best_epoch")}
+    assert pd.read_parquet(Path(alone["folder"]) / "candidates.parquet").equals(
+        pd.read_parquet(folders[1] / "candidates.parquet"))
+
+
 def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path, ray_session):
     """SIGKILL the Ray Train worker once a checkpoint is in: the group restarts and the loop carries on
     after that checkpoint's epoch (the history runs on without a gap or a restart from epoch 0)."""

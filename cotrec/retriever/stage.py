@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cotrec.cluster import in_ray_job
+from cotrec.cluster import ensure_ray, in_ray_job
 from cotrec.config import Config, RetrieverConfig
 from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
@@ -41,8 +42,10 @@ from cotrec.storage import as_path, remove_tree
 
 def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
     # What one variant's training depends on: data + retriever settings, minus the grid's own keys
-    # (asking for more seeds must not retrain the seeds already done) and the advice threshold.
-    retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds", "sampled_above_items"})
+    # (asking for more seeds, or training more at once, must not retrain the seeds already done)
+    # and the advice threshold.
+    retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds", "concurrent_trainings",
+                                                                  "sampled_above_items"})
     return fingerprint({"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
                         "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)})
 
@@ -84,7 +87,7 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         log(f"retriever: {run / stage} is up to date; skipped")
         return {"skipped": True, "folder": str(run / stage), **read_metrics(run / stage)}
     rc = config.retriever
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     job, notes = _build_job(config, run, user, item, seed)
     num_users, num_items = int(job["sequences"]["num_users"]), int(job["sequences"]["num_items"])
     if full_softmax_too_wide(rc, num_items):
@@ -111,6 +114,7 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
             "stopped_by_max_epochs": len(result["history"]) == rc.max_epochs
                                      and result["history"][-1]["epoch"] - result["best_epoch"] < rc.patience,
             "trainer": rc.trainer, "num_workers": rc.num_workers, "loss": rc.loss, "scoring_actors": actors,
+            "started_at": round(started_at, 3),  # Unix time: which of the grid's trainings overlapped
             "train_seconds": round(trained - started, 3),
             "wall_seconds": round(time.perf_counter() - started, 3),
             "peak_memory_mb": max([peak_memory_mb()] + [h["peak_memory_mb"] for h in result["history"]]),
@@ -181,9 +185,10 @@ def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str
         user, item = parse_variant(name)
         embedding_fingerprints(config, run, user, item)
     started = time.perf_counter()
+    trained = train_each(config, run, [(name, seed) for name in rc.grid for seed in seeds], force)
     rows, skipped = [], True
     for name in rc.grid:
-        results = [train_variant(config, run, name, seed, force) for seed in seeds]
+        results = [trained[name, seed] for seed in seeds]
         skipped &= all(r["skipped"] for r in results)
         rows.append(grid_row(name, results))
     summary = {"skipped": skipped, "rows": with_intervals(config, run, rows), "seeds": seeds,
@@ -191,6 +196,24 @@ def retriever_grid(config: Config, run: RunDir, force: bool = False) -> dict[str
                "seconds": round(time.perf_counter() - started, 3)}
     write_table1(run, config, summary)
     return summary
+
+
+def train_each(config: Config, run: RunDir, trainings: list[tuple[str, int]],
+               force: bool = False) -> dict[tuple[str, int], dict[str, Any]]:
+    """Train each (variant, seed), up to `retriever.concurrent_trainings` at once with the Ray
+    trainer (each fit waits on its own worker group, so a driver thread per training is enough);
+    the first failure cancels those not started and is raised once the running ones end."""
+    rc = config.retriever
+    at_once = min(rc.concurrent_trainings if rc.trainer == "ray" else 1, len(trainings))
+    if at_once <= 1:
+        return {(name, seed): train_variant(config, run, name, seed, force) for name, seed in trainings}
+    ensure_ray()  # once, before the threads: each fit would otherwise race to start it
+    pool = ThreadPoolExecutor(at_once, thread_name_prefix="retriever")
+    futures = {(name, seed): pool.submit(train_variant, config, run, name, seed, force) for name, seed in trainings}
+    try:
+        return {key: future.result() for key, future in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def grid_row(variant: str, results: list[dict[str, Any]]) -> dict[str, Any]:

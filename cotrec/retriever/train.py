@@ -146,7 +146,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     queries = eval_queries(seqs, "valid", cfg.max_len)
     del seqs
     if rank == 0 and job.get("log"):
-        print(f"[retriever {job.get('name', '')}] {len(windows['users']):,} training rows per epoch", flush=True)
+        print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {len(windows['users']):,} training rows "
+              "per epoch", flush=True)
     rows_total = len(windows["users"]) // world * world    # equal shards: same step count everywhere
     per_worker = max(1, math.ceil(job["batch_size"] / world))
     steps = math.ceil(rows_total / world / per_worker)
@@ -211,7 +212,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             ctx.report({k: v for k, v in record.items() if k not in ("improved", "resumed")}, state)
         if job.get("log") and rank == 0:
             mark = " *" if improved else ""
-            print(f"[retriever {job.get('name', '')} rank {rank}] epoch {epoch:3d} loss {record['loss']:.4f} "
+            print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] epoch {epoch:3d} "
+                  f"loss {record['loss']:.4f} "
                   f"valid ndcg@10 {ndcg:.4f} hit@10 {hit:.4f} ({train_seconds:.1f}+{eval_seconds:.1f} s){mark}",
                   flush=True)
         if stop:
