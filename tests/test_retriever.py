@@ -289,6 +289,30 @@ def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_pa
         pd.read_parquet(folders[1] / "candidates.parquet"))
 
 
+def test_concurrent_trainings_stop_at_the_first_failure(tmp_path, monkeypatch):
+    """Orchestration only, with fake trainings: once a training fails while an earlier one still
+    runs, the trainings not yet started never start, and the failure is raised."""
+    import time as clock
+
+    import cotrec.retriever.stage as stage
+
+    config, run = small_run(tmp_path, "retriever.trainer=ray", "retriever.concurrent_trainings=2")
+    started = []
+
+    def fake_training(config, run, name, seed, force):
+        started.append(seed)
+        if seed == 1:
+            raise CotrecError("seed 1 failed")
+        clock.sleep(1)  # seed 0 outlasts the failure
+        return {"seed": seed}
+
+    monkeypatch.setattr(stage, "train_variant", fake_training)
+    monkeypatch.setattr(stage, "ensure_ray", lambda: None)
+    with pytest.raises(CotrecError, match="seed 1 failed"):
+        stage.train_each(config, run, [("none/random", seed) for seed in range(4)])
+    assert sorted(started) == [0, 1]
+
+
 def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path, ray_session):
     """SIGKILL the Ray Train worker once a checkpoint is in: the group restarts and the loop carries on
     after that checkpoint's epoch (the history runs on without a gap or a restart from epoch 0)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Optional
 
@@ -211,6 +211,10 @@ def train_each(config: Config, run: RunDir, trainings: list[tuple[str, int]],
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="retriever")
     futures = {(name, seed): pool.submit(train_variant, config, run, name, seed, force) for name, seed in trainings}
     try:
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = next((future for future in done if future.exception() is not None), None)
+        if failed is not None:
+            failed.result()  # raises it; `finally` cancels the trainings not started
         return {key: future.result() for key, future in futures.items()}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
