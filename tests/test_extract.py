@@ -305,6 +305,21 @@ def test_user_rows_put_the_longest_walks_first(demo_data):
     assert rows["source_digest"].iloc[0] == history_digest(rows["history"].iloc[0])
 
 
+def test_histories_and_planned_steps_are_the_same_whatever_the_table_order(demo_data):
+    """The users job skips the sort of a table already in (user, position) order and plans every
+    row's steps at once; a shuffled table gives the same histories, and the plan is each row's."""
+    from cotrec.extract.preference import planned_steps, planned_steps_of
+
+    interactions = pd.read_parquet(demo_data / "data" / "interactions.parquet")
+    shuffled = interactions.sample(frac=1.0, random_state=0)
+    ordered, from_shuffled = user_histories(interactions), user_histories(shuffled)
+    assert ordered["user_idx"].tolist() == from_shuffled["user_idx"].tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(ordered["history"], from_shuffled["history"]))
+    lengths = np.arange(3, 300)
+    for config in (ExtractConfig(), ExtractConfig(max_windows=1), ExtractConfig(max_windows=3, window=7, overlap=3)):
+        assert planned_steps_of(lengths, config).tolist() == [planned_steps(int(n), config) for n in lengths]
+
+
 def test_the_cap_walks_only_the_last_windows_and_test_continues_train():
     from cotrec.config import LLMConfig
     from cotrec.llm import make_engine

@@ -27,7 +27,7 @@ from cotrec.config import Config
 from cotrec.data.prepare import prepare
 from cotrec.extract.prompts import domain_of, item_labels, short_term_interest
 from cotrec.extract.runner import ProgramPool
-from cotrec.extract.stage import extract_users, user_histories, user_rows
+from cotrec.extract.stage import HISTORY_COLUMNS, extract_users, user_histories, user_rows
 from cotrec.llm import make_engine
 from cotrec.progress import log
 from cotrec.rundir import DATA_DIR, RunDir, read_stats, read_table
@@ -49,7 +49,7 @@ def temp_run(config: Config, run: RunDir) -> RunDir:
 
 def first_users(run: RunDir, config: Config, count: int) -> pd.DataFrame:
     """The first `count` users by user_idx, as the users job's rows (what `extract_users --limit` runs)."""
-    rows = user_rows(user_histories(read_table(run, "interactions")), config)
+    rows = user_rows(user_histories(read_table(run, "interactions", HISTORY_COLUMNS)), config)
     return rows.sort_values("user_idx").head(count).reset_index(drop=True)
 
 

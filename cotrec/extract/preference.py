@@ -255,3 +255,13 @@ def planned_steps(length: int, config: ExtractConfig) -> int:
     start = capped_start(train, config.window, config.overlap, config.max_windows)
     return len(window_bounds(start, train, config.window, config.overlap)) + 1
 
+
+def planned_steps_of(lengths: np.ndarray, config: ExtractConfig) -> np.ndarray:
+    """`planned_steps` of every length at once (a users job orders millions of rows by it)."""
+    train = np.asarray(lengths, dtype=np.int64) - 2
+    step = config.window - config.overlap
+    windows = np.where(train > 0, 1 + -(-np.maximum(train - config.window, 0) // step), 0)
+    if config.max_windows is not None:
+        windows = np.minimum(windows, config.max_windows)
+    return windows + 1
+

@@ -23,16 +23,27 @@ TASTES = ("light", "dark", "slow", "witty", "epic", "quiet", "tense", "warm")
 KINDS = ("comedies", "dramas", "thrillers", "westerns", "musicals", "documentaries", "romances", "mysteries")
 
 
+# Each digest copies this empty hasher (cheaper than a new blake2b, whose keywords are parsed per call).
+_DIGEST = hashlib.blake2b(digest_size=8)
+
+
+def prompt_bytes_digest(conversation: Conversation) -> bytes:
+    """8 bytes that depend on every message's role and content (a unit separator between fields, so
+    two conversations digest alike only when their messages are the same)."""
+    hasher = _DIGEST.copy()
+    hasher.update("\x1f".join([f"{m['role']}\x1e{m['content']}" for m in conversation]).encode())
+    return hasher.digest()
+
+
 def prompt_digest(conversation: Conversation) -> str:
-    return hashlib.blake2b(json.dumps(conversation, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return prompt_bytes_digest(conversation).hex()
 
 
 def reply_for(conversation: Conversation) -> str:
     """A sentence that varies with the prompt (its digest spelt out), the same for the same prompt."""
-    digest = prompt_digest(conversation)
-    a, b, c, d = (int(digest[i:i + 2], 16) for i in range(0, 8, 2))
-    return (f"Likes {TASTES[a % 8]} {KINDS[b % 8]} and {TASTES[c % 8]} {KINDS[d % 8]} "
-            f"(taste {digest[8:]}).")
+    digest = prompt_bytes_digest(conversation)
+    return (f"Likes {TASTES[digest[0] % 8]} {KINDS[digest[1] % 8]} and {TASTES[digest[2] % 8]} "
+            f"{KINDS[digest[3] % 8]} (taste {digest[4:].hex()}).")
 
 
 def smallest_instance(schema: dict[str, Any], word: str = "term") -> Any:
