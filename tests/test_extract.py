@@ -300,7 +300,8 @@ def test_user_rows_put_the_longest_walks_first(demo_data):
     lengths = rows["history"].map(len).to_numpy()
     assert lengths[0] == lengths.max() and lengths[-1] == lengths.min()
     capped = load_config("demo")  # the demo caps the walk: every long user plans the same steps
-    steps = [planned_steps(len(h), capped.extract) for h in user_rows(user_histories(interactions), capped)["history"]]
+    capped_rows = user_rows(user_histories(interactions), capped)
+    steps = planned_steps(capped_rows["history"].map(len).to_numpy(), capped.extract).tolist()
     assert steps == sorted(steps, reverse=True)
     assert rows["source_digest"].iloc[0] == history_digest(rows["history"].iloc[0])
 
@@ -308,7 +309,7 @@ def test_user_rows_put_the_longest_walks_first(demo_data):
 def test_histories_and_planned_steps_are_the_same_whatever_the_table_order(demo_data):
     """The users job skips the sort of a table already in (user, position) order and plans every
     row's steps at once; a shuffled table gives the same histories, and the plan is each row's."""
-    from cotrec.extract.preference import planned_steps, planned_steps_of
+    from cotrec.extract.preference import planned_steps
 
     interactions = pd.read_parquet(demo_data / "data" / "interactions.parquet")
     shuffled = interactions.sample(frac=1.0, random_state=0)
@@ -317,7 +318,9 @@ def test_histories_and_planned_steps_are_the_same_whatever_the_table_order(demo_
     assert all(np.array_equal(a, b) for a, b in zip(ordered["history"], from_shuffled["history"]))
     lengths = np.arange(3, 300)
     for config in (ExtractConfig(), ExtractConfig(max_windows=1), ExtractConfig(max_windows=3, window=7, overlap=3)):
-        assert planned_steps_of(lengths, config).tolist() == [planned_steps(int(n), config) for n in lengths]
+        w, o, cap = config.window, config.overlap, config.max_windows
+        walked = [len(window_bounds(capped_start(n - 2, w, o, cap), n - 2, w, o)) + 1 for n in lengths.tolist()]
+        assert planned_steps(lengths, config).tolist() == walked
 
 
 def test_the_cap_walks_only_the_last_windows_and_test_continues_train():

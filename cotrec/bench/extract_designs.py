@@ -199,8 +199,8 @@ class WindowStepStage:
 def waves_rows(tmp: RunDir, config: Config, users: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The users of the comparison (the first by user_idx; all by default) and their window counts."""
     rows = first_users(tmp, config, users or 10**9).to_dict("records")
-    windows = [planned_steps(len(r["history"]), config.extract) for r in rows]
-    lengths = [len(r["history"]) for r in rows]
+    lengths = np.array([len(r["history"]) for r in rows])
+    windows = planned_steps(lengths, config.extract)
     return rows, {"users": len(rows), "max_windows": config.extract.max_windows,
                   "history_length": {"min": int(min(lengths)), "median": float(np.median(lengths)), "max": int(max(lengths))},
                   "windows_per_user": {"min": int(min(windows)), "max": int(max(windows)),

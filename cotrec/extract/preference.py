@@ -35,7 +35,7 @@ import numpy as np
 from cotrec.config import ExtractConfig
 from cotrec.extract.prompts import Domain, merge_preference, short_term_interest
 from cotrec.extract.steps import StepStats, Steps, describe_failure, is_context_overflow
-from cotrec.extract.windows import capped_start, history_digest, window_bounds
+from cotrec.extract.windows import capped_start, history_digest, stride, window_bounds
 
 HORIZONS = ("train", "valid", "test")
 
@@ -249,19 +249,12 @@ def failed_user_rows(row: dict[str, Any], error: str) -> list[dict[str, Any]]:
             for horizon in HORIZONS]
 
 
-def planned_steps(length: int, config: ExtractConfig) -> int:
-    """Windows a fresh user of `length` items needs (train walk + test continuation): for ordering."""
-    train = length - 2
-    start = capped_start(train, config.window, config.overlap, config.max_windows)
-    return len(window_bounds(start, train, config.window, config.overlap)) + 1
-
-
-def planned_steps_of(lengths: np.ndarray, config: ExtractConfig) -> np.ndarray:
-    """`planned_steps` of every length at once (a users job orders millions of rows by it)."""
+def planned_steps(lengths: np.ndarray, config: ExtractConfig) -> np.ndarray:
+    """Windows a fresh user of each length needs (train walk + test continuation), for ordering:
+    `count_windows` of the training items, capped at `max_windows`, plus the test window; computed
+    for all users at once, since a users job orders millions of rows by it."""
     train = np.asarray(lengths, dtype=np.int64) - 2
-    step = config.window - config.overlap
-    windows = np.where(train > 0, 1 + -(-np.maximum(train - config.window, 0) // step), 0)
+    windows = np.where(train > 0, 1 + -(-np.maximum(train - config.window, 0) // stride(config.window, config.overlap)), 0)
     if config.max_windows is not None:
         windows = np.minimum(windows, config.max_windows)
     return windows + 1
-

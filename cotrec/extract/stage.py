@@ -18,7 +18,7 @@ import pandas as pd
 
 from cotrec.config import Config
 from cotrec.errors import DataError
-from cotrec.extract.preference import planned_steps_of
+from cotrec.extract.preference import planned_steps
 from cotrec.extract.programs import PROGRAMS, Program, output_folder, stored_outputs
 from cotrec.extract.prompts import PROMPT_VERSION, item_attributes, item_labels
 from cotrec.extract.runner import run_programs
@@ -77,7 +77,7 @@ def user_rows(histories: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Users with their history digest, longest walk first (the long tail starts early)."""
     rows = histories.copy()
     rows["source_digest"] = [history_digest(h) for h in rows["history"]]
-    steps = planned_steps_of(rows["history"].map(len).to_numpy(), config.extract)
+    steps = planned_steps(rows["history"].map(len).to_numpy(), config.extract)
     return rows.iloc[np.argsort(-steps, kind="stable")].reset_index(drop=True)
 
 
