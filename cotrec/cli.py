@@ -542,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_models = benches.add_parser("models", help="the real models' throughput per worker on this machine: LLM "
                                       "prompt/generated tokens/s, encoder texts/s, SASRec windows/s (what `plan` uses)")
     _add_config_options(bench_models)
-    bench_models.add_argument("--parts", default="llm,encoder,sasrec", help="comma-separated: llm, encoder, sasrec")
+    bench_models.add_argument("--parts", default="llm,encoder,sasrec",
+                              help="comma-separated: llm, encoder, sasrec, users (user tables of 100k and 1M rows)")
     bench_models.add_argument("--rounds", type=int, default=3, help="timed rounds per part; figures are their median")
     bench_models.add_argument("--out", default="bench/models.json", help="JSON output path")
     bench_models.set_defaults(handler=cmd_bench_models)

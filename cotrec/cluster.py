@@ -35,6 +35,16 @@ def in_ray_job() -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
+def from_object_store(value: Any) -> Any:
+    """`value`, or what it refers to when it is an object-store reference (large inputs that several
+    Ray workers read are put there once and passed by reference)."""
+    if type(value).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(value)
+    return value
+
+
 def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str, Any], *, actors: int,
                   cpus: float, gpus: float, in_format: str, out_format: str, min_actors: int = 1,
                   preserve_order: bool = False) -> Iterator[Any]:

@@ -133,6 +133,9 @@ class RetrieverConfig(Section):
     train_stride: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # Update only the batch's rows of the user table (sparse gradients, SparseAdam) instead of the
+    # whole table every step (Adam, the authors'): the dense update's cost grows with the users.
+    sparse_user_updates: bool = False
     batch_size: int = Field(256, ge=1)
     max_epochs: int = Field(200, ge=1)
     # Early stopping: stop after this many epochs without a better valid ndcg@10.
@@ -176,6 +179,11 @@ class RetrieverConfig(Section):
             raise ValueError(f"train_stride ({self.train_stride}) must not exceed max_len ({self.max_len})")
         if any(k < 1 for k in self.ks):
             raise ValueError("ks must be positive")
+        if self.sparse_user_updates and self.weight_decay > 0:
+            raise ValueError("sparse_user_updates uses SparseAdam, which has no weight decay: set weight_decay=0")
+        if self.sparse_user_updates and self.gpus_per_worker > 0 and self.num_workers > 1:
+            raise ValueError("sparse_user_updates with several GPU workers needs a sparse all-reduce, "
+                             "which NCCL lacks: use one GPU worker or dense updates")
         for variant in self.grid:
             user, _, item = variant.partition("/")
             if user not in RETRIEVER_USER_INITS or item not in RETRIEVER_ITEM_INITS:

@@ -185,7 +185,7 @@ def _embed_row(config: Config, run: RunDir, users: int, items: int, run_users: i
 def _retriever_rows(config: Config, run: RunDir, users: int, items: int, run_users: int,
                     rates: Throughputs) -> list[dict[str, Any]]:
     from cotrec.retriever.data import Sequences, training_rows
-    from cotrec.retriever.stage import full_softmax_too_wide
+    from cotrec.retriever.stage import dense_user_table_too_large, full_softmax_too_wide
     from cotrec.retriever.variants import parse_variant, variant_dir
 
     rc = config.retriever
@@ -205,6 +205,9 @@ def _retriever_rows(config: Config, run: RunDir, users: int, items: int, run_use
     eval_rate, eval_source = rates.sasrec("sasrec.eval_queries_per_s", items)
     advice = (f"; {items:,} items is past retriever.sampled_above_items: loss=sampled would make a window's "
               f"cost independent of the catalogue" if full_softmax_too_wide(rc, items) else "")
+    if any(dense_user_table_too_large(rc, parse_variant(name)[0], users) for name in rc.grid):
+        advice += (f"; {users:,} users: sparse_user_updates=true would make a step's cost independent of the "
+                   f"user table (these rates were measured on small tables)")
     per_user_train = windows * mean_epochs * trainings
     per_user_eval = (mean_epochs + 2) * trainings
     return [

@@ -94,6 +94,13 @@ def test_the_plan_multiplies_the_runs_work_per_user_by_users_over_the_measured_r
     assert wide["retriever training"]["rate_per_worker"] == pytest.approx(1 / (0.001 + 0.002 * 199_000 / 19_000))
     assert "past retriever.sampled_above_items" in wide["retriever training"]["work"]
     assert "sampled_above_items" not in training["work"]
+    # a user token's table past the threshold, updated densely: the plan advises sparse updates
+    with_users = config.model_copy(update={"retriever": config.retriever.model_copy(
+        update={"grid": ["none/random", "random/random"]})})
+    assert "sparse_user_updates=true" in _rows(plan(with_users, run, 1_000_000, None, models, LLM_RATES))[
+        "retriever training"]["work"]
+    assert "sparse_user_updates" not in _rows(plan(with_users, run, 100_000, None, models, LLM_RATES))[
+        "retriever training"]["work"]
 
 
 def test_stages_a_preset_places_on_gpus_take_parameters_and_say_so(measured):

@@ -6,6 +6,7 @@ variants use SYNTHETIC extraction outputs written by the test. One test runs the
 demo preset; one module-scoped Ray session serves the Ray Train tests.
 """
 
+import io
 import json
 from pathlib import Path
 
@@ -197,10 +198,59 @@ def test_history_masking_is_configurable_and_recorded(tmp_path):
     assert any(set(c) & seen[u] for u, c in zip(test.user_idx, test.candidates))
 
 
+def _two_steps(sparse: bool):
+    """A model after a step on users 0, 1 and another on users 2, 3: (model, optimiser, the user
+    table after each step)."""
+    from cotrec.retriever.train import RetrieverOptimizer, train_step
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=30, num_users=8, dim=16, max_len=6, dropout=0.0, sparse_users=sparse))
+    optim = RetrieverOptimizer(model, lr=0.01)
+    items, targets = torch.randint(1, 31, (2, 6)), torch.randint(1, 31, (2, 7))
+    tables = []
+    for users in ([0, 1], [2, 3]):
+        train_step(model, model, optim, items, torch.tensor(users), targets)
+        tables.append(model.user_emb.weight.detach().clone())
+    return model, optim, tables
+
+
+def test_sparse_user_updates_move_only_the_batchs_users_and_their_state_resumes():
+    """`sparse_user_updates`: the user table's gradient is sparse and SparseAdam moves only the
+    batch's rows, so a step's cost does not grow with the users; dense Adam keeps moving the rows of
+    users from earlier steps (their momentum). The optimiser's state round-trips, as a resumed
+    Ray Train worker needs."""
+    from cotrec.config import load_config
+    from cotrec.errors import ConfigError
+    from cotrec.retriever.train import RetrieverOptimizer, train_step
+
+    model, optim, (first, second) = _two_steps(sparse=True)
+    assert model.user_emb.weight.grad.is_sparse
+    assert torch.equal(first[[0, 1]], second[[0, 1]]) and not torch.equal(first[[2, 3]], second[[2, 3]])
+    _, _, (dense_first, dense_second) = _two_steps(sparse=False)
+    assert not torch.equal(dense_first[[0, 1]], dense_second[[0, 1]])
+    checkpoint = io.BytesIO()  # a state dict shares the live tensors: save it, as a checkpoint does
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, checkpoint)
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint, weights_only=False)
+    resumed = SASRec(model.cfg)
+    resumed.load_state_dict(saved["model"])
+    resumed_optim = RetrieverOptimizer(resumed, lr=0.01)
+    resumed_optim.load_state_dict(saved["optim"])
+    items, targets, users = torch.randint(1, 31, (2, 6)), torch.randint(1, 31, (2, 7)), torch.tensor([1, 2])
+    for m, o in ((model, optim), (resumed, resumed_optim)):
+        train_step(m, m, o, items, users, targets)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ConfigError, match="retriever: .*sparse_user_updates.*weight_decay"):
+        load_config("demo", ["retriever.sparse_user_updates=true", "retriever.weight_decay=0.01"])
+
+
 def test_sampled_softmax_option_trains(tmp_path):
     config, run = small_run(tmp_path, "retriever.loss=sampled", "retriever.negatives=20")
     metrics = train_variant(config, run, "none/random")
     assert metrics["loss"] == "sampled" and metrics["ndcg@10"] > 0.2
+    sparse_config, sparse_run = synthetic_run(tmp_path / "sparse", config_overrides=SMALL + (
+        "retriever.loss=sampled", "retriever.negatives=20", "retriever.sparse_user_updates=true"))
+    assert train_variant(sparse_config, sparse_run, "random/random")["ndcg@10"] > 0.2
 
 
 def test_variants_needing_extraction_fail_clearly_and_others_do_not(tmp_path):
@@ -269,10 +319,15 @@ def test_ray_train_two_workers_match_one(tmp_path, ray_session):
     assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
 
 
-def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_path, ray_session):
+def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_path, monkeypatch, ray_session):
     """With `concurrent_trainings: 2` Table 1's trainings overlap in time (each its own Ray Train
-    worker group); a seed trained beside another gives the same model, metrics and candidates as the
-    same seed trained alone."""
+    worker group) and the driver reads the histories once for both; a seed trained beside another
+    gives the same model, metrics and candidates as the same seed trained alone."""
+    import cotrec.retriever.stage as stage
+
+    reads = []
+    read_sequences = stage.read_sequences
+    monkeypatch.setattr(stage, "read_sequences", lambda run: reads.append(run) or read_sequences(run))
     settings = SMALL + ("retriever.trainer=ray", "retriever.max_epochs=8", "retriever.grid=[none/random]")
     config, run = synthetic_run(tmp_path / "grid", config_overrides=settings + (
         "retriever.grid_seeds=2", "retriever.concurrent_trainings=2"))
@@ -281,6 +336,7 @@ def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_pa
     first, second = (json.loads((folder / "metrics.json").read_text()) for folder in folders)
     assert second["started_at"] < first["started_at"] + first["wall_seconds"]   # they overlapped
     assert first["started_at"] < second["started_at"] + second["wall_seconds"]
+    assert len(reads) == 1
     alone_config, alone_run = synthetic_run(tmp_path / "alone", config_overrides=settings)
     alone = train_variant(alone_config, alone_run, "none/random", seed=1)
     assert {k: alone[k] for k in ("ndcg@10", "hit@10", "best_epoch")} == {
@@ -299,7 +355,7 @@ def test_concurrent_trainings_stop_at_the_first_failure(tmp_path, monkeypatch):
     config, run = small_run(tmp_path, "retriever.trainer=ray", "retriever.concurrent_trainings=2")
     started = []
 
-    def fake_training(config, run, name, seed, force):
+    def fake_training(config, run, name, seed, force, histories):
         started.append(seed)
         if seed == 1:
             raise CotrecError("seed 1 failed")
@@ -331,14 +387,16 @@ def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on
     from the flat histories and rank them; the candidates table and the ranks are the same on 1 or
     2 actors, equal those of the same model scored in process, and are what the stage wrote."""
     import cotrec.retriever.scoring as scoring
-    from cotrec.retriever.stage import _build_job
+    from cotrec.retriever.stage import Histories
 
     config, run = small_run(tmp_path, "retriever.eval_batch_size=16")
     result = train_variant(config, run, "none/random")
     assert result["scoring_actors"] == 1  # in a Ray job the evaluation went to an actor
-    job, _ = _build_job(config, run, "none", "random", config.seed)
+    histories = Histories(run)
+    sequences = histories.arrays()
+    users = int(sequences["num_users"])
     model_path = Path(result["folder"]) / "model.pt"
-    here, _ = scoring.rank_and_write(config.retriever, model_path, job["sequences"], tmp_path / "here.parquet",
+    here, _ = scoring.rank_and_write(config.retriever, model_path, users, sequences, tmp_path / "here.parquet",
                                      on_actors=False)
 
     def not_in_the_driver(*_, **__):
@@ -347,14 +405,15 @@ def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on
     monkeypatch.setattr(scoring, "load_model", not_in_the_driver)  # this process only; actors load their own
     monkeypatch.setattr(scoring, "eval_queries", not_in_the_driver)
     two = config.retriever.model_copy(update={"num_workers": 2})
-    on_one, actors_one = scoring.rank_and_write(config.retriever, model_path, job["sequences"],
+    # the histories by object-store reference (as the stage ships them) or by value: the same
+    on_one, actors_one = scoring.rank_and_write(config.retriever, model_path, users, histories.for_ray_workers(),
                                                 tmp_path / "one.parquet", on_actors=True)
-    on_two, actors_two = scoring.rank_and_write(two, model_path, job["sequences"], tmp_path / "two.parquet",
+    on_two, actors_two = scoring.rank_and_write(two, model_path, users, sequences, tmp_path / "two.parquet",
                                                 on_actors=True)
     assert (actors_one, actors_two) == (1, 2)
     tables = {name: pd.read_parquet(tmp_path / f"{name}.parquet") for name in ("here", "one", "two")}
     assert tables["one"].equals(tables["two"])  # the same rows in the same order
-    assert len(tables["one"]) == 2 * int(job["sequences"]["num_users"])
+    assert len(tables["one"]) == 2 * users
     for split in ("valid", "test"):
         assert np.array_equal(on_one[split], on_two[split]) and np.array_equal(on_one[split], here[split])
         assert (on_one[split] >= 0).all()
@@ -378,3 +437,15 @@ def test_a_catalogue_past_the_threshold_with_the_full_softmax_is_advised_to_samp
     quiet = config.model_copy(update={"retriever": config.retriever.model_copy(update={"sampled_above_items": None})})
     assert train_variant(quiet, run, "none/random")["skipped"]
     assert "sampled_above_items" not in capsys.readouterr().err
+
+
+
+def test_a_user_table_past_the_threshold_with_dense_updates_is_advised_to_go_sparse(tmp_path, capsys, monkeypatch):
+    import cotrec.retriever.stage as stage
+
+    monkeypatch.setattr(stage, "SPARSE_USERS_ADVISED_ABOVE", 50)
+    config, run = small_run(tmp_path, "retriever.max_epochs=1")
+    train_variant(config, run, "random/random")
+    assert "60 users is past 50" in capsys.readouterr().err
+    train_variant(config, run, "none/random")   # no user token, no table to update
+    assert "sparse_user_updates" not in capsys.readouterr().err

@@ -17,7 +17,9 @@ class MemorySampler:
         self.psutil = psutil
         self.interval = interval
         self.me = psutil.Process()
-        self.peak = {"driver_rss_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0,
+        # driver_private_mb: the driver's RSS less the pages it shares (files, and the Ray object
+        # store's shared memory, which the RSS counts once the driver has written or read them)
+        self.peak = {"driver_rss_mb": 0.0, "driver_private_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0,
                      "largest_process_rss_mb": 0.0}  # the largest single Ray worker (an actor, a Train worker)
         self.cpu: dict[int, tuple[str, str, float]] = {}  # pid -> (kind, name, user + system seconds)
         self._cpu_start = sum(self.me.cpu_times()[:2])
@@ -32,7 +34,8 @@ class MemorySampler:
 
     def _sample(self) -> None:
         mb = 1024 * 1024
-        driver = self.me.memory_info().rss / mb
+        memory = self.me.memory_info()
+        driver, private = memory.rss / mb, (memory.rss - getattr(memory, "shared", 0)) / mb
         self.cpu[self.me.pid] = ("driver", "driver", sum(self.me.cpu_times()[:2]) - self._cpu_start)
         workers = others = 0.0
         for child in self.me.children(recursive=True):
@@ -55,7 +58,7 @@ class MemorySampler:
                 self.peak["largest_process_rss_mb"] = max(self.peak["largest_process_rss_mb"], round(rss, 1))
             else:
                 others += rss
-        for key, value in (("driver_rss_mb", driver), ("ray_workers_rss_mb", workers),
+        for key, value in (("driver_rss_mb", driver), ("driver_private_mb", private), ("ray_workers_rss_mb", workers),
                            ("ray_all_rss_mb", workers + others), ("total_rss_mb", driver + workers + others)):
             self.peak[key] = max(self.peak[key], round(value, 1))
 

@@ -10,6 +10,9 @@ actor's LLM engine, an embed actor's sentence encoder, a SASRec Train worker wit
   sasrec   training windows/s and evaluation queries/s at the config's model size, for two
            catalogue sizes: the full softmax grows linearly with the items, so the plan
            interpolates (or extrapolates) in items between them
+  users    training windows/s with a user token, for user tables of 100k and 1M rows, with
+           dense and with sparse user-table updates (`retriever.sparse_user_updates`), on the
+           larger catalogue and the config's loss: what the table's size costs a step
 
 Each part runs one untimed warm-up, then `rounds` timed rounds; figures are their median.
 """
@@ -34,8 +37,9 @@ from cotrec.llm.placement import cpu_has_bf16
 from cotrec.progress import log
 from cotrec.rundir import write_json
 
-PARTS = ("llm", "encoder", "sasrec")
+PARTS = ("llm", "encoder", "sasrec", "users")
 SASREC_CATALOGUES = (1_000, 20_000)
+USER_TABLES = (100_000, 1_000_000)
 
 
 def _median_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[
     from cotrec.retriever.data import Sequences, eval_queries, training_rows
     from cotrec.retriever.evaluate import score_queries
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
-    from cotrec.retriever.train import train_step
+    from cotrec.retriever.train import RetrieverOptimizer, train_step
 
     rc = config.retriever
     rng = np.random.default_rng(0)
@@ -117,8 +121,9 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[
     windows = training_rows(seqs, rc.max_len, user_token=True, stride=rc.train_stride)
     queries = eval_queries(seqs, "valid", rc.max_len)
     model = SASRec(SASRecConfig(num_items=num_items, num_users=users, dim=rc.dim, max_len=rc.max_len, layers=rc.layers,
-                                heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout))
-    optim = torch.optim.Adam(model.parameters(), lr=rc.lr)
+                                heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout,
+                                sparse_users=rc.sparse_user_updates))
+    optim = RetrieverOptimizer(model, rc.lr, rc.weight_decay)
     rows = np.arange(len(windows["users"]))
 
     def one_round() -> dict[str, float]:
@@ -153,6 +158,47 @@ def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
             "train_stride": rc.train_stride, "loss": "full softmax", "threads": rc.cpus_per_worker, "catalogues": at}
 
 
+def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds: int) -> dict[str, Any]:
+    from cotrec.retriever.loss import SampledSoftmax
+    from cotrec.retriever.sasrec import SASRec, SASRecConfig
+    from cotrec.retriever.train import RetrieverOptimizer, train_step
+
+    rc, items = config.retriever, SASREC_CATALOGUES[-1]
+    generator = torch.Generator().manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=items, num_users=users, dim=rc.dim, max_len=rc.max_len, layers=rc.layers,
+                                heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout, sparse_users=sparse))
+    optim = RetrieverOptimizer(model, rc.lr)
+    sampled = SampledSoftmax(np.ones(items), rc.negatives, rc.sampler) if rc.loss == "sampled" else None
+    # full rows: every position trains a target, as the first row of each history does
+    batches = [(torch.randint(1, items + 1, (rc.batch_size, rc.max_len), generator=generator),
+                torch.randint(0, users, (rc.batch_size,), generator=generator),
+                torch.randint(1, items + 1, (rc.batch_size, rc.max_len + 1), generator=generator))
+               for _ in range(steps)]
+
+    def one_round() -> dict[str, float]:
+        model.train()
+        started = time.perf_counter()
+        for inputs, user_ids, targets in batches:
+            train_step(model, model, optim, inputs, user_ids, targets, sampled, generator)
+        return {"train_windows_per_s": steps * rc.batch_size / (time.perf_counter() - started)}
+
+    return {"users": users, "sparse_user_updates": sparse, **_median_of_rounds(rounds, one_round)}
+
+
+def measure_user_tables(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.retriever.cpus_per_worker)))
+    try:
+        torch.manual_seed(0)
+        at = [_user_table_at(config, users, sparse, steps, rounds) for users in USER_TABLES for sparse in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    rc = config.retriever
+    return {"items": SASREC_CATALOGUES[-1], "dim": rc.dim, "max_len": rc.max_len, "batch_size": rc.batch_size,
+            "loss": rc.loss, "negatives": rc.negatives if rc.loss == "sampled" else None,
+            "threads": rc.cpus_per_worker, "tables": at}
+
+
 def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS, rounds: int = 3, prompts: int = 32,
                  max_tokens: int = 64, texts: int = 256, sasrec_steps: int = 20) -> dict[str, Any]:
     unknown = sorted(set(parts) - set(PARTS))
@@ -172,6 +218,9 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
     if "sasrec" in parts:
         log(f"bench models: sasrec (dim {config.retriever.dim}, catalogues {SASREC_CATALOGUES})")
         report["sasrec"] = measure_sasrec(config, sasrec_steps, rounds)
+    if "users" in parts:
+        log(f"bench models: user tables of {', '.join(f'{u:,}' for u in USER_TABLES)} rows, dense and sparse updates")
+        report["users"] = measure_user_tables(config, sasrec_steps // 2, rounds)
     report["load_average_after"] = load_average()
     write_json(Path(out), report)
     return report
@@ -190,4 +239,8 @@ def format_bench(report: dict[str, Any]) -> str:
         for r in report["sasrec"]["catalogues"]:
             lines.append(f"sasrec   {r['items']:,} items: {r['train_windows_per_s']:,.1f} training windows/s, "
                          f"{r['eval_queries_per_s']:,.1f} evaluation queries/s")
+    if "users" in report:
+        for r in report["users"]["tables"]:
+            lines.append(f"users    {r['users']:,} users, {'sparse' if r['sparse_user_updates'] else 'dense'} updates: "
+                         f"{r['train_windows_per_s']:,.1f} training windows/s")
     return "\n".join(lines)

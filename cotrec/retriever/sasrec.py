@@ -35,6 +35,9 @@ class SASRecConfig:
     heads: int = 1
     ffn_mult: int = 1           # the feed-forward's hidden width in multiples of dim (1: checkpoints that predate it)
     dropout: float = 0.2
+    # The user table's gradient as a sparse tensor (only the batch's rows), for SparseAdam: with a
+    # dense one every step touches every user's row, so a step's cost grows with the users.
+    sparse_users: bool = False
 
     @property
     def user_token(self) -> bool:
@@ -100,7 +103,7 @@ class SASRec(nn.Module):
                 self.item_emb.weight[1:].copy_(item_init)
         self.user_emb = None
         if cfg.user_token:
-            self.user_emb = nn.Embedding(cfg.num_users, cfg.dim)
+            self.user_emb = nn.Embedding(cfg.num_users, cfg.dim, sparse=cfg.sparse_users)
             nn.init.normal_(self.user_emb.weight, std=std)
             if user_init is not None:
                 with torch.no_grad():

@@ -13,13 +13,14 @@ depend on the pool's size. Without Ray the same worker runs in this process.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cotrec.cluster import map_on_actors
+from cotrec.cluster import from_object_store, map_on_actors
 from cotrec.config import RetrieverConfig
 from cotrec.progress import Progress
 from cotrec.retriever.data import Sequences, eval_queries
@@ -45,14 +46,14 @@ class RetrieverScoringWorker:
     """The Ray Data actor: the trained model and the histories; a block of (split, user) -> the
     block's rows of the candidates table."""
 
-    def __init__(self, model_path: str, sequences: dict[str, np.ndarray], max_len: int, mask_history: bool,
+    def __init__(self, model_path: str, sequences: Any, max_len: int, mask_history: bool,
                  top_m: int, threads: int, device: str):
         if device == "cpu":
             torch.set_num_threads(threads)  # the actor's CPU share
         self.model = load_model(model_path, device)
         # Ray Data puts the constructor's arguments in the object store once; each block's queries
         # are cut from these flat arrays, so no process ever holds every user's queries.
-        self.seqs = Sequences.from_arrays(sequences)
+        self.seqs = Sequences.from_arrays(from_object_store(sequences))
         self.max_len, self.mask_history, self.top_m, self.device = max_len, mask_history, top_m, device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,12 +79,13 @@ def candidates_table(batch: dict[str, np.ndarray]) -> pa.Table:
                     schema=CANDIDATES_SCHEMA)
 
 
-def rank_and_write(config: RetrieverConfig, model_path: Path, sequences: dict[str, np.ndarray], out: Path,
+def rank_and_write(config: RetrieverConfig, model_path: Path, num_users: int, sequences: Any, out: Path,
                    on_actors: bool) -> tuple[dict[str, np.ndarray], int]:
     """Rank every user's valid and test target with the model at `model_path`, streaming the
     candidates table into `out` block by block (split, then user order, whatever the pool's
-    size); returns the targets' ranks per split, in user order, and the pool's size (0: here)."""
-    num_users, size = int(sequences["num_users"]), config.eval_batch_size
+    size); returns the targets' ranks per split, in user order, and the pool's size (0: here).
+    `sequences`: the histories' arrays, or on actors their object-store reference."""
+    size = config.eval_batch_size
     blocks = [{"split": np.full(min(size, num_users - start), split),
                "user_idx": np.arange(start, min(start + size, num_users))}
               for split in ("valid", "test") for start in range(0, num_users, size)]

@@ -14,6 +14,7 @@ it starts from, so a rerun with the same inputs is skipped.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -46,22 +47,55 @@ def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed:
     # and the advice threshold.
     retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds", "concurrent_trainings",
                                                                   "sampled_above_items"})
+    if not retriever["sparse_user_updates"]:  # the default: trainings from before the key stay up to date
+        del retriever["sparse_user_updates"]
     return fingerprint({"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),
                         "seed": seed, "embeddings": embedding_fingerprints(config, run, user, item)})
 
 
-def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int) -> tuple[dict, dict]:
+def read_sequences(run: RunDir) -> dict[str, np.ndarray]:
+    """The histories as flat arrays, never a per-user list: each Train worker cuts its rows and
+    valid queries from them, and each evaluation actor its queries."""
+    num_items = len(read_table(run, "items", columns=["item_idx"]))
+    return sequence_arrays(read_table(run, "interactions", columns=["user_idx", "item_idx", "position", "split"]),
+                           num_items=num_items)
+
+
+class Histories:
+    """A run's histories (`read_sequences`), read once, and in a Ray job put in the object store
+    once: what the trainings that run at once in threads, and their evaluations, share instead of
+    each holding and shipping its own copy (Ray workers map the one stored copy)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self._lock = run, threading.Lock()
+        self._arrays: Optional[dict[str, np.ndarray]] = None
+        self._stored: Any = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._arrays is None:
+                self._arrays = read_sequences(self.run)
+            return self._arrays
+
+    def for_ray_workers(self) -> Any:
+        """An object-store reference to the arrays (`cluster.from_object_store` resolves it)."""
+        arrays = self.arrays()
+        with self._lock:
+            if self._stored is None:
+                import ray
+
+                self._stored = ray.put(arrays)
+            return self._stored
+
+
+def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int,
+               sequences: dict[str, np.ndarray]) -> tuple[dict, dict]:
     rc = config.retriever
-    items = read_table(run, "items")
-    # The histories as flat arrays, never a per-user list: each Train worker cuts its rows and valid
-    # queries from them, and each evaluation actor its queries.
-    sequences = sequence_arrays(read_table(run, "interactions", columns=["user_idx", "item_idx", "position", "split"]),
-                                num_items=len(items))
-    num_users, num_items = int(sequences["num_users"]), len(items)
+    num_users, num_items = int(sequences["num_users"]), int(sequences["num_items"])
     item_init, user_init, notes = initial_tables(config, run, user, item, num_users, seed)
     model = {"num_items": num_items, "num_users": num_users if user != "none" else 0,
              "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "heads": rc.heads, "ffn_mult": rc.ffn_mult,
-             "dropout": rc.dropout}
+             "dropout": rc.dropout, "sparse_users": rc.sparse_user_updates}
     counts = np.bincount(sequences["train_items"], minlength=num_items)
     job = {"name": variant_name(user, item), "seed": seed, "model": model, "item_init": item_init,
            "user_init": user_init, "sequences": sequences, "train_stride": rc.train_stride,
@@ -76,9 +110,18 @@ def full_softmax_too_wide(rc: RetrieverConfig, num_items: int) -> bool:
     return rc.loss == "ce" and rc.sampled_above_items is not None and num_items > rc.sampled_above_items
 
 
+# Past this many users a dense update of the user table costs a step more than the model does.
+SPARSE_USERS_ADVISED_ABOVE = 100_000
+
+
+def dense_user_table_too_large(rc: RetrieverConfig, user: str, num_users: int) -> bool:
+    return user != "none" and not rc.sparse_user_updates and num_users > SPARSE_USERS_ADVISED_ABOVE
+
+
 def train_variant(config: Config, run: RunDir, variant: str = "none/random", seed: Optional[int] = None,
-                  force: bool = False) -> dict[str, Any]:
-    """Train, evaluate and save one variant for one seed; skipped when up to date."""
+                  force: bool = False, histories: Optional[Histories] = None) -> dict[str, Any]:
+    """Train, evaluate and save one variant for one seed; skipped when up to date. `histories`:
+    the run's, when several trainings share them."""
     user, item = parse_variant(variant)
     seed = config.seed if seed is None else seed
     stage = variant_dir(config, user, item, seed)
@@ -88,19 +131,27 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
         return {"skipped": True, "folder": str(run / stage), **read_metrics(run / stage)}
     rc = config.retriever
     started, started_at = time.perf_counter(), time.time()
-    job, notes = _build_job(config, run, user, item, seed)
+    histories = histories or Histories(run)
+    job, notes = _build_job(config, run, user, item, seed, histories.arrays())
     num_users, num_items = int(job["sequences"]["num_users"]), int(job["sequences"]["num_items"])
     if full_softmax_too_wide(rc, num_items):
         log(f"retriever: {num_items:,} items is past retriever.sampled_above_items ({rc.sampled_above_items:,}): "
             f"the full softmax scores every item for every target; set retriever.loss=sampled to train on "
             f"{rc.negatives:,} sampled negatives instead")
+    if dense_user_table_too_large(rc, user, num_users):
+        log(f"retriever: {num_users:,} users is past {SPARSE_USERS_ADVISED_ABOVE:,}: Adam updates every row of the "
+            f"user table at every step; set retriever.sparse_user_updates=true to update only the batch's users")
     log(f"retriever: training {variant_name(user, item)} seed {seed} ({rc.trainer}, {rc.num_workers} "
         f"worker(s)) on the histories of {num_users:,} users, {num_items:,} items")
     with run.staged(stage, fp) as folder:
+        if rc.trainer == "ray":
+            job["sequences"] = histories.for_ray_workers()
         result = fit(job, rc, folder / ".ray", folder / "model.pt")  # what the evaluation loads
         trained = time.perf_counter()
-        ranks, actors = rank_and_write(rc, folder / "model.pt", job.pop("sequences"), folder / "candidates.parquet",
-                                       on_actors=in_ray_job())
+        on_actors = in_ray_job()
+        ranks, actors = rank_and_write(rc, folder / "model.pt", num_users,
+                                       histories.for_ray_workers() if on_actors else histories.arrays(),
+                                       folder / "candidates.parquet", on_actors=on_actors)
         users_per_second = 2 * num_users / max(time.perf_counter() - trained, 1e-9)
         evaluated = {split: {**ranking_metrics(split_ranks, rc.ks), "users": len(split_ranks),
                              "eval_users_per_second": users_per_second} for split, split_ranks in ranks.items()}
@@ -209,7 +260,9 @@ def train_each(config: Config, run: RunDir, trainings: list[tuple[str, int]],
         return {(name, seed): train_variant(config, run, name, seed, force) for name, seed in trainings}
     ensure_ray()  # once, before the threads: each fit would otherwise race to start it
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="retriever")
-    futures = {(name, seed): pool.submit(train_variant, config, run, name, seed, force) for name, seed in trainings}
+    histories = Histories(run)
+    futures = {(name, seed): pool.submit(train_variant, config, run, name, seed, force, histories)
+               for name, seed in trainings}
     try:
         done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
         failed = next((future for future in done if future.exception() is not None), None)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cotrec.cluster import fit_torch_trainer
+from cotrec.cluster import fit_torch_trainer, from_object_store
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
@@ -96,7 +96,34 @@ def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world:
     return torch.tensor([m["hit@10"] * n, m["ndcg@10"] * n, float(n)], dtype=torch.float64)
 
 
-def train_step(model: SASRec, wrapped: torch.nn.Module, optim: torch.optim.Optimizer, items: torch.Tensor,
+class RetrieverOptimizer:
+    """Adam over the model; with a sparse user table, SparseAdam over that table (the batch's rows
+    only), so a step's cost does not grow with the number of users. One step, one state dict."""
+
+    def __init__(self, model: SASRec, lr: float, weight_decay: float = 0.0):
+        sparse = [model.user_emb.weight] if model.user_emb is not None and model.cfg.sparse_users else []
+        dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+        self.parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)]
+        if sparse:
+            self.parts.append(torch.optim.SparseAdam(sparse, lr=lr))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for part, saved in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(saved)
+
+
+def train_step(model: SASRec, wrapped: torch.nn.Module, optim: RetrieverOptimizer, items: torch.Tensor,
                users: Optional[torch.Tensor], targets: torch.Tensor, sampled: Optional[SampledSoftmax] = None,
                generator: Optional[torch.Generator] = None) -> float:
     """One optimiser step on a batch of training rows (`wrapped`: the model, or its DDP wrapper);
@@ -137,11 +164,11 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optim = torch.optim.Adam(model.parameters(), lr=job["lr"], weight_decay=job["weight_decay"])
+    optim = RetrieverOptimizer(model, job["lr"], job["weight_decay"])
     sampled = (SampledSoftmax(job["item_counts"], job["negatives"], job["sampler"])
                if job["loss"] == "sampled" else None)
 
-    seqs = Sequences.from_arrays(job["sequences"])
+    seqs = Sequences.from_arrays(from_object_store(job["sequences"]))
     windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
     queries = eval_queries(seqs, "valid", cfg.max_len)
     del seqs
