@@ -439,7 +439,6 @@ def test_a_catalogue_past_the_threshold_with_the_full_softmax_is_advised_to_samp
     assert "sampled_above_items" not in capsys.readouterr().err
 
 
-
 def test_a_user_table_past_the_threshold_with_dense_updates_is_advised_to_go_sparse(tmp_path, capsys, monkeypatch):
     import cotrec.retriever.stage as stage
 

@@ -18,9 +18,10 @@ class MemorySampler:
         self.interval = interval
         self.me = psutil.Process()
         # driver_private_mb: the driver's RSS less the pages it shares (files, and the Ray object
-        # store's shared memory, which the RSS counts once the driver has written or read them)
-        self.peak = {"driver_rss_mb": 0.0, "driver_private_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0, "total_rss_mb": 0.0,
-                     "largest_process_rss_mb": 0.0}  # the largest single Ray worker (an actor, a Train worker)
+        # store's shared memory, which the RSS counts once the driver has written or read them);
+        # largest_process_rss_mb: the largest single Ray worker (an actor, a Train worker)
+        self.peak = {"driver_rss_mb": 0.0, "driver_private_mb": 0.0, "ray_workers_rss_mb": 0.0, "ray_all_rss_mb": 0.0,
+                     "total_rss_mb": 0.0, "largest_process_rss_mb": 0.0}
         self.cpu: dict[int, tuple[str, str, float]] = {}  # pid -> (kind, name, user + system seconds)
         self._cpu_start = sum(self.me.cpu_times()[:2])
         self._baseline: dict[int, float] = {}  # CPU seconds of processes that were there before sampling
@@ -58,8 +59,9 @@ class MemorySampler:
                 self.peak["largest_process_rss_mb"] = max(self.peak["largest_process_rss_mb"], round(rss, 1))
             else:
                 others += rss
-        for key, value in (("driver_rss_mb", driver), ("driver_private_mb", private), ("ray_workers_rss_mb", workers),
-                           ("ray_all_rss_mb", workers + others), ("total_rss_mb", driver + workers + others)):
+        for key, value in (("driver_rss_mb", driver), ("driver_private_mb", private),
+                           ("ray_workers_rss_mb", workers), ("ray_all_rss_mb", workers + others),
+                           ("total_rss_mb", driver + workers + others)):
             self.peak[key] = max(self.peak[key], round(value, 1))
 
     def _loop(self) -> None:

@@ -145,14 +145,20 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[
             **_median_of_rounds(rounds, one_round)}
 
 
-def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+def _on_a_train_workers_threads(config: Config, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """`measure()` with the intra-op threads a Train worker gets (`retriever.cpus_per_worker`), seeded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.retriever.cpus_per_worker)))
     try:
         torch.manual_seed(0)
-        at = [_sasrec_at(config, items, steps, rounds) for items in SASREC_CATALOGUES]
+        return measure()
     finally:
         torch.set_num_threads(threads)
+
+
+def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+    at = _on_a_train_workers_threads(
+        config, lambda: [_sasrec_at(config, items, steps, rounds) for items in SASREC_CATALOGUES])
     rc = config.retriever
     return {"dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "batch_size": rc.batch_size,
             "train_stride": rc.train_stride, "loss": "full softmax", "threads": rc.cpus_per_worker, "catalogues": at}
@@ -186,13 +192,8 @@ def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds:
 
 
 def measure_user_tables(config: Config, steps: int, rounds: int) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.retriever.cpus_per_worker)))
-    try:
-        torch.manual_seed(0)
-        at = [_user_table_at(config, users, sparse, steps, rounds) for users in USER_TABLES for sparse in (False, True)]
-    finally:
-        torch.set_num_threads(threads)
+    at = _on_a_train_workers_threads(config, lambda: [_user_table_at(config, users, sparse, steps, rounds)
+                                                      for users in USER_TABLES for sparse in (False, True)])
     rc = config.retriever
     return {"items": SASREC_CATALOGUES[-1], "dim": rc.dim, "max_len": rc.max_len, "batch_size": rc.batch_size,
             "loss": rc.loss, "negatives": rc.negatives if rc.loss == "sampled" else None,

@@ -254,7 +254,8 @@ def planned_steps(lengths: np.ndarray, config: ExtractConfig) -> np.ndarray:
     `count_windows` of the training items, capped at `max_windows`, plus the test window; computed
     for all users at once, since a users job orders millions of rows by it."""
     train = np.asarray(lengths, dtype=np.int64) - 2
-    windows = np.where(train > 0, 1 + -(-np.maximum(train - config.window, 0) // stride(config.window, config.overlap)), 0)
+    step = stride(config.window, config.overlap)
+    windows = np.where(train > 0, 1 + -(-np.maximum(train - config.window, 0) // step), 0)
     if config.max_windows is not None:
         windows = np.minimum(windows, config.max_windows)
     return windows + 1

@@ -256,11 +256,11 @@ def train_each(config: Config, run: RunDir, trainings: list[tuple[str, int]],
     the first failure cancels those not started and is raised once the running ones end."""
     rc = config.retriever
     at_once = min(rc.concurrent_trainings if rc.trainer == "ray" else 1, len(trainings))
+    histories = Histories(run)  # read (and stored) once for every training, one at a time or at once
     if at_once <= 1:
-        return {(name, seed): train_variant(config, run, name, seed, force) for name, seed in trainings}
+        return {(name, seed): train_variant(config, run, name, seed, force, histories) for name, seed in trainings}
     ensure_ray()  # once, before the threads: each fit would otherwise race to start it
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="retriever")
-    histories = Histories(run)
     futures = {(name, seed): pool.submit(train_variant, config, run, name, seed, force, histories)
                for name, seed in trainings}
     try:
