@@ -46,13 +46,26 @@ def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
 def paired_bootstrap(differences: np.ndarray, rounds: int = 2000, seed: int = 0) -> dict[str, float]:
     """The mean of paired per-user differences (treatment - baseline on the same users) and its 95%
     bootstrap interval. `differences` is (users,) or (seeds, users): with seeds, each round resamples
-    the seeds and the users, so the interval holds both sources of variation."""
+    the seeds and the users, so the interval holds both sources of variation.
+
+    A round's resample of users only decides how often each user is drawn, and users whose
+    differences (across seeds) are equal are interchangeable: so a round draws how often each
+    distinct column is drawn (a multinomial over their shares), the same distribution as drawing
+    users one by one at a cost that grows with the distinct columns, not the users (a difference of
+    NDCG@10 takes at most 121 values per seed, however many users there are)."""
     values = np.atleast_2d(np.asarray(differences, dtype=np.float64))
     seeds, users = values.shape
+    columns, counts = np.unique(values, axis=1, return_counts=True)
+    shares = counts / users
+    by_users = columns.shape[1] * 2 > users  # nearly every column distinct: drawing users is cheaper
     rng = np.random.default_rng(seed)
     means = np.empty(rounds)
     for r in range(rounds):
-        means[r] = values[rng.integers(seeds, size=seeds)][:, rng.integers(users, size=users)].mean()
+        chosen = rng.integers(seeds, size=seeds)
+        if by_users:
+            means[r] = values[chosen][:, rng.integers(users, size=users)].mean()
+        else:
+            means[r] = columns[chosen].mean(axis=0) @ rng.multinomial(users, shares) / users
     low, high = np.percentile(means, [2.5, 97.5])
     return {"mean": float(values.mean()), "low": float(low), "high": float(high), "rounds": rounds,
             "seeds": seeds, "users": users}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cotrec.errors import CotrecError
-from cotrec.metrics import hit_at_k, ndcg_at_k, ranking_metrics
+from cotrec.metrics import hit_at_k, ndcg_at_k, ndcg_gains, paired_bootstrap, ranking_metrics
 from cotrec.retriever import retriever_grid, train_variant
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
@@ -38,6 +38,35 @@ def test_metrics_from_ranks():
     assert ndcg_at_k(ranks, 10) == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5)
     assert ranking_metrics(ranks, [1, 10]) == {"hit@1": 0.2, "ndcg@1": 0.2, "hit@10": 0.6,
                                                "ndcg@10": pytest.approx(ndcg_at_k(ranks, 10))}
+
+
+def _bootstrap_by_users(values, rounds, rng):
+    """The textbook paired bootstrap: each round draws seeds, then users, one by one."""
+    seeds, users = values.shape
+    means = [values[rng.integers(seeds, size=seeds)][:, rng.integers(users, size=users)].mean() for _ in range(rounds)]
+    return np.percentile(means, [2.5, 97.5])
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_the_paired_bootstrap_drawing_counts_per_distinct_difference_matches_drawing_users(seeds):
+    # Differences of NDCG@10 repeat a few values across many users: the interval drawn from their
+    # counts must be the one drawn from the users themselves (to Monte Carlo error).
+    rng = np.random.default_rng(5)
+    users = 4000
+    treatment = ndcg_gains(rng.choice([0, 3, 50], p=[0.3, 0.3, 0.4], size=(seeds, users)), 10)
+    baseline = ndcg_gains(rng.choice([0, 3, 50], p=[0.25, 0.3, 0.45], size=(seeds, users)), 10)
+    differences = (treatment - baseline).squeeze()
+    result = paired_bootstrap(differences, seed=1)
+    assert result["mean"] == pytest.approx(differences.mean())
+    assert (result["seeds"], result["users"]) == (seeds, users)
+    low, high = _bootstrap_by_users(np.atleast_2d(differences), 2000, np.random.default_rng(2))
+    width = high - low
+    assert result["low"] == pytest.approx(low, abs=0.1 * width)
+    assert result["high"] == pytest.approx(high, abs=0.1 * width)
+    assert 0 < result["low"] < result["mean"] < result["high"]  # a real shift: the interval excludes 0
+    noise = paired_bootstrap(ndcg_gains(rng.integers(0, 20, size=users), 10)
+                             - ndcg_gains(rng.integers(0, 20, size=users), 10), seed=1)
+    assert noise["low"] < 0 < noise["high"]  # no signal: the interval holds 0
 
 
 @pytest.mark.parametrize("stride", [1, 3, 8])
