@@ -9,10 +9,12 @@ parts for real (tiny sizes); the LLM rates are given, as `--throughput` does.
 from __future__ import annotations
 
 import json
+import time
 
 import pandas as pd
 import pytest
 
+from cotrec.bench.memory import MemorySampler
 from cotrec.bench.models import bench_models
 from cotrec.config import load_config
 from cotrec.embed import embed
@@ -129,3 +131,15 @@ def test_plan_inputs_that_cannot_be_used_are_one_line_errors(measured, tmp_path,
               "--throughput", "llm.generated_tokens_per_s=10", "--out", str(tmp_path / "plan.json"))
     assert out.returncode == 0, out.stderr
     assert "retriever training" in out.stdout and json.loads((tmp_path / "plan.json").read_text())["users"] == 1000
+
+
+def test_a_span_shorter_than_the_samplers_interval_still_counts_its_cpu():
+    # bench scale's short stages (the report, the retriever-only ranker row at 100k users) end
+    # before a second sample: their CPU must come from a sample taken at the exit, not read as 0.
+    with MemorySampler(interval=30) as sampler:
+        until = time.process_time() + 0.3
+        while time.process_time() < until:
+            pass
+    assert sampler.cpu_seconds()["driver"] >= 0.2
+    assert sampler.peak["driver_rss_mb"] > 0
+

@@ -8,8 +8,9 @@ from typing import Any
 
 class MemorySampler:
     """Peak RSS of this process and of its descendants (the local Ray's processes), sampled in a thread;
-    also their CPU seconds (the last sample of each process: up to one interval of a process that
-    exited before it is missed)."""
+    also their CPU seconds (the last sample of each process, with one more taken at the exit, so a
+    span shorter than the interval still counts; up to one interval of a process that exited before
+    the span ended is missed)."""
 
     def __init__(self, interval: float = 0.25):
         import psutil
@@ -79,6 +80,10 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        try:
+            self._sample()
+        except Exception:  # noqa: BLE001 - a process vanished mid-sample
+            pass
 
     def cpu_seconds(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
