@@ -11,7 +11,6 @@ an unchanged run costs seconds. A stage that none of the configured grids reads 
 
 from __future__ import annotations
 
-import ctypes
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from cotrec.embed import embed
 from cotrec.embed import format_summary as format_embed
 from cotrec.extract import extract_items, extract_perceptions, extract_users
 from cotrec.extract import format_summary as format_extract
+from cotrec.heap import return_freed_memory
 from cotrec.progress import log
 from cotrec.ranker.lists import candidate_pairs
 from cotrec.ranker.prompts import uses_perceptions, uses_preference
@@ -155,15 +155,6 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap a finished stage freed back to the system: glibc keeps freed large blocks for
-    reuse, so without this the driver's RSS after a stage is that stage's peak, whatever runs next."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print,
                  measure: Callable[[str], ContextManager[Any]] = lambda stage: nullcontext()) -> dict[str, Any]:
     """Run every stage in order on one Ray session; returns per-stage summaries and timings.
@@ -197,7 +188,7 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
             if timed:
                 record_stage(run, stage.name, seconds, bool(summary.get("skipped")))
             echo(stage.format(summary))
-            _return_freed_memory()
+            return_freed_memory()  # a later stage must not inherit this one's peak
     finally:
         if started_ray:
             ray.shutdown()

@@ -28,6 +28,7 @@ from cotrec.cluster import ensure_ray, in_ray_job
 from cotrec.config import Config, RetrieverConfig
 from cotrec.errors import DataError
 from cotrec.fingerprint import fingerprint
+from cotrec.heap import return_freed_memory
 from cotrec.metrics import ndcg_gains, paired_bootstrap, ranking_metrics
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
@@ -75,6 +76,7 @@ class Histories:
         with self._lock:
             if self._arrays is None:
                 self._arrays = read_sequences(self.run)
+                return_freed_memory()  # the read's buffers, many times the arrays, for the stage's rest
             return self._arrays
 
     def for_ray_workers(self) -> Any:
