@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from cotrec import pipeline
 from cotrec.config import load_config
 from cotrec.extract.programs import PROGRAMS
 from cotrec.extract.shards import write_shard
+from cotrec.heap import return_freed_memory
 from cotrec.pipeline import STAGE_NAMES, Stage, run_pipeline
 from cotrec.reporting.stages import record_stage, stage_records, write_stages
 from cotrec.retriever import retriever_grid
@@ -176,11 +179,6 @@ def _private_mb() -> float:
 def test_the_memory_a_large_parquet_read_freed_goes_back_to_the_system(tmp_path):
     # The driver reads the interactions between stages and then runs for hours: what Arrow's pool
     # and glibc's heap keep free after the read must not stay in its RSS.
-    import numpy as np
-    import pandas as pd
-
-    from cotrec.heap import return_freed_memory
-
     path = tmp_path / "big.parquet"
     pd.DataFrame({"a": np.arange(20_000_000), "b": np.arange(20_000_000)}).to_parquet(path)
     return_freed_memory()

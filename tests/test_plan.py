@@ -142,4 +142,3 @@ def test_a_span_shorter_than_the_samplers_interval_still_counts_its_cpu():
             pass
     assert sampler.cpu_seconds()["driver"] >= 0.2
     assert sampler.peak["driver_rss_mb"] > 0
-

@@ -65,12 +65,15 @@ class MemorySampler:
                            ("total_rss_mb", driver + workers + others)):
             self.peak[key] = max(self.peak[key], round(value, 1))
 
+    def _sample_if_possible(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # noqa: BLE001 - a process vanished mid-sample
+            pass
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._sample()
-            except Exception:  # noqa: BLE001 - a process vanished mid-sample
-                pass
+            self._sample_if_possible()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemorySampler:
@@ -80,10 +83,7 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        try:
-            self._sample()
-        except Exception:  # noqa: BLE001 - a process vanished mid-sample
-            pass
+        self._sample_if_possible()
 
     def cpu_seconds(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
