@@ -436,6 +436,60 @@ def test_slots_bound_the_programs_in_flight_and_survive_cancellation():
     asyncio.run(main())
 
 
+def test_a_step_started_eagerly_needs_a_task_only_when_it_waits():
+    """Interests asked ahead start at once: one that never waits (an instant engine) is a finished
+    future and no task; one that waits is finished by a task, which passes cancellation and errors."""
+    from cotrec.extract.concurrency import start_eagerly
+
+    async def main():
+        events = []
+
+        async def instant(value):
+            events.append(f"ran {value}")
+            return value
+
+        async def waiting(value, fail=False, first_wait=0.01):
+            events.append(f"started {value}")
+            try:
+                await asyncio.sleep(first_wait)
+                await asyncio.sleep(0)  # waits twice: the task drives every wait, not only the first
+            except asyncio.CancelledError:
+                events.append(f"cancelled {value}")
+                raise
+            if fail:
+                raise ValueError(f"bad {value}")
+            return value
+
+        tasks_before = len(asyncio.all_tasks())
+        done = start_eagerly(instant(1))
+        assert done.done() and done.result() == 1 and events == ["ran 1"]
+        assert len(asyncio.all_tasks()) == tasks_before  # no task for a step that never waited
+        assert await done == 1
+
+        later = start_eagerly(waiting(2))
+        assert events[-1] == "started 2" and not later.done()  # it ran up to its wait before returning
+        assert len(asyncio.all_tasks()) == tasks_before + 1
+        assert await later == 2
+
+        failing = start_eagerly(waiting(3, fail=True))
+        with pytest.raises(ValueError, match="bad 3"):
+            await failing
+        for first_wait in (0.01, 0):  # on a future, or on nothing (the task throws the cancellation in)
+            cancelled = start_eagerly(waiting(4, first_wait=first_wait))
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert events[-1] == "cancelled 4"  # the cancellation reached the coroutine's own wait
+
+        async def raises_at_once():
+            raise KeyError("at once")
+
+        with pytest.raises(KeyError):
+            await start_eagerly(raises_at_once())
+
+    asyncio.run(main())
+
+
 def test_lanes_keep_a_batch_in_flight_up_to_the_slots_in_row_order_with_a_sleeping_program():
     """The pool runs a batch's rows in lanes: two batches share the slots, reach them, keep each
     row's records in its place and its failure to itself; a cancelled batch leaves nothing running."""

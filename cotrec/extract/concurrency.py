@@ -1,14 +1,16 @@
-"""The asyncio pieces of the runner: a slot gate for programs in flight, and lanes that run a batch.
+"""The asyncio pieces of the runner: a slot gate for programs in flight, lanes that run a batch, and
+an eager start for a program's steps asked ahead.
 
-Both run on one event loop (the engine's) and hold thousands of waiting programs at once, which is
-why neither is the standard library's: `Slots` releases in O(1), `Lanes` uses a task per program
-in flight instead of a task per row.
+All run on one event loop (the engine's) and hold thousands of waiting programs at once, which is
+why none is the standard library's: `Slots` releases in O(1), `Lanes` uses a task per program
+in flight instead of a task per row, and `start_eagerly` makes a task only for a step that waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any, Awaitable, Callable
 
 
@@ -98,3 +100,50 @@ class Lanes:
     def cancel(self) -> None:
         for task in self.tasks:
             task.cancel()
+
+
+class _Rest(Coroutine):
+    """The rest of a coroutine already run up to its first wait, as a coroutine a task can drive: its
+    first step hands the task what the coroutine waits on; a cancellation thrown in before it, or
+    after, reaches the coroutine's own wait."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any):
+        self._coro, self._waiting_on, self._first = coro, waiting_on, True
+
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            return self._waiting_on
+        return self._coro.send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        self._first = False
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __await__(self) -> "_Rest":  # awaited directly, it is its own iterator of the same steps
+        return self
+
+
+def start_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Future:
+    """Run `coro` now, up to its first wait, and return a future of its result: a finished one when
+    it never waited (an instant engine, a reply ready at once), else a task that runs the rest. A
+    task per step asked ahead is scheduling work on the loop even for a step that needs no waiting
+    (what `asyncio.eager_task_factory` does from Python 3.12)."""
+    loop = asyncio.get_running_loop()
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration as stop:
+        done = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except BaseException as exc:  # noqa: BLE001 - raised when awaited, as a task's would be
+        failed = loop.create_future()
+        failed.set_exception(exc)
+        return failed
+    return loop.create_task(_Rest(coro, waiting_on))

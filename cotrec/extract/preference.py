@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cotrec.config import ExtractConfig
+from cotrec.extract.concurrency import start_eagerly
 from cotrec.extract.prompts import Domain, merge_preference, short_term_interest
 from cotrec.extract.steps import StepStats, Steps, describe_failure, is_context_overflow
 from cotrec.extract.windows import capped_start, history_digest, stride, window_bounds
@@ -99,7 +100,7 @@ class Interests:
         self.budget, self.ahead = config.interest_tokens, config.interests_ahead
         self.planned: list[tuple[int, int, StepStats]] = []  # (begin, end, whose stats it counts to), walk order
         self.asked = 0  # windows [0, asked) of `planned` are asked for (walks get them in order)
-        self.tasks: dict[int, asyncio.Task] = {}  # windows (indices into `planned`) being asked ahead
+        self.tasks: dict[int, asyncio.Future] = {}  # windows (indices into `planned`) being asked ahead
         self.ready: dict[int, str | None] = {}  # windows whose interest came with an earlier call
 
     def plan(self, bounds: list[tuple[int, int]], stats: StepStats) -> range:
@@ -119,10 +120,9 @@ class Interests:
         if index >= self.asked:  # nothing asked yet: all of them, in one call
             asked, self.asked = range(index, end), end
             self.ready.update(zip(asked, await self._summarise(asked)))
-        elif end > self.asked:  # this one was asked earlier: each of the ones ahead not yet asked, in a task
-            loop = asyncio.get_running_loop()
+        elif end > self.asked:  # this one was asked earlier: each of the ones ahead not yet asked, started now
             for i in range(self.asked, end):
-                self.tasks[i] = loop.create_task(self._summarise(range(i, i + 1)))
+                self.tasks[i] = start_eagerly(self._summarise(range(i, i + 1)))
             self.asked = end
         if index in self.ready:
             return self.ready.pop(index)

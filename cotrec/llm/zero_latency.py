@@ -5,7 +5,7 @@ and to test orchestration paths; it is never a stand-in for results. Replies are
 or the smallest value matching the JSON schema when one is given, whose words come from a digest
 of the prompt: two prompts get different replies, so no cache downstream (an encoder's distinct
 texts, a preference that repeats) can hide work a real model's varied replies would cause. Token
-counts are rough (characters / 4): there is no tokenizer.
+counts are rough (characters / 4, the roles' included): there is no tokenizer.
 """
 
 from __future__ import annotations
@@ -27,23 +27,31 @@ KINDS = ("comedies", "dramas", "thrillers", "westerns", "musicals", "documentari
 _DIGEST = hashlib.blake2b(digest_size=8)
 
 
-def prompt_bytes_digest(conversation: Conversation) -> bytes:
-    """8 bytes that depend on every message's role and content (a unit separator between fields, so
-    two conversations digest alike only when their messages are the same)."""
+def prompt_text(conversation: Conversation) -> str:
+    """Every message's role and content, with separators, so two conversations read alike only when
+    their messages are the same."""
+    return "\x1f".join([f"{m['role']}\x1e{m['content']}" for m in conversation])
+
+
+def text_digest(text: str) -> bytes:
     hasher = _DIGEST.copy()
-    hasher.update("\x1f".join([f"{m['role']}\x1e{m['content']}" for m in conversation]).encode())
+    hasher.update(text.encode())
     return hasher.digest()
 
 
 def prompt_digest(conversation: Conversation) -> str:
-    return prompt_bytes_digest(conversation).hex()
+    return text_digest(prompt_text(conversation)).hex()
+
+
+def sentence_for(digest: bytes) -> str:
+    """A sentence spelt out of a prompt's digest: the same for the same prompt."""
+    return (f"Likes {TASTES[digest[0] % 8]} {KINDS[digest[1] % 8]} and {TASTES[digest[2] % 8]} "
+            f"{KINDS[digest[3] % 8]} (taste {digest[4:].hex()}).")
 
 
 def reply_for(conversation: Conversation) -> str:
     """A sentence that varies with the prompt (its digest spelt out), the same for the same prompt."""
-    digest = prompt_bytes_digest(conversation)
-    return (f"Likes {TASTES[digest[0] % 8]} {KINDS[digest[1] % 8]} and {TASTES[digest[2] % 8]} "
-            f"{KINDS[digest[3] % 8]} (taste {digest[4:].hex()}).")
+    return sentence_for(text_digest(prompt_text(conversation)))
 
 
 def smallest_instance(schema: dict[str, Any], word: str = "term") -> Any:
@@ -62,10 +70,6 @@ def smallest_instance(schema: dict[str, Any], word: str = "term") -> Any:
     return word
 
 
-def _chars(conversation: Conversation) -> int:
-    return sum([len(message["content"]) for message in conversation])
-
-
 class ZeroLatencyEngine(LLMEngine):
     backend = "zero-latency"
 
@@ -74,10 +78,15 @@ class ZeroLatencyEngine(LLMEngine):
 
     async def _generate(self, conversations: list[Conversation], settings: SamplingSettings,
                         json_schema: dict[str, Any] | None) -> list[Generation]:
-        texts = [reply_for(c) if json_schema is None else
-                 json.dumps(smallest_instance(json_schema, f"term {prompt_digest(c)[:6]}")) for c in conversations]
-        return [Generation(text, finish_reason="stop", prompt_tokens=_chars(c) // 4, completion_tokens=len(text) // 4)
-                for c, text in zip(conversations, texts)]
+        replies = []
+        for conversation in conversations:  # one pass over the prompt: its digest and its length
+            prompt = prompt_text(conversation)
+            digest = text_digest(prompt)
+            text = (sentence_for(digest) if json_schema is None else
+                    json.dumps(smallest_instance(json_schema, f"term {digest.hex()[:6]}")))
+            replies.append(Generation(text, finish_reason="stop", prompt_tokens=len(prompt) // 4,
+                                      completion_tokens=len(text) // 4))
+        return replies
 
     async def _score_choices(self, conversations: list[Conversation], choices: list[str]) -> list[ChoiceScores]:
         uniform = np.full(len(choices), 1.0 / len(choices))
