@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,30 +101,49 @@ def latest_rows(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
     return frame.drop_duplicates(list(key), keep="last")
 
 
-def compact(folder: Path, program: Table) -> int:
-    """Drop the rows a newer row of the same key superseded; returns how many.
+@dataclass(frozen=True)
+class StoredIndex:
+    """What a folder's shards hold, without their payload: every stored row's key, inputs' digest,
+    status and time, with its shard (`_file`, an index into `files`) and place in it (`_row`)."""
 
-    Only the key columns and times are read to find them, and only the shards holding one are
-    rewritten (each as a new shard of its surviving rows), so a folder with nothing superseded
-    costs a read of its keys and the driver never holds a folder's payload. The new shards are in
-    place before the old ones go: a kill in between leaves duplicates that readers resolve and the
-    next run compacts, never a lost row."""
+    files: list[Path]
+    rows: pd.DataFrame
+    latest: pd.DataFrame  # the newest row per key
+
+
+def read_index(folder: Path, program: Table) -> StoredIndex:
+    """One read of the index columns of every shard: what compaction, the resume and a stage's
+    closing counts all need (a shard written by hand may lack some; they read as missing)."""
     files = shard_files(folder)
-    wanted = [*program.key, "created_at"]
+    wanted = [*program.key, "source_digest", "status", "created_at"]
     parts = []
     for number, path in enumerate(files):
         present = set(pq.read_schema(str(path)).names)
         frame = pq.read_table(str(path), columns=[c for c in wanted if c in present]).to_pandas()
         parts.append(frame.assign(_file=number, _row=np.arange(len(frame))))
-    if not parts:
-        return 0
-    rows = pd.concat(parts, ignore_index=True)
-    kept = latest_rows(rows, program.key)
-    dropped = len(rows) - len(kept)
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*wanted, "_file", "_row"])
+    for column in wanted:
+        if column not in rows.columns:
+            rows[column] = None
+    return StoredIndex(files, rows, latest_rows(rows, program.key))
+
+
+def compact(folder: Path, program: Table, index: StoredIndex | None = None) -> int:
+    """Drop the rows a newer row of the same key superseded; returns how many.
+
+    Only the index columns are read to find them (`index`, when the caller read it already), and
+    only the shards holding one are rewritten (each as a new shard of its surviving rows), so a
+    folder with nothing superseded costs a read of its keys and the driver never holds a folder's
+    payload. The new shards are in place before the old ones go: a kill in between leaves
+    duplicates that readers resolve and the next run compacts, never a lost row."""
+    index = read_index(folder, program) if index is None else index
+    files, kept = index.files, index.latest
+    dropped = len(index.rows) - len(kept)
     if dropped == 0:
         return 0
     kept_rows = kept.groupby("_file")["_row"].apply(np.sort).to_dict()
-    dirty = [number for number, part in enumerate(parts) if len(kept_rows.get(number, ())) < len(part)]
+    stored_rows = index.rows["_file"].value_counts().to_dict()
+    dirty = [number for number, count in sorted(stored_rows.items()) if len(kept_rows.get(number, ())) < count]
     for number in dirty:
         survivors = kept_rows.get(number)
         if survivors is not None and len(survivors):
@@ -153,10 +173,10 @@ def prepare_folder(folder: Path, settings: str, force: bool) -> None:
         write_json(manifest, {"fingerprint": settings})
 
 
-def done_keys(folder: Path, program: Table) -> pd.DataFrame:
+def done_keys(folder: Path, program: Table, index: StoredIndex | None = None) -> pd.DataFrame:
     """Input keys (with their source_digest) whose every output row is stored, ok, from the same inputs."""
     key = list(program.row_key)
-    frame = latest_rows(read_shards(folder, [*program.key, "source_digest", "status", "created_at"]), program.key)
+    frame = (read_index(folder, program) if index is None else index).latest
     if frame.empty:
         return pd.DataFrame(columns=[*key, "source_digest"])
     ok = frame[frame["status"] == "ok"]
@@ -164,9 +184,9 @@ def done_keys(folder: Path, program: Table) -> pd.DataFrame:
     return counts[counts == program.rows_per_input].reset_index()[[*key, "source_digest"]]
 
 
-def pending_rows(rows: pd.DataFrame, folder: Path, program: Table) -> pd.DataFrame:
+def pending_rows(rows: pd.DataFrame, folder: Path, program: Table, index: StoredIndex | None = None) -> pd.DataFrame:
     """The input rows still to run: not done, failed, or changed since they were done."""
-    done = done_keys(folder, program)
+    done = done_keys(folder, program, index)
     if done.empty:
         return rows
     merged = rows.merge(done.assign(_done=True), on=[*program.row_key, "source_digest"], how="left")

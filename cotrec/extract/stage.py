@@ -22,7 +22,7 @@ from cotrec.extract.preference import planned_steps
 from cotrec.extract.programs import PROGRAMS, Program, output_folder, stored_outputs
 from cotrec.extract.prompts import PROMPT_VERSION, item_attributes, item_labels
 from cotrec.extract.runner import run_programs
-from cotrec.extract.shards import compact, latest_rows, pending_rows, prepare_folder, read_shards
+from cotrec.extract.shards import compact, latest_rows, pending_rows, prepare_folder, read_index, read_shards
 from cotrec.extract.windows import history_digest
 from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
@@ -164,12 +164,13 @@ def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool
         log(f"extract {kind}: all {total:,} rows already done; nothing to run")
         summary.update(rows=0, records=0, failed=0, calls=0, prompt_tokens=0, completion_tokens=0, seconds=0.0,
                        engine_load_s=0.0, seconds_after_load=0.0, rows_seconds=0.0)
-    summary["superseded_rows_dropped"] = compact(folder, program)
+    index = read_index(folder, program)  # one read for the compaction, the counts and the resume check
+    summary["superseded_rows_dropped"] = compact(folder, program, index)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
-    latest = stored_outputs(run, kind, ["status"])
+    latest = index.latest
     summary["rows_in_folder"] = len(latest)
     summary["failed_in_folder"] = int((latest["status"] != "ok").sum()) if len(latest) else 0
-    if limit is None and not pending_rows(rows, folder, program).shape[0]:
+    if limit is None and not pending_rows(rows, folder, program, index).shape[0]:
         write_json(folder / COMPLETE_MARKER, {"stage": program.folder, "fingerprint": settings,
                                               "finished_at": time.time(), "rows": len(latest)})
     return summary
