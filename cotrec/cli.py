@@ -308,7 +308,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 10:
         raise CotrecError(f"--users {args.users!r}: expected comma-separated user counts of at least 10, e.g. 10000,100000")
     out = Path(args.out)
-    print(format_bench(bench_scale(args.config or "ml-100k", sizes, args.overrides, out, Path(args.run_root), args.keep)))
+    print(format_bench(bench_scale(args.config or "ml-100k", sizes, args.overrides, out, Path(args.run_root), args.keep,
+                                   args.until)))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
@@ -537,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scale.add_argument("--users", default="10000,100000,1000000", help="comma-separated sizes")
     bench_scale.add_argument("--run-root", default="runs/scale", help="where each size's run directory goes")
     bench_scale.add_argument("--keep", action="store_true", help="keep each size's run directory")
+    bench_scale.add_argument("--until", metavar="STAGE", help="run the job up to this stage only (e.g. preferences: "
+                             "the users extraction without the training after it); default: every stage")
     bench_scale.add_argument("--out", default="bench/scale.json", help="JSON output path (the plot beside it)")
     bench_scale.set_defaults(handler=cmd_bench_scale)
     bench_models = benches.add_parser("models", help="the real models' throughput per worker on this machine: LLM "

@@ -24,6 +24,7 @@ from cotrec.data.prepare import format_summary as format_prepare
 from cotrec.data.prepare import prepare
 from cotrec.embed import embed
 from cotrec.embed import format_summary as format_embed
+from cotrec.errors import CotrecError
 from cotrec.extract import extract_items, extract_perceptions, extract_users
 from cotrec.extract import format_summary as format_extract
 from cotrec.heap import return_freed_memory
@@ -155,16 +156,29 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
+def stages_until(last: str | None) -> list[Stage]:
+    """The stages in order, up to and including `last` (every stage when None)."""
+    names = [stage.name for stage in STAGES]
+    if last is None:
+        return list(STAGES)
+    if last not in names:
+        raise CotrecError(f"until: unknown stage {last!r} (stages: {', '.join(names)})")
+    return STAGES[:names.index(last) + 1]
+
+
 def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print,
-                 measure: Callable[[str], ContextManager[Any]] = lambda stage: nullcontext()) -> dict[str, Any]:
-    """Run every stage in order on one Ray session; returns per-stage summaries and timings.
-    `measure(stage)`: a context each stage runs in (the scale bench samples CPU and memory there)."""
+                 measure: Callable[[str], ContextManager[Any]] = lambda stage: nullcontext(),
+                 until: str | None = None) -> dict[str, Any]:
+    """Run the stages in order (every one, or up to `until`) on one Ray session; returns per-stage
+    summaries and timings. `measure(stage)`: a context each stage runs in (the scale bench samples
+    CPU and memory there)."""
+    stages = stages_until(until)
     started_ray = ensure_ray()  # one Ray session for all stages: no start-up per stage
     results: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
-        for number, stage in enumerate(STAGES, 1):
+        for number, stage in enumerate(stages, 1):
             reason = stage.unneeded(config)
             echo(f"== {stage.name} ==")
             if reason is not None:

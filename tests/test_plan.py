@@ -142,3 +142,17 @@ def test_a_span_shorter_than_the_samplers_interval_still_counts_its_cpu():
             pass
     assert sampler.cpu_seconds()["driver"] >= 0.2
     assert sampler.peak["driver_rss_mb"] > 0
+
+
+def test_bench_scale_can_stop_after_a_stage_and_measures_only_what_ran(tmp_path, cli):
+    # `--until preferences` times the users extraction at a million users without the hour of
+    # training after it; the stages after it neither run nor appear.
+    from cotrec.bench.scale import bench_scale
+
+    out = tmp_path / "scale.json"
+    report = bench_scale("ml-100k", [300], ["data.synthetic.items=200"], out, tmp_path / "runs", until="preferences")
+    [size] = report["sizes"]
+    assert list(size["stages"]) == ["prepare", "items", "preferences"]
+    assert size["stages"]["preferences"]["users_per_s"] > 0 and json.loads(out.read_text())["until"] == "preferences"
+    bad = cli("bench", "scale", "--users", "300", "--until", "training", "--out", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown stage 'training'" in bad.stderr

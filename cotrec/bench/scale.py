@@ -59,11 +59,13 @@ def _measured(stage: str, into: dict[str, Any]) -> Iterator[None]:
 
 
 def bench_scale(base: str, sizes: list[int], overrides: list[str], out: Path, run_root: Path,
-                keep: bool = False) -> dict[str, Any]:
-    from cotrec.pipeline import run_pipeline
+                keep: bool = False, until: str | None = None) -> dict[str, Any]:
+    """The job at each size (every stage, or up to `until`), measured per stage."""
+    from cotrec.pipeline import run_pipeline, stages_until
 
+    stages_until(until)  # an unknown stage fails here, before any size runs
     report: dict[str, Any] = {"bench": "scale", "machine": machine(), "base_config": base, "job": SCALE_JOB,
-                              "overrides": overrides, "sizes": []}
+                              "overrides": overrides, "until": until, "sizes": []}
     for users in sizes:
         config = scale_job_config(base, users, overrides)
         run = RunDir(run_root / f"users-{users}")
@@ -73,7 +75,7 @@ def bench_scale(base: str, sizes: list[int], overrides: list[str], out: Path, ru
         stages: dict[str, Any] = {}
         started, load = time.perf_counter(), load_average()
         result = run_pipeline(config, run, echo=lambda line: None,
-                              measure=lambda stage: _measured(stage, stages))
+                              measure=lambda stage: _measured(stage, stages), until=until)
         kept = read_stats(run)["users"]  # after the k-core filter
         for name, record in stages.items():
             record["users_per_s"] = rate(kept, record["wall_s"])

@@ -20,7 +20,7 @@ import asyncio
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -243,16 +243,19 @@ class LLMEngine(ABC):
             raise RuntimeError("the engine is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """`coro` to await on the engine's loop: itself when the caller runs there already (no
+        coroutine in between, for the millions of calls a users job makes), else a future of it."""
         if self._closed:
+            coro.close()
             raise RuntimeError("the engine is closed")
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self._loop:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+            return coro
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
 
 def single_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
