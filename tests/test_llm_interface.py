@@ -95,3 +95,18 @@ def test_llm_config_keys():
     with pytest.raises(ConfigError, match=r"llm\.kv_cache: unknown key"):
         load_config("demo", ["llm.kv_cache=3"])
     assert LLMConfig().model == "embedded"
+
+
+def test_the_cpu_level_is_the_widest_that_changes_bfloat16_and_benches_record_it():
+    # One CPU model name ("AMD EPYC") covers VMs with and without AVX512-BF16, whose bfloat16
+    # results and speeds differ: each bench's JSON names the level.
+    from cotrec.bench.common import machine
+    from cotrec.llm.placement import cpu_has_bf16, cpu_isa
+
+    avx2 = {"sse2", "avx", "avx2", "fma"}
+    assert cpu_isa(avx2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == "amx"
+    assert cpu_isa(avx2 | {"avx512f", "avx512_bf16"}) == "avx512_bf16"
+    assert cpu_isa(avx2 | {"avx512f", "avx512bw"}) == "avx512"
+    assert cpu_isa(avx2) == "avx2" and cpu_isa({"sse2", "neon"}) == "other"
+    host = machine()
+    assert host["cpu_isa"] == cpu_isa() and host["cpu_native_bf16"] == cpu_has_bf16()

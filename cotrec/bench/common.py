@@ -6,15 +6,21 @@ import os
 import platform
 from typing import Any
 
+from cotrec.llm.placement import cpu_isa
+
 
 def machine() -> dict[str, Any]:
+    """The host a figure was measured on; its ISA level, as one CPU model name covers VMs with and
+    without AVX512-BF16."""
     model = ""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model,
+    isa = cpu_isa()
+    return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model, "cpu_isa": isa,
+            "cpu_native_bf16": isa in ("amx", "avx512_bf16"),
             "platform": platform.platform(), "python": platform.python_version()}
 
 

@@ -25,7 +25,6 @@ from cotrec.bench.prompts import preference_conversations, ranking_conversations
 from cotrec.config import Config
 from cotrec.errors import CotrecError
 from cotrec.llm import SamplingSettings, letters, make_engine
-from cotrec.llm.placement import cpu_has_bf16
 from cotrec.progress import log
 from cotrec.rundir import write_json
 
@@ -95,7 +94,7 @@ def bench_llm(config: Config, out: str | Path, prompts: int = 64, max_tokens: in
     for name in backends:
         log(f"bench llm: {name}, {rounds} round(s)")
         results[name] = measure_backend(config, name, prompts, max_tokens, rounds)
-    report: dict[str, Any] = {"bench": "llm", "machine": {**machine(), "cpu_native_bf16": cpu_has_bf16()},
+    report: dict[str, Any] = {"bench": "llm", "machine": machine(),
                               "rounds": rounds, "figures": "the median of the timed rounds, after one warm-up round",
                               "backends": results}
     if "transformers" in results:

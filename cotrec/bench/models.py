@@ -33,7 +33,6 @@ from cotrec.bench.prompts import MOVIES, preference_conversations, ranking_conve
 from cotrec.config import Config
 from cotrec.errors import CotrecError
 from cotrec.llm import SamplingSettings, letters, make_engine
-from cotrec.llm.placement import cpu_has_bf16
 from cotrec.progress import log
 from cotrec.rundir import write_json
 
@@ -207,7 +206,7 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
         raise CotrecError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
     if rounds < 1:
         raise CotrecError(f"--rounds must be at least 1, got {rounds}")
-    report: dict[str, Any] = {"bench": "models", "machine": {**machine(), "cpu_native_bf16": cpu_has_bf16()},
+    report: dict[str, Any] = {"bench": "models", "machine": machine(),
                               "rounds": rounds, "figures": "per worker; the median of the timed rounds after a warm-up",
                               "load_average_before": load_average()}
     if "llm" in parts:

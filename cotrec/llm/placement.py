@@ -50,13 +50,25 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The CPU's widest vector level that matters here: amx, avx512_bf16, avx512, avx2 or other
+    (bfloat16 results differ between the first two and the rest). `flags`: /proc/cpuinfo's."""
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                line = next((line for line in cpuinfo if line.startswith("flags")), "")
+        except OSError:
+            line = ""
+        flags = set(line.partition(":")[2].split())
+    for level, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return level
+    return "other"
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_isa() in ("amx", "avx512_bf16")
 
 
 def pick_dtype(requested: str, device: str) -> str:
