@@ -158,12 +158,11 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 def stages_until(last: str | None) -> list[Stage]:
     """The stages in order, up to and including `last` (every stage when None)."""
-    names = [stage.name for stage in STAGES]
     if last is None:
         return list(STAGES)
-    if last not in names:
-        raise CotrecError(f"until: unknown stage {last!r} (stages: {', '.join(names)})")
-    return STAGES[:names.index(last) + 1]
+    if last not in STAGE_NAMES:
+        raise CotrecError(f"until: unknown stage {last!r} (stages: {', '.join(STAGE_NAMES)})")
+    return STAGES[:STAGE_NAMES.index(last) + 1]
 
 
 def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print,

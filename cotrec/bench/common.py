@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any
 
-from cotrec.llm.placement import cpu_isa
+from cotrec.llm.placement import NATIVE_BF16_LEVELS, cpu_isa
 
 
 def machine() -> dict[str, Any]:
@@ -20,7 +20,7 @@ def machine() -> dict[str, Any]:
         pass
     isa = cpu_isa()
     return {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": model, "cpu_isa": isa,
-            "cpu_native_bf16": isa in ("amx", "avx512_bf16"),
+            "cpu_native_bf16": isa in NATIVE_BF16_LEVELS,
             "platform": platform.platform(), "python": platform.python_version()}
 
 

@@ -50,6 +50,9 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+NATIVE_BF16_LEVELS = ("amx", "avx512_bf16")  # the cpu_isa levels that compute bfloat16 natively
+
+
 def cpu_isa(flags: set[str] | None = None) -> str:
     """The CPU's widest vector level that matters here: amx, avx512_bf16, avx512, avx2 or other
     (bfloat16 results differ between the first two and the rest). `flags`: /proc/cpuinfo's."""
@@ -68,7 +71,7 @@ def cpu_isa(flags: set[str] | None = None) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    return cpu_isa() in ("amx", "avx512_bf16")
+    return cpu_isa() in NATIVE_BF16_LEVELS
 
 
 def pick_dtype(requested: str, device: str) -> str:
