@@ -6,8 +6,9 @@ it; a local run must not, so without RAY_ADDRESS we ask for `address="local"` ex
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def ensure_ray(**init_kwargs: Any) -> bool:
@@ -84,21 +85,28 @@ def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str,
 
 
 def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,
-                      cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0) -> Any:
+                      cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0,
+                      datasets: Optional[dict[str, Any]] = None) -> Any:
     """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint;
     a worker that dies restarts the group up to `max_failures` times, the loop resuming from the
-    last checkpoint it reported.
+    last checkpoint it reported. `datasets`: Ray Datasets each worker reads its equal split of
+    (`ray.train.get_dataset_shard(name)`), in the datasets' own order.
 
     Returns Ray Train's result (its `.checkpoint` and `.return_value`); shared by every recipe.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray()
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    # the driver's Ray Data options (copied: constructing them anew warns of deprecated fields), in
+    # order, so a seeded run reads its rows in the same order every time
+    ingest = copy.deepcopy(DataContext.get_current().execution_options)
+    ingest.preserve_order = True
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config,
+        loop, train_loop_config=loop_config, datasets=datasets, dataset_config=DataConfig(execution_options=ingest),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),

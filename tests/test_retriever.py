@@ -348,6 +348,38 @@ def test_ray_train_two_workers_match_one(tmp_path, ray_session):
     assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
 
 
+def test_ray_train_workers_read_equal_shards_of_the_training_rows_dataset(tmp_path, monkeypatch, ray_session):
+    """The Ray trainer's rows come from a Ray Dataset: the dataset holds exactly the rows cut in
+    process, in the same order on every build, and each of 2 workers trains on an equal half of
+    the dataset it is given (a cut one here), whatever the histories would give."""
+    import cotrec.retriever.stage as stage
+
+    config, run = small_run(tmp_path, "retriever.trainer=ray", "retriever.num_workers=2",
+                            "retriever.cpus_per_worker=1", "retriever.max_epochs=2", "retriever.patience=2")
+    rc = config.retriever
+    histories = stage.Histories(run)
+    dataset = histories.training_rows(rc.max_len, False, rc.train_stride)
+    assert histories.training_rows(rc.max_len, False, rc.train_stride) is dataset  # built once per layout
+    in_process = training_rows(Sequences.from_arrays(histories.arrays()), rc.max_len, False, rc.train_stride)
+
+    def as_rows(columns):
+        rows = np.column_stack([np.asarray(columns["items"]), np.asarray(columns["targets"]), columns["users"]])
+        return rows[np.lexsort(rows.T[::-1])]
+
+    first = dataset.take_batch(dataset.count(), batch_format="numpy")
+    assert np.array_equal(as_rows(first), as_rows(in_process))
+    again = stage.Histories(run).training_rows(rc.max_len, False, rc.train_stride)
+    assert np.array_equal(np.asarray(again.take_batch(again.count(), batch_format="numpy")["items"]), first["items"])
+
+    kept = 101
+    monkeypatch.setattr(stage.Histories, "training_rows", lambda self, *layout: dataset.limit(kept).materialize())
+    result = train_variant(config, run, "none/random")
+    history = json.loads((Path(result["folder"]) / "history.json").read_text())
+    per_worker = -(-rc.batch_size // 2)
+    assert [h["rows_read"] for h in history] == [kept // 2] * 2    # rank 0's equal half, every epoch
+    assert [h["steps"] for h in history] == [-(-(kept // 2) // per_worker)] * 2
+
+
 def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_path, monkeypatch, ray_session):
     """With `concurrent_trainings: 2` Table 1's trainings overlap in time (each its own Ray Train
     worker group) and the driver reads the histories once for both; a seed trained beside another

@@ -12,7 +12,7 @@ items the model reads) is what gets masked when history masking is on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -60,7 +60,22 @@ class Sequences:
 
 
 def training_rows(seqs: Sequences, max_len: int, user_token: bool, stride: int) -> dict[str, np.ndarray]:
-    """All training rows: `items` (n, max_len) inputs, `targets` (n, max_len + user_token), `users` (n,).
+    """Every user's training rows (`rows_of_histories` over all of `seqs`)."""
+    return rows_of_histories(seqs.train, np.arange(seqs.num_users), max_len, user_token, stride)
+
+
+def training_rows_of_users(arrays: dict[str, np.ndarray], users: np.ndarray, max_len: int, user_token: bool,
+                           stride: int) -> dict[str, np.ndarray]:
+    """The training rows of `users`, cut from the flat histories (`Sequences.to_arrays()`): what one
+    block of the Ray Data training set holds."""
+    flat, indptr = arrays["train_items"], arrays["train_indptr"]
+    return rows_of_histories((flat[indptr[u]:indptr[u + 1]] for u in users), users, max_len, user_token, stride)
+
+
+def rows_of_histories(histories: Iterable[np.ndarray], users: np.ndarray, max_len: int, user_token: bool,
+                      stride: int) -> dict[str, np.ndarray]:
+    """Training rows of the given users' train items: `items` (n, max_len) inputs, `targets`
+    (n, max_len + user_token), `users` (n,).
 
     A user's rows end every `stride` items, from the end of their train items backwards; a row
     holds the up to max_len items before its end as input and trains only the targets no later row
@@ -73,7 +88,7 @@ def training_rows(seqs: Sequences, max_len: int, user_token: bool, stride: int) 
     """
     rows_items, rows_targets, rows_users = [], [], []
     offset = int(user_token)
-    for user, seq in enumerate(seqs.train):
+    for user, seq in zip(users, histories):
         end = len(seq)
         while end > 0:
             begin = max(0, end - max_len - 1)  # the row's inputs are seq[begin:end-1]
@@ -93,6 +108,9 @@ def training_rows(seqs: Sequences, max_len: int, user_token: bool, stride: int) 
             if begin == 0:
                 break
             end -= stride
+    if not rows_users:
+        return {"items": np.zeros((0, max_len), dtype=np.int64), "targets": np.zeros((0, max_len + offset), dtype=np.int64),
+                "users": np.zeros(0, dtype=np.int64)}
     return {"items": np.stack(rows_items), "targets": np.stack(rows_targets),
             "users": np.asarray(rows_users, dtype=np.int64)}
 

@@ -33,6 +33,7 @@ from cotrec.metrics import ndcg_gains, paired_bootstrap, ranking_metrics
 from cotrec.progress import log
 from cotrec.reporting.tables import TABLE1, write_table1
 from cotrec.retriever.data import sequence_arrays
+from cotrec.retriever.ingest import training_dataset
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.retriever.scoring import rank_and_write
 from cotrec.retriever.train import fit, peak_memory_mb
@@ -64,13 +65,16 @@ def read_sequences(run: RunDir) -> dict[str, np.ndarray]:
 
 class Histories:
     """A run's histories (`read_sequences`), read once, and in a Ray job put in the object store
-    once: what the trainings that run at once in threads, and their evaluations, share instead of
-    each holding and shipping its own copy (Ray workers map the one stored copy)."""
+    once, with the training rows' Ray Datasets cut from them: what the trainings that run at once
+    in threads, and their evaluations, share instead of each holding and shipping its own copy
+    (Ray workers map the one stored copy)."""
 
     def __init__(self, run: RunDir):
         self.run, self._lock = run, threading.Lock()
         self._arrays: Optional[dict[str, np.ndarray]] = None
         self._stored: Any = None
+        self._rows: dict[tuple[int, bool, int], Any] = {}
+        self._rows_lock = threading.Lock()
 
     def arrays(self) -> dict[str, np.ndarray]:
         with self._lock:
@@ -88,6 +92,20 @@ class Histories:
 
                 self._stored = ray.put(arrays)
             return self._stored
+
+    def training_rows(self, max_len: int, user_token: bool, stride: int) -> Any:
+        """The materialised Ray Dataset of the training rows (`ingest.training_dataset`), built once
+        per row layout: the variants and seeds of a grid read the same rows."""
+        stored = self.for_ray_workers()
+        key = (max_len, user_token, stride)
+        with self._rows_lock:
+            if key not in self._rows:
+                started = time.perf_counter()
+                self._rows[key] = training_dataset(stored, int(self.arrays()["num_users"]), max_len, user_token,
+                                                   stride)
+                log(f"retriever: {self._rows[key].count():,} training rows as a Ray Dataset "
+                    f"({self._rows[key].num_blocks()} blocks, {time.perf_counter() - started:.1f} s)")
+            return self._rows[key]
 
 
 def _build_job(config: Config, run: RunDir, user: str, item: str, seed: int,
@@ -146,9 +164,12 @@ def train_variant(config: Config, run: RunDir, variant: str = "none/random", see
     log(f"retriever: training {variant_name(user, item)} seed {seed} ({rc.trainer}, {rc.num_workers} "
         f"worker(s)) on the histories of {num_users:,} users, {num_items:,} items")
     with run.staged(stage, fp) as folder:
+        rows = None
         if rc.trainer == "ray":
+            ensure_ray()
             job["sequences"] = histories.for_ray_workers()
-        result = fit(job, rc, folder / ".ray", folder / "model.pt")  # what the evaluation loads
+            rows = histories.training_rows(rc.max_len, job["model"]["num_users"] > 0, rc.train_stride)
+        result = fit(job, rc, folder / ".ray", folder / "model.pt", rows)  # model.pt: what the evaluation loads
         trained = time.perf_counter()
         on_actors = in_ray_job()
         ranks, actors = rank_and_write(rc, folder / "model.pt", num_users,

@@ -1,10 +1,12 @@
 """The training recipe: one loop that runs under Ray Train (TorchTrainer, DDP) or in-process.
 
-`train_loop(job)` is the per-worker function. Each epoch every worker takes its share of one
-seeded permutation of the training rows (same permutation on all workers, strided by rank,
-per-worker batch = batch_size / workers, so the effective batch and the number of steps do not
-depend on the worker count), steps Adam, then the workers evaluate valid NDCG@10 on disjoint
-slices of the users and all-reduce the sums, so they all take the same early-stopping decision.
+`train_loop(job)` is the per-worker function. Under Ray Train each worker reads its equal shard
+of the training rows' Ray Dataset (`ray.train.get_dataset_shard("train")`, built and materialised
+by the stage: `ingest.training_dataset`) through a shuffle buffer seeded per epoch; in process it
+takes one seeded permutation of the rows it cut itself. The per-worker batch is batch_size /
+workers, so the effective batch and the number of steps do not depend on the worker count. After
+the steps the workers evaluate valid NDCG@10 on disjoint slices of the users and all-reduce the
+sums, so they all take the same early-stopping decision.
 The loop stops after `patience` epochs without improvement or at `max_epochs`.
 
 Every `checkpoint_every` epochs and at the end, rank 0 reports a checkpoint holding the training
@@ -14,8 +16,9 @@ that checkpoint (`ray.train.get_checkpoint`), not from epoch 0. At the end rank 
 state as `model.pt` in the stage's folder (on disk or on a store), so the weights never pass
 through the driver.
 
-`fit(job, rcfg, storage, model_out)` launches it: Ray Train's TorchTrainer (workers, CPUs and GPUs per
-worker from the config; gloo on CPU, nccl on GPU) or, with `trainer: local`, a plain call.
+`fit(job, rcfg, storage, model_out, train_rows)` launches it: Ray Train's TorchTrainer with the rows'
+dataset (workers, CPUs and GPUs per worker from the config; gloo on CPU, nccl on GPU) or, with
+`trainer: local`, a plain call.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
+from cotrec.retriever.ingest import epoch_batches
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.storage import as_path, location
@@ -67,6 +71,10 @@ class _RayTrain:
         self.train = ray.train
         context = ray.train.get_context()
         self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def training_shard(self) -> Any:
+        """This worker's equal split of the training rows' dataset."""
+        return self.train.get_dataset_shard("train")
 
     def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
         if state is None:
@@ -138,6 +146,15 @@ def train_step(model: SASRec, wrapped: torch.nn.Module, optim: RetrieverOptimize
     return loss.detach().item()
 
 
+def permuted_batches(windows: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int,
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One in-process epoch: (items, targets, users) batches in a permutation seeded by the epoch."""
+    order = np.random.default_rng(seed * 100_003 + epoch).permutation(len(windows["users"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield tuple(torch.as_tensor(windows[name][idx], device=device) for name in ("items", "targets", "users"))
+
+
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
     ctx = _Local() if job.get("local") else _RayTrain()
@@ -169,15 +186,19 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                if job["loss"] == "sampled" else None)
 
     seqs = Sequences.from_arrays(from_object_store(job["sequences"]))
-    windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
     queries = eval_queries(seqs, "valid", cfg.max_len)
+    per_worker = max(1, math.ceil(job["batch_size"] / world))
+    if job.get("local"):
+        windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
+        rows = len(windows["users"])
+        batches = lambda epoch: permuted_batches(windows, per_worker, seed, epoch, device)  # noqa: E731
+    else:  # equal shards (Ray Train's split): the same number of steps on every worker
+        shard, rows = ctx.training_shard(), job["train_rows"]
+        batches = lambda epoch: epoch_batches(shard, per_worker, seed, epoch, rank, device)  # noqa: E731
     del seqs
     if rank == 0 and job.get("log"):
-        print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {len(windows['users']):,} training rows "
-              "per epoch", flush=True)
-    rows_total = len(windows["users"]) // world * world    # equal shards: same step count everywhere
-    per_worker = max(1, math.ceil(job["batch_size"] / world))
-    steps = math.ceil(rows_total / world / per_worker)
+        print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {rows:,} training rows per epoch",
+              flush=True)
     use_users = cfg.user_token
 
     history: list[dict[str, Any]] = []
@@ -196,15 +217,11 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(first_epoch, job["max_epochs"]):
         t0 = time.perf_counter()
         model.train()
-        order = np.random.default_rng(seed * 100_003 + epoch).permutation(len(windows["users"]))
-        shard = order[:rows_total][rank::world]
-        total_loss = 0.0
-        for step in range(steps):
-            idx = shard[step * per_worker:(step + 1) * per_worker]
-            items = torch.as_tensor(windows["items"][idx], device=device)
-            targets = torch.as_tensor(windows["targets"][idx], device=device)
-            users = torch.as_tensor(windows["users"][idx], device=device) if use_users else None
-            total_loss += train_step(model, wrapped, optim, items, users, targets, sampled, generator)
+        total_loss, steps, rows_read = 0.0, 0, 0
+        for items, targets, users in batches(epoch):
+            total_loss += train_step(model, wrapped, optim, items, users if use_users else None, targets, sampled,
+                                     generator)
+            steps, rows_read = steps + 1, rows_read + len(targets)
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -218,7 +235,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             best, best_epoch, since_best = ndcg, epoch, 0
         else:
             since_best += 1
-        record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "valid_hit@10": hit,
+        record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "steps": steps, "rows_read": rows_read,
+                  "valid_hit@10": hit,
                   "valid_ndcg@10": ndcg, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                   "eval_users": int(sums[2]), "elapsed": time.perf_counter() - started,
                   "peak_memory_mb": peak_memory_mb(), "improved": improved,
@@ -259,9 +277,11 @@ def save_model(state: dict[str, Any], path: str) -> None:
         torch.save(state, out)
 
 
-def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path, model_out: Path) -> dict[str, Any]:
+def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path, model_out: Path,
+        train_rows: Any = None) -> dict[str, Any]:
     """Train with the configured trainer; the best epoch's model is saved at `model_out` (by the
-    worker of rank 0: the driver never holds the weights); returns the loop's result."""
+    worker of rank 0: the driver never holds the weights); returns the loop's result.
+    `train_rows`: the rows' Ray Dataset (`ingest.training_dataset`), which the Ray trainer needs."""
     use_gpu = rcfg.gpus_per_worker > 0
     job = {**job, "model_out": location(model_out)}
     if rcfg.trainer == "local":
@@ -270,7 +290,11 @@ def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path, model_out: Pa
             return train_loop({**job, "local": True, "use_gpu": use_gpu})
         finally:
             torch.set_num_threads(threads)
+    if train_rows is None:
+        raise ValueError("the Ray trainer reads its rows from a Ray Dataset: pass train_rows")
+    job = {**job, "train_rows": train_rows.count()}
     result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
+                               datasets={"train": train_rows},
                                num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     return result.return_value
