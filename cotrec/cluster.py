@@ -23,10 +23,29 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
     if address == "local":
-        kwargs.update(include_dashboard=False)
+        kwargs["include_dashboard"] = False
     kwargs.update(init_kwargs)
+    if address == "local" and not kwargs["include_dashboard"]:  # no State API: see quiet_local_session
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env.setdefault("worker_process_setup_hook", "cotrec.cluster.quiet_local_session")
+        kwargs["runtime_env"] = runtime_env
     ray.init(**kwargs)
     return True
+
+
+# Ray Train's placement-group cleaner (a detached actor beside each fit) asks the State API for its
+# controller's state every second and warns when it cannot; a local session has no dashboard, so
+# no State API, and it would warn on every check for as long as a fit runs.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_session() -> None:
+    """Every worker's set-up in a local session (`ensure_ray`): the cleaner's warnings off. Its
+    cleaning is not needed there: the placement groups end with the session, which ends with the
+    driver."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def in_ray_job() -> bool:

@@ -564,3 +564,26 @@ def test_the_kuberay_run_directory_is_the_shared_volume_or_a_bucket_the_user_nam
     bad = subprocess.run([*script, "--run-dir", "runs/relative", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "COTREC_RUN_DIR" in bad.stderr
+
+
+def test_a_local_session_quiets_the_placement_group_cleaner_in_every_worker_and_keeps_the_callers_runtime_env(
+        monkeypatch):
+    """Without a dashboard there is no State API, which Ray Train's placement-group cleaner asks
+    every second: a local session's workers start with its warnings off, and a caller's own
+    runtime_env (Serve's PYTHONPATH) still reaches them."""
+    import logging
+
+    import ray
+
+    from cotrec.cluster import PLACEMENT_GROUP_CLEANER_LOGGER, ensure_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ensure_ray(num_cpus=1, runtime_env={"env_vars": {"COTREC_PROBE": "kept"}})
+    try:
+        @ray.remote(num_cpus=0)
+        def worker_view():
+            return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel(), os.environ.get("COTREC_PROBE")
+
+        assert ray.get(worker_view.remote()) == (logging.ERROR, "kept")
+    finally:
+        ray.shutdown()
