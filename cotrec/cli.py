@@ -319,7 +319,8 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    print(format_bench(bench_models(config, args.out, parts, args.rounds)))
+    print(format_bench(bench_models(config, args.out, parts, args.rounds, texts=args.texts,
+                                    sasrec_steps=args.sasrec_steps)))
     print(f"wrote {args.out}")
     return 0
 
@@ -548,11 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_models.add_argument("--parts", default="llm,encoder,sasrec",
                               help="comma-separated: llm, encoder, sasrec, users (user tables of 100k and 1M rows)")
     bench_models.add_argument("--rounds", type=int, default=3, help="timed rounds per part; figures are their median")
+    bench_models.add_argument("--texts", type=int, default=256, help="texts the encoder part encodes per round")
+    bench_models.add_argument("--sasrec-steps", type=int, default=20,
+                              help="training steps per round of the sasrec part (the users part takes half); "
+                                   "more on a GPU, so that a round runs well past start-up")
     bench_models.add_argument("--out", default="bench/models.json", help="JSON output path")
     bench_models.set_defaults(handler=cmd_bench_models)
 
     pln = commands.add_parser("plan", help="worker-hours per stage for N users: a run's measured work per user over "
-                                           "`bench models` throughput (parameters for GPU stages)")
+                                           "`bench models` throughput (parameters for GPU stages it did not measure on a GPU)")
     _add_config_options(pln)
     pln.add_argument("--run-dir", "-r", metavar="DIR", help="a finished run whose work per user is measured; "
                      "default: runs/<config name>")

@@ -16,8 +16,10 @@ multiplies out. Per stage:
   ranker fine-tune      examples per user x epochs, at the run's examples/s per Train worker
   ranker scoring        lists scored per user (evaluation and the MAPB probe), at the run's lists/s
 
-Where the target config places a stage on a GPU, its throughput is a PARAMETER (GPU_PARAMETERS,
-or `--throughput key=value`) until a device has run `cotrec bench models`; every row names its
+A measured rate is used only for a stage placed as it was measured: a part the bench ran on a GPU
+(its JSON says "device": "cuda") for a stage the target config puts on a GPU, a CPU-measured part
+for a CPU stage. A GPU stage with no GPU-measured part takes a PARAMETER (GPU_PARAMETERS, or
+`--throughput key=value`); a CPU stage with only a GPU-measured part is an error. Every row names its
 source. Wall hours assume the config's worker count with perfect scaling: a lower bound.
 """
 
@@ -35,7 +37,9 @@ from cotrec.rundir import RunDir, read_stats, read_table, write_json
 from cotrec.storage import as_path
 
 # One worker's throughput on one data-centre GPU (H100 class) for the gpu-cluster preset's models:
-# assumptions of the right order, not measurements, to be replaced by `bench models` on a device.
+# assumptions of the right order, not measurements. Used only where the models JSON has no part
+# measured on a GPU: `bench models` on a GPU replaces the encoder and SASRec rows, and the LLM's
+# once its llm part runs there (CUDA vLLM); the ranker's rows come from the run, read for CPUs only.
 GPU_PARAMETERS = {
     "llm.prompt_tokens_per_s": 20_000.0,       # 7B bf16 through vLLM, prefill at large batch
     "llm.generated_tokens_per_s": 2_500.0,     # the same engine decoding a few hundred sequences
@@ -76,17 +80,33 @@ def read_models(path: Path) -> dict[str, Any]:
     return models
 
 
+def measured_on_gpu(part: Optional[dict[str, Any]]) -> bool:
+    """Whether a bench part ran on a GPU (older JSONs, all CPU-measured, name no such device)."""
+    return bool(part) and str(part.get("device", "cpu")).startswith("cuda")
+
+
 class Throughputs:
-    """One worker's rates for the target config: measured where it runs on a CPU, else parameters."""
+    """One worker's rates for the target config: measured where the bench ran the part on the same
+    kind of device as the config places the stage, else (GPU stages) parameters."""
 
     def __init__(self, config: Config, models: dict[str, Any], models_path: Path, overrides: dict[str, float]):
         self.config, self.models, self.path, self.overrides = config, models, models_path, overrides
 
-    def _pick(self, key: str, on_gpu: bool, measured: Optional[float], what: str) -> tuple[float, str]:
+    def _pick(self, key: str, on_gpu: bool, measured: Optional[float], what: str,
+              part: Optional[dict[str, Any]] = None) -> tuple[float, str]:
+        """`part`: the bench's JSON for `measured`, whose device must match the stage's (None: the
+        run's own figure, measured where the run placed it)."""
         if key in self.overrides:
             return self.overrides[key], "given (--throughput)"
+        gpu_figure = measured_on_gpu(part)
         if on_gpu:
+            if measured is not None and gpu_figure:
+                return measured, f"measured ({what}, {part.get('gpu') or 'GPU'})"
             return GPU_PARAMETERS[key], "parameter (GPU, not measured)"
+        if measured is not None and gpu_figure:
+            raise CotrecError(f"--models {self.path}: its {what} ran on a GPU ({part.get('gpu') or 'cuda'}) and the "
+                              f"config runs the stage on CPUs; place the stage on a GPU, bench a CPU worker "
+                              f"(`cotrec bench models --parts {what.split()[0]}`) or pass --throughput {key}=VALUE")
         if measured is None:
             raise CotrecError(f"--models {self.path}: has no {what}; run `cotrec bench models --parts "
                               f"{what.split()[0]}` or pass --throughput {key}=VALUE")
@@ -96,17 +116,17 @@ class Throughputs:
         on_gpu = self.config.llm.device == "cuda"
         part = self.models.get("llm")
         prompt, source = self._pick("llm.prompt_tokens_per_s", on_gpu, part and part["prompt_tokens_per_s"],
-                                    "llm bench")
+                                    "llm bench", part)
         generated, _ = self._pick("llm.generated_tokens_per_s", on_gpu, part and part["generated_tokens_per_s"],
-                                  "llm bench")
+                                  "llm bench", part)
         if source.startswith("measured") and part["model"] != self.config.llm.model:
             source += f"; measured with {part['model']}, the config names {self.config.llm.model}"
         return prompt, generated, source
 
     def encoder(self) -> tuple[float, str]:
         part = self.models.get("encoder")
-        rate, source = self._pick("encoder.texts_per_s", self.config.embed.device == "cuda",
-                                  part and part["texts_per_s"], "encoder bench")
+        rate, source = self._pick("encoder.texts_per_s", self.config.embed.device.startswith("cuda"),
+                                  part and part["texts_per_s"], "encoder bench", part)
         if source.startswith("measured") and part["model"] != self.config.embed.model:
             source += f"; measured with {part['model']}, the config names {self.config.embed.model}"
         return rate, source
@@ -120,7 +140,7 @@ class Throughputs:
             (x0, y0), (x1, y1) = [(c["items"], 1.0 / c[field]) for c in part["catalogues"][:2]]
             seconds = y0 + (y1 - y0) * (items - x0) / (x1 - x0)
             measured = 1.0 / max(seconds, min(y0, y1) * 0.5)
-        return self._pick(key, self.config.retriever.gpus_per_worker > 0, measured, "sasrec bench")
+        return self._pick(key, self.config.retriever.gpus_per_worker > 0, measured, "sasrec bench", part)
 
     def from_run(self, key: str, on_gpu: bool, measured: Optional[float], what: str) -> tuple[float, str]:
         if key in self.overrides or on_gpu or measured is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with one NVIDIA GPU, install the GPU extra in its own venv and run
-# the LLM bench (CUDA vLLM vs transformers), the ranker bench and the demo main job on CUDA, every
-# JSON under one folder. `make gpu-check DRY_RUN=1` (or `scripts/gpu-check.sh --dry-run`) prints
+# the LLM bench (CUDA vLLM vs transformers), one GPU worker's encoder and SASRec throughput (what
+# `cotrec plan` uses for GPU stages), the ranker bench and the demo main job on CUDA, every JSON
+# under one folder. `make gpu-check DRY_RUN=1` (or `scripts/gpu-check.sh --dry-run`) prints
 # the plan without running it, on any machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ fi
 step mkdir -p "$OUT"
 step make venv VENV="$VENV" EXTRAS=gpu,dev
 step "$COTREC" bench llm --set llm.device=cuda --backends vllm:eager,transformers --rounds 3 --out "$OUT/llm.json"
+step "$COTREC" bench models --config gpu-cluster --parts encoder,sasrec,users --set embed.device=cuda \
+     --set embed.gpus_per_actor=1 --rounds 5 --texts 8192 --sasrec-steps 200 --out "$OUT/models.json"
 step env VLLM_LOGGING_LEVEL=WARNING "$COTREC" run --config demo --run-dir "$RUN_DIR" "${CUDA[@]}"
 step "$COTREC" bench ranker --config demo --run-dir "$RUN_DIR" --set llm.device=cuda --out "$OUT/ranker.json"
 step cp "$RUN_DIR/reports/stages.json" "$OUT/demo-stages.json"

@@ -541,10 +541,13 @@ def test_the_gpu_check_dry_run_prints_a_plan_whose_commands_parse_and_place_ever
     steps = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
     cotrec = [s[s.index(next(a for a in s if a.endswith("/cotrec"))) + 1:] for s in steps
               if any(a.endswith("/cotrec") for a in s)]
-    assert [c[:2] for c in cotrec] == [["bench", "llm"], ["run", "--config"], ["bench", "ranker"]]
+    assert [c[:2] for c in cotrec] == [["bench", "llm"], ["bench", "models"], ["run", "--config"], ["bench", "ranker"]]
     for args in cotrec:
         build_parser().parse_args(args)
-    run = cotrec[1]
+    models = cotrec[1]   # the GPU worker's parts, on the GPU
+    placed = load_config("gpu-cluster", [models[i + 1] for i, a in enumerate(models) if a == "--set"])
+    assert placed.retriever.gpus_per_worker > 0 and placed.embed.device == "cuda"
+    run = cotrec[2]
     overrides = [run[i + 1] for i, a in enumerate(run) if a == "--set"]
     config = load_config("demo", overrides)
     assert config.llm.device == "cuda" and config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1

@@ -13,6 +13,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from cotrec.bench.memory import MemorySampler
 from cotrec.bench.models import bench_models
@@ -58,6 +59,7 @@ def test_the_plan_multiplies_the_runs_work_per_user_by_users_over_the_measured_r
     config, run, models, trained = measured
     bench = json.loads(models.read_text())
     assert {"encoder", "sasrec"} <= set(bench) and "llm" not in bench
+    assert bench["sasrec"]["device"] == bench["encoder"]["device"] == "cpu" and "gpu" not in bench["sasrec"]
     assert [c["items"] for c in bench["sasrec"]["catalogues"]] == [1_000, 20_000]
 
     small = plan(config, run, 1_000, None, models, LLM_RATES)
@@ -114,6 +116,52 @@ def test_stages_a_preset_places_on_gpus_take_parameters_and_say_so(measured):
     assert rows["embed"]["source"].startswith("measured")     # the preset leaves the encoder on CPUs
     assert rows["preferences"]["workers"] == gpu.extract.max_actors
     assert rows["preferences"]["wall_hours"] == pytest.approx(rows["preferences"]["worker_hours"] / gpu.extract.max_actors)
+
+
+def test_a_figure_measured_on_a_gpu_serves_only_a_stage_placed_on_a_gpu(measured, tmp_path):
+    # a models JSON as a GPU machine writes it (written here: no GPU in CI): the GPU stages take its
+    # figures and name the GPU; the LLM, never benched there, stays a parameter
+    _, run, models, _ = measured
+    bench = json.loads(models.read_text())
+    bench["sasrec"].update(device="cuda", gpu="NVIDIA H200", catalogues=[
+        {"items": 1_000, "train_windows_per_s": 100_000.0, "eval_queries_per_s": 200_000.0},
+        {"items": 20_000, "train_windows_per_s": 100_000.0, "eval_queries_per_s": 200_000.0}])
+    bench["encoder"].update(device="cuda", gpu="NVIDIA H200", texts_per_s=9_000.0)
+    on_gpu = tmp_path / "models-gpu.json"
+    on_gpu.write_text(json.dumps(bench))
+    gpu = load_config("gpu-cluster", list(SETTINGS[:-1]) + ["retriever.gpus_per_worker=1", "embed.device=cuda",
+                                                                "embed.gpus_per_actor=1"])
+    rows = _rows(plan(gpu, run, 1_000, None, on_gpu, {}))
+    assert rows["retriever training"]["rate_per_worker"] == pytest.approx(100_000.0)
+    assert rows["retriever training"]["source"] == "measured (sasrec bench, NVIDIA H200)"
+    assert rows["retriever evaluation"]["rate_per_worker"] == pytest.approx(200_000.0)
+    assert rows["embed"]["rate_per_worker"] == 9_000.0
+    assert rows["embed"]["source"] == "measured (encoder bench, NVIDIA H200)"
+    assert rows["preferences"]["source"] == "parameter (GPU, not measured)"
+    # the same GPU stages with the CPU-measured JSON: parameters, never the CPU's figures
+    rows = _rows(plan(gpu, run, 1_000, None, models, {}))
+    for stage, key in (("retriever training", "sasrec.train_windows_per_s"), ("embed", "encoder.texts_per_s")):
+        assert rows[stage]["rate_per_worker"] == GPU_PARAMETERS[key]
+        assert rows[stage]["source"] == "parameter (GPU, not measured)"
+    # CPU stages with only GPU figures: an error, not a GPU's rate for a CPU worker
+    cpu = load_config("gpu-cluster", list(SETTINGS[:-1]) + ["retriever.gpus_per_worker=0", "embed.device=cuda",
+                                                                "embed.gpus_per_actor=1"])
+    with pytest.raises(CotrecError, match="sasrec bench ran on a GPU"):
+        plan(cpu, run, 1_000, None, on_gpu, {})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_bench_models_placed_on_a_gpu_without_one_is_a_one_line_error(tmp_path, cli):
+    # not a silent CPU run under a GPU config's name; said before any part runs
+    config = load_config("gpu-cluster", ["embed.model=zero-cost"])
+    with pytest.raises(CotrecError, match=r"retriever.gpus_per_worker is 1: bench models runs the sasrec and users "
+                                          r"parts on a GPU, .* sees none"):
+        bench_models(config, tmp_path / "models.json", parts=("encoder", "users"), rounds=1, texts=4, sasrec_steps=2)
+    assert not (tmp_path / "models.json").exists()
+    out = cli("bench", "models", "--config", "gpu-cluster", "--set", "embed.model=zero-cost", "--set",
+              "embed.device=cuda", "--set", "embed.gpus_per_actor=1", "--set", "retriever.gpus_per_worker=0",
+              "--parts", "encoder", "--out", str(tmp_path / "encoder.json"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "embed.device is cuda" in out.stderr
 
 
 def test_plan_inputs_that_cannot_be_used_are_one_line_errors(measured, tmp_path, cli):

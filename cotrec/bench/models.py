@@ -14,7 +14,11 @@ actor's LLM engine, an embed actor's sentence encoder, a SASRec Train worker wit
            dense and with sparse user-table updates (`retriever.sparse_user_updates`), on the
            larger catalogue and the config's loss: what the table's size costs a step
 
-Each part runs one untimed warm-up, then `rounds` timed rounds; figures are their median.
+Each part runs one untimed warm-up, then `rounds` timed rounds; figures are their median. The
+sasrec and users parts run where the config places a Train worker: on a GPU when
+`retriever.gpus_per_worker` > 0 (a one-line error if there is none), else on the CPU; the encoder
+on `embed.device`. Each part records its device (and the GPU's name), which `cotrec plan` checks
+against the stage's placement.
 """
 
 from __future__ import annotations
@@ -33,12 +37,47 @@ from cotrec.bench.prompts import MOVIES, preference_conversations, ranking_conve
 from cotrec.config import Config
 from cotrec.errors import CotrecError
 from cotrec.llm import SamplingSettings, letters, make_engine
+from cotrec.llm.placement import pick_device
 from cotrec.progress import log
 from cotrec.rundir import write_json
 
 PARTS = ("llm", "encoder", "sasrec", "users")
 SASREC_CATALOGUES = (1_000, 20_000)
 USER_TABLES = (100_000, 1_000_000)
+
+
+def _where(device: str | torch.device) -> dict[str, Any]:
+    """What a part records of its device: `plan` uses a figure only for a stage placed alike."""
+    if not str(device).startswith("cuda"):
+        return {"device": str(device)}
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(torch.device(device))}
+
+
+def _needs_cuda(setting: str, parts: str, on_cpu: str) -> None:
+    if not torch.cuda.is_available():
+        raise CotrecError(f"{setting}: bench models runs the {parts} on a GPU, and torch {torch.__version__} sees "
+                          f"none on this machine; run it where one is, or --set {on_cpu} to measure on the CPU")
+
+
+def train_device(config: Config) -> torch.device:
+    """A SASRec Train worker's device: a GPU when the config gives each worker one."""
+    gpus = config.retriever.gpus_per_worker
+    if gpus <= 0:
+        return torch.device("cpu")
+    _needs_cuda(f"retriever.gpus_per_worker is {gpus:g}", "sasrec and users parts", "retriever.gpus_per_worker=0")
+    return torch.device("cuda")
+
+
+def encoder_device(config: Config) -> str:
+    device = config.embed.device
+    if device.startswith("cuda"):
+        _needs_cuda(f"embed.device is {device}", "encoder part", "embed.device=cpu")
+    return device
+
+
+def _synchronize(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):  # kernels run asynchronously: a timer read before this misses them
+        torch.cuda.synchronize(device)
 
 
 def _median_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
@@ -78,7 +117,7 @@ def measure_llm(config: Config, prompts: int, max_tokens: int, rounds: int) -> d
         result = _median_of_rounds(rounds, one_round)
     finally:
         engine.close()
-    return {"backend": config.llm.backend, "model": config.llm.model, "device": config.llm.device,
+    return {"backend": config.llm.backend, "model": config.llm.model, **_where(pick_device(config.llm.device)),
             "dtype": getattr(engine, "dtype", config.llm.dtype), "prompts": prompts, "max_tokens": max_tokens, **result}
 
 
@@ -94,19 +133,22 @@ def preference_texts(count: int, seed: int = 0) -> list[str]:
 def measure_encoder(config: Config, texts: int, rounds: int) -> dict[str, Any]:
     from cotrec.embed.encoder import encode, load_encoder
 
+    device = encoder_device(config)
     encoder = load_encoder(config.embed.model, config.embed.device)
     batch = preference_texts(texts)
 
     def one_round() -> dict[str, float]:
+        _synchronize(device)
         started = time.perf_counter()
         encode(encoder, batch, batch_size=config.embed.batch_size, label="bench")
+        _synchronize(device)
         return {"texts_per_s": len(batch) / (time.perf_counter() - started)}
 
-    return {"model": config.embed.model, "device": config.embed.device, "batch_size": config.embed.batch_size,
+    return {"model": config.embed.model, **_where(device), "batch_size": config.embed.batch_size,
             "texts": texts, **_median_of_rounds(rounds, one_round)}
 
 
-def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[str, Any]:
+def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int, device: torch.device) -> dict[str, Any]:
     from cotrec.retriever.data import Sequences, eval_queries, training_rows
     from cotrec.retriever.evaluate import score_queries
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
@@ -121,22 +163,27 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int) -> dict[
     queries = eval_queries(seqs, "valid", rc.max_len)
     model = SASRec(SASRecConfig(num_items=num_items, num_users=users, dim=rc.dim, max_len=rc.max_len, layers=rc.layers,
                                 heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout,
-                                sparse_users=rc.sparse_user_updates))
+                                sparse_users=rc.sparse_user_updates)).to(device)
     optim = RetrieverOptimizer(model, rc.lr, rc.weight_decay)
     rows = np.arange(len(windows["users"]))
 
     def one_round() -> dict[str, float]:
         model.train()
         order = rng.permutation(rows)[:steps * rc.batch_size]
+        _synchronize(device)
         started = time.perf_counter()
         for start in range(0, len(order), rc.batch_size):
             idx = order[start:start + rc.batch_size]
-            train_step(model, model, optim, torch.as_tensor(windows["items"][idx]),
-                       torch.as_tensor(windows["users"][idx]), torch.as_tensor(windows["targets"][idx]))
+            # each batch copied to the device inside the timing, as the training loop does
+            train_step(model, model, optim, torch.as_tensor(windows["items"][idx], device=device),
+                       torch.as_tensor(windows["users"][idx], device=device),
+                       torch.as_tensor(windows["targets"][idx], device=device))
+        _synchronize(device)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         score_queries(model, queries, np.arange(len(queries["users"])), rc.mask_history, top_m=rc.top_m,
-                      batch_size=rc.eval_batch_size)
+                      batch_size=rc.eval_batch_size, device=device)
+        _synchronize(device)
         return {"train_windows_per_s": len(order) / train_s,
                 "eval_queries_per_s": len(queries["users"]) / (time.perf_counter() - started)}
 
@@ -156,22 +203,25 @@ def _on_a_train_workers_threads(config: Config, measure: Callable[[], list[dict[
 
 
 def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+    device = train_device(config)
     at = _on_a_train_workers_threads(
-        config, lambda: [_sasrec_at(config, items, steps, rounds) for items in SASREC_CATALOGUES])
+        config, lambda: [_sasrec_at(config, items, steps, rounds, device) for items in SASREC_CATALOGUES])
     rc = config.retriever
-    return {"dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "batch_size": rc.batch_size,
+    return {**_where(device), "dim": rc.dim, "max_len": rc.max_len, "layers": rc.layers, "batch_size": rc.batch_size,
             "train_stride": rc.train_stride, "loss": "full softmax", "threads": rc.cpus_per_worker, "catalogues": at}
 
 
-def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds: int) -> dict[str, Any]:
+def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds: int,
+                   device: torch.device) -> dict[str, Any]:
     from cotrec.retriever.loss import SampledSoftmax
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
     from cotrec.retriever.train import RetrieverOptimizer, train_step
 
     rc, items = config.retriever, SASREC_CATALOGUES[-1]
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # a CPU one, as the training loop passes
     model = SASRec(SASRecConfig(num_items=items, num_users=users, dim=rc.dim, max_len=rc.max_len, layers=rc.layers,
-                                heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout, sparse_users=sparse))
+                                heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout,
+                                sparse_users=sparse)).to(device)
     optim = RetrieverOptimizer(model, rc.lr)
     sampled = SampledSoftmax(np.ones(items), rc.negatives, rc.sampler) if rc.loss == "sampled" else None
     # full rows: every position trains a target, as the first row of each history does
@@ -182,20 +232,24 @@ def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds:
 
     def one_round() -> dict[str, float]:
         model.train()
+        _synchronize(device)
         started = time.perf_counter()
         for inputs, user_ids, targets in batches:
-            train_step(model, model, optim, inputs, user_ids, targets, sampled, generator)
+            train_step(model, model, optim, inputs.to(device), user_ids.to(device), targets.to(device), sampled,
+                       generator)
+        _synchronize(device)
         return {"train_windows_per_s": steps * rc.batch_size / (time.perf_counter() - started)}
 
     return {"users": users, "sparse_user_updates": sparse, **_median_of_rounds(rounds, one_round)}
 
 
 def measure_user_tables(config: Config, steps: int, rounds: int) -> dict[str, Any]:
-    at = _on_a_train_workers_threads(config, lambda: [_user_table_at(config, users, sparse, steps, rounds)
+    device = train_device(config)
+    at = _on_a_train_workers_threads(config, lambda: [_user_table_at(config, users, sparse, steps, rounds, device)
                                                       for users in USER_TABLES for sparse in (False, True)])
     rc = config.retriever
-    return {"items": SASREC_CATALOGUES[-1], "dim": rc.dim, "max_len": rc.max_len, "batch_size": rc.batch_size,
-            "loss": rc.loss, "negatives": rc.negatives if rc.loss == "sampled" else None,
+    return {**_where(device), "items": SASREC_CATALOGUES[-1], "dim": rc.dim, "max_len": rc.max_len,
+            "batch_size": rc.batch_size, "loss": rc.loss, "negatives": rc.negatives if rc.loss == "sampled" else None,
             "threads": rc.cpus_per_worker, "tables": at}
 
 
@@ -206,6 +260,13 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
         raise CotrecError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
     if rounds < 1:
         raise CotrecError(f"--rounds must be at least 1, got {rounds}")
+    if texts < 1 or sasrec_steps < 2:
+        raise CotrecError(f"--texts must be at least 1 and --sasrec-steps at least 2, got {texts} and {sasrec_steps}")
+    # no GPU where the config asks for one: said before any part runs
+    if "encoder" in parts:
+        encoder_device(config)
+    if {"sasrec", "users"} & set(parts):
+        train_device(config)
     report: dict[str, Any] = {"bench": "models", "machine": machine(),
                               "rounds": rounds, "figures": "per worker; the median of the timed rounds after a warm-up",
                               "load_average_before": load_average()}
@@ -226,6 +287,10 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
     return report
 
 
+def _device_label(part: dict[str, Any]) -> str:
+    return f"{part.get('device', 'cpu')} {part['gpu']}" if part.get("gpu") else part.get("device", "cpu")
+
+
 def format_bench(report: dict[str, Any]) -> str:
     lines = []
     if "llm" in report:
@@ -234,13 +299,16 @@ def format_bench(report: dict[str, Any]) -> str:
                      f"{r['generated_tokens_per_s']:,.1f} generated tok/s, {r['scoring_lists_per_s']:,.2f} lists/s")
     if "encoder" in report:
         r = report["encoder"]
-        lines.append(f"encoder  {r['model']} ({r['device']}): {r['texts_per_s']:,.1f} texts/s")
+        lines.append(f"encoder  {r['model']} ({_device_label(r)}): {r['texts_per_s']:,.1f} texts/s")
     if "sasrec" in report:
+        where = _device_label(report["sasrec"])
         for r in report["sasrec"]["catalogues"]:
-            lines.append(f"sasrec   {r['items']:,} items: {r['train_windows_per_s']:,.1f} training windows/s, "
-                         f"{r['eval_queries_per_s']:,.1f} evaluation queries/s")
+            lines.append(f"sasrec   ({where}) {r['items']:,} items: {r['train_windows_per_s']:,.1f} training "
+                         f"windows/s, {r['eval_queries_per_s']:,.1f} evaluation queries/s")
     if "users" in report:
+        where = _device_label(report["users"])
         for r in report["users"]["tables"]:
-            lines.append(f"users    {r['users']:,} users, {'sparse' if r['sparse_user_updates'] else 'dense'} updates: "
+            updates = "sparse" if r["sparse_user_updates"] else "dense"
+            lines.append(f"users    ({where}) {r['users']:,} users, {updates} updates: "
                          f"{r['train_windows_per_s']:,.1f} training windows/s")
     return "\n".join(lines)

@@ -26,7 +26,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import ray
 
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config, ExtractConfig
@@ -163,6 +162,8 @@ class ExtractWorker:
 def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Config, *, domain: str,
                  labels: list[str] | None = None, incremental: bool = False) -> dict[str, Any]:
     """Run `program` over `rows` on the Ray Data actor pool; returns the summary of this run."""
+    import ray  # here, not at the top: `bench models` imports this module (through the retriever's) without Ray
+
     ec = config.extract
     started_ray = ensure_ray()
     summary = {"rows": 0, "records": 0, "failed": 0, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}

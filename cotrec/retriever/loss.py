@@ -39,8 +39,11 @@ class SampledSoftmax:
                  generator: torch.Generator | None = None) -> torch.Tensor:
         keep = targets > 0
         h, pos = hidden[keep], targets[keep] - 1                       # (n, d), (n,)
+        # drawn where the generator lives (a CPU one for the training's seeded stream), used on h's device
+        sample_on = generator.device if generator is not None else h.device
+        neg = torch.multinomial(self.q.to(sample_on), self.negatives, replacement=True,
+                                generator=generator).to(h.device)
         q = self.q.to(h.device)
-        neg = torch.multinomial(q, self.negatives, replacement=True, generator=generator).to(h.device)
         log_expected = torch.log(q * self.negatives)                    # log of E[count in sample]
         if not self.logq:
             log_expected = torch.zeros_like(log_expected)
