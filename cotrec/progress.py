@@ -13,6 +13,14 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def worker_log(message: str) -> None:
+    """A line from inside a training loop, written to the process's own stderr: Ray forwards that to
+    the driver once, whereas Ray Train routes a worker's `print` through its logger and also echoes
+    it, so a printed line reached the driver twice."""
+    sys.__stderr__.write(message + "\n")
+    sys.__stderr__.flush()
+
+
 class Progress:
     """A progress line at most every `every` seconds, and when the last of `total` is done."""
 

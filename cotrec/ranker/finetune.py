@@ -42,6 +42,7 @@ from cotrec.llm import letters
 from cotrec.llm.base import single_token_ids
 from cotrec.llm.placement import cpu_has_bf16
 from cotrec.metrics import ndcg_at_k
+from cotrec.progress import worker_log
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import predicted_ranks, probe_orders, sample_bias
@@ -316,9 +317,9 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         if key > best_key:
             best_key, best_adapter = key, adapter
         if rank == 0:
-            print(f"[ranker {job.get('name', '')}] epoch {epoch + 1} loss {record['loss']:.4f} val ndcg@10 "
-                  f"{record['val_ndcg@10']:.4f} mapb {record['val_mapb']:.3f} ({record['examples_per_s']:.2f} "
-                  f"examples/s)", flush=True)
+            worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1} loss {record['loss']:.4f} val ndcg@10 "
+                       f"{record['val_ndcg@10']:.4f} mapb {record['val_mapb']:.3f} ({record['examples_per_s']:.2f} "
+                       f"examples/s)")
         if not local:  # the epoch's checkpoint: a restarted group resumes after it
             state = {"adapter": adapter, "epoch": epoch, "curve": curve,
                      "best_key": best_key, "best_adapter": best_adapter}

@@ -37,6 +37,7 @@ import torch
 from cotrec.cluster import fit_torch_trainer, from_object_store
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
+from cotrec.progress import worker_log
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.ingest import epoch_batches
@@ -197,8 +198,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         batches = lambda epoch: epoch_batches(shard, per_worker, seed, epoch, rank, device)  # noqa: E731
     del seqs
     if rank == 0 and job.get("log"):
-        print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {rows:,} training rows per epoch",
-              flush=True)
+        worker_log(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {rows:,} training rows per epoch")
     use_users = cfg.user_token
 
     history: list[dict[str, Any]] = []
@@ -211,8 +211,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         best, best_epoch, since_best = resumed["best"], resumed["best_epoch"], resumed["since_best"]
         best_state, history, first_epoch = resumed["best_state"], resumed["history"], resumed["epoch"] + 1
         if rank == 0:
-            print(f"[retriever {job.get('name', '')}] resuming after epoch {resumed['epoch']} from its checkpoint",
-                  flush=True)
+            worker_log(f"[retriever {job.get('name', '')}] resuming after epoch {resumed['epoch']} from its checkpoint")
     started = time.perf_counter() - (history[-1]["elapsed"] if history else 0.0)
     for epoch in range(first_epoch, job["max_epochs"]):
         t0 = time.perf_counter()
@@ -257,10 +256,9 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             ctx.report({k: v for k, v in record.items() if k not in ("improved", "resumed")}, state)
         if job.get("log") and rank == 0:
             mark = " *" if improved else ""
-            print(f"[retriever {job.get('name', '')} seed {job.get('seed')}] epoch {epoch:3d} "
-                  f"loss {record['loss']:.4f} "
-                  f"valid ndcg@10 {ndcg:.4f} hit@10 {hit:.4f} ({train_seconds:.1f}+{eval_seconds:.1f} s){mark}",
-                  flush=True)
+            worker_log(f"[retriever {job.get('name', '')} seed {job.get('seed')}] epoch {epoch:3d} "
+                       f"loss {record['loss']:.4f} "
+                       f"valid ndcg@10 {ndcg:.4f} hit@10 {hit:.4f} ({train_seconds:.1f}+{eval_seconds:.1f} s){mark}")
         if stop:
             break
     if rank == 0:  # the trained model goes where the stage publishes it, not back through the driver
