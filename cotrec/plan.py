@@ -138,7 +138,10 @@ class Throughputs:
         if part:
             field = key.split(".", 1)[1]
             (x0, y0), (x1, y1) = [(c["items"], 1.0 / c[field]) for c in part["catalogues"][:2]]
-            seconds = y0 + (y1 - y0) * (items - x0) / (x1 - x0)
+            if y1 < y0:  # a larger catalogue never costs less: a measured drop is noise, so take the slower figure
+                seconds = y0
+            else:
+                seconds = y0 + (y1 - y0) * (items - x0) / (x1 - x0)
             measured = 1.0 / max(seconds, min(y0, y1) * 0.5)
         return self._pick(key, self.config.retriever.gpus_per_worker > 0, measured, "sasrec bench", part)
 

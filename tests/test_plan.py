@@ -125,7 +125,7 @@ def test_a_figure_measured_on_a_gpu_serves_only_a_stage_placed_on_a_gpu(measured
     bench = json.loads(models.read_text())
     bench["sasrec"].update(device="cuda", gpu="NVIDIA H200", catalogues=[
         {"items": 1_000, "train_windows_per_s": 100_000.0, "eval_queries_per_s": 200_000.0},
-        {"items": 20_000, "train_windows_per_s": 100_000.0, "eval_queries_per_s": 200_000.0}])
+        {"items": 20_000, "train_windows_per_s": 100_000.0, "eval_queries_per_s": 300_000.0}])
     bench["encoder"].update(device="cuda", gpu="NVIDIA H200", texts_per_s=9_000.0)
     on_gpu = tmp_path / "models-gpu.json"
     on_gpu.write_text(json.dumps(bench))
@@ -134,6 +134,7 @@ def test_a_figure_measured_on_a_gpu_serves_only_a_stage_placed_on_a_gpu(measured
     rows = _rows(plan(gpu, run, 1_000, None, on_gpu, {}))
     assert rows["retriever training"]["rate_per_worker"] == pytest.approx(100_000.0)
     assert rows["retriever training"]["source"] == "measured (sasrec bench, NVIDIA H200)"
+    # faster at more items (a GPU's noise, as models-h200.json shows): the slower figure, not an extrapolation
     assert rows["retriever evaluation"]["rate_per_worker"] == pytest.approx(200_000.0)
     assert rows["embed"]["rate_per_worker"] == 9_000.0
     assert rows["embed"]["source"] == "measured (encoder bench, NVIDIA H200)"
