@@ -109,8 +109,8 @@ def rows_of_histories(histories: Iterable[np.ndarray], users: np.ndarray, max_le
                 break
             end -= stride
     if not rows_users:
-        return {"items": np.zeros((0, max_len), dtype=np.int64), "targets": np.zeros((0, max_len + offset), dtype=np.int64),
-                "users": np.zeros(0, dtype=np.int64)}
+        return {"items": np.zeros((0, max_len), dtype=np.int64),
+                "targets": np.zeros((0, max_len + offset), dtype=np.int64), "users": np.zeros(0, dtype=np.int64)}
     return {"items": np.stack(rows_items), "targets": np.stack(rows_targets),
             "users": np.asarray(rows_users, dtype=np.int64)}
 

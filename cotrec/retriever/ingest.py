@@ -54,18 +54,23 @@ def training_dataset(sequences: Any, num_users: int, max_len: int, user_token: b
     return dataset.materialize()
 
 
-def epoch_batches(shard: Any, batch_size: int, seed: int, epoch: int, rank: int,
-                  device: Any) -> Iterator[tuple[Any, Any, Any]]:
-    """One epoch of a worker's shard as (items, targets, users) int64 tensors on `device`: chunks of
-    SHUFFLE_CHUNK_BATCHES batches, each permuted by a generator seeded by the training's seed, the
-    epoch and the rank, then cut into batches (every chunk but the last is whole batches, so equal
-    shards give every worker the same number of steps)."""
+def shuffled_batches(columns: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator,
+                     device: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """`columns`' rows in one permutation drawn from `rng`, as (items, targets, users) int64 tensors on
+    `device`, `batch_size` rows at a time: an in-process epoch, or one chunk of a worker's shard."""
     import torch
 
+    order = rng.permutation(len(columns["users"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield tuple(torch.as_tensor(columns[name][idx], device=device).long() for name in ("items", "targets", "users"))
+
+
+def epoch_batches(shard: Any, batch_size: int, seed: int, epoch: int, rank: int,
+                  device: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """One epoch of a worker's shard: chunks of SHUFFLE_CHUNK_BATCHES batches, each shuffled by a
+    generator seeded by the training's seed, the epoch and the rank (every chunk but the last is
+    whole batches, so equal shards give every worker the same number of steps)."""
     rng = np.random.default_rng((seed * 100_003 + epoch) * 1_009 + rank)
     for chunk in shard.iter_batches(batch_size=SHUFFLE_CHUNK_BATCHES * batch_size, batch_format="numpy"):
-        order = rng.permutation(len(chunk["users"]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            yield tuple(torch.from_numpy(chunk[name][idx]).to(device=device, dtype=torch.int64)
-                        for name in ("items", "targets", "users"))
+        yield from shuffled_batches(chunk, batch_size, rng, device)

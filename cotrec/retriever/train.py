@@ -2,8 +2,8 @@
 
 `train_loop(job)` is the per-worker function. Under Ray Train each worker reads its equal shard
 of the training rows' Ray Dataset (`ray.train.get_dataset_shard("train")`, built and materialised
-by the stage: `ingest.training_dataset`) through a shuffle buffer seeded per epoch; in process it
-takes one seeded permutation of the rows it cut itself. The per-worker batch is batch_size /
+by the stage: `ingest.training_dataset`) in chunks it shuffles with a generator seeded per epoch;
+in process it takes one seeded permutation of the rows it cut itself. The per-worker batch is batch_size /
 workers, so the effective batch and the number of steps do not depend on the worker count. After
 the steps the workers evaluate valid NDCG@10 on disjoint slices of the users and all-reduce the
 sums, so they all take the same early-stopping decision.
@@ -29,7 +29,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from cotrec.metrics import ranking_metrics
 from cotrec.progress import worker_log
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
-from cotrec.retriever.ingest import epoch_batches
+from cotrec.retriever.ingest import epoch_batches, shuffled_batches
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
 from cotrec.storage import as_path, location
@@ -147,15 +147,6 @@ def train_step(model: SASRec, wrapped: torch.nn.Module, optim: RetrieverOptimize
     return loss.detach().item()
 
 
-def permuted_batches(windows: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int,
-                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One in-process epoch: (items, targets, users) batches in a permutation seeded by the epoch."""
-    order = np.random.default_rng(seed * 100_003 + epoch).permutation(len(windows["users"]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield tuple(torch.as_tensor(windows[name][idx], device=device) for name in ("items", "targets", "users"))
-
-
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
     ctx = _Local() if job.get("local") else _RayTrain()
@@ -192,7 +183,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("local"):
         windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
         rows = len(windows["users"])
-        batches = lambda epoch: permuted_batches(windows, per_worker, seed, epoch, device)  # noqa: E731
+        batches = lambda epoch: shuffled_batches(  # noqa: E731
+            windows, per_worker, np.random.default_rng(seed * 100_003 + epoch), device)
     else:  # equal shards (Ray Train's split): the same number of steps on every worker
         shard, rows = ctx.training_shard(), job["train_rows"]
         batches = lambda epoch: epoch_batches(shard, per_worker, seed, epoch, rank, device)  # noqa: E731
