@@ -509,3 +509,30 @@ def test_a_user_table_past_the_threshold_with_dense_updates_is_advised_to_go_spa
     assert "60 users is past 50" in capsys.readouterr().err
     train_variant(config, run, "none/random")   # no user token, no table to update
     assert "sparse_user_updates" not in capsys.readouterr().err
+
+
+class RunsCode:
+    """A pickle that runs code when unpickled: what someone who can write a run directory could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_crafted_pickle_in_a_run_directory_is_refused_and_nothing_in_it_runs(tmp_path):
+    from cotrec.retriever.scoring import load_model
+
+    marker = tmp_path / "ran.txt"
+    planted = tmp_path / "model.pt"
+    torch.save({"sasrec": {}, "model": RunsCode(marker)}, planted)
+    with pytest.raises(CotrecError, match=r"model\.pt: refused"):
+        load_model(planted)
+    assert not marker.exists()
+    with pytest.raises(CotrecError, match="not a readable torch state file"):
+        (tmp_path / "torn.pt").write_bytes(planted.read_bytes()[:40])
+        load_model(tmp_path / "torn.pt")
+    # the unsafe load the files were read with before runs it
+    torch.load(planted, weights_only=False)
+    assert marker.read_text() == "ran"

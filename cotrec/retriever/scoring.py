@@ -26,12 +26,13 @@ from cotrec.progress import Progress
 from cotrec.retriever.data import Sequences, eval_queries
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.safeload import load_state
 from cotrec.storage import as_path
 
 
 def load_model(path: str | Path, device: str = "cpu") -> SASRec:
     with as_path(path).open("rb") as saved:  # a run directory's file, on disk or on a store
-        state = torch.load(saved, map_location=device, weights_only=False)
+        state = load_state(saved, as_path(path), map_location=device)
     model = SASRec(SASRecConfig(**state["sasrec"])).to(device)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -40,6 +40,7 @@ from cotrec.retriever.train import fit, peak_memory_mb
 from cotrec.retriever.variants import (embedding_fingerprints, initial_tables, parse_variant,
                                        variant_dir, variant_name)
 from cotrec.rundir import RunDir, read_table, write_json
+from cotrec.safeload import load_state
 from cotrec.storage import as_path, remove_tree
 
 
@@ -211,7 +212,7 @@ def load_retriever(config: Config, run: RunDir, variant: str, unknown_user: bool
         raise DataError(f"{folder}: no trained retriever (model.pt); run `cotrec retriever train "
                         f"--variant {user}/{item}` first")
     with (folder / "model.pt").open("rb") as saved:
-        state = torch.load(saved, map_location="cpu", weights_only=False)
+        state = load_state(saved, folder / "model.pt")
     cfg, weights = SASRecConfig(**state["sasrec"]), dict(state["model"])
     if cfg.user_token and unknown_user:
         table = weights["user_emb.weight"]
