@@ -17,6 +17,7 @@ from cotrec import __version__
 from cotrec.config import Config, config_name, load_config, preset_names
 from cotrec.data.prepare import format_summary, prepare
 from cotrec.errors import CotrecError
+from cotrec.progress import send_native_errors_to_run_log, use_run_log
 from cotrec.rundir import RunDir
 from cotrec.storage import run_path
 
@@ -36,6 +37,8 @@ def open_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
     config = load_config(args.config, args.overrides)
     run = RunDir(args.run_dir or Path("runs") / config_name(args.config))
     run.write_config(config)
+    use_run_log(run.root)  # what the run's processes print, but cotrec's progress (cotrec.progress)
+    send_native_errors_to_run_log()
     return config, run
 
 
@@ -65,6 +68,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cotrec.pipeline import STAGE_NAMES
     from cotrec.report import format_report, write_reports
 
+    if args.check:
+        return check_report_folder(Path(args.check))
+
     root = run_path(args.run_dir or Path("runs") / config_name(args.config))
     if not (root / "data").is_dir():
         raise CotrecError(f"{root}: not a prepared run directory (no data/); run `cotrec run` or "
@@ -73,6 +79,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.config = str(root / "config.yaml")  # the run's own settings, not the default preset's
     config, run = open_run(args)
     print(format_report(write_reports(config, run, STAGE_NAMES)))
+    return 0
+
+
+def check_report_folder(folder: Path) -> int:
+    from cotrec.ranker.table2 import MANIFEST, check_report
+    from cotrec.reporting.tables import table2_markdown
+
+    if not (folder / MANIFEST).is_file():
+        raise CotrecError(f"{folder}: no {MANIFEST} (a report folder written by `cotrec report` or `cotrec run`)")
+    differs = check_report(folder, table2_markdown)
+    if differs is not None:
+        raise CotrecError(f"{folder / 'table2.md'}: not what its per-list outputs give: {differs}")
+    print(f"{folder / 'table2.md'}: every figure recomputed from {folder / MANIFEST} and its rankings")
     return 0
 
 
@@ -113,11 +132,34 @@ def cmd_ranker_train(args: argparse.Namespace) -> int:
     config, run = open_run(args)
     summary = ranker_train(config, run, args.retriever, args.prompt, force=args.force)
     print(f"ranker    {args.prompt} on {args.retriever}" + ("  [up to date, skipped]" if summary["skipped"] else ""))
-    print(f"loss      {summary['first_epoch_loss']:.4f} (epoch 1) -> {summary['last_epoch_loss']:.4f} "
-          f"(epoch {summary['epochs']}) on {summary['train_users']} valid lists")
-    print(f"training  {summary['num_workers']} worker(s), ZeRO-{summary['zero_stage']}, {summary['precision']}, "
-          f"{summary['train_seconds']:.0f} s")
+    print(f"lists     {summary['train_lists']:,} training, {summary['held_out_lists']:,} held out "
+          f"({summary['masked_positives']:,} known positives masked)")
+    if "not_trained" in summary:
+        print(f"result    {summary['not_trained']}")
+    else:
+        print(f"loss      {summary['first_epoch_loss']:.4f} (epoch 1) -> {summary['last_epoch_loss']:.4f} "
+              f"(epoch {summary['epochs']}); chance {summary['letter_loss_chance']:.4f}")
+        print(f"held out  ndcg@10 {summary['base_val_ndcg@10']:.4f} -> {summary['best_val_ndcg@10']:.4f} "
+              f"± {summary['best_val_ndcg@10_se']:.4f} (epoch {summary['best_epoch']} kept)")
+        print(f"training  {summary['num_workers']} worker(s), ZeRO-{summary['zero_stage']}, {summary['precision']}, "
+              f"{summary['train_seconds']:.0f} s" + (f"; {summary['shape_note']}" if summary["shape_note"] else ""))
     print(f"folder    {summary['folder']}")
+    return 0
+
+
+def cmd_ranker_probe(args: argparse.Namespace) -> int:
+    from cotrec.ranker.stage import ranker_probe
+    from cotrec.reporting.tables import estimate
+
+    config, run = open_run(args)
+    found = ranker_probe(config, run, args.retriever, args.prompt, force=args.force)
+    difference = found["probe_minus_zero_shot"]
+    print(f"probe      {args.prompt} on {args.retriever}: {found['train_lists']:,} training lists, "
+          f"{found['test_lists']:,} test lists" + ("  [up to date, skipped]" if found["skipped"] else ""))
+    print(f"ndcg@10    probe {found['probe_ndcg@10']:.4f}, zero-shot {found['zero_shot_ndcg@10']:.4f}, difference "
+          f"{estimate(difference)}")
+    print(f"reading    {found['reading']}")
+    print(f"folder     {found['folder']}")
     return 0
 
 
@@ -128,6 +170,9 @@ def cmd_ranker_eval(args: argparse.Namespace) -> int:
     config, run = open_run(args)
     m = ranker_eval(config, run, args.retriever, ranker, force=args.force)
     print(f"ranker     {ranker} on {args.retriever}" + ("  [up to date, skipped]" if m["skipped"] else ""))
+    if "not_run" in m:
+        print(f"result     {m['not_run']}")
+        return 0
     print(f"test       ndcg@10 {m['ndcg@10']:.4f} hit@1 {m['hit@1']:.4f} hit@10 {m['hit@10']:.4f} "
           f"(retriever ndcg@10 {m['retriever_ndcg@10']:.4f})")
     if m.get("mapb") is not None:
@@ -366,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("report", help="render <run>/reports/: Table 1, Table 2, plots, time and tokens per stage")
     _add_run_options(rep)
+    rep.add_argument("--check", metavar="FOLDER",
+                     help="recompute a report folder's table2.md from its per-list outputs (table2.json, "
+                          "rankings/) and compare, instead of rendering a run")
     rep.set_defaults(handler=cmd_report)
 
     prep = commands.add_parser("prepare", help="load, k-core filter and split the dataset")
@@ -415,8 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rank = commands.add_parser("ranker", help="LLM ranker: fine-tune (LoRA + DeepSpeed), evaluate, Table 2")
     rank_commands = rank.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
-    for action, text in (("train", "fine-tune a LoRA ranker on a retriever's valid lists and merge it"),
-                         ("eval", "rank a retriever's test lists: NDCG@10 over all users, MAPB")):
+    handlers = {"train": cmd_ranker_train, "eval": cmd_ranker_eval, "probe": cmd_ranker_probe}
+    for action, text in (("train", "fine-tune a LoRA ranker on a retriever's training lists and merge it"),
+                         ("eval", "rank a retriever's test lists: NDCG@10 over all users, MAPB"),
+                         ("probe", "a frozen-feature probe of the base model against its zero-shot ranking "
+                                   "(is the model or the recipe the limit?)")):
         sub = rank_commands.add_parser(action, help=text)
         _add_run_options(sub)
         sub.add_argument("--retriever", default="preference/description", metavar="USER/ITEM",
@@ -426,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                               + ("; none: the retriever's order" if action == "eval" else ""))
         if action == "eval":
             sub.add_argument("--zero-shot", action="store_true", help="the base model, not fine-tuned")
-        sub.set_defaults(handler=cmd_ranker_train if action == "train" else cmd_ranker_eval)
+        sub.set_defaults(handler=handlers[action])
     rank_grid = rank_commands.add_parser("grid", help="Table 2: ranker.grid x ranker.retrievers")
     _add_run_options(rank_grid)
     rank_grid.set_defaults(handler=cmd_ranker_grid)

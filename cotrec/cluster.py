@@ -7,8 +7,12 @@ it; a local run must not, so without RAY_ADDRESS we ask for `address="local"` ex
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any, Iterator, Optional
+
+from cotrec.errors import CotrecError
+from cotrec.progress import RUN_LOG_ENV, run_log, send_output_to_run_log, send_ray_messages_to_run_log
 
 
 def ensure_ray(**init_kwargs: Any) -> bool:
@@ -28,6 +32,11 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     if address == "local" and not kwargs["include_dashboard"]:  # no State API: see quiet_local_session
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env.setdefault("worker_process_setup_hook", "cotrec.cluster.quiet_local_session")
+        if run_log() is not None:  # the workers' output to the run's log (cotrec.progress)
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), RUN_LOG_ENV: str(run_log())}
+            import ray.data  # noqa: F401  (configures its loggers on import: before they are redirected)
+
+            send_ray_messages_to_run_log()
         kwargs["runtime_env"] = runtime_env
     ray.init(**kwargs)
     return True
@@ -40,12 +49,13 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 
 
 def quiet_local_session() -> None:
-    """Every worker's set-up in a local session (`ensure_ray`): the cleaner's warnings off. Its
+    """Every worker's set-up in a local session (`ensure_ray`): the cleaner's warnings off (its
     cleaning is not needed there: the placement groups end with the session, which ends with the
-    driver."""
+    driver), and the worker's output to the run's log when the driver names one."""
     import logging
 
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    send_output_to_run_log()
 
 
 def in_ray_job() -> bool:
@@ -103,19 +113,85 @@ def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str,
             ray.shutdown()
 
 
+# What a training loop raised that a restarted worker group would raise again: the user's errors and
+# the program's own (a bad value, a missing key). A worker that died, or one whose peer died inside a
+# collective (RuntimeError, OSError), is what Ray Train's restart from the last checkpoint is for.
+NOT_RETRYABLE = (CotrecError, ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError,
+                 NotImplementedError, AssertionError, ZeroDivisionError)
+FAILED_MARKER = "cotrec-loop-failed.json"  # in the fit's storage folder: the first rank's error
+
+
+class FailingOnce:
+    """A training loop whose errors that no restart can fix end the fit without one.
+
+    Ray Train retries every error a worker raises, so such an error is returned instead: the worker
+    records it beside the fit's checkpoints (shared by every worker, like them), leaves the process
+    group so a peer waiting in a collective fails at once instead of at its timeout, and returns it;
+    a peer whose collective then fails finds the record and returns it too. The driver raises it
+    (`raise_loop_failure`). Any other error is raised, for Ray Train to restart the group."""
+
+    def __init__(self, loop: Any, marker: str):
+        self.loop, self.marker = loop, marker
+        self.__name__ = getattr(loop, "__name__", "train_loop")
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        import traceback
+
+        from cotrec.storage import as_path
+
+        marker = as_path(self.marker)
+        try:
+            return self.loop(config)
+        except NOT_RETRYABLE as exc:
+            failure = {"user_error": isinstance(exc, CotrecError), "message": str(exc), "type": type(exc).__name__,
+                       "traceback": traceback.format_exc()}
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps(failure))
+            _leave_process_group()
+            return {FAILED_MARKER: failure}
+        except (RuntimeError, OSError):
+            if marker.exists():  # a peer failed for good and left the group: this is only its echo
+                return {FAILED_MARKER: json.loads(marker.read_text())}
+            raise
+
+
+def _leave_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def raise_loop_failure(value: Any, name: str) -> None:
+    """Raise in the driver what `FailingOnce` returned: a user's error as itself (one line), any other
+    as a RuntimeError carrying the worker's traceback."""
+    failure = value.get(FAILED_MARKER) if isinstance(value, dict) else None
+    if failure is None:
+        return
+    if failure["user_error"]:
+        raise CotrecError(failure["message"])
+    raise RuntimeError(f"{name}: the training loop raised {failure['type']}, which a restart would raise again "
+                       f"(not retried); the worker's traceback:\n{failure['traceback']}")
+
+
 def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,
                       cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0,
                       datasets: Optional[dict[str, Any]] = None) -> Any:
     """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint;
     a worker that dies restarts the group up to `max_failures` times, the loop resuming from the
-    last checkpoint it reported. `datasets`: Ray Datasets each worker reads its equal split of
-    (`ray.train.get_dataset_shard(name)`), in the datasets' own order.
+    last checkpoint it reported. An error that a restart would raise again (`NOT_RETRYABLE`) ends the
+    fit at once (`FailingOnce`): a user's error reaches the caller as itself, one line. `datasets`:
+    Ray Datasets each worker reads its equal split of (`ray.train.get_dataset_shard(name)`), in the
+    datasets' own order.
 
     Returns Ray Train's result (its `.checkpoint` and `.return_value`); shared by every recipe.
     """
     from ray.data import DataContext
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cotrec.storage import as_path
 
     ensure_ray()
     use_gpu = gpus_per_worker > 0
@@ -124,14 +200,21 @@ def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, stor
     # order, so a seeded run reads its rows in the same order every time
     ingest = copy.deepcopy(DataContext.get_current().execution_options)
     ingest.preserve_order = True
+    marker = as_path(storage) / name / FAILED_MARKER
+    if marker.exists():  # an earlier fit's, in a folder a killed run left behind
+        marker.unlink()
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets=datasets, dataset_config=DataConfig(execution_options=ingest),
+        FailingOnce(loop, str(marker)), train_loop_config=loop_config, datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
+    raise_loop_failure(result.return_value, name)
+    if marker.exists():  # a rank other than the first failed while the first finished
+        raise_loop_failure({FAILED_MARKER: json.loads(marker.read_text())}, name)
     if result.checkpoint is None:
         raise RuntimeError("Ray Train finished without a checkpoint")
     return result

@@ -266,6 +266,9 @@ class RankerConfig(Section):
     # candidates.parquet (seed = the run's seed) the ranker re-ranks.
     retrievers: dict[str, str] = Field(default_factory=lambda: {"CRM": "none/random",
                                                                 "CRM++": "preference/description"})
+    # A label of `retrievers` whose lists fine-tune every ranker, which then re-ranks each retriever's
+    # candidates (one fine-tune per prompt); None: each retriever's rankers train on its own lists.
+    train_on: Optional[str] = None
     # Table 2's rankers per retriever: none (the retriever's own order), llm (history + candidate
     # titles), llm+ (adds the user's preference), llm++ (adds the preference and each candidate's
     # perception key terms); `/zero-shot` evaluates the base model without fine-tuning.
@@ -286,14 +289,19 @@ class RankerConfig(Section):
     micro_batch: int = Field(4, ge=1)  # examples per forward pass (left-padded together)
     max_train_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the training users
     # Training lists besides the valid lists: per user, this many targets drawn from the training
-    # history, each with the retriever's top-M for the history before it (LlamaRec-style prefixes).
+    # history, each with the retriever's top-M for the history before it (LlamaRec-style prefixes);
+    # positions are drawn until the retriever found that many targets or none are left. Every
+    # fine-tuned prompt trains on the same lists (llm++ with perceptions at each list's horizon).
     prefix_lists: int = Field(0, ge=0)
-    # The prompts that train on prefix lists: llm, llm+ (an llm++ prefix list would need a
-    # perception chain per candidate at the preference state before its target).
-    prefix_prompts: list[Literal["llm", "llm+"]] = Field(default_factory=lambda: ["llm", "llm+"])
-    # Valid lists held out of training and scored after every epoch (NDCG@10, MAPB): the adapter of
-    # the best epoch is the one kept.
+    # A list whose target the retriever missed gets it in place of the last candidate (off: such a
+    # target is "the item the retriever did not pick", a cue no test list carries).
+    insert_missed_targets: bool = False
+    # Lists held out of training (all lists of a seeded set of users, at least this many) and scored
+    # before training and after every epoch: the adapter of the best epoch (NDCG@10) is kept.
     val_lists: int = Field(32, ge=1)
+    # Fewer training lists than this (after the held-out ones): the prompt is not fine-tuned, and
+    # Table 2's row says so instead of reading a fine-tune on a handful of lists as a result.
+    min_train_lists: int = Field(8, ge=1)
     # The merged checkpoint's dtype (it is merged in float32): float32 keeps a small adapter's change.
     merged_dtype: Literal["float32", "bfloat16"] = "float32"
     max_failures: int = Field(3, ge=0)  # Ray Train worker failures recovered from (resuming from the last epoch)
@@ -321,6 +329,8 @@ class RankerConfig(Section):
             raise ValueError("retrievers must name at least one retriever variant")
         for name in self.grid:
             parse_ranker(name)
+        if self.train_on is not None and self.train_on not in self.retrievers:
+            raise ValueError(f"train_on: {self.train_on!r} is not a label of retrievers ({', '.join(self.retrievers)})")
         for label, variant in self.retrievers.items():
             user, _, item = variant.partition("/")
             if user not in RETRIEVER_USER_INITS or item not in RETRIEVER_ITEM_INITS:

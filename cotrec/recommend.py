@@ -32,6 +32,7 @@ from cotrec.retriever.data import Sequences, history_queries
 from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.stage import load_retriever
 from cotrec.rundir import RunDir, read_stats, read_table
+from cotrec.storage import as_path, location
 
 HORIZONS = ("next", "valid", "test")
 
@@ -147,10 +148,13 @@ class RankerService:
             self.scorer = RandomScorer(config.seed) if self.prompt == "random" else PositionScorer()
             self.preferences, self.key_terms = {}, {}
             return
-        model = str(merged_model(self.run, variant, self.prompt)) if fine_tuned else config.llm.model
-        if fine_tuned and not Path(model).is_dir():
-            raise DataError(f"{model}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
-                            f"--prompt {self.prompt}` first")
+        model = config.llm.model
+        if fine_tuned:  # on disk or on a store (the engine's resolve_model downloads a URI)
+            merged = as_path(merged_model(config, self.run, variant, self.prompt))
+            if not merged.is_dir():
+                raise DataError(f"{merged}: no fine-tuned ranker; run `cotrec ranker train --retriever {variant} "
+                                f"--prompt {self.prompt}` first")
+            model = location(merged)
         if engine is None:  # a fine-tuned model in the dtype it was merged in, as the offline evaluation serves it
             dtype = {"dtype": config.ranker.merged_dtype} if fine_tuned else {}
             engine = make_engine(config.llm.model_copy(update={"model": model, **dtype}))

@@ -16,10 +16,11 @@ from typing import Any, Optional, Sequence
 
 from cotrec.config import Config, parse_ranker
 from cotrec.extract.programs import stored_outputs
-from cotrec.ranker.stage import finished_table2, ranker_folder
+from cotrec.ranker.stage import finished_table2, ranker_folder, write_table2_report
+from cotrec.ranker.table2 import MANIFEST
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
 from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
-from cotrec.reporting.tables import ranker_label, write_table1, write_table2
+from cotrec.reporting.tables import TABLE2, ranker_label, write_table1
 from cotrec.retriever.stage import finished_grid
 from cotrec.rundir import RunDir, atomic_write_text, read_stats
 from cotrec.storage import replace_file, run_path
@@ -66,8 +67,10 @@ def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> di
     else:
         missing.append("Table 1 (no retriever variant finished: `cotrec retriever grid`)")
     table2_rows = finished_table2(config, run)
+    table2 = None
     if table2_rows:
-        written.append(str(write_table2(run, config, {"rows": table2_rows})))
+        table2 = write_table2_report(config, run, table2_rows)
+        written += [str(run / TABLE2), str(run / "reports" / MANIFEST)]
         plot = plot_rank_vs_position(run, table2_rows)
         if plot is not None:
             written.append(str(plot))
@@ -80,7 +83,8 @@ def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> di
         stats = read_stats(run)
     except OSError:  # a report of an unprepared run still renders what it can
         stats = None
-    summary = {"config": config.name, "run": str(run.root), "stats": stats, "table1": table1, "table2": table2_rows,
+    summary = {"config": config.name, "run": str(run.root), "stats": stats, "table1": table1,
+               "table2": table2["rows"] if table2 else [],
                "stages": records, "usage": usage, "written": written, "missing": missing}
     atomic_write_text(run / "reports/summary.md", summary_markdown(summary))
     written.append(str(run / "reports/summary.md"))
@@ -124,11 +128,16 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
                          f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f}")
         lines.append("")
     if summary["table2"]:
-        lines.append(f"Table 2 (ranker on the retriever's top-10)        {'NDCG@10':>8} {'MAPB':>6} {'ranked':>6}")
+        lines.append(f"Table 2 (ranker on the retriever's top-10)        {'NDCG@10':>8} {'PF-NDCG':>8} {'MAPB':>6} "
+                     f"{'ranked':>6}")
         for row in summary["table2"]:
-            mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
-            lines.append(f"  {row['label'] + ' + ' + ranker_label(row['ranker']):<46} {row['ndcg@10']:>8.4f} "
-                         f"{mapb:>6} {row['ranked_users']:>6}")
+            name = f"  {row['label'] + ' + ' + ranker_label(row['ranker']):<46}"
+            if "not_run" in row:
+                lines.append(f"{name} {row['not_run']}")
+                continue
+            pf = f"{row['pf_ndcg@10']['mean']:.4f}" if row.get("pf_ndcg@10") else "-"
+            mapb = f"{row['mapb']['mean']:.3f}" if row.get("mapb") else "-"
+            lines.append(f"{name} {row['ndcg@10']:>8.4f} {pf:>8} {mapb:>6} {row['ranked']:>6}")
         lines.append("")
     if timings is not None:
         usage = summary["usage"]

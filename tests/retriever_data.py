@@ -74,14 +74,21 @@ def fake_extraction(run, status_failed_items=(), missing_users=()):
     rows = []
     # As the recurrence's horizons: train and valid see the items before the valid target, test the
     # items before the test target (the valid target included); no horizon sees its own target.
+    # The train walk's states after every 8 training items (and at its end): what a list whose
+    # target comes later may show.
+    def preference_of(seen: list[int]) -> str:
+        return ", ".join(pd.Series([genre_of[i] for i in seen]).value_counts().index[:2].tolist())
+
     for horizon, drop in (("train", 2), ("valid", 2), ("test", 1)):
         for user, group in inter.sort_values("position").groupby("user_idx"):
             if user in missing_users:
                 continue
             seen = group.item_idx.tolist()[:-drop]
-            top = pd.Series([genre_of[i] for i in seen]).value_counts().index[:2].tolist()
-            rows.append({"user_idx": user, "horizon": horizon, "preference": ", ".join(top),
-                         "short_term": top[:1], "windows": 1, "items_consumed": len(seen),
+            ends = list(range(8, len(seen), 8)) + [len(seen)]
+            rows.append({"user_idx": user, "horizon": horizon, "preference": preference_of(seen),
+                         "short_term": [preference_of(seen).split(", ")[0]], "windows": 1, "items_consumed": len(seen),
+                         "trajectory_ends": ends if horizon == "train" else None,
+                         "trajectory": [preference_of(seen[:e]) for e in ends] if horizon == "train" else None,
                          "model": "synthetic", "prompt_version": "test", "status": "ok"})
     folder = run / "extract" / "preferences"
     folder.mkdir(parents=True, exist_ok=True)

@@ -590,3 +590,121 @@ def test_a_local_session_quiets_the_placement_group_cleaner_in_every_worker_and_
         assert ray.get(worker_view.remote()) == (logging.ERROR, "kept")
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="class")
+def two_cpu_ray():
+    import ray
+
+    previous = os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+    if previous is not None:
+        os.environ["RAY_ADDRESS"] = previous
+
+
+class TestTrainingFailures:
+    """One Ray session for the three (a fit's start-up is most of each one's time)."""
+
+    @pytest.mark.parametrize("fail", ["user-on-rank-1-of-2", "bug", "dies-once"])
+    def test_an_error_no_restart_can_fix_is_raised_once_and_a_dead_worker_is_restarted(self, tmp_path, two_cpu_ray,
+                                                                                          fail):
+        """Ray Train would retry any error max_failures times; a deterministic one ends the fit at once
+        (a user's error as one line, a bug with its type), also when one rank of two raises it while
+        the other waits in a collective; a worker that dies still restarts the group from its checkpoint."""
+        from cotrec.cluster import fit_torch_trainer
+        from cotrec.errors import CotrecError
+
+        counter = tmp_path / "starts"
+        workers = 2 if fail == "user-on-rank-1-of-2" else 1
+
+        def counting_loop(config: dict) -> dict:
+            """Counts its starts in a file, then fails as `config["fail"]` says (defined here, so Ray pickles
+            it by value: the workers cannot import a test module)."""
+            import tempfile
+            import time
+
+            import ray.train
+            import torch
+
+            from cotrec.errors import DataError
+
+            with Path(config["counter"]).open("a") as file:
+                file.write("x")
+            rank, resumed = ray.train.get_context().get_world_rank(), ray.train.get_checkpoint() is not None
+            if config["fail"] == "user-on-rank-1-of-2" and rank == 1:
+                raise DataError("lists.parquet: no lists")
+            if config["fail"] == "bug":
+                raise KeyError("shape")
+            if config["fail"] == "user-on-rank-1-of-2":
+                torch.distributed.all_reduce(torch.ones(1))  # waits for rank 1, which never comes
+            with tempfile.TemporaryDirectory() as folder:
+                ray.train.report({"resumed": resumed}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            if config["fail"] == "dies-once" and not resumed:
+                time.sleep(2)
+                os._exit(1)  # the worker process dies: what a restart is for
+            return {"resumed": resumed}
+
+        def fit():
+            return fit_torch_trainer(counting_loop, {"counter": str(counter), "fail": fail}, name="probe",
+                                     storage=str(tmp_path / "storage"), num_workers=workers, cpus_per_worker=1,
+                                     gpus_per_worker=0, max_failures=3)
+
+        if fail.startswith("user"):
+            with pytest.raises(CotrecError, match="^lists.parquet: no lists$"):
+                fit()
+        elif fail == "bug":
+            with pytest.raises(RuntimeError, match="raised KeyError, which a restart would raise again"):
+                fit()
+        else:
+            assert fit().return_value == {"resumed": True}
+        assert len(counter.read_text()) == (1 if fail == "bug" else 2)  # one start per worker, or a restart
+
+
+def test_a_runs_workers_print_to_its_log_and_cotrecs_own_lines_to_the_terminal(tmp_path, monkeypatch, capfd):
+    """Engine start-up chatter (a library's warning, native code writing to its descriptor) goes to
+    the run's log file; a training loop's progress line still reaches the driver's terminal."""
+    import time
+
+    import ray
+
+    from cotrec import progress
+    from cotrec.cluster import ensure_ray
+
+    import logging
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(progress, "_run_log", None)
+    for name in ("ray", "ray.data"):  # restored after the test: later tests print Ray's messages as usual
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+        monkeypatch.setattr(logger, "propagate", logger.propagate)
+        monkeypatch.setattr(logger, "level", logger.level)
+    log_file = progress.use_run_log(tmp_path / "run")
+    assert log_file == tmp_path / "run" / "logs" / "run.log"
+    assert ensure_ray(num_cpus=1)
+    try:
+        @ray.remote(num_cpus=0)
+        def engine_like():
+            import logging
+            import os
+
+            from cotrec.progress import worker_log
+
+            logging.getLogger("vllm.platforms").warning("Triton is not installed (probe)")
+            os.write(2, b"native code on fd 2 (probe)\n")
+            print("a stray print (probe)")
+            worker_log("[ranker probe] epoch 1 loss 2.2")
+            return os.getpid()
+
+        ray.get(engine_like.remote())
+        time.sleep(2.0)  # Ray's log monitor forwards worker lines to the driver once a second
+    finally:
+        ray.shutdown()
+    written = log_file.read_text()
+    terminal = "".join(capfd.readouterr())
+    for line in ("Triton is not installed (probe)", "native code on fd 2 (probe)", "a stray print (probe)"):
+        assert line in written and line not in terminal, line
+    assert "[ranker probe] epoch 1 loss 2.2" in terminal and "[ranker probe]" not in written
+    assert "Started a local Ray instance" not in terminal

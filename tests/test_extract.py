@@ -196,7 +196,7 @@ def test_bad_inputs_give_one_line_errors(demo_data, tmp_path):
     result = run_cli("extract", "perceptions", "--run-dir", str(run.root), "--pairs", str(bad), *ZERO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"cotrec: error: {bad}: row 1: horizon 'later' is not train, valid or test")
+        f"cotrec: error: {bad}: row 1: horizon 'later' is not train, valid, test or train@N (the train walk's state after item N)")
     result = run_cli("extract", "users", "--run-dir", str(tmp_path / "nothing"), *ZERO)
     assert result.returncode == 2 and "run `cotrec prepare` first" in result.stderr
     result = run_cli("extract", "users", "--run-dir", str(run.root), "--set", "extract.overlap=10")

@@ -18,7 +18,8 @@ from cotrec.extract.programs import PROGRAMS
 from cotrec.extract.shards import write_shard
 from cotrec.metrics import ndcg_at_k
 from cotrec.ranker.letters import LetterRanker, evaluate_ranker
-from cotrec.ranker.lists import CandidateList, candidate_pairs, load_lists, prefix_lists, ranked_lists, shown_order
+from cotrec.ranker.lists import (CandidateList, attach_prompt_inputs, candidate_pairs, load_lists, ranked_lists,
+                                 shown_order, training_lists)
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
 from cotrec.ranker.stage import ranker_eval, ranker_grid
 from cotrec.retriever import train_variant
@@ -92,12 +93,12 @@ def ranked_run(tmp_path_factory):
     train_variant(config, run, "none/random")
     fake_extraction(run)
     items = pd.read_parquet(run / "data" / "items.parquet").set_index("item_idx")
-    cands = pd.read_parquet(run / "retriever" / "none-random" / "candidates.parquet")
     folder = run / PROGRAMS["perceptions"].folder
     folder.mkdir(parents=True, exist_ok=True)
-    records = [{"user_idx": int(u), "horizon": split, "item_idx": int(i), "review": "",
+    # every (user, horizon, item) a list can show: the test and valid horizons and the train walk's states
+    records = [{"user_idx": u, "horizon": horizon, "item_idx": int(i), "review": "",
                 "key_terms": [items.genres[i], f"number {i}"], "status": "ok", "created_at": 0.0}
-               for u, split, cs in zip(cands.user_idx, cands.split, cands.candidates) for i in cs]
+               for u in range(60) for horizon in ("valid", "test", "train@8", "train@16") for i in items.index]
     write_shard(folder, records, PROGRAMS["perceptions"].schema)
     return config, run
 
@@ -117,54 +118,54 @@ def test_lists_carry_history_preference_and_key_terms(ranked_run):
 def test_perception_pairs_are_exactly_the_lists_the_ranker_reads(ranked_run):
     config, run = ranked_run
     config = config.model_copy(deep=True)
-    config.ranker.retrievers = {"CRM": "none/random"}
-    config.ranker.max_train_users, config.ranker.max_eval_users = 5, 12
+    config.ranker.retrievers, config.ranker.grid = {"CRM": "none/random"}, ["none", "llm++"]
+    config.ranker.max_train_users, config.ranker.max_eval_users, config.ranker.prefix_lists = 5, 12, 2
     pairs, _ = candidate_pairs(run, config)
-    for split in ("valid", "test"):  # valid: 5 hit lists for training; test: 12 sampled users, their hits
-        lists = [lst for lst in ranked_lists(config, run, "none/random", split, "llm")[0] if lst.hit]
-        got = pairs[pairs.horizon == split]
-        assert set(zip(got.user_idx, got.item_idx)) == {(lst.user_idx, c) for lst in lists for c in lst.candidates}
-        assert got.user_idx.nunique() == len(lists) and 0 < len(lists) <= (5 if split == "valid" else 12)
-    config.extract.perception_only_hits = False  # every list of each horizon, misses included
-    assert candidate_pairs(run, config)[0].groupby("horizon").user_idx.nunique().to_dict() == {"test": 60, "valid": 60}
+    test = [lst for lst in ranked_lists(config, run, "none/random", "llm")[0] if lst.hit]  # 12 sampled users' hits
+    trained = training_lists(config, run, "none/random").every  # valid and prefix lists of 5 sampled users
+    expected = {(lst.user_idx, lst.horizon, c) for lst in test + trained for c in lst.candidates}
+    assert set(zip(pairs.user_idx, pairs.horizon, pairs.item_idx)) == expected
+    assert 0 < len(test) <= 12 and {lst.user_idx for lst in trained} <= set(range(60)) and len(trained) > 5
+    assert {lst.horizon for lst in trained if lst.split == "prefix"} <= {f"train@{e}" for e in range(8, 24, 8)}
+    config.extract.perception_only_hits = False  # every test list, misses included
+    assert candidate_pairs(run, config)[0].query("horizon == 'test'").user_idx.nunique() == 12
+    config.ranker.grid = ["none", "llm++/zero-shot"]  # no llm++ fine-tune: no training lists to role-play
+    assert set(candidate_pairs(run, config)[0].horizon) == {"test"}
 
 
-def test_prefix_lists_show_the_history_and_the_preference_from_before_their_target(ranked_run, tmp_path):
-    """LlamaRec-style training lists: the target is a training item, the history the items before it,
-    the candidates the retriever's top-10 for that history (the target put in when missed), and the
-    llm+ preference the recurrence's state before the target: no prompt shows a list's own target."""
+def test_training_lists_never_show_a_known_positive_as_a_wrong_answer(ranked_run):
+    """The retriever was trained on every training item, so for a target inside the history it ranks
+    the user's later items high: those (and a valid list's test item) are masked and the list is
+    refilled from the retriever's next items; only lists where it found the target are kept, and a
+    prefix list's preference is the walk's state from before its target."""
     config, run = ranked_run
     config = config.model_copy(deep=True)
-    config.ranker.prefix_lists, config.ranker.max_train_users = 3, 20
+    config.ranker.prefix_lists, config.ranker.max_train_users, config.ranker.val_lists = 3, 20, 10
+    config.ranker.grid = ["none", "llm+"]
+    found = training_lists(config, run, "none/random")
     inter = pd.read_parquet(run / "data" / "interactions.parquet").sort_values(["user_idx", "position"])
-    train = {u: g.item_idx.tolist() for u, g in inter[inter.split == "train"].groupby("user_idx")}
-    folder = tmp_path / "users"  # a trajectory whose every state names the items it has seen
-    records = []
-    for u, items in train.items():
-        ends = list(range(8, len(items), 8)) + [len(items)]
-        records.append({"user_idx": u, "horizon": "train", "preference": "", "status": "ok", "created_at": 1.0,
-                        "trajectory_ends": ends, "trajectory": [" ".join(f"#{i}#" for i in items[:e]) for e in ends]})
-    real = run / "extract" / "preferences"
-    shutil.copytree(real, folder)
-    write_shard(real, records, PROGRAMS["users"].schema)
-    try:
-        lists, notes = prefix_lists(config, run, "none/random", "llm+")
-        ranker = LetterRanker.for_run(run, "llm+")
-        for lst in lists:
-            items = train[lst.user_idx]
-            assert lst.split == "prefix" and items[lst.position] == lst.target and lst.hit
+    sequence = {u: g.item_idx.tolist() for u, g in inter.groupby("user_idx")}
+    assert found.notes["masked_positives"] > 0  # the retriever did rank them among its top 10
+    for lst in found.every:
+        items = sequence[lst.user_idx]
+        assert lst.hit and not (set(lst.candidates) & (set(items) - {lst.target})), (lst.user_idx, lst.split)
+        assert len(set(lst.candidates)) == 10
+        if lst.split == "prefix":
+            assert items[lst.position] == lst.target and lst.position < len(items) - 2
             assert lst.history == items[:lst.position][-config.ranker.history_items:]
-            assert f"#{lst.target}#" not in lst.preference and lst.target not in lst.history
-            seen = max(e for e in range(8, len(items), 8) if e <= lst.position) if lst.position >= 8 else 0
-            assert lst.preference == " ".join(f"#{i}#" for i in items[:seen])[:len(lst.preference)]
-            prompt = ranker.conversation(lst, shown_order(lst, 0))[-1]["content"]
-            history_part = prompt.split("Candidates:")[0]
-            assert f"number {lst.target})" not in history_part and f"number {lst.target} " not in history_part
-        assert notes["prefix_lists"] == len(lists) == sum(min(3, len(train[u]) - 3) for u in {l.user_idx for l in lists})
-        assert len({lst.user_idx for lst in lists}) == 20
-    finally:
-        shutil.rmtree(real)
-        shutil.copytree(folder, real)
+            assert lst.horizon == f"train@{max(e for e in range(8, 24, 8) if e <= lst.position)}"
+    assert found.notes["prefix_lists"] == sum(lst.split == "prefix" for lst in found.every) > 20
+    assert found.notes["targets_inserted"] == 0 and found.notes["prefix_misses"] > 0
+    held = {lst.user_idx for lst in found.held_out}  # whole users held out, at least val_lists lists
+    assert not held & {lst.user_idx for lst in found.train} and len(found.held_out) >= 10
+    # the prompt shows the state before the target: no preference names what comes after it
+    attach_prompt_inputs(run, found.every, "llm+", config)
+    for lst in found.every:
+        if lst.split == "prefix":
+            genres = pd.read_parquet(run / "data" / "items.parquet").genres.tolist()
+            state = int(lst.horizon.split("@")[1])
+            seen = pd.Series([genres[i] for i in sequence[lst.user_idx][:state]]).value_counts().index[:2]
+            assert lst.preference == ", ".join(seen)
 
 
 def test_reference_rankers_measure_what_no_signal_scores(ranked_run):
@@ -231,7 +232,7 @@ def test_an_llm_ranker_is_scored_on_a_ray_data_actor_pool_not_in_the_driver(rank
     rankings = pd.read_parquet(run / "ranker" / "none-random--llm-zero-shot" / "eval" / "rankings.parquet")
     ranked = rankings[rankings.probs.map(len) > 0]
     assert len(ranked) == result["ranked_users"] > 0
-    lists = {lst.user_idx: lst for lst in ranked_lists(config, run, "none/random", "test", "llm")[0]}
+    lists = {lst.user_idx: lst for lst in ranked_lists(config, run, "none/random", "llm")[0]}
     letter_ranker = LetterRanker.for_run(run, "llm", transformers_engine)
     queries = [(lists[u], np.array([lists[u].candidates.index(i) for i in shown]))
                for u, shown in zip(ranked.user_idx, ranked.shown)]
@@ -248,34 +249,57 @@ def test_llm_plus_plus_without_perceptions_fails_in_one_line(tmp_path, cli):
     assert "extract/perceptions" in out.stderr and "cotrec extract perceptions" in out.stderr
 
 
-@pytest.mark.slow
-def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm(ranked_run):
-    """LoRA + DeepSpeed ZeRO-2 on 2 Ray Train workers; the merged model is served by vLLM."""
+def test_too_few_lists_are_not_fine_tuned_and_table2_says_why(ranked_run):
     config, run = ranked_run
     config = config.model_copy(deep=True)
-    # fp32 training and a float32 engine: whether the loss falls must not depend on the CPU's bf16 kernels
-    for key, value in {"retrievers": {"CRM": "none/random"}, "grid": ["none", "llm++"], "num_workers": 2,
-                       "epochs": 2, "max_train_users": 5, "val_lists": 1, "batch_size": 2, "micro_batch": 1,
-                       "lr": 2e-3, "trainer": "ray", "max_eval_users": 2, "precision": "fp32"}.items():
+    config.ranker.retrievers, config.ranker.grid = {"CRM": "none/random"}, ["none", "llm"]
+    config.ranker.min_train_lists, config.ranker.max_eval_users = 1000, 12
+    summary = ranker_grid(config, run)
+    row = summary["rows"][1]
+    assert row["not_run"].startswith("not fine-tuned: the retriever found the target of ")
+    assert "ranker.min_train_lists 1000" in row["not_run"]
+    table = (run / "reports" / "table2.md").read_text()
+    assert "| CRM (none/random) | LLM | not fine-tuned: the retriever found the target of" in table
+    assert not (run / "ranker" / "none-random--llm" / "model" / "merged").exists()
+
+
+def _demo_sized(config, **overrides):
+    """The demo preset's ranker settings on the synthetic run, on fewer lists than 2 workers with
+    micro-batches of 2 ask for."""
+    config = config.model_copy(deep=True)
+    demo = config.ranker.model_copy()
+    assert (demo.num_workers, demo.micro_batch, demo.zero_stage, demo.trainer) == (2, 2, 2, "ray")
+    for key, value in {"retrievers": {"CRM": "none/random"}, "grid": ["none", "llm++"], "epochs": 1,
+                       "max_train_users": 6, "prefix_lists": 0, "val_lists": 3, "min_train_lists": 2, "lr": 2e-3,
+                       "max_eval_users": 12, **overrides}.items():
         setattr(config.ranker, key, value)
-    config.llm.dtype = "float32"
+    return config
+
+
+@pytest.mark.slow
+def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm(ranked_run):
+    """The demo's ranker stage in small and in the precision `auto` picks on this CPU (bfloat16 where
+    it computes it natively, as `make demo` does): LoRA + DeepSpeed ZeRO-2 on Ray Train workers, the
+    merged model served by vLLM; with fewer training examples than 2 workers with micro-batches of 2
+    ask for, the fine-tune runs on fewer, and the report says so."""
+    from cotrec.llm.placement import cpu_has_bf16
+
+    config, run = ranked_run
+    config = _demo_sized(config, precision="auto")
+    config.llm.dtype = "auto"
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        summary = ranker_grid(config, run)
+        summary = ranker_grid(config, run, force=True)
     finally:
         ray.shutdown()
     train = json.loads((run / "ranker" / "none-random--llm++" / "model" / "train.json").read_text())
-    assert train["num_workers"] == 2 and train["zero_stage"] == 2
-    assert train["train_lists"] == 4 and train["val_lists"] == 1 and train["examples_per_epoch"] == 4
-    assert train["last_epoch_loss"] < train["first_epoch_loss"], train["curve"]
-    # the curve: the base model (epoch 0), then every epoch scored on the held-out lists
-    assert [c["epoch"] for c in train["curve"]] == [0, 1, 2] and all(c["val_lists"] == 1 for c in train["curve"])
-    # the adapter moves the held-out lists' letter probabilities away from the base model's, and the
-    # float32 merge keeps what the adapter does
-    assert train["curve"][0]["val_mean_abs_dp"] == 0 and train["curve"][-1]["val_mean_abs_dp"] > 1e-3
-    assert train["update_kept"]["merged_saved"]["max_abs_dp"] < 1e-3
+    assert train["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert train["zero_stage"] == 2 and train["train_lists"] < 4  # 2 workers x micro-batches of 2
+    assert (train["num_workers"], train["micro_batch"]) != (2, 2) and "instead of 2 with 2" in train["shape_note"]
+    assert [c["epoch"] for c in train["curve"]] == [0, 1] and all(c["val_lists"] >= 3 for c in train["curve"])
+    assert train["letter_loss_chance"] == pytest.approx(np.log(10))
     folder = run / "ranker" / "none-random--llm++"
     assert (folder / "model" / "adapter" / "adapter_config.json").exists()
     assert (folder / "model" / "merged" / "model.safetensors").exists()
@@ -283,17 +307,41 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     assert none_row["ranker"] == "none" and llm_row["model"].endswith("merged") and llm_row["backend"] == "vllm"
     rankings = pd.read_parquet(folder / "eval" / "rankings.parquet")
     ranked = rankings[rankings.probs.map(len) > 0]
-    assert len(ranked) == llm_row["ranked_users"] > 0
+    assert len(ranked) == llm_row["ranked"] > 0
     assert np.allclose(ranked.probs.map(sum), 1.0, atol=1e-6)
     assert ranked.ranks_by_position.map(len).eq(10).all()
-    # MAPB is the mean over the re-ranked users of their bias over the ten positions
-    assert llm_row["mapb"] == pytest.approx(np.mean([sample_bias(r) for r in ranked.ranks_by_position]))
-    assert llm_row["mapb"] == pytest.approx(ranked.bias.mean())
+    # MAPB is the mean over the re-ranked lists of their bias over the ten positions
+    assert llm_row["mapb"]["mean"] == pytest.approx(np.mean([sample_bias(r) for r in ranked.ranks_by_position]))
     # the sampled users' None row is the retriever's rank on those users, and NDCG counts every user
     plain = pd.read_parquet(run / "ranker" / "none-random--none" / "eval" / "rankings.parquet")
-    assert (plain.target_rank == plain.retriever_rank).all() and len(plain) == none_row["users"] == 2
+    assert (plain.target_rank == plain.retriever_rank).all() and len(plain) == none_row["users"] == 12
     assert none_row["ndcg@10"] == pytest.approx(ndcg_at_k(plain.retriever_rank.to_numpy(), 10))
     assert llm_row["ndcg@10"] == pytest.approx(ndcg_at_k(rankings.target_rank.to_numpy(), 10))
     table = (run / "reports" / "table2.md").read_text()
     assert "| CRM (none/random) | None |" in table and "| CRM (none/random) | LLM++ |" in table
-    assert (run / "reports" / "rank_vs_position.png").stat().st_size > 1000
+    assert "(no interval: " in table and train["shape_note"] in table  # 12 users: too few for an interval
+
+
+@pytest.mark.slow
+def test_a_float32_fine_tune_on_two_ray_workers_moves_the_model_and_the_merge_keeps_it(ranked_run):
+    """The same stage in float32 (what `auto` picks on a CPU without native bfloat16): the adapter moves
+    the held-out lists' letter probabilities away from the base model's (that it learns is
+    test_finetune's), and the float32 merge keeps what the adapter does."""
+    from cotrec.llm.placement import cpu_has_bf16
+    from cotrec.ranker.stage import ranker_train
+
+    if not cpu_has_bf16():
+        pytest.skip("auto is float32 on this CPU: the test above ran it")
+    config, run = ranked_run
+    config = _demo_sized(config, precision="fp32", epochs=2)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        train = ranker_train(config, run, "none/random", "llm", force=True)
+    finally:
+        ray.shutdown()
+    assert train["precision"] == "fp32" and train["num_workers"] * train["micro_batch"] < 4
+    assert [c["epoch"] for c in train["curve"]] == [0, 1, 2]
+    assert train["curve"][0]["val_mean_abs_dp"] == 0 and train["curve"][-1]["val_mean_abs_dp"] > 1e-3
+    assert train["update_kept"]["merged_saved"]["max_abs_dp"] < 1e-3

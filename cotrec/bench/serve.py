@@ -77,7 +77,7 @@ def check_run(run: RunDir, variant: str, ranker: str) -> tuple[Config, list[str]
         prompt, fine_tuned = parse_ranker(ranker)
     except ValueError as exc:
         raise CotrecError(str(exc)) from None
-    if fine_tuned and not merged_model(run, variant, prompt).is_dir():
+    if fine_tuned and not merged_model(config, run, variant, prompt).is_dir():
         raise DataError(f"{run / ranker_folder(variant, prompt)}: no fine-tuned ranker; run `cotrec ranker train "
                         f"--retriever {variant} --prompt {prompt}` first, or use --ranker {prompt}/zero-shot")
     users = Path(run / "data" / "users.parquet")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,3 +82,27 @@ def stored_outputs(run: RunDir, kind: str, columns: list[str] | None = None) -> 
         present = set(pq.read_schema(str(files[0])).names)
         columns = [c for c in dict.fromkeys([*program.key, *columns, "created_at"]) if c in present]
     return latest_rows(read_shards(folder, columns), program.key)
+
+
+def state_horizon(end: int) -> str:
+    """The horizon of the preference the recurrence held after its window ending at training item
+    `end` (exclusive): what a training-history list whose target comes at or after `end` may show."""
+    return f"train@{end}"
+
+
+def preferences_by_horizon(run: RunDir) -> pd.DataFrame:
+    """(user_idx, horizon, preference) of every successful preference: the `train`, `valid` and
+    `test` horizons, and each intermediate state of the `train` walk (`state_horizon`)."""
+    frame = stored_outputs(run, "users")
+    if frame.empty:
+        return pd.DataFrame(columns=["user_idx", "horizon", "preference"])
+    ok = frame[frame["status"].astype(str) == "ok"]
+    rows = [ok[["user_idx", "horizon", "preference"]]]
+    if "trajectory" in ok.columns:
+        train = ok[(ok["horizon"] == "train") & ok["trajectory"].notna() & ok["trajectory_ends"].notna()]
+        states = [(int(u), state_horizon(int(e)), str(t)) for u, ends, texts in
+                  zip(train["user_idx"], train["trajectory_ends"], train["trajectory"]) for e, t in zip(ends, texts)]
+        rows.append(pd.DataFrame(states, columns=["user_idx", "horizon", "preference"]))
+    out = pd.concat(rows, ignore_index=True)
+    out["user_idx"] = out["user_idx"].astype(np.int64)
+    return out.drop_duplicates(["user_idx", "horizon"], keep="first").reset_index(drop=True)

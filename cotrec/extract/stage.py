@@ -19,7 +19,7 @@ import pandas as pd
 from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.extract.preference import planned_steps
-from cotrec.extract.programs import PROGRAMS, Program, output_folder, stored_outputs
+from cotrec.extract.programs import PROGRAMS, Program, output_folder, preferences_by_horizon, stored_outputs
 from cotrec.extract.prompts import PROMPT_VERSION, item_attributes, item_labels
 from cotrec.extract.runner import run_programs
 from cotrec.extract.shards import compact, latest_rows, pending_rows, prepare_folder, read_index, read_shards
@@ -97,11 +97,11 @@ def attach_prior_states(rows: pd.DataFrame, folder: Path) -> pd.DataFrame:
 
 
 def pair_rows(pairs: pd.DataFrame, run: RunDir, items: pd.DataFrame) -> pd.DataFrame:
-    """(user, horizon, item) with the user's preference, the item's label and description."""
-    preferences = stored_outputs(run, "users")
+    """(user, horizon, item) with the user's preference at that horizon (`train`, `valid`, `test`, or a
+    state of the train walk, `train@N`), the item's label and description."""
+    preferences = preferences_by_horizon(run)
     if preferences.empty:
         raise DataError(f"{output_folder(run, 'users')}: no preferences; run `cotrec extract users` first")
-    preferences = preferences[preferences["status"] == "ok"][["user_idx", "horizon", "preference"]]
     descriptions = stored_outputs(run, "items")
     labels = pd.DataFrame({"item_idx": items.sort_values("item_idx")["item_idx"].to_numpy(),
                            "label": item_labels(items)})
@@ -132,10 +132,10 @@ def read_pairs(path: Path) -> pd.DataFrame:
     missing = [c for c in ("user_idx", "horizon", "item_idx") if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r} (need user_idx, horizon, item_idx)")
-    bad = ~frame["horizon"].isin(["train", "valid", "test"])
+    bad = ~frame["horizon"].astype(str).str.fullmatch(r"train|valid|test|train@\d+")
     if bad.any():
         raise DataError(f"{path}: row {int(np.flatnonzero(bad)[0]) + 1}: horizon {frame['horizon'][bad].iloc[0]!r} "
-                        "is not train, valid or test")
+                        "is not train, valid, test or train@N (the train walk's state after item N)")
     return frame[["user_idx", "horizon", "item_idx"]].drop_duplicates().reset_index(drop=True)
 
 

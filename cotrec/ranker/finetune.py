@@ -1,21 +1,23 @@
-"""The fine-tuning recipe: LoRA on the ranking prompts, loss on the answer letter only.
+"""The fine-tuning recipe: LoRA on the ranking prompts, loss on the answer letter among the M letters.
 
 Read top to bottom:
-1. `epoch_examples` and `validation_probe` (driver): per epoch, the (conversation, answer letter)
+1. `epoch_examples` and `validation_prompts` (driver): per epoch, the (conversation, answer letter)
    of every training list in a fresh seeded order of examples and of candidates (the letter
-   carries no information by itself, the model has to read the items); the held-out validation
-   lists as MAPB probes (each list with its target at every position).
+   carries no information by itself, the model has to read the items); the held-out lists as the
+   evaluation shows them (one prompt each). `batch_shape` sizes workers and micro-batches from the
+   examples there are.
 2. `train_loop` (each Ray Train worker): load the base model, wrap it in a peft LoRA adapter, hand
    it to DeepSpeed (ZeRO stage and precision from the config, a plain torch AdamW as the client
    optimiser so no optimiser op has to be compiled) with a linear warm-up and linear decay of the
    learning rate, and step through this worker's share of each epoch in left-padded micro-batches,
    accumulating gradients up to `ranker.batch_size` examples per optimiser step over all workers.
-   The loss is the cross-entropy of the answer letter at the last prompt position; only that
-   position's logits are computed. Before the first epoch and after each, the workers score their
-   share of the validation probes with letter-only probabilities (NDCG@10 and MAPB, all-reduced);
-   the adapter with the best validation NDCG@10 (then the lower MAPB) is the one kept. Each epoch
-   ends with a Ray Train checkpoint (the adapter, the schedule's position, the curve), from which a
-   restarted worker group resumes.
+   The loss is the cross-entropy of the answer over the M letters' logits at the last prompt
+   position (`letter_loss`: chance is ln M); only that position's logits are computed. Before the
+   first epoch and after each, the workers score their share of the held-out lists (NDCG@10 with
+   its standard error, Hit@1; all-reduced); the adapter with the best held-out NDCG@10 is the one
+   kept (the base model when no epoch beats it). Position bias (MAPB) is measured once, by the
+   evaluation of the kept model. Each epoch ends with a Ray Train checkpoint (the adapter, the
+   schedule's position, the curve), from which a restarted worker group resumes.
 3. `fit` launches it with Ray Train's TorchTrainer (gloo on CPU, nccl on GPU), or in-process with
    `ranker.trainer: local` (the same loop with a plain optimiser and no DeepSpeed).
 4. `merge_adapter` folds the adapter into a full checkpoint that any backend (vLLM) serves, merged
@@ -31,6 +33,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,11 +44,12 @@ from cotrec.config import RankerConfig
 from cotrec.llm import letters
 from cotrec.llm.base import single_token_ids
 from cotrec.llm.placement import cpu_has_bf16
-from cotrec.metrics import ndcg_at_k
+from cotrec.metrics import ndcg_gains
 from cotrec.progress import worker_log
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
-from cotrec.ranker.mapb import predicted_ranks, probe_orders, sample_bias
+from cotrec.ranker.mapb import predicted_ranks
+from cotrec.safeload import load_state
 from cotrec.storage import is_remote, local_copy, location, upload
 
 ADAPTER_STATE = "adapter_state.pt"
@@ -68,17 +72,15 @@ def epoch_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: int
     return out
 
 
-def validation_probe(lists: list[CandidateList], ranker: LetterRanker, seed: int) -> list[dict[str, Any]]:
-    """Each held-out list as the evaluation shows it (its shown order) with the target moved to every
-    position: the conversations, and where the target is in each (the MAPB probe of `ranker eval`)."""
-    probes = []
+def validation_prompts(lists: list[CandidateList], ranker: LetterRanker, seed: int) -> list[dict[str, Any]]:
+    """Each held-out list as the evaluation shows it (its shown order, one prompt): the conversation,
+    and the position its target is shown at."""
+    prompts = []
     for lst in lists:
         order = shown_order(lst, seed)
-        target = lst.candidates.index(lst.target)
-        shown = int(np.flatnonzero(order == target)[0])
-        probes.append({"conversations": [ranker.conversation(lst, o) for o in probe_orders(order, target)],
-                       "shown": shown})
-    return probes
+        prompts.append({"conversation": ranker.conversation(lst, order),
+                        "shown": int(np.flatnonzero(order == lst.candidates.index(lst.target))[0])})
+    return prompts
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
@@ -95,11 +97,44 @@ def learning_rate_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _deepspeed_config(job: dict[str, Any], accumulation: int, world: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BatchShape:
+    """How an epoch's examples are cut: workers, examples per forward pass, passes per optimiser step,
+    and the whole optimiser steps that fit (the remainder of an epoch is left out)."""
+
+    workers: int
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    note: str = ""  # what was cut down from the config's ask, and why ("": nothing)
+
+    @property
+    def per_worker(self) -> int:
+        """Examples each worker trains on per epoch."""
+        return self.steps_per_epoch * self.micro_batch * self.accumulation
+
+
+def batch_shape(examples: int, workers: int, micro_batch: int, batch_size: int) -> BatchShape:
+    """The shape closest to the config's (`workers`, `micro_batch`, `batch_size` examples per optimiser
+    step) that `examples` (>= 1) fill: fewer workers and smaller micro-batches when there are too few
+    examples for them, so a small sample trains on what it has instead of failing."""
+    world = max(1, min(workers, examples))
+    micro = max(1, min(micro_batch, examples // world))
+    per_worker = examples // world
+    accumulation = max(1, min(math.ceil(batch_size / (micro * world)), per_worker // micro))
+    steps = max(1, per_worker // (micro * accumulation))
+    note = ""
+    if (world, micro) != (workers, micro_batch):
+        note = (f"{examples} example(s) an epoch: {world} worker(s) with micro-batches of {micro} instead of "
+                f"{workers} with {micro_batch}")
+    return BatchShape(world, micro, accumulation, steps, note)
+
+
+def _deepspeed_config(job: dict[str, Any], shape: BatchShape) -> dict[str, Any]:
     return {
-        "train_micro_batch_size_per_gpu": job["micro_batch"],
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": job["micro_batch"] * accumulation * world,
+        "train_micro_batch_size_per_gpu": shape.micro_batch,
+        "gradient_accumulation_steps": shape.accumulation,
+        "train_batch_size": shape.micro_batch * shape.accumulation * shape.workers,
         "zero_optimization": {"stage": job["zero_stage"]},
         "bf16": {"enabled": job["precision"] == "bf16"},
         "gradient_clipping": 1.0,
@@ -148,27 +183,31 @@ def _last_logits(model: Any, inputs: dict[str, Any]) -> Any:
     return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
 
 
-def _validate(model: Any, probes: list[list[list[int]]], shown: list[int], letter_ids: list[int], batcher: _Batcher,
-              micro_batch: int) -> tuple[list[float], np.ndarray]:
-    """This worker's validation sums [NDCG@10 gain sum, MAPB bias sum, lists], and the letter
-    probabilities of every probe prompt (rows: prompts)."""
+def _validate(model: Any, prompts: list[list[int]], shown: list[int], letter_ids: list[int], batcher: _Batcher,
+              micro_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's held-out lists, one prompt each: the target's NDCG@10 and whether it ranked
+    first (rows: lists), and the letter probabilities of every prompt."""
     import torch
 
     model.eval()
-    gains, biases, every = 0.0, 0.0, []
+    probs = []
     with torch.no_grad():
-        for conversations, position in zip(probes, shown):
-            probs = []
-            for start in range(0, len(conversations), micro_batch):
-                logits = _last_logits(model, batcher.batch(conversations[start:start + micro_batch]))
-                probs.append(torch.softmax(logits[:, letter_ids], dim=-1).cpu().numpy())
-            probs = np.concatenate(probs)
-            ranks = np.array([predicted_ranks(p)[j] for j, p in enumerate(probs)])  # the target is at j in probe j
-            gains += ndcg_at_k(np.array([ranks[position]]), 10)
-            biases += sample_bias(ranks)
-            every.append(probs)
+        for start in range(0, len(prompts), micro_batch):
+            logits = _last_logits(model, batcher.batch(prompts[start:start + micro_batch]))
+            probs.append(torch.softmax(logits[:, letter_ids], dim=-1).cpu().numpy())
     model.train()
-    return [gains, biases, float(len(probes))], (np.concatenate(every) if every else np.zeros((0, len(letter_ids))))
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(letter_ids)))
+    ranks = np.array([predicted_ranks(p)[j] for p, j in zip(probs, shown)], dtype=np.int64)
+    return np.stack([ndcg_gains(ranks, 10), (ranks == 0).astype(np.float64)], axis=1), probs
+
+
+def letter_loss(logits: Any, letter_ids: list[int], answers: Any) -> Any:
+    """Cross-entropy of the answer among the M letters only: what scoring renormalises over, so its
+    chance level is ln M (a loss over the whole vocabulary would first spend its steps moving mass
+    onto the letters)."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits[:, letter_ids], answers)
 
 
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +232,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         resumed = None
         if checkpoint is not None:  # a worker died: carry on after the last finished epoch
             with checkpoint.as_directory() as folder:
-                resumed = torch.load(Path(folder) / ADAPTER_STATE, map_location="cpu", weights_only=False)
+                resumed = load_state(Path(folder) / ADAPTER_STATE)
     torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
     torch.manual_seed(job["seed"])
     started = time.perf_counter()
@@ -211,21 +250,17 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     optimiser = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=0.0)
 
     batcher = _Batcher(tokenizer, job["max_tokens"], device)
-    letter_ids = single_token_ids(tokenizer, letters(job["candidates"]))
-    epochs = [[(batcher.encode(e["conversation"]), single_token_ids(tokenizer, [e["answer"]])[0]) for e in examples]
+    choices = letters(job["candidates"])
+    letter_ids = single_token_ids(tokenizer, choices)
+    epochs = [[(batcher.encode(e["conversation"]), choices.index(e["answer"])) for e in examples]
               for examples in job["examples"]]
     mine_val = job["validation"][rank::world]
-    val_probes = [[batcher.encode(c) for c in probe["conversations"]] for probe in mine_val]
-    val_shown = [probe["shown"] for probe in mine_val]
+    val_prompts = [batcher.encode(v["conversation"]) for v in mine_val]
+    val_shown = [v["shown"] for v in mine_val]
 
-    micro = job["micro_batch"]
-    per_worker = min(len(e) for e in epochs) // world
-    if per_worker < micro:
-        raise ValueError(f"{min(len(e) for e in epochs)} training examples cannot give {world} worker(s) a "
-                         f"micro-batch of {micro}")
-    accumulation = max(1, math.ceil(job["batch_size"] / (micro * world)))
-    steps_per_epoch = max(1, per_worker // (micro * accumulation))
-    per_worker = steps_per_epoch * micro * accumulation  # whole optimiser steps only
+    shape = BatchShape(**job["shape"])  # sized by the driver for this many workers (`batch_shape`)
+    micro, accumulation, steps_per_epoch, per_worker = (shape.micro_batch, shape.accumulation,
+                                                        shape.steps_per_epoch, shape.per_worker)
     total_steps = steps_per_epoch * len(epochs)
     warmup = max(1, round(job["warmup_ratio"] * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total_steps, warmup))
@@ -248,7 +283,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimiser, model_parameters=trainable,
                                                lr_scheduler=schedule,
-                                               config=_deepspeed_config(job, accumulation, world))
+                                               config=_deepspeed_config(job, shape))
         forward = engine
 
         def learn(loss: Any, micro_step: int) -> None:
@@ -265,22 +300,26 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         with gathered():
             return copy.deepcopy(get_peft_model_state_dict(model))
 
-    base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's probes
+    base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's lists
 
     def validation(epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        found, probs = _validate(forward, val_probes, val_shown, letter_ids, batcher, micro)
+        found, probs = _validate(forward, val_prompts, val_shown, letter_ids, batcher, micro)
         if not base_probs:
             base_probs.append(probs)
         change = float(np.abs(probs - base_probs[0]).sum())
-        sums = torch.tensor([*found, change, float(probs.size)], dtype=torch.float64)
+        sums = torch.tensor([found[:, 0].sum(), (found[:, 0] ** 2).sum(), found[:, 1].sum(), float(len(found)),
+                             change, float(probs.size)], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(sums)
-        lists = max(float(sums[2]), 1.0)
-        return {"epoch": epoch, "val_ndcg@10": float(sums[0] / lists), "val_mapb": float(sums[1] / lists),
-                "val_lists": int(sums[2]), "val_seconds": round(time.perf_counter() - t0, 2),
+        lists = max(float(sums[3]), 1.0)
+        mean = float(sums[0] / lists)
+        spread = max(float(sums[1] / lists) - mean ** 2, 0.0)
+        return {"epoch": epoch, "val_ndcg@10": mean, "val_ndcg@10_se": math.sqrt(spread / max(lists - 1, 1.0)),
+                "val_hit@1": float(sums[2] / lists), "val_lists": int(sums[3]),
+                "val_seconds": round(time.perf_counter() - t0, 2),
                 # how far the adapter has moved the held-out lists' letter probabilities from the base model's
-                "val_mean_abs_dp": float(sums[3] / max(float(sums[4]), 1.0))}
+                "val_mean_abs_dp": float(sums[4] / max(float(sums[5]), 1.0))}
 
     curve: list[dict[str, Any]] = []
     best_key, best_adapter, first_epoch = None, None, 0
@@ -291,7 +330,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             schedule.step()  # the learning rate where the schedule stood (the optimiser's moments start afresh)
     else:
         curve.append({**validation(0), "loss": None, "examples": 0, "learning_rate": 0.0})  # the base model
-        best_key = (curve[0]["val_ndcg@10"], -curve[0]["val_mapb"])
+        best_key = curve[0]["val_ndcg@10"]
     forward.train()
     for epoch in range(first_epoch, len(epochs)):
         t0 = time.perf_counter()
@@ -300,7 +339,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         for micro_step, start in enumerate(range(0, len(mine), micro)):
             batch = mine[start:start + micro]
             logits = _last_logits(forward, batcher.batch([ids for ids, _ in batch]))
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([a for _, a in batch], device=device))
+            loss = letter_loss(logits, letter_ids, torch.tensor([a for _, a in batch], device=device))
             learn(loss, micro_step)
             losses.append(float(loss.detach()))
         train_seconds = time.perf_counter() - t0
@@ -312,13 +351,14 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                   "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
                   "learning_rate": float(optimiser.param_groups[0]["lr"])}
         curve.append(record)
-        key = (record["val_ndcg@10"], -record["val_mapb"])
+        key = record["val_ndcg@10"]
         adapter = adapter_state()
         if key > best_key:
             best_key, best_adapter = key, adapter
         if rank == 0:
-            worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1} loss {record['loss']:.4f} val ndcg@10 "
-                       f"{record['val_ndcg@10']:.4f} mapb {record['val_mapb']:.3f} ({record['examples_per_s']:.2f} "
+            worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1} letter loss {record['loss']:.4f} (chance "
+                       f"{math.log(len(choices)):.4f}) val ndcg@10 {record['val_ndcg@10']:.4f} ± "
+                       f"{record['val_ndcg@10_se']:.4f} hit@1 {record['val_hit@1']:.3f} ({record['examples_per_s']:.2f} "
                        f"examples/s)")
         if not local:  # the epoch's checkpoint: a restarted group resumes after it
             state = {"adapter": adapter, "epoch": epoch, "curve": curve,
@@ -329,7 +369,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report({"epoch": epoch + 1, "val_ndcg@10": record["val_ndcg@10"]},
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
-    best_epoch = max(range(len(curve)), key=lambda i: (curve[i]["val_ndcg@10"], -curve[i]["val_mapb"]))
+    best_epoch = max(range(len(curve)), key=lambda i: curve[i]["val_ndcg@10"])  # the first of equals
     result = {"curve": curve, "world_size": world, "accumulation": accumulation, "micro_batch": micro,
               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
               "seconds": time.perf_counter() - started, "precision": job["precision"],
@@ -354,8 +394,15 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def planned_shape(examples: list[list[dict]], rcfg: RankerConfig) -> BatchShape:
+    """The batch shape of a fine-tune on these epochs' examples (`job["shape"]` of `fit`)."""
+    return batch_shape(min(len(e) for e in examples), 1 if rcfg.trainer == "local" else rcfg.num_workers,
+                       rcfg.micro_batch, rcfg.batch_size)
+
+
 def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Path) -> dict[str, Any]:
-    """Fine-tune with the configured trainer; the best adapter ends up in `adapter_out`."""
+    """Fine-tune with the configured trainer, in `job["shape"]` (`planned_shape`); the best adapter
+    ends up in `adapter_out`."""
     use_gpu = rcfg.gpus_per_worker > 0
     if is_remote(adapter_out):  # peft writes local folders: the adapter is made here, then uploaded
         with tempfile.TemporaryDirectory(prefix="cotrec-adapter-") as local:
@@ -373,7 +420,7 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
         finally:
             torch.set_num_threads(threads)
     result = fit_torch_trainer(train_loop, job, name="finetune", storage=location(storage),
-                               num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
+                               num_workers=job["shape"]["workers"], cpus_per_worker=rcfg.cpus_per_worker,
                                gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, adapter_out, dirs_exist_ok=True)

@@ -21,9 +21,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from cotrec.config import Config
+from cotrec.config import Config, parse_ranker
 from cotrec.errors import DataError
-from cotrec.extract.programs import output_folder, stored_outputs
+from cotrec.extract.programs import output_folder, preferences_by_horizon, state_horizon, stored_outputs
 from cotrec.extract.windows import history_digest
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.retriever.data import Sequences, history_queries
@@ -50,6 +50,13 @@ class CandidateList:
     preference: str = ""
     key_terms: list[list[str]] = field(default_factory=list)  # per candidate, retriever order
     position: int = -1            # a prefix list's target: its index among the user's training items
+    # Whose preference (and perceptions) the prompt shows: the split's own (valid, test), or for a
+    # prefix list the train walk's state before its target (`state_horizon`; "" when none).
+    horizon: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.horizon and self.split != "prefix":
+            self.horizon = self.split
 
     @property
     def hit(self) -> bool:
@@ -111,11 +118,7 @@ def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: st
                            [int(i) for i in row.candidates], int(row.target_item), int(row.target_rank))
              for row in frame.itertuples(index=False)]
     notes = {"lists": len(lists), "hits": sum(lst.hit for lst in lists)}
-    ranked = [lst for lst in lists if lst.hit]
-    if uses_preference(prompt) and ranked:
-        notes.update(_attach_preferences(run, ranked, split, config.ranker.preference_chars))
-    if uses_perceptions(prompt) and ranked:
-        notes.update(_attach_key_terms(run, ranked, split, config.ranker.key_terms))
+    notes.update(attach_prompt_inputs(run, lists, prompt, config))
     return lists, notes
 
 
@@ -146,43 +149,58 @@ def stored_key_terms(run: RunDir, per_item: int,
             for u, h, i, k, good in zip(frame["user_idx"], frame["horizon"], frame["item_idx"], frame["key_terms"], ok)}
 
 
-def _attach_preferences(run: RunDir, lists: list[CandidateList], horizon: str, max_chars: int) -> dict[str, int]:
-    texts = stored_preferences(run)
-    missing = [lst.user_idx for lst in lists if (lst.user_idx, horizon) not in texts]
+def _attach_preferences(run: RunDir, lists: list[CandidateList], max_chars: int) -> dict[str, int]:
+    """Each list's preference at its horizon (a list with no horizon, a prefix before the walk's first
+    state, shows none)."""
+    frame = preferences_by_horizon(run)
+    if frame.empty:
+        raise DataError(f"{output_folder(run, 'users')}: no extraction output, needed for the llm+ and llm++ "
+                        f"prompts; run `cotrec extract users` first")
+    texts = dict(zip(zip(frame["user_idx"], frame["horizon"]), frame["preference"]))
+    stored = set(zip(*[stored_outputs(run, "users", ["horizon"])[c] for c in ("user_idx", "horizon")]))
+    missing = [lst.user_idx for lst in lists if lst.horizon in SPLIT_CODES and (lst.user_idx, lst.horizon) not in stored]
     if missing:
-        raise DataError(f"{output_folder(run, 'users')}: no {horizon} preference for {len(missing)} of "
-                        f"{len(lists)} users (e.g. user_idx {missing[0]}); run `cotrec extract users`")
+        raise DataError(f"{output_folder(run, 'users')}: no preference for {len(missing)} of {len(lists)} lists' "
+                        f"users (e.g. user_idx {missing[0]}); run `cotrec extract users`")
     empty = 0
     for lst in lists:
-        lst.preference = shorten(texts[(lst.user_idx, horizon)], max_chars)
+        lst.preference = shorten(str(texts.get((lst.user_idx, lst.horizon), "")), max_chars)
         empty += not lst.preference
     return {"lists_without_preference": empty}
 
 
-def _attach_key_terms(run: RunDir, lists: list[CandidateList], horizon: str, per_item: int) -> dict[str, int]:
+def _attach_key_terms(run: RunDir, lists: list[CandidateList], per_item: int) -> dict[str, int]:
     terms = stored_key_terms(run, per_item)
-    missing = [(lst.user_idx, item) for lst in lists for item in lst.candidates
-               if (lst.user_idx, horizon, item) not in terms]
+    missing = [(lst.user_idx, lst.horizon, item) for lst in lists for item in lst.candidates
+               if (lst.user_idx, lst.horizon, item) not in terms]
     if missing:
-        raise DataError(f"{output_folder(run, 'perceptions')}: no {horizon} perception for {len(missing)} "
-                        f"(user, candidate) pairs (e.g. user_idx {missing[0][0]}, item_idx {missing[0][1]}); run "
+        user, horizon, item = missing[0]
+        raise DataError(f"{output_folder(run, 'perceptions')}: no perception for {len(missing)} (user, horizon, "
+                        f"candidate) triples (e.g. user_idx {user}, horizon {horizon}, item_idx {item}); run "
                         f"`cotrec extract perceptions` after training the retriever")
     empty = 0
     for lst in lists:
-        lst.key_terms = [terms[(lst.user_idx, horizon, item)] for item in lst.candidates]
+        lst.key_terms = [terms[(lst.user_idx, lst.horizon, item)] for item in lst.candidates]
         empty += sum(not t for t in lst.key_terms)
     return {"candidates_without_key_terms": empty}
 
 
-def ranked_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str) -> tuple[list[CandidateList],
-                                                                                             dict[str, Any]]:
-    """The lists the ranker reads: `valid` lists with their target among the candidates for
-    fine-tuning (at most `ranker.max_train_users`), every `test` list for evaluation (at most
-    `ranker.max_eval_users`). `extract perceptions` asks the same question, so it role-plays exactly
-    the pairs the ranker will show."""
-    if split == "valid":
-        return load_lists(config, run, variant, split, prompt, only_hits=True, limit=config.ranker.max_train_users)
-    return load_lists(config, run, variant, split, prompt, limit=config.ranker.max_eval_users)
+def attach_prompt_inputs(run: RunDir, lists: list[CandidateList], prompt: str, config: Config) -> dict[str, int]:
+    """What `prompt` shows besides titles, on the lists it will rank (those with their target among
+    the candidates); counts of what is missing."""
+    ranked = [lst for lst in lists if lst.hit]
+    notes: dict[str, int] = {}
+    if uses_preference(prompt) and ranked:
+        notes.update(_attach_preferences(run, ranked, config.ranker.preference_chars))
+    if uses_perceptions(prompt) and ranked:
+        notes.update(_attach_key_terms(run, ranked, config.ranker.key_terms))
+    return notes
+
+
+def ranked_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tuple[list[CandidateList], dict[str, Any]]:
+    """The `test` lists the ranker is evaluated on: every user's, or a seeded sample of
+    `ranker.max_eval_users` (the same users for every retriever and ranker)."""
+    return load_lists(config, run, variant, "test", prompt, limit=config.ranker.max_eval_users)
 
 
 def sample_positions(count: int, limit: Optional[int], seed: int) -> Optional[np.ndarray]:
@@ -192,90 +210,201 @@ def sample_positions(count: int, limit: Optional[int], seed: int) -> Optional[np
     return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
-def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
-    """The (user, horizon, item) pairs of the retrievers' top-M candidates the ranker will read.
+def trained_on(config: Config, variant: str) -> str:
+    """The retriever whose lists fine-tune the rankers that re-rank `variant`'s candidates: its own, or
+    the one `ranker.train_on` names for all."""
+    return config.ranker.retrievers[config.ranker.train_on] if config.ranker.train_on else variant
 
-    The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant);
-    their pairs are unioned. With `extract.perception_only_hits` only the lists the ranker re-ranks
-    are kept: those whose target is among the candidates, sampled as the ranker samples them
-    (`ranker.max_train_users`, `ranker.max_eval_users`); otherwise every list of each horizon.
+
+def fine_tunes_perceptions(config: Config) -> bool:
+    return any(uses_perceptions(prompt) and tuned for prompt, tuned in map(parse_ranker, config.ranker.grid))
+
+
+def candidate_pairs(run: RunDir, config: Config) -> tuple[pd.DataFrame, str]:
+    """The (user, horizon, item) triples of the candidates the ranker will show with perceptions.
+
+    The variants are `extract.perception_candidates` (default: every `ranker.retrievers` variant).
+    `test`: the lists evaluation re-ranks (those whose target is among the candidates, sampled as the
+    ranker samples them), or every list without `extract.perception_only_hits`. `valid`: the lists an
+    `llm++` fine-tune trains and validates on (`training_lists`, each at its own horizon), when the
+    grid fine-tunes `llm++`.
     """
     variants = config.extract.perception_candidates or list(dict.fromkeys(config.ranker.retrievers.values()))
     frames, paths = [], []
-    for variant in variants:
-        path = candidates_path(config, run, variant)
-        for horizon in config.extract.perception_horizons:
-            if config.extract.perception_only_hits:
-                lists = [lst for lst in ranked_lists(config, run, variant, horizon, "llm")[0] if lst.hit]
-            else:
-                lists = load_lists(config, run, variant, horizon, "llm")[0]
-            frames.append(pd.DataFrame({"user_idx": [lst.user_idx for lst in lists], "horizon": horizon,
-                                        "item_idx": [lst.candidates for lst in lists]}))
-        paths.append(str(path))
-    pairs = pd.concat(frames, ignore_index=True).explode("item_idx").dropna(subset=["item_idx"])
+
+    def add(lists: list[CandidateList]) -> None:
+        frames.append(pd.DataFrame({"user_idx": [lst.user_idx for lst in lists],
+                                    "horizon": [lst.horizon for lst in lists],
+                                    "item_idx": [lst.candidates for lst in lists]}))
+
+    if "test" in config.extract.perception_horizons:
+        for variant in variants:
+            lists = ranked_lists(config, run, variant, "llm")[0]
+            add([lst for lst in lists if lst.hit or not config.extract.perception_only_hits])
+    if "valid" in config.extract.perception_horizons and fine_tunes_perceptions(config):
+        for variant in dict.fromkeys(trained_on(config, v) for v in variants):
+            add(training_lists(config, run, variant).every)
+    paths = [str(candidates_path(config, run, variant)) for variant in variants]
+    pairs = pd.concat(frames, ignore_index=True).explode("item_idx").dropna(subset=["item_idx"]) if frames else \
+        pd.DataFrame(columns=["user_idx", "horizon", "item_idx"])
     pairs["item_idx"] = pairs["item_idx"].astype(np.int64)
-    pairs = pairs.drop_duplicates(["user_idx", "horizon", "item_idx"])
+    pairs = pairs[pairs["horizon"] != ""].drop_duplicates(["user_idx", "horizon", "item_idx"])
     return pairs.reset_index(drop=True), ", ".join(paths)
 
 
-def stored_trajectories(run: RunDir) -> dict[int, tuple[list[int], list[str]]]:
-    """user_idx -> the `train` walk's trajectory: window ends and the preference after each."""
-    frame = _extraction(run, "users", "prefix lists of the llm+ and llm++ prompts")
-    if "trajectory" not in frame.columns:
-        raise DataError(f"{output_folder(run, 'users')}: the preferences have no trajectory (written by an older "
-                        f"version); run `cotrec extract users --force`")
+@dataclass
+class TrainingLists:
+    """A retriever's lists for fine-tuning: the training lists and the held-out ones selection
+    validates on (all lists of a seeded set of users, so no user is on both sides), and counts."""
+
+    train: list[CandidateList]
+    held_out: list[CandidateList]
+    notes: dict[str, Any]
+
+    @property
+    def every(self) -> list[CandidateList]:
+        return self.train + self.held_out
+
+
+def known_items(seqs: Sequences, user: int) -> np.ndarray:
+    """Every item the user is known to have interacted with (training items and both targets)."""
+    return np.concatenate([seqs.train[user], [seqs.valid[user], seqs.test[user]]])
+
+
+def _state_ends(run: RunDir) -> dict[int, np.ndarray]:
+    """user_idx -> where the train walk's states end (its windows' ends, in training items)."""
+    frame = stored_outputs(run, "users")
+    if frame.empty or "trajectory_ends" not in frame.columns:
+        return {}
     train = frame[(frame["horizon"] == "train") & (frame["status"].astype(str) == "ok")]
-    return {int(u): ([int(e) for e in ends], [str(t) for t in states])
-            for u, ends, states in zip(train["user_idx"], train["trajectory_ends"], train["trajectory"])
-            if ends is not None and states is not None}
+    return {int(u): np.asarray(ends, dtype=np.int64) for u, ends in zip(train["user_idx"], train["trajectory_ends"])
+            if ends is not None and len(ends)}
 
 
-def preference_before(trajectory: tuple[list[int], list[str]] | None, position: int) -> str:
-    """The preference after the last window that ended before item `position`: it has seen nothing
-    from `position` on ("" when no window had ended yet)."""
-    if trajectory is None:
+def state_before(ends: Optional[np.ndarray], position: int) -> str:
+    """The horizon of the walk's last state that saw nothing from training item `position` on ("" when
+    no window had ended by then)."""
+    if ends is None:
         return ""
-    ends, states = trajectory
-    before = [state for end, state in zip(ends, states) if end <= position]
-    return before[-1] if before else ""
+    before = ends[ends <= position]
+    return state_horizon(int(before.max())) if before.size else ""
 
 
-def prefix_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tuple[list[CandidateList], dict[str, Any]]:
-    """LlamaRec-style training lists from the users' training histories: for `ranker.prefix_lists`
-    seeded target positions per user, the history before the target and the retriever's top-M for it
-    (the lists the ranker meets at test time: the retriever's hard negatives), with the target put in
-    place of the weakest candidate when the retriever missed it, so every list can teach. `llm+`
-    shows the preference as it stood before the target (the recurrence's trajectory)."""
+def _scored(model: Any, config: Config, seqs: Sequences, asks: list[tuple[int, int, np.ndarray]],
+            truthful: bool) -> dict[str, np.ndarray]:
+    """The retriever's top-M for (user, target, history) queries, with every item the user is known to
+    have interacted with but the target masked (`truthful`), or only the history (the evaluation's mask)."""
+    rc = config.retriever
+    masks = [np.setdiff1d(known_items(seqs, u), [t]) if truthful else history for u, t, history in asks]
+    queries = history_queries([h for _, _, h in asks], np.array([u for u, _, _ in asks], dtype=np.int64),
+                              np.array([t for _, t, _ in asks], dtype=np.int64), model.cfg.max_len, masks=masks)
+    return score_queries(model, queries, np.arange(len(asks)), True, config.retriever.top_m,
+                         batch_size=rc.eval_batch_size)
+
+
+def _lists_of(config: Config, model: Any, seqs: Sequences, split: str,
+              asks: list[tuple[int, int, np.ndarray, int]], ends: dict[int, np.ndarray]) -> tuple[
+                  list[Optional[CandidateList]], int]:
+    """A list per (user, target, history, position) ask: None where the retriever did not find the
+    target (unless `ranker.insert_missed_targets`); and how many known positives were masked out of
+    the candidates the evaluation's mask alone would have shown."""
+    plain = [(u, t, h) for u, t, h, _ in asks]
+    found = _scored(model, config, seqs, plain, truthful=True)
+    shown = _scored(model, config, seqs, plain, truthful=False)
+    keep, out, masked = config.ranker.history_items, [], 0
+    for (user, target, history, position), top, rank, before in zip(asks, found["top_items"], found["ranks"],
+                                                                     shown["top_items"]):
+        known = set(known_items(seqs, user).tolist()) - {target}
+        masked += sum(int(i) in known for i in before)
+        candidates = [int(i) for i in top]
+        if target not in candidates:
+            if not config.ranker.insert_missed_targets:
+                out.append(None)
+                continue
+            candidates[-1] = target
+        horizon = state_before(ends.get(user), position) if split == "prefix" else split
+        out.append(CandidateList(user, split, [int(i) for i in history[-keep:]], candidates, target, int(rank),
+                                 position=position, horizon=horizon))
+    return out, masked
+
+
+def _prefix_positions(config: Config, seqs: Sequences, user: int, ends: dict[int, np.ndarray],
+                      rng: np.random.Generator) -> np.ndarray:
+    """A user's training positions a prefix list may take its target from, in a seeded order: after
+    `MIN_PREFIX` items, and where a prompt shows the preference, after the walk's first state."""
+    low = MIN_PREFIX
+    if shows_preference_when_trained(config):
+        if user not in ends:
+            return np.zeros(0, dtype=np.int64)
+        low = max(low, int(ends[user].min()))
+    return rng.permutation(np.arange(low, len(seqs.train[user])))
+
+
+def shows_preference_when_trained(config: Config) -> bool:
+    """Whether a fine-tuned prompt of the grid shows the preference: then every training list (all
+    prompts train on the same lists) comes from where the recurrence had a state before its target."""
+    return any(uses_preference(prompt) for prompt, tuned in map(parse_ranker, config.ranker.grid) if tuned)
+
+
+def training_lists(config: Config, run: RunDir, variant: str) -> TrainingLists:
+    """The lists every prompt of a retriever fine-tunes on, the same for each prompt.
+
+    The `valid` list of each sampled user (`ranker.max_train_users`) and `ranker.prefix_lists`
+    LlamaRec-style lists per user from the training history (the target a training item, the history
+    the items before it). A list's candidates are the retriever's top-M with every item its user is
+    known to have interacted with masked but the target, so no list shows a real positive as a wrong
+    answer; only lists where the retriever found its target are kept (prefix positions are drawn,
+    seeded, until a user has its count or none are left), as only such lists exist at test time.
+    Then the lists of a seeded set of users, `ranker.val_lists` or just more, are held out.
+    """
     rc = config.ranker
-    count = rc.prefix_lists if prompt in rc.prefix_prompts else 0
-    if count == 0:
-        return [], {"prefix_lists": 0}
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(read_table(run, "items")))
     sampled = sample_positions(seqs.num_users, rc.max_train_users, config.seed)
-    users = range(seqs.num_users) if sampled is None else sampled.tolist()
-    rng = np.random.default_rng([config.seed, SPLIT_CODES["prefix"]])
-    picks = []
-    for user in users:
-        positions = np.arange(MIN_PREFIX, len(seqs.train[user]))
-        if len(positions):
-            picks += [(user, int(j)) for j in np.sort(rng.choice(positions, size=min(count, len(positions)), replace=False))]
-    if not picks:
-        return [], {"prefix_lists": 0}
+    users = list(range(seqs.num_users)) if sampled is None else sampled.tolist()
     model = load_retriever(config, run, variant)
-    queries = history_queries([seqs.train[u][:j] for u, j in picks], np.array([u for u, _ in picks]),
-                              np.array([seqs.train[u][j] for u, j in picks]), model.cfg.max_len)
-    found = score_queries(model, queries, np.arange(len(picks)), config.retriever.mask_history, config.retriever.top_m,
-                          batch_size=config.retriever.eval_batch_size)
-    trajectories = stored_trajectories(run) if uses_preference(prompt) else {}
-    keep, lists, inserted = rc.history_items, [], 0
-    for (user, j), top, rank in zip(picks, found["top_items"], found["ranks"]):
-        target, candidates = int(seqs.train[user][j]), [int(i) for i in top]
-        if target not in candidates:
-            candidates[-1], inserted = target, inserted + 1
-        lst = CandidateList(user, "prefix", [int(i) for i in seqs.train[user][:j][-keep:]], candidates, target,
-                            int(rank), position=j)
-        if trajectories:
-            lst.preference = shorten(preference_before(trajectories.get(user), j), rc.preference_chars)
-        lists.append(lst)
-    return lists, {"prefix_lists": len(lists), "prefix_targets_inserted": inserted,
-                   "prefix_users": len({lst.user_idx for lst in lists})}
+    ends = _state_ends(run) if shows_preference_when_trained(config) else {}
+    valid, masked = _lists_of(config, model, seqs, "valid",
+                              [(u, int(seqs.valid[u]), seqs.train[u], -1) for u in users], ends)
+    lists = [lst for lst in valid if lst is not None]
+    # prefix lists: rounds of each short user's next positions, until every user has its count
+    rng = np.random.default_rng([config.seed, SPLIT_CODES["prefix"]])
+    queue = {u: _prefix_positions(config, seqs, u, ends, rng) for u in users} if rc.prefix_lists else {}
+    have = {u: 0 for u in queue}
+    drawn = prefix_missed = 0
+    while True:
+        asks = []
+        for user, positions in queue.items():
+            need = rc.prefix_lists - have[user]
+            take, queue[user] = positions[:2 * need + 1], positions[2 * need + 1:]
+            asks += [(user, int(seqs.train[user][j]), seqs.train[user][:j], int(j)) for j in take] if need > 0 else []
+        if not asks:
+            break
+        drawn += len(asks)
+        made, more_masked = _lists_of(config, model, seqs, "prefix", asks, ends)
+        masked += more_masked
+        for (user, *_), lst in zip(asks, made):
+            if lst is None:
+                prefix_missed += 1
+            elif have[user] < rc.prefix_lists:
+                have[user] += 1
+                lists.append(lst)
+    by_user: dict[int, list[CandidateList]] = {}
+    for lst in lists:
+        by_user.setdefault(lst.user_idx, []).append(lst)
+    held_users: set[int] = set()
+    held = 0
+    for user in np.random.default_rng([config.seed, 23]).permutation(sorted(by_user)).tolist():
+        if held >= rc.val_lists:
+            break
+        held_users.add(user)
+        held += len(by_user[user])
+    train = [lst for lst in lists if lst.user_idx not in held_users]
+    held_out = [lst for lst in lists if lst.user_idx in held_users]
+    prefixes = [lst for lst in lists if lst.split == "prefix"]
+    notes = {"users": len(users), "valid_lists": sum(lst.split == "valid" for lst in lists),
+             "valid_misses": sum(lst is None for lst in valid), "prefix_lists": len(prefixes),
+             "prefix_positions_drawn": drawn, "prefix_misses": prefix_missed,
+             "targets_inserted": sum(lst.retriever_rank >= config.retriever.top_m for lst in lists),
+             "masked_positives": masked, "train_lists": len(train), "held_out_lists": len(held_out),
+             "held_out_users": len(held_users)}
+    return TrainingLists(train, held_out, notes)

@@ -3,6 +3,10 @@
 The answer is a single letter, so one forward step scores every candidate at once. The parts
 shared by many prompts come first (instruction, history, preference), the candidate lines last:
 the M prompts of one user's MAPB probe then share a long prefix that vLLM's prefix cache reuses.
+Each candidate's letter closes its line ("- Title: key terms (C)"): at the letter the model has read
+the whole line, so learning which letter to answer is one step from the content it depends on. With
+the letter first ("C. Title"), the embedded model learns no content rule in hundreds of steps
+(tests/test_finetune.py's task: not learnt in 300 steps letter first, learnt in about 50 letter last).
 
 Variants (the paper's Table 2, plus the authors' later ablation):
 - `llm`: history titles and candidate titles;
@@ -21,7 +25,7 @@ from cotrec.extract.steps import trim_to_sentence
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation
 
-PROMPT_VERSION = "2026-11-22.1"
+PROMPT_VERSION = "2026-12-06.1"
 
 
 def uses_preference(prompt: str) -> bool:
@@ -51,7 +55,7 @@ def ranking_conversation(domain: Domain, prompt: str, history: Sequence[str], ca
     lines = []
     for i, (letter, label) in enumerate(zip(labels, candidates)):
         terms = list(key_terms[i]) if uses_perceptions(prompt) and key_terms is not None else []
-        lines.append(f"{letter}. {label}" + (f": {', '.join(terms)}" if terms else ""))
+        lines.append(f"- {label}" + (f": {', '.join(terms)}" if terms else "") + f" ({letter})")
     parts.append("Candidates:\n" + "\n".join(lines))
     parts.append(f"Which candidate will the user pick next? Answer with one letter from {labels[0]} to {labels[-1]}.")
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]

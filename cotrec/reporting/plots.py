@@ -73,22 +73,22 @@ def plot_stages(run: RunDir, seconds: dict[str, float], generated_tokens: dict[s
 
 
 def plot_training_curve(path: Path, train: dict[str, Any]) -> Path:
-    """A fine-tune's curve: training loss per epoch, and the held-out lists' NDCG@10 and MAPB from
-    the base model (epoch 0) on, the kept epoch marked."""
+    """A fine-tune's curve: the letter loss per epoch against chance (ln M), and the held-out lists'
+    NDCG@10 (± one standard error) from the base model (epoch 0) on, the kept epoch marked."""
     curve = train["curve"]
     epochs = [c["epoch"] for c in curve]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(9.6, 3.6))
     left.plot(epochs[1:], [c["loss"] for c in curve[1:]], marker="o")
+    left.axhline(train["letter_loss_chance"], color="grey", lw=0.8, ls=":", label="chance (ln M)")
     left.set_xlabel("epoch")
-    left.set_ylabel("training loss (answer letter)")
-    right.plot(epochs, [c["val_ndcg@10"] for c in curve], marker="o", label="validation NDCG@10")
+    left.set_ylabel("training loss (answer among the letters)")
+    left.legend(fontsize=8)
+    right.errorbar(epochs, [c["val_ndcg@10"] for c in curve], yerr=[c["val_ndcg@10_se"] for c in curve],
+                   marker="o", capsize=3)
     right.set_xlabel("epoch (0: the base model)")
-    right.set_ylabel("NDCG@10")
-    twin = right.twinx()
-    twin.plot(epochs, [c["val_mapb"] for c in curve], marker="s", color="tab:red", label="validation MAPB")
-    twin.set_ylabel("MAPB (2.5: position only)")
+    right.set_ylabel("held-out NDCG@10 (± 1 s.e.)")
     right.axvline(train["best_epoch"], color="grey", lw=0.8, ls=":")
     fig.suptitle(f"{train['prompt']} on {train['retriever']}: {train['train_lists']} training lists, "
-                 f"{train['val_lists']} held out")
+                 f"{train['held_out_lists']} held out")
     fig.tight_layout()
     return save_figure(fig, as_path(path))

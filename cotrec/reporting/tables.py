@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from cotrec.config import Config, parse_ranker
+from cotrec.metrics import MIN_PAIRED_LISTS, POSITION_ONLY_NDCG
 from cotrec.rundir import RunDir, atomic_write_text
 
 TABLE1 = "reports/table1.md"
@@ -65,31 +66,77 @@ def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
     return path
 
 
-def write_table2(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
-    rows = summary["rows"]
-    users = rows[0]["users"] if rows else 0
+def estimate(found: Optional[dict[str, Any]], signed: bool = True) -> str:
+    """A mean with its 95% bootstrap interval (`metrics.paired_difference`), or the mean and why it
+    has none."""
+    if not found:
+        return "-"
+    sign = "+" if signed else ""
+    if found.get("interval"):
+        return f"{found['mean']:{sign}.4f} [{found['low']:{sign}.4f}, {found['high']:{sign}.4f}]"
+    return f"{found['mean']:{sign}.4f} (no interval: {found['lists']} lists)"
+
+
+def table2_markdown(figures: dict[str, Any]) -> str:
+    """Table 2 as markdown, from `ranker.table2.table2_figures` (the report folder's per-list outputs)."""
+    header, rows = figures["header"], figures["rows"]
+    users = next((row["users"] for row in rows if "users" in row), 0)
     lines = [
         "# Table 2: LLM-as-Ranker on the retrievers' top-10",
         "",
-        f"Dataset `{config.data.source}`, {users} test users, model `{config.llm.model}` (fine-tuned rows: LoRA "
-        f"r={config.ranker.lora_r}, up to {config.ranker.epochs} epoch(s) on the valid lists and "
-        f"{config.ranker.prefix_lists} prefix list(s) per user, the epoch best on {config.ranker.val_lists} "
-        "held-out lists kept; their curves are in the report). "
-        "NDCG@10 is over all test users: a user whose target is not among the candidates counts as 0, so "
-        "Ranker=None is the retriever's own NDCG@10. ΔNDCG@10: each ranker minus its retriever on the same "
-        "users, with a 95% bootstrap interval over users (an interval that holds 0 is no evidence of a "
-        "difference). MAPB: the target's mean absolute rank deviation when it is placed at each of the 10 "
-        "positions: 0 for a ranker that ignores position, 2.5 for one that ranks by position alone, about 2.33 "
-        "for a random order (the Random order and Position only rows measure these on the same lists).",
+        f"Dataset `{header['dataset']}`, {users:,} test users"
+        + (f" (a seeded sample, the same users in every row)" if header.get("sampled_users") else "")
+        + f", ranker model `{header['model']}`; fine-tuned rows: LoRA r={header['lora_r']}, up to "
+        f"{header['epochs']} epoch(s), the epoch best on the held-out lists kept (the fine-tunes below). "
+        "NDCG@10 is over all these test users (a user whose target is not among the candidates counts 0, so "
+        "Ranker=None is the retriever's own NDCG@10); ΔNDCG@10: the ranker minus its retriever on the same "
+        "users. On the re-ranked lists (target among the candidates): position-free NDCG@10, each list's "
+        f"NDCG@10 averaged over the 10 positions the target is shown at ({POSITION_ONLY_NDCG:.4f} for any ranker "
+        "that ranks by position alone), and MAPB, the target's mean absolute rank deviation over those "
+        "positions (0: position ignored; 2.5: position only; about 2.33: a random order). Brackets: 95% "
+        f"bootstrap intervals over lists, printed only over at least {MIN_PAIRED_LISTS} lists (below that a "
+        "percentile interval holds a known zero too rarely); an interval that holds 0 is no evidence of a "
+        "difference.",
         "",
-        "| Retriever | Ranker | NDCG@10 | ΔNDCG@10 vs retriever [95% CI] | Hit@1 | MAPB | re-ranked users |",
-        "|---|---|---|---|---|---|---|",
+        "| Retriever | Ranker | NDCG@10 | ΔNDCG@10 vs retriever | Position-free NDCG@10 | MAPB | Hit@1 | "
+        "re-ranked lists |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        mapb = f"{row['mapb']:.3f}" if row.get("mapb") is not None else "-"
-        lines.append(f"| {row['label']} ({row['retriever']}) | {ranker_label(row['ranker'])} | {row['ndcg@10']:.4f} | "
-                     f"{interval(row, 'ndcg@10_vs_retriever')} | {row['hit@1']:.4f} | {mapb} | "
-                     f"{row['ranked_users']} |")
-    path = run / TABLE2
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+        name = f"| {row['label']} ({row['retriever']}) | {ranker_label(row['ranker'])} |"
+        if "not_run" in row:
+            lines.append(f"{name} {row['not_run']} | - | - | - | - | 0 |")
+            continue
+        lines.append(f"{name} {row['ndcg@10']:.4f} | "
+                     f"{'-' if row['ranker'] == 'none' else estimate(row['ndcg@10_vs_retriever'])} | "
+                     f"{estimate(row.get('pf_ndcg@10'), signed=False)} | {estimate(row.get('mapb'), signed=False)} | "
+                     f"{row['hit@1']:.4f} | {row['ranked']} |")
+    if figures["comparisons"]:
+        lines += ["", "Paired comparisons on the same users and lists (first minus second):", "",
+                  "| Retriever | Comparison | ΔNDCG@10 | ΔPosition-free NDCG@10 | ΔMAPB | paired lists |",
+                  "|---|---|---|---|---|---|"]
+        for pair in figures["comparisons"]:
+            lists = pair.get("mapb", {}).get("lists", 0)
+            lines.append(f"| {pair['label']} | {ranker_label(pair['a'])} - {ranker_label(pair['b'])} | "
+                         f"{estimate(pair.get('ndcg@10'))} | {estimate(pair.get('pf_ndcg@10'))} | "
+                         f"{estimate(pair.get('mapb'))} | {lists} |")
+    tuned = [row for row in rows if row.get("train")]
+    if tuned:
+        lines += ["", "Fine-tunes (lists: the retriever's top-10 with every item the user is known to have "
+                      "interacted with but the target masked; only lists whose target the retriever found):", "",
+                  "| Retriever | Ranker | trained on | training lists | held out | known positives masked | "
+                  "letter loss, first -> last epoch (chance) | held-out NDCG@10, base -> kept (± s.e.) | kept epoch | "
+                  "workers x micro-batch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        notes = []
+        for row in tuned:
+            t = row["train"]
+            lines.append(f"| {row['label']} | {ranker_label(row['ranker'])} | {t['retriever']} | {t['train_lists']:,} | "
+                         f"{t['held_out_lists']:,} | {t['masked_positives']:,} | {t['first_epoch_loss']:.3f} -> "
+                         f"{t['last_epoch_loss']:.3f} ({t['letter_loss_chance']:.3f}) | {t['base_val_ndcg@10']:.4f} -> "
+                         f"{t['best_val_ndcg@10']:.4f} ± {t['best_val_ndcg@10_se']:.4f} | {t['best_epoch']} of "
+                         f"{t['epochs']} | {t['num_workers']} x {t['micro_batch']} |")
+            if t.get("shape_note"):
+                notes.append(f"{row['label']} {ranker_label(row['ranker'])}: {t['shape_note']}.")
+        lines += ["", *notes] if notes else []
+    return "\n".join(lines) + "\n"

@@ -116,9 +116,11 @@ def rows_of_histories(histories: Iterable[np.ndarray], users: np.ndarray, max_le
 
 
 def history_queries(histories: list[np.ndarray], users: np.ndarray, targets: np.ndarray,
-                    max_len: int) -> dict[str, np.ndarray]:
-    """Queries for any histories: the last max_len items as model input, the whole history to mask (CSR)."""
+                    max_len: int, masks: Optional[list[np.ndarray]] = None) -> dict[str, np.ndarray]:
+    """Queries for any histories: the last max_len items as model input, and the items to mask (CSR):
+    the whole history, or per query the items `masks` gives."""
     n = len(histories)
+    masks = histories if masks is None else masks
     items = np.zeros((n, max_len), dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -126,8 +128,8 @@ def history_queries(histories: list[np.ndarray], users: np.ndarray, targets: np.
         recent = np.asarray(history, dtype=np.int64)[-max_len:]
         items[row, :recent.size] = recent + 1
         lengths[row] = recent.size
-        indptr[row + 1] = indptr[row] + len(history)
-    seen = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if n else np.zeros(0, dtype=np.int64)
+        indptr[row + 1] = indptr[row] + len(masks[row])
+    seen = np.concatenate([np.asarray(m, dtype=np.int64) for m in masks]) if n else np.zeros(0, dtype=np.int64)
     return {"users": np.asarray(users, dtype=np.int64), "items": items, "lengths": lengths,
             "targets": np.asarray(targets, dtype=np.int64), "seen_indptr": indptr, "seen_indices": seen}
 

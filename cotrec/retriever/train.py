@@ -43,9 +43,11 @@ from cotrec.retriever.evaluate import score_queries
 from cotrec.retriever.ingest import epoch_batches, shuffled_batches
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
+from cotrec.safeload import load_state
 from cotrec.storage import as_path, location
 
 CHECKPOINT_FILE = "model.pt"
+EPOCH_LINE_EVERY = 5.0  # seconds between two epochs' progress lines
 
 
 def peak_memory_mb() -> float:
@@ -91,7 +93,7 @@ class _RayTrain:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            return load_state(Path(folder) / CHECKPOINT_FILE)
 
 
 def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: dict[str, Any],
@@ -205,6 +207,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             worker_log(f"[retriever {job.get('name', '')}] resuming after epoch {resumed['epoch']} from its checkpoint")
     started = time.perf_counter() - (history[-1]["elapsed"] if history else 0.0)
+    last_line = -float("inf")
     for epoch in range(first_epoch, job["max_epochs"]):
         t0 = time.perf_counter()
         model.train()
@@ -246,7 +249,10 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                          "best_epoch": best_epoch, "since_best": since_best, "best_state": best_state,
                          "history": history}
             ctx.report({k: v for k, v in record.items() if k not in ("improved", "resumed")}, state)
-        if job.get("log") and rank == 0:
+        # an epoch's line at most every few seconds (an in-process epoch on a small sample is a
+        # fraction of a second), and always the last one
+        if job.get("log") and rank == 0 and (stop or time.perf_counter() - last_line >= EPOCH_LINE_EVERY):
+            last_line = time.perf_counter()
             mark = " *" if improved else ""
             worker_log(f"[retriever {job.get('name', '')} seed {job.get('seed')}] epoch {epoch:3d} "
                        f"loss {record['loss']:.4f} "

@@ -1,0 +1,125 @@
+"""A frozen-feature probe: is what it takes to rank the candidates in the base model at all?
+
+When a fine-tuned ranker does not beat its zero-shot model, either the recipe (data, steps, LoRA)
+is the limit, or the model is. The probe separates the two: one forward pass of the frozen base
+model per list (the candidates in the order the evaluation shows them), the last layer's hidden
+state at the end of each candidate's line, and a linear scorer over those M states (a softmax over
+the candidates) trained on the fine-tune's training lists in seconds. Its NDCG@10 on the test lists
+the rankers are evaluated on, against the zero-shot model's on the same lists in the same order
+(paired): if the probe beats zero-shot, the content is in the model and the recipe is the limit;
+if not, the model is.
+
+`cotrec ranker probe` runs it in the driver (a diagnostic on the embedded model's scale) and
+writes `ranker/<retriever>--<prompt>-probe/probe.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from cotrec.llm import letters
+from cotrec.metrics import ndcg_gains, paired_difference
+from cotrec.progress import Progress
+from cotrec.ranker.letters import LetterRanker
+from cotrec.ranker.lists import CandidateList, shown_order
+
+
+def line_ends(text: str, count: int) -> list[int]:
+    """Character offsets of the last character of each of the `count` candidate lines (each ends with
+    its letter: "- Title (C)")."""
+    start = text.index("Candidates:\n") + len("Candidates:\n")
+    ends = []
+    for letter in letters(count):
+        end = text.index(f" ({letter})\n", start) + len(f" ({letter})") - 1
+        ends.append(end)
+        start = end + 2
+    return ends
+
+
+def candidate_states(model: Any, tokenizer: Any, conversations: Sequence[Any], count: int,
+                     name: str = "probe") -> np.ndarray:
+    """(lists, count, hidden) last-layer states at the end of each candidate line, one pass per list."""
+    import torch
+
+    states, progress = [], Progress(len(conversations))
+    with torch.no_grad():
+        for done, conversation in enumerate(conversations, 1):
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = np.array(encoded["offset_mapping"])
+            tokens = [int(np.flatnonzero((offsets[:, 0] <= end) & (offsets[:, 1] > end))[0])
+                      for end in line_ends(text, count)]
+            hidden = model(torch.tensor([encoded["input_ids"]]), output_hidden_states=True).hidden_states[-1][0]
+            states.append(hidden[tokens].float().numpy())
+            progress.update(done, lambda rate: f"{name}: {done:,} of {len(conversations):,} lists encoded "
+                                               f"({rate:.1f} lists/s)")
+    return np.stack(states)
+
+
+def train_scorer(states: np.ndarray, targets: np.ndarray, weight_decay: float = 1e-3, steps: int = 300,
+                 seed: int = 0) -> np.ndarray:
+    """A linear scorer (hidden -> score, one weight vector and a bias) whose softmax over each list's
+    candidates fits the targets' positions."""
+    import torch
+
+    torch.manual_seed(seed)
+    features = torch.tensor(states, dtype=torch.float32)
+    mean, scale = features.mean((0, 1)), features.std((0, 1)) + 1e-6
+    x = (features - mean) / scale
+    w = torch.zeros(x.shape[-1] + 1, requires_grad=True)
+    optimiser = torch.optim.Adam([w], lr=0.05)
+    y = torch.tensor(targets, dtype=torch.long)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        logits = x @ w[:-1] + w[-1]
+        loss = torch.nn.functional.cross_entropy(logits, y) + weight_decay * (w[:-1] ** 2).sum()
+        loss.backward()
+        optimiser.step()
+    weights = w.detach()
+    return np.concatenate([(weights[:-1] / scale).numpy(), [float(weights[-1] - (mean / scale) @ weights[:-1])]])
+
+
+def probe_scores(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return states @ weights[:-1] + weights[-1]
+
+
+def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList], test: list[CandidateList],
+              zero_shot_ranks: np.ndarray, seed: int) -> dict[str, Any]:
+    """Train the probe on `train` (each list in its shown order), rank `test` in the evaluation's shown
+    order, and compare with the zero-shot model's ranks of the same targets in the same order."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    count = len(train[0].candidates)
+
+    def encode(lists: list[CandidateList], name: str) -> tuple[np.ndarray, np.ndarray]:
+        orders = [shown_order(lst, seed) for lst in lists]
+        targets = np.array([int(np.flatnonzero(o == lst.candidates.index(lst.target))[0])
+                            for lst, o in zip(lists, orders)])
+        return candidate_states(model, tokenizer, [ranker.conversation(lst, o) for lst, o in zip(lists, orders)],
+                                count, name), targets
+
+    train_states, train_targets = encode(train, "probe: training lists")
+    test_states, test_targets = encode(test, "probe: test lists")
+    weights = train_scorer(train_states, train_targets, seed=seed)
+    scores = probe_scores(test_states, weights)
+    ranks = np.array([int((s > s[t]).sum()) for s, t in zip(scores, test_targets)])
+    train_ranks = np.array([int((s > s[t]).sum()) for s, t in zip(probe_scores(train_states, weights), train_targets)])
+    probe_gains, zero_gains = ndcg_gains(ranks, 10), ndcg_gains(zero_shot_ranks, 10)
+    difference = paired_difference(probe_gains - zero_gains, seed=seed)
+    beats = bool(difference.get("interval") and difference["low"] > 0)
+    return {"train_lists": len(train), "test_lists": len(test), "hidden": int(train_states.shape[-1]),
+            "probe_train_ndcg@10": float(ndcg_gains(train_ranks, 10).mean()),
+            "probe_ndcg@10": float(probe_gains.mean()), "zero_shot_ndcg@10": float(zero_gains.mean()),
+            "probe_minus_zero_shot": difference, "probe_beats_zero_shot": beats,
+            "reading": ("the probe beats the zero-shot model on the same lists: what ranks them is in the frozen "
+                        "model, so the fine-tuning recipe is the limit") if beats else
+                       ("the probe does not beat the zero-shot model on the same lists: the frozen model's states "
+                        "carry no more than its zero-shot ranking, so the model is the limit"),
+            "seconds": round(time.perf_counter() - started, 1)}
