@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 from pathlib import Path
 
 from cotrec import __version__
@@ -192,17 +191,26 @@ def cmd_ranker_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cotrec.serving import start_app, stop_app
+    from cotrec.serving import checked_access, serve_until_stopped, start_app
 
+    access = {"api_keys_file": args.api_keys_file, "api_keys_env": args.api_keys_env,
+              "expose_preferences": args.expose_preferences, "request_timeout_s": args.request_timeout,
+              "open_horizons": [h.strip() for h in (args.open_horizons or "").split(",") if h.strip()]}
+    unknown = [h for h in access["open_horizons"] if h not in ("valid", "test")]
+    if unknown:
+        raise CotrecError(f"--open-horizons {args.open_horizons!r}: expected valid, test or both, comma-separated")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise CotrecError(f"--request-timeout {args.request_timeout}: expected seconds above 0")
+    access = checked_access(args.host, access, args.insecure)  # refused before anything is written or started
     config, run = open_run(args)
-    url = start_app(run.root, args.variant, args.ranker, host=args.host, port=args.port)
-    print(f"serving {run.root} at {url} (POST /recommend, GET /healthz, GET /users/ID/preference); Ctrl-C stops",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        stop_app()
+    url = start_app(run.root, args.variant, args.ranker, host=args.host, port=args.port, access=access,
+                    insecure=args.insecure)
+    keyed = bool(args.api_keys_file or args.api_keys_env)
+    print(f"serving {run.root} at {url} (POST /recommend" + (", GET /users/ID/preference" if args.expose_preferences
+                                                            else "") + "; GET /healthz without a key); "
+          + ("API keys required" if keyed else "NO API KEYS: anyone who reaches the port reads every user's data")
+          + "; Ctrl-C or SIGTERM stops", flush=True)
+    serve_until_stopped()
     return 0
 
 
@@ -217,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     url = args.url
     started = url is None
     if started:
-        url = start_app(run.root, variant, args.ranker, port=free_port())
+        url = start_app(run.root, variant, args.ranker, port=free_port(), access={"open_horizons": ["test"]})
     try:
         result = evaluate_via_serve(run, url, variant, args.ranker, concurrency=args.concurrency)
     finally:
@@ -487,8 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--variant", default=None, metavar="USER/ITEM", help="retriever variant (default: CRM++)")
     srv.add_argument("--ranker", default=None, help="ranker: none, llm, llm++, llm/zero-shot, ... (default: the last "
                                                     "ranker.grid entry)")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind; any but a loopback one needs API keys or --insecure")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-keys-file", metavar="PATH",
+                     help="API keys, one a line (# comments): clients send Authorization: Bearer KEY")
+    srv.add_argument("--api-keys-env", metavar="NAME", help="an environment variable holding API keys (comma-separated)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="serve a non-loopback address without API keys (anyone who reaches it reads every user's data)")
+    srv.add_argument("--expose-preferences", action="store_true",
+                     help="answer GET /users/ID/preference (the LLM-inferred preference text of any user); off by default")
+    srv.add_argument("--open-horizons", metavar="valid,test",
+                     help="let clients ask for these leave-one-out horizons (evaluation data); closed by default")
+    srv.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                     help="answer 504 for a request not done in this time (default 60)")
     srv.set_defaults(handler=cmd_serve)
     ev = commands.add_parser("evaluate", help="scaled evaluation: every test user through the Serve chain")
     _add_run_options(ev)

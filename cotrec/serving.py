@@ -1,36 +1,35 @@
 """Starting the Serve app from a run directory, and the scaled evaluation through it.
 
 `start_app` runs `serve/app.py`'s application on the current Ray cluster (RAY_ADDRESS, else a
-local Ray), HTTP on the given host and port. `evaluate_via_serve` sends every test user through
-the deployed chain (`POST /recommend` with `horizon: test`) with bounded concurrency and computes
-Hit@10 / NDCG@10 from the returned lists; because the deployments share the offline code paths,
-the figures equal the offline `metrics.json` of the same run (the command prints both).
+local Ray), HTTP on the given host and port, with the access settings of the app's args (API keys
+from a file or a variable; an app without keys only on a loopback address unless `insecure`).
+`serve_until_stopped` holds `cotrec serve` until Ctrl-C or SIGTERM and then stops the app.
+`evaluate_via_serve` sends every test user through the deployed chain (`POST /recommend` with
+`horizon: test`, which the app must open) with bounded concurrency and computes Hit@10 / NDCG@10
+from the returned lists; because the deployments share the offline code paths, the figures equal
+the offline `metrics.json` of the same run (the command prints both). A client's key comes from
+`COTREC_API_KEY`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import numpy as np
-import pandas as pd
-
-from cotrec.cluster import ensure_ray
-from cotrec.config import parse_ranker
 from cotrec.errors import CotrecError
-from cotrec.metrics import ranking_metrics
 from cotrec.progress import log
-from cotrec.ranker.stage import ranker_folder
-from cotrec.recommend import run_config
-from cotrec.retriever.data import Sequences
-from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.rundir import RunDir, read_table
+from cotrec.rundir import RunDir
 
 APP_NAME = "cotrec"
+API_KEY_ENV = "COTREC_API_KEY"  # a client's key (evaluate --via-serve --url, scripts/probe-serve.py)
 
 
 def free_port() -> int:
@@ -39,13 +38,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def checked_access(host: str, access: Optional[dict[str, Any]] = None, insecure: bool = False) -> dict[str, Any]:
+    """The app's access args for an app bound to `host`: keys checked readable here (a one-line error
+    before anything starts), a key file's path made absolute for the replicas, and an app without
+    keys allowed only on a loopback address or when `insecure`."""
+    from cotrec.guard import load_api_keys
+
+    access = {k: v for k, v in (access or {}).items() if v is not None}
+    if access.get("api_keys_file"):
+        access["api_keys_file"] = str(Path(access["api_keys_file"]).expanduser().resolve())
+    keys = load_api_keys(access.get("api_keys_file"), access.get("api_keys_env"))
+    if not keys:
+        if not (is_loopback(host) or insecure):
+            raise CotrecError(f"--host {host}: an address other machines reach needs API keys (--api-keys-file or "
+                              "--api-keys-env); --insecure serves every user's data to anyone who reaches the port")
+        access["allow_unauthenticated"] = True
+    return access
+
+
 def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Optional[str] = None,
-              host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Deploy the app (blocking until it is healthy); returns its base URL."""
+              host: str = "127.0.0.1", port: int = 8000, access: Optional[dict[str, Any]] = None,
+              insecure: bool = False) -> str:
+    """Deploy the app (blocking until it is healthy); returns its base URL. `access`: the app's
+    access args (serve/app.py's ACCESS_ARGS)."""
     import sys
 
     from ray import serve
 
+    from cotrec.cluster import ensure_ray
+
+    access = checked_access(host, access, insecure)
     repo = str(Path(__file__).resolve().parents[1])
     if repo not in sys.path:  # `serve` is a top-level package of the repository
         sys.path.insert(0, repo)
@@ -53,7 +84,7 @@ def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Option
 
     ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": repo}})
     serve.start(http_options={"host": host, "port": port})
-    args = {"run_dir": str(run_dir), "variant": variant, "ranker": ranker}
+    args = {"run_dir": str(run_dir), "variant": variant, "ranker": ranker, **access}
     started = time.perf_counter()
     serve.run(app_builder({k: v for k, v in args.items() if v is not None}), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
@@ -67,14 +98,36 @@ def stop_app() -> None:
     serve.shutdown()
 
 
-async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
+def serve_until_stopped(stop: Callable[[], None] = stop_app) -> None:
+    """Wait for Ctrl-C or SIGTERM (what Docker, systemd and Kubernetes send), then `stop()`. Replaces
+    the SIGTERM handler ray.init installed, which exits at once with status 1."""
+    stopping = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: stopping.set()) for s in handled}
+    try:
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log("serve: stopping")
+    stop()
+
+
+def client_headers(api_key: Optional[str] = None) -> dict[str, str]:
+    key = api_key or os.environ.get(API_KEY_ENV)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int,
+                    api_key: Optional[str] = None) -> list[dict[str, Any]]:
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
     done = 0
     started = time.perf_counter()
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=client_headers(api_key)) as client:
         async def one(body: dict[str, Any]) -> dict[str, Any]:
             nonlocal done
             async with gate:
@@ -91,8 +144,19 @@ async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int) ->
 
 
 def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none", concurrency: int = 8,
-                       k: int = 10) -> dict[str, Any]:
+                       k: int = 10, api_key: Optional[str] = None) -> dict[str, Any]:
     """Every test user through `POST /recommend`; Hit@K / NDCG@K next to the offline figures."""
+    import numpy as np
+    import pandas as pd
+
+    from cotrec.config import parse_ranker
+    from cotrec.metrics import ranking_metrics
+    from cotrec.ranker.stage import ranker_folder
+    from cotrec.recommend import run_config
+    from cotrec.retriever.data import Sequences
+    from cotrec.retriever.variants import parse_variant, variant_dir
+    from cotrec.rundir import read_table
+
     config = run_config(run)
     rerank = parse_ranker(ranker)[0] != "none"
     user, item = parse_variant(variant)
@@ -108,7 +172,7 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
     item_ids = items["item_id"].astype(str).to_numpy()
     bodies = [{"user_id": str(u), "horizon": "test", "k": k, "rerank": rerank} for u in users["user_id"].astype(str)]
     started = time.perf_counter()
-    replies = asyncio.run(_post_all(url, bodies, concurrency))
+    replies = asyncio.run(_post_all(url, bodies, concurrency, api_key))
     seconds = time.perf_counter() - started
     ranks = []
     for user, reply in zip(users["user_idx"], replies):

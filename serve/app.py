@@ -2,8 +2,8 @@
 
     POST /recommend               {"user_id": "196", "k": 10, "rerank": true}
                                   or {"history": ["242", "302", ...], "k": 10, "rerank": true} for an unknown user
-    GET  /healthz
-    GET  /users/{user_id}/preference
+    GET  /healthz                 liveness only ({"status": "ok"}), the one route without a key
+    GET  /users/{user_id}/preference   off unless args.expose_preferences
 
 The model code lives in `cotrec.recommend` (shared with the offline evaluation); this module only
 puts it behind Serve: `Retriever` resolves, scores and describes concurrent requests in one SASRec
@@ -13,6 +13,14 @@ are 422), chains the two and reports each stage's latency. A request that cannot
 back from a deployment as an error value, never as an exception, so a bad request in a batch fails
 alone. Deploy with `serve deploy serve/config.yaml` or `cotrec serve --run-dir R`; `app_builder` is
 the import path both use.
+
+Access (`cotrec.guard.Guard`, an ASGI middleware around `api`): every route but `/healthz` needs an
+API key (`Authorization: Bearer`), from the file `args.api_keys_file` and/or the environment
+variable `args.api_keys_env` read by each Ingress replica; without either the app is open only
+with `allow_unauthenticated: true` (what `cotrec serve` sets on a loopback address). The body
+limit, the request timeout (`request_timeout_s`, 504) and 500s that return only a request id live
+there too. The preference route answers only with `expose_preferences: true`, and a request for
+the `valid`/`test` horizons (evaluation data) only when `open_horizons` names them (else 403).
 
 `DEPLOYMENTS` holds each deployment's load settings; serve/config.yaml and the RayService restate
 them (a test checks they agree). Why these numbers: a replica takes up to `max_ongoing_requests`
@@ -25,19 +33,23 @@ queueing without bound.
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from cotrec.config import parse_ranker
+from cotrec.guard import Guard, Policy, install_policy, installed_policy, load_api_keys
 from cotrec.llm.base import EngineDeadError
 from cotrec.llm.placement import give_engine_every_core
 from cotrec.recommend import RankerService, RequestError, RetrieverService, run_config
@@ -45,6 +57,12 @@ from cotrec.rundir import RunDir
 
 MAX_K = 100
 MAX_BODY_BYTES = 1 << 20  # a history of the longest accepted length fits many times over
+MAX_ID_CHARS = 200  # a raw user or item id
+HISTORY_CAP = 10_000  # the schema's bound; args.max_history (at most this) is the one a client meets
+DEFAULT_TIMEOUT_S = 60.0  # a re-rank queued behind a full batch on a CPU engine still fits
+CLOSABLE_HORIZONS = ("valid", "test")  # the leave-one-out histories: evaluation data
+LIVENESS_PATH = "/healthz"
+LOG = logging.getLogger("ray.serve")
 
 # Each deployment's load settings (serve/config.yaml and the RayService restate them).
 DEPLOYMENTS: dict[str, dict[str, Any]] = {
@@ -93,12 +111,9 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> Safe
     return SafeJSONResponse(status_code=422, content={"detail": problems})
 
 
-@api.middleware("http")
-async def limit_body(request: Request, call_next: Any) -> Any:
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        return SafeJSONResponse(status_code=413, content={"detail": f"the body must be at most {MAX_BODY_BYTES} bytes"})
-    return await call_next(request)
+# Outside every route: keys, body limit, timeout, opaque 500s; the policy is the replica's own
+# (installed by Ingress.__init__, since Serve serves a copy of `api` taken at import).
+api.add_middleware(Guard, policy=installed_policy)
 
 
 def shown(value: Any, width: int = 60) -> str:
@@ -107,11 +122,15 @@ def shown(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+RawId = Union[Annotated[StrictStr, StringConstraints(max_length=MAX_ID_CHARS)],
+              Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]]
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: Optional[Union[Annotated[StrictStr, StringConstraints(max_length=200)], StrictInt]] = None  # raw user id
-    history: Optional[list[Union[StrictStr, StrictInt]]] = Field(None, min_length=1)  # raw item ids, oldest first
+    user_id: Optional[RawId] = None  # raw user id
+    history: Optional[list[RawId]] = Field(None, min_length=1, max_length=HISTORY_CAP)  # raw item ids, oldest first
     k: int = Field(10, ge=1, le=MAX_K)
     rerank: bool = False
     # next: after the whole stored history; test / valid: the leave-one-out histories (evaluation)
@@ -119,20 +138,31 @@ class RecommendRequest(BaseModel):
 
 
 def error_value(exc: Exception) -> dict[str, Any]:
-    """An exception as the value a deployment returns: a request's own problem is its status (4xx)."""
+    """An exception as the value a deployment returns: a request's own problem is its status (4xx);
+    anything else is logged here under an error id, and only that id travels (never its text)."""
     if isinstance(exc, RequestError):
         return {"error": str(exc), "status": exc.status}
-    return {"error": f"{type(exc).__name__}: {exc}"[:300], "status": 500}
+    error_id = uuid.uuid4().hex[:16]
+    LOG.error("error %s", error_id, exc_info=exc)
+    return {"error": "internal error", "status": 500, "error_id": error_id}
+
+
+class InternalError(Exception):
+    """A deployment's 500, raised in the Ingress so that the guard logs it with the request id."""
+
+
+def raise_error(found: dict[str, Any], where: str) -> None:
+    """A deployment's error value as the reply: its own message for a 4xx or 503 (texts written for
+    clients), an opaque 500 otherwise."""
+    if found["status"] >= 500 and found["status"] != 503:
+        raise InternalError(f"{where}: error {found.get('error_id')} (in that replica's log)")
+    raise HTTPException(status_code=found["status"], detail=found["error"])
 
 
 @serve.deployment(name="Retriever", **DEPLOYMENTS["Retriever"])
 class Retriever:
     def __init__(self, run_dir: str, variant: Optional[str], max_history: int = 2000):
         self.service = RetrieverService(run_dir, variant, max_history=max_history)
-
-    def info(self) -> dict[str, Any]:
-        return {"variant": self.service.variant, "users": len(self.service.user_ids),
-                "items": len(self.service.item_ids), "domain": self.service.domain}
 
     @serve.batch(**BATCHING["Retriever"])
     async def recommend(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,9 +198,6 @@ class Ranker:
         give_engine_every_core(run_config(RunDir(run_dir)).llm)
         self.service = RankerService(run_dir, variant, ranker)
 
-    def info(self) -> dict[str, Any]:
-        return {"ranker": self.service.ranker, "model": self.service.model}
-
     def check_health(self) -> None:
         """Serve's probe: a replica whose engine died is replaced instead of receiving traffic."""
         self.service.check_health()
@@ -190,7 +217,8 @@ class Ranker:
             try:
                 ranked = await self.service.rerank(list(lists.values()))
             except EngineDeadError as exc:
-                ranked = [{"error": f"the ranker's engine died: {exc}", "status": 503}] * len(lists)
+                LOG.error("the ranker's engine died: %s", exc)
+                ranked = [{"error": "the ranker is unavailable (its engine stopped); try again", "status": 503}] * len(lists)
             for i, result in zip(lists, ranked):
                 out[i] = result
         return out
@@ -199,42 +227,57 @@ class Ranker:
 @serve.deployment(name="Ingress", **DEPLOYMENTS["Ingress"])
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int):
+    def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int,
+                 access: Optional[dict[str, Any]] = None):
         self.retriever, self.ranker, self.top_m = retriever, ranker, top_m
+        access = access or {}
+        keys = load_api_keys(access.get("api_keys_file"), access.get("api_keys_env"))
+        if not keys and not access.get("allow_unauthenticated"):
+            raise ValueError("serve: no API keys (args.api_keys_file or args.api_keys_env); an open app needs "
+                             "args.allow_unauthenticated: true")
+        self.expose_preferences = bool(access.get("expose_preferences"))
+        self.open_horizons = frozenset(access.get("open_horizons") or ())
+        install_policy(Policy(keys=keys, max_body_bytes=MAX_BODY_BYTES, open_paths=frozenset({LIVENESS_PATH}),
+                              timeout_s=float(access.get("request_timeout_s") or DEFAULT_TIMEOUT_S)))
 
     @staticmethod
-    async def call(method: Any, request: dict[str, Any]) -> dict[str, Any]:
+    async def call(method: Any, request: Any) -> dict[str, Any]:
         """A deployment method, once more if its replica died under the request (both are
         idempotent: the router sends the retry to a live replica)."""
         try:
-            return await method.remote(request)
-        except RayActorError:
-            return await method.remote(request)
+            try:
+                return await method.remote(request)
+            except RayActorError:
+                return await method.remote(request)
+        except BackPressureError:
+            raise HTTPException(status_code=503, detail="the service is at capacity; try again") from None
 
-    @api.get("/healthz")
+    @api.get(LIVENESS_PATH)
     async def healthz(self) -> dict[str, Any]:
-        info = {"status": "ok", "retriever": await self.retriever.info.remote()}
-        if self.ranker is not None:
-            info["ranker"] = await self.ranker.info.remote()
-        return info
+        return {"status": "ok"}
 
     @api.get("/users/{user_id}/preference")
-    async def preference(self, user_id: str) -> dict[str, Any]:
-        found = await self.retriever.preference.remote(user_id)
+    async def preference(self, user_id: str = Path(max_length=MAX_ID_CHARS)) -> dict[str, Any]:
+        if not self.expose_preferences:  # as if the route did not exist
+            raise HTTPException(status_code=404, detail="Not Found")
+        found = await self.call(self.retriever.preference, user_id)
         if "error" in found:
-            raise HTTPException(status_code=found["status"], detail=found["error"])
+            raise_error(found, "Retriever.preference")
         return found
 
     @api.post("/recommend")
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
         started = time.perf_counter()
+        if body.horizon in CLOSABLE_HORIZONS and body.horizon not in self.open_horizons:
+            raise HTTPException(status_code=403, detail=f"horizon {body.horizon!r} is closed on this deployment "
+                                                        f"(evaluation data); its operator opens it with open_horizons")
         request = body.model_dump()
         if body.rerank and self.ranker is None:
             raise HTTPException(status_code=422, detail="this deployment has no ranker; send rerank: false")
         request["k"] = max(body.k, self.top_m) if body.rerank else body.k
         found = await self.call(self.retriever.recommend, request)
         if "error" in found:
-            raise HTTPException(status_code=found["status"], detail=found["error"])
+            raise_error(found, "Retriever.recommend")
         retrieved = time.perf_counter()
         rows = found["items"]
         for row in rows:
@@ -246,7 +289,7 @@ class Ingress:
                                                           "history": found["history"],
                                                           "candidates": [row["item_idx"] for row in rows[:m]]})
             if "error" in ranked:
-                raise HTTPException(status_code=ranked["status"], detail=ranked["error"])
+                raise_error(ranked, "Ranker.rerank")
             reordered = [rows[i] for i in ranked["order"]]
             for row, prob in zip(reordered, ranked["probs"]):
                 row["ranker_prob"] = prob
@@ -265,16 +308,44 @@ def ranker_resources(config: Any) -> dict[str, Any]:
     return options
 
 
+ACCESS_ARGS = ("api_keys_file", "api_keys_env", "allow_unauthenticated", "expose_preferences", "open_horizons",
+               "request_timeout_s")
+
+
+def access_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Who may call what, from the app's args, checked before any replica starts (keys are read by
+    each Ingress replica, where the Secret is mounted)."""
+    access = {key: args[key] for key in ACCESS_ARGS if args.get(key) is not None}
+    for flag in ("allow_unauthenticated", "expose_preferences"):
+        if not isinstance(access.get(flag, False), bool):
+            raise ValueError(f"serve: args.{flag} must be true or false, got {access[flag]!r}")
+    horizons = access.get("open_horizons", [])
+    if isinstance(horizons, str) or not set(horizons) <= set(CLOSABLE_HORIZONS):
+        raise ValueError(f"serve: args.open_horizons must be a list of {', '.join(CLOSABLE_HORIZONS)}, got {horizons!r}")
+    timeout = access.get("request_timeout_s", DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"serve: args.request_timeout_s must be a number of seconds above 0, got {timeout!r}")
+    if not (access.get("api_keys_file") or access.get("api_keys_env") or access.get("allow_unauthenticated")):
+        raise ValueError("serve: no API keys: set args.api_keys_file (a file every node has, e.g. a mounted Secret) or "
+                         "args.api_keys_env, or args.allow_unauthenticated: true for an app nobody else can reach")
+    return access
+
+
 def app_builder(args: dict[str, Any]) -> Any:
-    """The application from `args`: run_dir (required), variant, ranker ("none" for none), top_m."""
+    """The application from `args`: run_dir (required), variant, ranker ("none" for none), top_m,
+    max_history, and the access args (`ACCESS_ARGS`, docs/design.md "Serving")."""
     if "run_dir" not in args:
         raise ValueError("serve: args.run_dir is required (the run directory to serve)")
+    access = access_args(args)
+    max_history = int(args.get("max_history", 2000))
+    if not 1 <= max_history <= HISTORY_CAP:
+        raise ValueError(f"serve: args.max_history must be within 1..{HISTORY_CAP}, got {max_history}")
     run_dir = str(args["run_dir"])
     config = run_config(RunDir(run_dir))
     variant = args.get("variant") or config.ranker.default_retriever
     ranker = args.get("ranker") or config.ranker.grid[-1]
-    retriever = Retriever.bind(run_dir, variant, int(args.get("max_history", 2000)))
+    retriever = Retriever.bind(run_dir, variant, max_history)
     ranker_handle = None
     if parse_ranker(ranker)[0] != "none":
         ranker_handle = Ranker.options(ray_actor_options=ranker_resources(config)).bind(run_dir, variant, ranker)
-    return Ingress.bind(retriever, ranker_handle, int(args.get("top_m", config.retriever.top_m)))
+    return Ingress.bind(retriever, ranker_handle, int(args.get("top_m", config.retriever.top_m)), access)

@@ -460,6 +460,36 @@ def test_serve_load_settings_agree_with_the_app_and_let_batches_fill(where):
     assert deployments["Ingress"]["max_ongoing_requests"] >= max(d["max_ongoing_requests"] for d in deployments.values())
 
 
+
+@pytest.mark.parametrize("where", ["serve/config.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_serve_configs_take_api_keys_from_a_secret_and_keep_private_routes_closed(where):
+    """The access args are ones app_builder accepts: keys from a variable (never written in the
+    config), no open app, the preference route and the evaluation horizons closed; on KubeRay the
+    variable comes from a Secret on every pod that can host an Ingress replica."""
+    sys.path.insert(0, str(REPO))
+    from serve.app import access_args
+
+    config = serve_config() if where.endswith("rayservice.yaml") else yaml.safe_load((REPO / where).read_text())
+    access = access_args(config["applications"][0]["args"])
+    assert access["api_keys_env"] and not access.get("allow_unauthenticated"), where
+    assert access["expose_preferences"] is False and access["open_horizons"] == [], where
+    if not where.endswith("rayservice.yaml"):
+        return
+    spec = manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    hosts = [(name, pod) for name, pod in _pods(spec)
+             if name != "head" or spec["headGroupSpec"]["rayStartParams"].get("num-cpus") != "0"]
+    assert {name for name, _ in hosts} == {"cpu", "gpu"}
+    secrets = set()
+    for name, pod in hosts:
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert access["api_keys_env"] in env, f"{name}: no ${access['api_keys_env']} for an Ingress replica"
+            found = env[access["api_keys_env"]]
+            assert "value" not in found and found["valueFrom"]["secretKeyRef"]["key"], name
+            secrets.add(found["valueFrom"]["secretKeyRef"]["name"])
+    (secret,) = secrets
+    assert f"kubectl create secret generic {secret} " in (KUBERAY / "rayservice.yaml").read_text()
+
 def test_rayservice_names_what_serve_app_defines():
     source = SERVE_APP.read_text()
     module, attribute = serve_config()["applications"][0]["import_path"].split(":")

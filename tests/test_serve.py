@@ -1,13 +1,20 @@
-"""The Ray Serve chain on 127.0.0.1: responses, validation, bad requests, and --via-serve == offline metrics.
+"""The Ray Serve chain on 127.0.0.1: keys, closed routes, responses, validation, bad requests, and
+--via-serve == offline metrics; `cotrec serve` with its defaults, stopped by SIGTERM.
 
 A small synthetic run (the retriever tests' learnable walk) with the real embedded model as a
-zero-shot ranker on the transformers backend (it starts in seconds inside a replica).
+zero-shot ranker on the transformers backend (it starts in seconds inside a replica). The front
+door's own behaviour (keys, body limit, timeout, 500s) is tested without Ray in test_guard.py;
+here, that it stands in front of the deployed app. Each Serve start costs tens of seconds: two in
+this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from urllib.parse import quote
 
@@ -19,36 +26,110 @@ from hypothesis import strategies as st
 from cotrec.ranker.stage import ranker_eval
 from cotrec.retriever import train_variant
 from cotrec.serving import evaluate_via_serve, free_port, start_app, stop_app
-from conftest import FLOAT32
+from conftest import FLOAT32, REPO
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
 # float32: the served ranker's probabilities must equal the offline ones (see conftest.FLOAT32)
 SMALL = FAST_RETRIEVER + ("llm.backend=transformers", "ranker.mapb=false", FLOAT32)
+KEY = "test-key-" + "0123456789abcdef" * 2
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    import ray
-
+def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     config, run = synthetic_run(root / "run", users=30, config_overrides=SMALL)
     train_variant(config, run, "none/random")
     fake_extraction(run)
+    return config, run
+
+
+@pytest.mark.slow
+def test_cotrec_serve_with_its_defaults_and_stopped_by_sigterm(trained, tmp_path):
+    """`cotrec serve` as a user starts it (loopback, no keys): the preference route and the
+    evaluation horizons are closed; SIGTERM (what Docker, systemd and Kubernetes send) stops it
+    like Ctrl-C: exit 0, no stack dump (red with Ray's own SIGTERM handler: it aborts, status -6).
+    First in the module: its Ray is gone before the `served` fixture starts one."""
+    _, run = trained
+    url = f"http://127.0.0.1:{free_port()}"
+    output = tmp_path / "serve.out"
+    with output.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "cotrec", "serve", "--run-dir", str(run.root), "--variant",
+                                   "none/random", "--ranker", "none", "--port", url.rsplit(":", 1)[1]], cwd=REPO,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "\nserving " not in "\n" + output.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.post("/recommend", json={"user_id": "u3", "k": 3}).status_code == 200  # open on loopback
+            assert client.get("/users/u3/preference").status_code == 404
+            for horizon in ("valid", "test"):
+                closed = client.post("/recommend", json={"user_id": "u3", "horizon": horizon})
+                assert closed.status_code == 403 and "open_horizons" in closed.json()["detail"]
+            assert client.get("/healthz").json() == {"status": "ok"}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, output.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log = output.read_text()
+    assert "serve: stopping" in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """The app with an API key, the preference route on and the test horizon open (what --via-serve
+    asks for); every client below sends the key."""
+    import ray
+
+    config, run = trained
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"# the suite's key\n{KEY}\n")
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        url = start_app(run.root, "none/random", "llm/zero-shot", port=free_port())
+        url = start_app(run.root, "none/random", "llm/zero-shot", port=free_port(),
+                        access={"api_keys_file": str(keys), "expose_preferences": True, "open_horizons": ["test"]})
         yield config, run, url
     finally:
         stop_app()
         ray.shutdown()
 
 
+def keyed(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=120, headers=AUTH)
+
+
+@pytest.mark.slow
+def test_every_route_but_healthz_needs_the_key_and_healthz_says_only_ok(served):
+    """No key or a wrong one: 401 on every route and horizon, nothing of a user in the reply
+    (red without the guard: the user's data comes back)."""
+    _, _, url = served
+    strangers = [{}, {"authorization": "Bearer wrong-key-0123456789abcdef"}, {"authorization": f"Bearer {KEY[:-1]}"},
+                 {"authorization": KEY}]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for headers in strangers:
+            replies = [client.get("/users/u3/preference", headers=headers),
+                       client.post("/recommend", json={"history": ["i10", "i11"]}, headers=headers)]
+            replies += [client.post("/recommend", json={"user_id": "u3", "horizon": h}, headers=headers)
+                        for h in ("next", "valid", "test")]
+            for reply in replies:
+                assert reply.status_code == 401 and reply.headers["www-authenticate"].startswith("Bearer"), reply.text
+                assert "u3" not in reply.text and "item" not in reply.text
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+    with keyed(url) as client:
+        assert client.post("/recommend", json={"user_id": "u3", "horizon": "test"}).status_code == 200
+        valid = client.post("/recommend", json={"user_id": "u3", "horizon": "valid"})  # not opened
+        assert valid.status_code == 403 and "'valid'" in valid.json()["detail"]
+
+
 @pytest.mark.slow
 def test_recommend_health_preference_and_validation(served):
     _, _, url = served
-    with httpx.Client(base_url=url, timeout=120) as client:
-        health = client.get("/healthz")
-        assert health.status_code == 200 and health.json()["retriever"]["users"] == 30
+    with keyed(url) as client:
         reply = client.post("/recommend", json={"user_id": "u3", "k": 5})
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -78,13 +159,13 @@ def test_recommend_health_preference_and_validation(served):
 @pytest.mark.slow
 def test_via_serve_metrics_equal_the_offline_metrics(served):
     config, run, url = served
-    retrieval = evaluate_via_serve(run, url, "none/random", "none")
+    retrieval = evaluate_via_serve(run, url, "none/random", "none", api_key=KEY)
     assert retrieval["users"] == 30 and retrieval["equal"], retrieval
     sampled = config.model_copy(deep=True)
     sampled.ranker.max_eval_users = 8  # a seeded sample: the served comparison asks for the same users
     sampled.extract.cpus_per_actor = 0.25  # the scoring actor fits beside the app's replicas (1.5 of 2 CPUs)
     ranker_eval(sampled, run, "none/random", "llm/zero-shot")
-    reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot")
+    reranked = evaluate_via_serve(run, url, "none/random", "llm/zero-shot", api_key=KEY)
     assert reranked["users"] == 8 and reranked["equal"], reranked
 
 
@@ -99,7 +180,7 @@ def test_an_anonymous_rerank_and_bad_requests_batched_with_good_ones(served):
               {"user_id": "u7", "k": 3}, anonymous]
 
     async def send_all():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as client:
             return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
 
     replies = asyncio.run(send_all())
@@ -129,7 +210,7 @@ def test_bad_requests_are_4xx_with_a_message_never_500(served, body, path):
     rare body that happens to be a valid request), never a 5xx."""
     _, _, url = served
     raw = path.encode("utf-8", "surrogatepass")  # lone surrogates become bytes no UTF-8 decoder accepts
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with keyed(url) as client:
         for reply in (client.post("/recommend", content=body, headers={"content-type": "application/json"}),
                       client.get("/users/" + quote(raw, safe="") + "/preference"),
                       client.post("/" + quote(raw, safe="/").lstrip("/"), content=body)):
@@ -141,10 +222,19 @@ def test_bad_requests_are_4xx_with_a_message_never_500(served, body, path):
 @pytest.mark.slow
 def test_oversized_requests_are_refused_and_good_ones_still_served(served):
     _, _, url = served
-    with httpx.Client(base_url=url, timeout=120) as client:
+
+    def chunked():  # no Content-Length: the limit is counted on the stream (test_guard.py)
+        yield b'{"history": ['
+        for _ in range(64):
+            yield b'"i1",' * 13_000
+        yield b'"i2"]}'
+
+    with keyed(url) as client:
         huge = client.post("/recommend", content=b'{"history": [' + b'"i1",' * 300_000 + b'"i2"]}',
                            headers={"content-type": "application/json"})
         assert huge.status_code == 413 and "at most" in huge.json()["detail"]
+        streamed = client.post("/recommend", content=chunked(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and "at most" in streamed.json()["detail"], streamed.text[:300]
         long = client.post("/recommend", json={"history": ["i1"] * 5000})
         assert long.status_code == 422 and "at most 2000" in long.json()["detail"]
         assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200
@@ -160,7 +250,7 @@ def test_a_retriever_replica_killed_under_load_fails_no_request(served):
     statuses, started = [], time.perf_counter()
 
     async def load(seconds):
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as client:
             async def worker(n):
                 while time.perf_counter() - started < seconds:
                     statuses.append((await client.post("/recommend", json={"user_id": f"u{n}", "k": 5})).status_code)
@@ -169,5 +259,5 @@ def test_a_retriever_replica_killed_under_load_fails_no_request(served):
     with Killer("ServeReplica:cotrec:Retriever", lambda: time.perf_counter() - started > 2) as killer:
         asyncio.run(load(12))
     assert killer.killed and statuses and set(statuses) == {200}, statuses
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with keyed(url) as client:
         assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200
