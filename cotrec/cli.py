@@ -8,6 +8,7 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def open_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
     run.write_config(config)
     use_run_log(run.root)  # what the run's processes print, but cotrec's progress (cotrec.progress)
     send_native_errors_to_run_log()
+    if not os.environ.get("RAY_ADDRESS"):  # the only worker lines left on the terminal are cotrec's own
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     return config, run
 
 

@@ -92,7 +92,9 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
     order, and compare with the zero-shot model's ranks of the same targets in the same order."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # this runs in the driver: the terminal is cotrec's
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
