@@ -320,6 +320,17 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     table = (run / "reports" / "table2.md").read_text()
     assert "| CRM (none/random) | None |" in table and "| CRM (none/random) | LLM++ |" in table
     assert "(no interval: " in table and train["shape_note"] in table  # 12 users: too few for an interval
+    # the report keeps its per-list outputs, and its table recomputes from them (and only from them)
+    from cotrec.ranker.table2 import check_report
+    from cotrec.reporting.tables import table2_markdown
+
+    assert check_report(run / "reports", table2_markdown) is None
+    kept = run / "reports" / "rankings" / "none-random--llm++.parquet"
+    frame = pd.read_parquet(kept)
+    first = frame.index[frame.ranks_by_position.notna()][0]
+    frame.at[first, "ranks_by_position"] = [0] * 10  # one list's ranks changed
+    frame.to_parquet(kept)
+    assert "LLM++" in check_report(run / "reports", table2_markdown)
 
 
 @pytest.mark.slow
@@ -345,3 +356,25 @@ def test_a_float32_fine_tune_on_two_ray_workers_moves_the_model_and_the_merge_ke
     assert [c["epoch"] for c in train["curve"]] == [0, 1, 2]
     assert train["curve"][0]["val_mean_abs_dp"] == 0 and train["curve"][-1]["val_mean_abs_dp"] > 1e-3
     assert train["update_kept"]["merged_saved"]["max_abs_dp"] < 1e-3
+
+
+def test_the_position_free_ndcg_of_any_position_only_ranker_is_0_4544_and_of_a_content_ranker_1():
+    from cotrec.metrics import POSITION_ONLY_NDCG
+    from cotrec.ranker.table2 import list_bias, position_free_ndcg
+
+    shown_at = pd.Series([list(range(10)), [9 - p for p in range(10)]])  # ranks by position, either way round
+    assert np.allclose(position_free_ndcg(shown_at), POSITION_ONLY_NDCG) and round(POSITION_ONLY_NDCG, 4) == 0.4544
+    assert np.allclose(list_bias(shown_at), 2.5)
+    always_first = pd.Series([[0] * 10])
+    assert position_free_ndcg(always_first).tolist() == [1.0] and list_bias(always_first).tolist() == [0.0]
+
+
+def test_too_few_paired_lists_get_no_interval_because_it_would_hold_a_zero_effect_too_rarely():
+    from cotrec.metrics import MIN_PAIRED_LISTS, bootstrap_coverage, paired_difference
+
+    assert bootstrap_coverage(7, replicates=300, rounds=500) < 0.9  # a percentile interval over 7 lists
+    assert bootstrap_coverage(MIN_PAIRED_LISTS * 2, replicates=300, rounds=500) >= 0.93
+    few = paired_difference(np.full(MIN_PAIRED_LISTS - 1, 0.1))
+    assert few["interval"] is None and few["mean"] == pytest.approx(0.1) and "fewer than" in few["why"]
+    enough = paired_difference(np.random.default_rng(0).normal(0.1, 0.01, MIN_PAIRED_LISTS))
+    assert enough["interval"] and enough["low"] > 0
