@@ -72,3 +72,43 @@ def test_the_loop_learns_a_learnable_ranking_and_nothing_from_shuffled_answers(t
     assert curve[-1]["val_hit@1"] >= 0.9, [c["val_hit@1"] for c in curve]
     shuffled = fine_tune(tmp_path / "shuffled", train, held_out, labels, shuffle_answers=True)
     assert shuffled[-1]["val_hit@1"] <= 0.3, [c["val_hit@1"] for c in shuffled]
+
+
+def marked_task(lists: int, seed: int, marked: bool) -> tuple[list[CandidateList], list[str]]:
+    """Lists whose target is the one candidate titled "Gold ..." (`marked`), or a candidate drawn at
+    random among ten plain titles (nothing in the text tells it)."""
+    plain = [f"{a} {b}" for a in WORDS for b in WORDS if a != b]
+    labels = plain + [f"Gold {w}" for w in WORDS]
+    rng = np.random.default_rng(seed)
+    out = []
+    for user in range(lists):
+        others = [int(i) for i in rng.choice(len(plain), size=12, replace=False)]
+        target = len(plain) + int(rng.integers(len(WORDS))) if marked else others[3]
+        candidates = [target] + others[4:] if marked else others[3:]
+        out.append(CandidateList(user, "valid", others[:3], candidates, target, retriever_rank=0))
+    return out, labels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marked", [True, False], ids=["target-in-the-text", "target-at-random"])
+def test_the_probe_finds_what_the_frozen_model_encodes_and_says_nothing_it_cannot(marked):
+    """The frozen-feature probe (`cotrec ranker probe`) against a zero-shot ranking that ranks by shown
+    position: where the target is told by its text, a linear scorer over the model's states finds it
+    and the reading is that the recipe is the limit; where nothing tells it, the probe does not beat
+    the position ranking and the reading is that the model is."""
+    from cotrec.ranker.lists import shown_order
+    from cotrec.ranker.probe import run_probe
+
+    lists, labels = marked_task(90, seed=0, marked=marked)
+    train, test = lists[:45], lists[45:]
+    ranker = LetterRanker(None, domain_of("movie"), "llm", labels)
+    shown_at = np.array([int(np.flatnonzero(shown_order(lst, 0) == lst.candidates.index(lst.target))[0])
+                         for lst in test])
+    found = run_probe(resolve_model("embedded"), ranker, train, test, zero_shot_ranks=shown_at, seed=0)
+    difference = found["probe_minus_zero_shot"]
+    assert difference["interval"], difference  # 45 paired lists: enough for one
+    if marked:
+        assert found["probe_ndcg@10"] >= 0.9 and found["probe_beats_zero_shot"] and "recipe" in found["reading"]
+    else:
+        assert found["probe_ndcg@10"] < 0.6 and not found["probe_beats_zero_shot"]
+        assert "the model is the limit" in found["reading"]

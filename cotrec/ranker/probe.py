@@ -86,6 +86,18 @@ def probe_scores(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return states @ weights[:-1] + weights[-1]
 
 
+def probe_reading(difference: dict[str, Any], beats: bool) -> str:
+    """What the probe against the zero-shot model says, and only what its interval can carry."""
+    if not difference.get("interval"):
+        return (f"no reading: {difference['why']}; the probe needs more test lists before it can say whether "
+                "the model or the recipe is the limit")
+    if beats:
+        return ("the probe beats the zero-shot model on the same lists: what ranks them is in the frozen model, "
+                "so the fine-tuning recipe is the limit")
+    return ("the probe does not beat the zero-shot model on the same lists (its interval holds 0 or lies below): "
+            "the frozen model's states carry no more than its zero-shot ranking, so the model is the limit")
+
+
 def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList], test: list[CandidateList],
               zero_shot_ranks: np.ndarray, seed: int) -> dict[str, Any]:
     """Train the probe on `train` (each list in its shown order), rank `test` in the evaluation's shown
@@ -120,8 +132,5 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
             "probe_train_ndcg@10": float(ndcg_gains(train_ranks, 10).mean()),
             "probe_ndcg@10": float(probe_gains.mean()), "zero_shot_ndcg@10": float(zero_gains.mean()),
             "probe_minus_zero_shot": difference, "probe_beats_zero_shot": beats,
-            "reading": ("the probe beats the zero-shot model on the same lists: what ranks them is in the frozen "
-                        "model, so the fine-tuning recipe is the limit") if beats else
-                       ("the probe does not beat the zero-shot model on the same lists: the frozen model's states "
-                        "carry no more than its zero-shot ranking, so the model is the limit"),
+            "reading": probe_reading(difference, beats),
             "seconds": round(time.perf_counter() - started, 1)}
