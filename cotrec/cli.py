@@ -66,6 +66,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepared_run(args: argparse.Namespace) -> Path:
+    """The run directory a command reads (report, serve, evaluate): a one-line error, before anything
+    is written there, when it holds no prepared run."""
+    root = run_path(args.run_dir or Path("runs") / config_name(args.config))
+    if not (root / "data").is_dir():
+        raise CotrecError(f"{root}: not a prepared run directory (no data/); run `cotrec run` or "
+                          "`cotrec prepare` first")
+    return root
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from cotrec.pipeline import STAGE_NAMES
     from cotrec.report import format_report, write_reports
@@ -73,10 +83,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.check:
         return check_report_folder(Path(args.check))
 
-    root = run_path(args.run_dir or Path("runs") / config_name(args.config))
-    if not (root / "data").is_dir():
-        raise CotrecError(f"{root}: not a prepared run directory (no data/); run `cotrec run` or "
-                          "`cotrec prepare` first")
+    root = prepared_run(args)
     if args.config is None and (root / "config.yaml").is_file():
         args.config = str(root / "config.yaml")  # the run's own settings, not the default preset's
     config, run = open_run(args)
@@ -205,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise CotrecError(f"--request-timeout {args.request_timeout}: expected seconds above 0")
     access = checked_access(args.host, access, args.insecure)  # refused before anything is written or started
+    prepared_run(args)
     config, run = open_run(args)
     url = start_app(run.root, args.variant, args.ranker, host=args.host, port=args.port, access=access,
                     insecure=args.insecure)
@@ -223,6 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.via_serve:
         raise CotrecError("only --via-serve is implemented here; offline metrics come from `cotrec retriever train` "
                           "and `cotrec ranker eval`")
+    prepared_run(args)
     config, run = open_run(args)
     variant = args.variant or config.ranker.default_retriever
     url = args.url

@@ -203,6 +203,8 @@ def test_cotrec_serve_refuses_a_public_address_without_keys_with_one_line(cli, t
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such API key file" in missing.stderr
     horizon = cli("serve", "--run-dir", str(tmp_path / "no-run"), "--open-horizons", "valid,later", timeout=60)
     assert horizon.returncode == 2 and horizon.stderr.count("\n") == 1 and "--open-horizons" in horizon.stderr
+    absent = cli("serve", "--run-dir", str(tmp_path / "no-run"), timeout=60)  # loopback, no keys: allowed, no run
+    assert absent.returncode == 2 and absent.stderr.count("\n") == 1 and "not a prepared run directory" in absent.stderr
     assert not (tmp_path / "no-run").exists()
 
 
