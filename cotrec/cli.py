@@ -358,7 +358,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise CotrecError(f"--concurrency {args.concurrency!r}: expected comma-separated integers, e.g. 1,8,32") from None
     print(format_bench(bench_serve(config, run, args.variant, args.ranker, levels, args.requests,
-                                   args.rerank_requests, args.out, args.sustain, args.config)))
+                                   args.rerank_requests, args.out, args.sustain, args.config, args.rounds,
+                                   args.floor)))
     print(f"wrote {args.out}")
     return 0
 
@@ -599,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_srv.add_argument("--sustain", type=float, default=None, metavar="SECONDS",
                            help="the retrieval-only level at the highest concurrency runs at least this long so "
                                 "Serve's autoscaler can act (default: the longest upscale_delay_s + 15 s)")
+    bench_srv.add_argument("--rounds", type=int, default=1,
+                           help="times each retrieval level runs, on the bare process and on Serve (default 1)")
+    bench_srv.add_argument("--no-floor", dest="floor", action="store_false",
+                           help="skip the bare-process floor (one FastAPI + uvicorn process holding the retriever)")
     bench_srv.add_argument("--out", default="bench/serve.json", help="JSON output path")
     bench_srv.set_defaults(handler=cmd_bench_serve)
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,13 +151,14 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        received_at = time.time()  # wall clock: the client's send time is compared with it (the proxy hop)
         policy = self.policy() if callable(self.policy) else self.policy
         headers = dict(scope.get("headers") or [])
         given = headers.get(REQUEST_ID_HEADER, b"")
         # Serve's proxy names each request and puts that id on the reply: one id in both logs, one header
         named = bool(REQUEST_ID.fullmatch(given))
         request_id = given.decode("ascii") if named else uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, received_at=received_at)
         started = False
 
         async def send_with_id(message: dict[str, Any]) -> None:

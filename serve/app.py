@@ -1,4 +1,4 @@
-"""The Ray Serve application: a retriever deployment, a ranker deployment and a FastAPI ingress.
+"""The Ray Serve application: a FastAPI ingress that retrieves, and a ranker deployment.
 
     POST /recommend               {"user_id": "196", "k": 10, "rerank": true}
                                   or {"history": ["242", "302", ...], "k": 10, "rerank": true} for an unknown user
@@ -6,12 +6,12 @@
     GET  /users/{user_id}/preference   off unless args.expose_preferences
 
 The model code lives in `cotrec.recommend` (shared with the offline evaluation); this module only
-puts it behind Serve: `Retriever` resolves, scores and describes concurrent requests in one SASRec
-forward pass (`@serve.batch`), `Ranker` holds one LLM engine and scores concurrent candidate lists
-in one engine call, `Ingress` validates requests (pydantic: malformed bodies and out-of-range values
-are 422), chains the two and reports each stage's latency. A request that cannot be answered comes
-back from a deployment as an error value, never as an exception, so a bad request in a batch fails
-alone. Deploy with `serve deploy serve/config.yaml` or `cotrec serve --run-dir R`; `app_builder` is
+puts it behind Serve: `Ingress` validates requests (pydantic: malformed bodies and out-of-range values
+are 422), resolves, scores and describes concurrent requests in one SASRec forward pass
+(`@serve.batch`, in the replica the proxy reached: retrieval costs no second hop), calls `Ranker`
+only when a re-rank is asked for, and reports each stage's latency. `Ranker` holds one LLM engine and
+scores concurrent candidate lists in one engine call. A request that cannot be answered comes back
+from a batch as an error value, never as an exception, so a bad request in a batch fails alone. Deploy with `serve deploy serve/config.yaml` or `cotrec serve --run-dir R`; `app_builder` is
 the import path both use.
 
 Access (`cotrec.guard.Guard`, an ASGI middleware around `api`): every route but `/healthz` needs an
@@ -64,14 +64,9 @@ CLOSABLE_HORIZONS = ("valid", "test")  # the leave-one-out histories: evaluation
 LIVENESS_PATH = "/healthz"
 LOG = logging.getLogger("ray.serve")
 
-# Each deployment's load settings (serve/config.yaml and the RayService restate them).
+# Each deployment's load settings (serve/config.yaml and the RayService restate them). Retrieval runs
+# in the Ingress (one hop from the proxy, not two); the Ranker is called only for a re-rank.
 DEPLOYMENTS: dict[str, dict[str, Any]] = {
-    "Retriever": {
-        "ray_actor_options": {"num_cpus": 0.25},
-        "max_ongoing_requests": 64, "max_queued_requests": 1024,
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32,
-                               "upscale_delay_s": 5, "downscale_delay_s": 60},
-    },
     "Ranker": {
         "ray_actor_options": {"num_cpus": 1},
         "max_ongoing_requests": 32, "max_queued_requests": 256,
@@ -82,12 +77,14 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
     "Ingress": {
         "ray_actor_options": {"num_cpus": 0.25},
         "max_ongoing_requests": 256, "max_queued_requests": 2048,
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32,
                                "upscale_delay_s": 5, "downscale_delay_s": 60},
     },
 }
-# @serve.batch per deployment: the most requests in one forward pass, and how long a batch waits to fill.
-BATCHING = {"Retriever": {"max_batch_size": 64, "batch_wait_timeout_s": 0.005},
+# @serve.batch per deployment: the most requests in one forward pass, and how long a batch waits to
+# fill. Retrieval waits for nothing: what queued while the previous batch ran is the next batch,
+# and a lone request is not held back.
+BATCHING = {"Ingress": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
             "Ranker": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}}
 
 
@@ -159,39 +156,6 @@ def raise_error(found: dict[str, Any], where: str) -> None:
     raise HTTPException(status_code=found["status"], detail=found["error"])
 
 
-@serve.deployment(name="Retriever", **DEPLOYMENTS["Retriever"])
-class Retriever:
-    def __init__(self, run_dir: str, variant: Optional[str], max_history: int = 2000):
-        self.service = RetrieverService(run_dir, variant, max_history=max_history)
-
-    @serve.batch(**BATCHING["Retriever"])
-    async def recommend(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per request: its user, horizon and history, and the top `k` items described, or an error
-        value for that request alone."""
-        out: list[dict[str, Any]] = [{} for _ in requests]
-        resolved = {}
-        for i, request in enumerate(requests):
-            try:
-                resolved[i] = self.service.resolve(request)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not fail its batch
-                out[i] = error_value(exc)
-        if resolved:
-            k = max(requests[i]["k"] for i in resolved)
-            found = self.service.retrieve(list(resolved.values()), k)
-            for (i, request), top in zip(resolved.items(), found):
-                n = requests[i]["k"]
-                out[i] = {"user_idx": request["user_idx"], "horizon": request["horizon"],
-                          "history": request["history"].tolist(),
-                          "items": self.service.describe(top["items"][:n], top["scores"][:n])}
-        return out
-
-    def preference(self, user_id: str) -> dict[str, Any]:
-        user = self.service.user_index.get(str(user_id))
-        if user is None:
-            return {"error": f"unknown user {shown(user_id)}", "status": 404}
-        return {"user_id": str(user_id), "preferences": self.service.preferences_of(user)}
-
-
 @serve.deployment(name="Ranker", **DEPLOYMENTS["Ranker"])
 class Ranker:
     def __init__(self, run_dir: str, variant: str, ranker: str):
@@ -227,9 +191,11 @@ class Ranker:
 @serve.deployment(name="Ingress", **DEPLOYMENTS["Ingress"])
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retriever: DeploymentHandle, ranker: Optional[DeploymentHandle], top_m: int,
+    def __init__(self, retriever: Optional[dict[str, Any]], ranker: Optional[DeploymentHandle], top_m: int,
                  access: Optional[dict[str, Any]] = None):
-        self.retriever, self.ranker, self.top_m = retriever, ranker, top_m
+        """`retriever`: RetrieverService's args (run_dir, variant, max_history), loaded after the
+        access args are checked so that a replica without keys fails before loading a model."""
+        self.ranker, self.top_m = ranker, top_m
         access = access or {}
         keys = load_api_keys(access.get("api_keys_file"), access.get("api_keys_env"))
         if not keys and not access.get("allow_unauthenticated"):
@@ -239,6 +205,7 @@ class Ingress:
         self.open_horizons = frozenset(access.get("open_horizons") or ())
         install_policy(Policy(keys=keys, max_body_bytes=MAX_BODY_BYTES, open_paths=frozenset({LIVENESS_PATH}),
                               timeout_s=float(access.get("request_timeout_s") or DEFAULT_TIMEOUT_S)))
+        self.service = RetrieverService(**retriever) if retriever is not None else None
 
     @staticmethod
     async def call(method: Any, request: Any) -> dict[str, Any]:
@@ -252,6 +219,55 @@ class Ingress:
         except BackPressureError:
             raise HTTPException(status_code=503, detail="the service is at capacity; try again") from None
 
+    async def retrieve(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request through the retrieval batch, with its wait and the batch's work (for the bench)."""
+        queued_at = time.perf_counter()
+        found = await self.retrieve_batch(request)
+        timing = found.pop("timing", None)
+        if timing is not None:
+            found["timing"] = {"batch_wait_ms": (timing["batch_at"] - queued_at) * 1e3,
+                               "retrieval_ms": timing["retrieval_ms"], "batch_size": timing["batch_size"]}
+        return found
+
+    @serve.batch(**BATCHING["Ingress"])
+    async def retrieve_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per request: its user, horizon and history (kept only for a re-rank), and the top `k`
+        items described, or an error value for that request alone."""
+        batch_at = time.perf_counter()
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        resolved = {}
+        for i, request in enumerate(requests):
+            try:
+                resolved[i] = self.service.resolve(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail its batch
+                out[i] = error_value(exc)
+        if resolved:
+            try:
+                k = max(requests[i]["k"] for i in resolved)
+                found = self.service.retrieve(list(resolved.values()), k)
+                for (i, request), top in zip(resolved.items(), found):
+                    n = requests[i]["k"]
+                    out[i] = {"user_idx": request["user_idx"], "horizon": request["horizon"],
+                              "items": self.service.describe(top["items"][:n], top["scores"][:n])}
+                    if requests[i].get("rerank"):  # what the Ranker's prompt shows, and no more
+                        out[i]["history"] = request["history"][-self.service.config.ranker.history_items:].tolist()
+            except Exception as exc:  # noqa: BLE001 - the batch's failure is each request's 500
+                failed = error_value(exc)
+                for i in resolved:
+                    out[i] = failed
+        timing = {"batch_at": batch_at, "retrieval_ms": (time.perf_counter() - batch_at) * 1e3,
+                  "batch_size": len(requests)}
+        for row in out:
+            if "error" not in row:
+                row["timing"] = timing
+        return out
+
+    def user_preference(self, user_id: str) -> dict[str, Any]:
+        user = self.service.user_index.get(str(user_id))
+        if user is None:
+            return {"error": f"unknown user {shown(user_id)}", "status": 404}
+        return {"user_id": str(user_id), "preferences": self.service.preferences_of(user)}
+
     @api.get(LIVENESS_PATH)
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
@@ -260,14 +276,16 @@ class Ingress:
     async def preference(self, user_id: str = Path(max_length=MAX_ID_CHARS)) -> dict[str, Any]:
         if not self.expose_preferences:  # as if the route did not exist
             raise HTTPException(status_code=404, detail="Not Found")
-        found = await self.call(self.retriever.preference, user_id)
+        found = self.user_preference(user_id)
         if "error" in found:
-            raise_error(found, "Retriever.preference")
+            raise_error(found, "preference")
         return found
 
     @api.post("/recommend")
-    async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
+    async def recommend(self, body: RecommendRequest, http: Request = None) -> dict[str, Any]:  # type: ignore[assignment]
         started = time.perf_counter()
+        received_at = getattr(getattr(http, "state", None), "received_at", None) or time.time()
+        parse_ms = (time.time() - received_at) * 1e3
         if body.horizon in CLOSABLE_HORIZONS and body.horizon not in self.open_horizons:
             raise HTTPException(status_code=403, detail=f"horizon {body.horizon!r} is closed on this deployment "
                                                         f"(evaluation data); its operator opens it with open_horizons")
@@ -275,14 +293,15 @@ class Ingress:
         if body.rerank and self.ranker is None:
             raise HTTPException(status_code=422, detail="this deployment has no ranker; send rerank: false")
         request["k"] = max(body.k, self.top_m) if body.rerank else body.k
-        found = await self.call(self.retriever.recommend, request)
+        found = await self.retrieve(request)
         if "error" in found:
-            raise_error(found, "Retriever.recommend")
+            raise_error(found, "retrieve")
         retrieved = time.perf_counter()
         rows = found["items"]
         for row in rows:
             row["retriever_score"] = row.pop("score")
-        latency = {"retrieve_ms": (retrieved - started) * 1e3}
+        latency = {"retrieve_ms": (retrieved - started) * 1e3, "received_at": received_at, "parse_ms": parse_ms,
+                   **found.get("timing", {})}
         if body.rerank and len(rows) >= 2:
             m = min(self.top_m, len(rows))
             ranked = await self.call(self.ranker.rerank, {"user_idx": found["user_idx"], "horizon": found["horizon"],
@@ -296,6 +315,7 @@ class Ingress:
             rows = reordered + rows[m:]
             latency["rerank_ms"] = (time.perf_counter() - retrieved) * 1e3
         latency["total_ms"] = (time.perf_counter() - started) * 1e3
+        latency["app_ms"] = parse_ms + latency["total_ms"]
         return {"user_id": body.user_id, "horizon": found["horizon"], "reranked": bool(body.rerank),
                 "items": rows[:body.k], "latency": latency}
 
@@ -344,7 +364,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     config = run_config(RunDir(run_dir))
     variant = args.get("variant") or config.ranker.default_retriever
     ranker = args.get("ranker") or config.ranker.grid[-1]
-    retriever = Retriever.bind(run_dir, variant, max_history)
+    retriever = {"run_dir": run_dir, "variant": variant, "max_history": max_history}
     ranker_handle = None
     if parse_ranker(ranker)[0] != "none":
         ranker_handle = Ranker.options(ray_actor_options=ranker_resources(config)).bind(run_dir, variant, ranker)

@@ -425,7 +425,7 @@ def test_rayservice_serves_the_app_builder_with_autoscaled_deployments():
     assert app["import_path"] == "serve.app:app_builder"
     assert app["args"]["run_dir"] == check_command(python_commands(manifest("rayjob.yaml")["spec"]["entrypoint"])[0]).run_dir
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"Retriever", "Ranker", "Ingress"}
+    assert set(deployments) == {"Ranker", "Ingress"}  # retrieval runs in the Ingress
     for name, deployment in deployments.items():
         scaling = deployment["autoscaling_config"]
         assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], name

@@ -213,16 +213,15 @@ def test_cotrec_serve_refuses_a_public_address_without_keys_with_one_line(cli, t
 
 
 def ingress(**access):
-    """The Ingress's route methods on a stand-in replica whose Retriever answers with a user's data."""
+    """The Ingress's route methods on a stand-in replica whose retrieval answers with a user's data."""
     from serve.app import Ingress
 
-    async def call(method, request):
-        return {**USER_DATA, "user_idx": 3, "horizon": request.get("horizon") if isinstance(request, dict) else None,
-                "history": [1, 2], "items": [{"item_id": "i1", "score": 1.0}]}
+    async def retrieve(request):
+        return {"user_idx": 3, "horizon": request.get("horizon"), "items": [{"item_id": "i1", "score": 1.0}]}
 
     replica = SimpleNamespace(expose_preferences=access.get("expose_preferences", False),
                               open_horizons=frozenset(access.get("open_horizons", ())), top_m=10, ranker=None,
-                              retriever=SimpleNamespace(preference=None, recommend=None), call=call)
+                              retrieve=retrieve, user_preference=lambda user_id: dict(USER_DATA))
     return Ingress.func_or_class, replica
 
 

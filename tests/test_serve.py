@@ -241,23 +241,30 @@ def test_oversized_requests_are_refused_and_good_ones_still_served(served):
 
 
 @pytest.mark.slow
-def test_a_retriever_replica_killed_under_load_fails_no_request(served):
-    """SIGKILL the Retriever replica while requests flow: the Ingress sends the requests it had in
-    flight again, the controller starts a new replica, and every request is answered."""
+def test_a_ranker_replica_killed_under_load_fails_no_retrieval_and_comes_back(served):
+    """SIGKILL the Ranker replica while requests flow: retrieval (in the Ingress) answers every
+    request, a re-rank waits for the new replica (the Ingress sends the call again) or runs out its
+    request timeout (504, never a 500), and re-ranks are answered again once it is up."""
     from cotrec.bench.faults import Killer
 
     _, _, url = served
-    statuses, started = [], time.perf_counter()
+    statuses: dict[bool, list[int]] = {True: [], False: []}
+    started = time.perf_counter()
 
     async def load(seconds):
         async with httpx.AsyncClient(base_url=url, timeout=120, headers=AUTH) as client:
             async def worker(n):
                 while time.perf_counter() - started < seconds:
-                    statuses.append((await client.post("/recommend", json={"user_id": f"u{n}", "k": 5})).status_code)
+                    rerank = n == 0
+                    reply = await client.post("/recommend", json={"user_id": f"u{n}", "k": 5, "rerank": rerank})
+                    statuses[rerank].append(reply.status_code)
             await asyncio.gather(*(worker(n) for n in range(4)))
 
-    with Killer("ServeReplica:cotrec:Retriever", lambda: time.perf_counter() - started > 2) as killer:
-        asyncio.run(load(12))
-    assert killer.killed and statuses and set(statuses) == {200}, statuses
+    with Killer("ServeReplica:cotrec:Ranker", lambda: time.perf_counter() - started > 2) as killer:
+        asyncio.run(load(8))
+    assert killer.killed and statuses[False] and set(statuses[False]) == {200}, statuses
+    assert statuses[True] and set(statuses[True]) <= {200, 504}, statuses
     with keyed(url) as client:
-        assert client.post("/recommend", json={"user_id": "u3", "k": 5}).status_code == 200
+        deadline = time.perf_counter() + 120
+        while (code := client.post("/recommend", json={"user_id": "u3", "k": 5, "rerank": True}).status_code) != 200:
+            assert code == 504 and time.perf_counter() < deadline, code

@@ -1,12 +1,21 @@
 """`cotrec bench serve`: latency, throughput and autoscaling of the Ray Serve app under load.
 
-The app of `serve/app.py` (Retriever -> Ranker behind the FastAPI Ingress) is deployed locally
-with `cotrec.serving.start_app` on a free port, warmed up (a few requests of each kind, not
-counted), then loaded level by level: for each concurrency, (a) retrieval only (`rerank: false`)
-and (b) retrieval + LLM re-ranking (`rerank: true`), `POST /recommend` for seeded random known
+The app of `serve/app.py` (the FastAPI Ingress, which retrieves, and the Ranker) is deployed
+locally with `cotrec.serving.start_app` on a free port with an API key that every request sends,
+warmed up (a few requests of each kind, not counted), then loaded level by level, the retrieval
+levels `--rounds` times: for each concurrency, (a) retrieval only (`rerank: false`) and (b, in the
+first round) retrieval + LLM re-ranking (`rerank: true`), `POST /recommend` for seeded random known
 users (`horizon: next`, k = 10) with exactly that many requests in flight (asyncio + aiohttp, a
 semaphore). Each request's latency is taken at the client; the server's own per-stage figures
 (`latency.retrieve_ms`, `rerank_ms`, `total_ms`) come from the replies.
+
+The floor: the same retrieval levels on one FastAPI + uvicorn process holding the same
+`RetrieverService` (`cotrec.bench.floor`), with no Ray running, before and again after the Serve
+app; `versus_bare` gives per concurrency both servers' req/s and p99 (min/median/max over the
+rounds) and the ratios of the medians, `target` issue 43's bar. Where the time goes: per level,
+`hops_ms` (wall clock: client -> proxy -> Ingress, validation, batch wait, retrieval, the return leg,
+from the reply's stamps) and `cpu_ms_per_request` (CPU time of the proxy, the replicas, Ray, the
+client, and the rest of the machine: other work on shared cores).
 
 Autoscaling: while the load runs, a thread samples `serve.status()` every 0.5 s and records the
 RUNNING replicas of each deployment. Serve upscales only after a deployment's averaged ongoing
@@ -23,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,7 +46,7 @@ import pandas as pd
 import ray
 from ray import serve
 
-from cotrec.bench.common import load_average, machine, rate
+from cotrec.bench.common import load_average, machine, rate, ratio
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
@@ -44,13 +55,13 @@ from cotrec.ranker.stage import merged_model, ranker_folder
 from cotrec.recommend import run_config
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
+from cotrec.bench.floor import start_floor, stop_floor
 from cotrec.serving import APP_NAME, free_port, start_app, stop_app
 
 DEFAULT_OUT = "bench/serve.json"
 DEFAULT_CONCURRENCY = (1, 8, 32)
 DEFAULT_REQUESTS = 200
 DEFAULT_RERANK_REQUESTS = 40
-DEPLOYMENTS = ("Retriever", "Ranker", "Ingress")
 K = 10
 SEED = 0
 SAMPLE_INTERVAL_S = 0.5
@@ -98,6 +109,12 @@ def user_stream(user_ids: list[str], seed: tuple[int, ...]) -> Iterator[str]:
 
 
 # -- Serve's view ------------------------------------------------------------------------------
+def deployment_names() -> tuple[str, ...]:
+    from serve.app import DEPLOYMENTS  # importable once start_app has put the repository on the path
+
+    return tuple(DEPLOYMENTS)
+
+
 def deployed_autoscaling() -> dict[str, dict[str, Any]]:
     """Each deployment's autoscaling and load settings as the app deploys them (serve/app.py)."""
     from serve.app import DEPLOYMENTS  # importable once start_app has put the repository on the path
@@ -130,7 +147,7 @@ class ReplicaSampler:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             return
         counts = {}
-        for name in DEPLOYMENTS:
+        for name in deployment_names():
             deployment = app.deployments.get(name)
             states = {str(getattr(s, "value", s)): int(n) for s, n in (deployment.replica_states if deployment else {}).items()}
             counts[name] = states.get("RUNNING", 0)
@@ -159,8 +176,8 @@ class ReplicaSampler:
         if not samples:  # a level shorter than the interval: the nearest sample
             before = [c for t, c in self.timeline if t <= end]
             samples = before[-1:] or self.timeline[:1]
-        return {"min": {n: min(s[n] for s in samples) for n in DEPLOYMENTS} if samples else {},
-                "max": {n: max(s[n] for s in samples) for n in DEPLOYMENTS} if samples else {}}
+        return {"min": {n: min(s[n] for s in samples) for n in deployment_names()} if samples else {},
+                "max": {n: max(s[n] for s in samples) for n in deployment_names()} if samples else {}}
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -176,15 +193,18 @@ async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrenc
 
     async def one(user: str) -> None:
         record: dict[str, Any] = {"user_id": user}
+        sent_at = time.time()
         started = time.perf_counter()
         try:
             async with client.post("/recommend", json={"user_id": user, "k": K, "rerank": rerank,
                                                        "horizon": "next"}) as reply:
                 body = await reply.read()
             record["latency_ms"] = (time.perf_counter() - started) * 1e3
+            answered_at = time.time()
             record["status"] = reply.status
             if reply.status == 200:
                 record.update({k: float(v) for k, v in json.loads(body).get("latency", {}).items()})
+                record.update(hops(record, sent_at, answered_at))
             else:
                 record["detail"] = body[:200].decode(errors="replace")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # transport errors, timeouts, not JSON
@@ -206,6 +226,45 @@ async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrenc
     if tasks:
         await asyncio.gather(*tasks)
     return records, started, time.perf_counter()
+
+
+# Where a request's time goes, in order; each a field of the reply's `latency` or computed from the
+# client's wall clock (`hops`). On the bare process only inbound, retrieval and outbound exist.
+HOPS = {
+    "inbound_ms": "client -> proxy -> Ingress replica (HTTP parse, routing, the proxy's call to the replica)",
+    "parse_ms": "in the Ingress before the route runs: key check, body read, JSON and pydantic validation",
+    "handle_ms": "the Ingress's handle call to another deployment, both legs (routing, pickling, the actor call)",
+    "batch_wait_ms": "waiting in @serve.batch for the batch to start",
+    "retrieval_ms": "the batch's work: resolve, one SASRec forward pass, top-k, describe",
+    "rerank_ms": "the re-ranking call (handle + the Ranker's batch + LLM), re-rank levels only",
+    "outbound_ms": "the route's return -> the client: reply serialisation, the proxy's return leg, client read",
+}
+
+
+def hops(record: dict[str, Any], sent_at: float, answered_at: float) -> dict[str, float]:
+    """The client's share of the breakdown from the reply's wall-clock stamp (same host, same clock)."""
+    if "received_at" not in record or "app_ms" not in record:
+        return {}
+    inbound = (record["received_at"] - sent_at) * 1e3
+    return {"inbound_ms": inbound, "outbound_ms": record["latency_ms"] - inbound - record["app_ms"]}
+
+
+def hop_breakdown(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per hop the mean and median over the answered requests, and the share of the mean latency."""
+    if not ok:
+        return {}
+    mean_latency = float(np.mean([r["latency_ms"] for r in ok]))
+    out: dict[str, Any] = {}
+    for hop in HOPS:
+        values = [r[hop] for r in ok if hop in r]
+        if values:
+            mean = float(np.mean(values))
+            out[hop] = {"mean": round(mean, 3), "p50": round(float(np.percentile(values, 50)), 3),
+                        "share": round(mean / mean_latency, 3) if mean_latency else None}
+    sizes = [r["batch_size"] for r in ok if "batch_size" in r]
+    if sizes:
+        out["batch_size_mean"] = round(float(np.mean(sizes)), 2)
+    return out
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, Optional[float]]:
@@ -230,6 +289,7 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "latency_ms": {**_percentiles(latency), "mean": round(float(np.mean(latency)), 2) if latency else None,
                        "max": round(float(np.max(latency)), 2) if latency else None},
         "server_ms": server,
+        "hops_ms": hop_breakdown(ok),
         "errors": {"4xx": sum(n for c, n in codes.items() if c.startswith("4")),
                    "5xx": sum(n for c, n in codes.items() if c.startswith("5")),
                    "exceptions": sum(exceptions.values())},
@@ -259,46 +319,176 @@ async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, A
     return figures
 
 
-async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]],
-                   rerank: bool) -> tuple[dict[str, Any], list[dict[str, Any]], ReplicaSampler]:
-    """Warm-up, then every level in order; the sampler's clock starts when the first level does."""
+async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], rerank: bool,
+                   headers: Optional[dict[str, str]] = None,
+                   sample: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]], Optional[ReplicaSampler]]:
+    """Warm-up, then every level in order; the sampler's clock starts when the first level does
+    (`sample`: Serve's replicas are sampled; the bare process has none)."""
+    import contextlib
+
     import aiohttp  # Serve's own HTTP client library: as load generator it leaves the replicas more of the cores than httpx
 
     top = max(level["concurrency"] for level in levels)
     connector = aiohttp.TCPConnector(limit=top + 8)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as client:
-        log("bench serve: warm-up")
+    server = "serve" if sample else "bare process"
+    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout, headers=headers) as client:
+        log(f"bench serve: {server}: warm-up")
         warmup = await warm_up(client, user_ids, rerank)
         results = []
         sampler_t0 = time.perf_counter()
-        with ReplicaSampler(sampler_t0) as sampler:
+        with (ReplicaSampler(sampler_t0) if sample else contextlib.nullcontext()) as sampler:
             for i, level in enumerate(levels):
                 mode, c = level["mode"], level["concurrency"]
-                users = user_stream(user_ids, (SEED, i, c, int(mode == "rerank")))
-                log(f"bench serve: {mode} at concurrency {c}: {level['count']} requests"
-                    + (f", at least {level['min_seconds']:.0f} s" if level["min_seconds"] else ""))
+                users = user_stream(user_ids, (SEED, level.get("round", 0), c, int(mode == "rerank")))
+                log(f"bench serve: {server}: round {level.get('round', 0) + 1}, {mode} at concurrency {c}: "
+                    f"{level['count']} requests" + (f", at least {level['min_seconds']:.0f} s" if level["min_seconds"] else ""))
                 load_before = load_average()
+                meter = CpuMeter()
+                cpu_before = meter.read()
                 records, started, ended = await send_level(client, users, mode == "rerank", c, level["count"],
                                                            level["min_seconds"])
-                row = {"mode": mode, "concurrency": c, **summarize(records, ended - started),
+                cpu = CpuMeter.per_request(cpu_before, meter.read(), len(records), ended - started)
+                row = {"server": "serve" if sample else "bare", "round": level.get("round", 0), "mode": mode,
+                       "concurrency": c, **summarize(records, ended - started),
                        "window_s": [round(started - sampler_t0, 2), round(ended - sampler_t0, 2)],
                        "sustained_s": level["min_seconds"] or None,
-                       "load_avg_before": load_before, "load_avg_after": load_average()}
+                       "load_avg_before": load_before, "load_avg_after": load_average(),
+                       "cpu_ms_per_request": cpu}
                 results.append(row)
-                log(f"bench serve: {mode} c={c}: {row['requests_per_s']:.1f} req/s, p50 "
-                    f"{row['latency_ms']['p50']} ms, errors {row['errors']}")
-            sampler.sample()  # the state at the end of the load
+                log(f"bench serve: {server}: {mode} c={c}: {row['requests_per_s']:.1f} req/s, p50 "
+                    f"{row['latency_ms']['p50']} ms, p99 {row['latency_ms']['p99']} ms, errors {row['errors']}")
+            if sampler is not None:
+                sampler.sample()  # the state at the end of the load
         for row in results:
-            seen = sampler.window(*row["window_s"])
-            row["replicas_min"], row["replicas_max"] = seen["min"], seen["max"]
+            if sampler is not None:
+                seen = sampler.window(*row["window_s"])
+                row["replicas_min"], row["replicas_max"] = seen["min"], seen["max"]
     return warmup, results, sampler
+
+
+# Processes whose CPU time a level counts, by a part of their command line (Ray sets a worker's to
+# its actor's name); the rest of the machine's busy time is "other" (work that shared the cores).
+CPU_PARTS = {"proxy": "ray::ProxyActor", "Ingress": "ServeReplica:cotrec:Ingress",
+             "Ranker": "ServeReplica:cotrec:Ranker", "controller": "ray::ServeController",
+             "ray (gcs, raylet, agents)": ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env/agent"),
+             "bare process": "cotrec.bench.floor"}
+
+
+class CpuMeter:
+    """CPU time per request of each part of the chain over a level (psutil, this host only): with
+    the client's wall-clock hops, where the cores went, so that a hop that costs CPU is told from
+    one that only waits. The parts are this process's descendants (the Ray it started, the bare
+    process), or on a Ray it joined every process named like one."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        children = self.me.children(recursive=True)
+        self.procs: dict[int, tuple[str, Any]] = {}
+        for proc in children or list(psutil.process_iter()):
+            try:
+                line = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            part = next((part for part, needles in CPU_PARTS.items()
+                         if any(n in line for n in ((needles,) if isinstance(needles, str) else needles))),
+                        "ray (workers, other)" if children else None)
+            if part is not None:
+                self.procs[proc.pid] = (part, proc)
+
+    def read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part, proc in list(self.procs.values()):
+            try:
+                t = proc.cpu_times()
+                out[part] = out.get(part, 0.0) + t.user + t.system
+            except self.psutil.Error:
+                continue
+        t = self.me.cpu_times()
+        out["client (this process)"] = t.user + t.system
+        busy = self.psutil.cpu_times()
+        out["machine"] = busy.user + busy.nice + busy.system + busy.irq + busy.softirq + getattr(busy, "steal", 0.0)
+        return out
+
+    @staticmethod
+    def per_request(before: dict[str, float], after: dict[str, float], requests: int, seconds: float) -> dict[str, Any]:
+        if not requests:
+            return {}
+        spent = {k: after[k] - before.get(k, 0.0) for k in after}
+        machine = spent.pop("machine")
+        counted = sum(spent.values())
+        out = {k: round(v * 1e3 / requests, 3) for k, v in spent.items() if v > 0}
+        out["other (not this bench)"] = round(max(0.0, machine - counted) * 1e3 / requests, 3)
+        out["cores_busy"] = round(machine / seconds, 2) if seconds > 0 else None
+        return out
+
+
+def spread(values: list[float]) -> dict[str, Optional[float]]:
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    return {"min": round(min(values), 2), "median": round(float(np.median(values)), 2), "max": round(max(values), 2)}
+
+
+def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per concurrency, Serve's retrieval next to the bare process's over the rounds (the bare
+    process's before and after Serve together): req/s and p99 (min/median/max) and the ratios of
+    the medians."""
+    out = []
+    for c in sorted({r["concurrency"] for r in serve_rows if r["mode"] == "retrieve"}):
+        mine = [r for r in serve_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
+        bare = [r for r in floor_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
+        row: dict[str, Any] = {"concurrency": c, "rounds": len(mine)}
+        for name, rows in (("serve", mine), ("bare", bare)):
+            row[name] = {"requests_per_s": spread([r["requests_per_s"] for r in rows]),
+                         "p50_ms": spread([r["latency_ms"]["p50"] for r in rows if r["latency_ms"]["p50"] is not None]),
+                         "p99_ms": spread([r["latency_ms"]["p99"] for r in rows if r["latency_ms"]["p99"] is not None]),
+                         "errors": sum(sum(r["errors"].values()) for r in rows)}
+        s, b = row["serve"], row["bare"]
+        row["throughput_ratio"] = ratio(s["requests_per_s"]["median"], b["requests_per_s"]["median"])
+        row["p99_ratio"] = ratio(s["p99_ms"]["median"], b["p99_ms"]["median"])
+        out.append(row)
+    return out
+
+
+def target_check(comparison: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 43's bar: >= 0.5x the bare process's req/s at 8 and 32, p99 at 32 within 2x, no errors."""
+    by = {row["concurrency"]: row for row in comparison}
+    checks = {}
+    for c in (8, 32):
+        if c in by:
+            checks[f"throughput_ratio_c{c}_at_least_0.5"] = (by[c]["throughput_ratio"] or 0) >= 0.5
+    if 32 in by and by[32]["p99_ratio"] is not None:
+        checks["p99_ratio_c32_at_most_2"] = by[32]["p99_ratio"] <= 2.0
+    checks["no_errors"] = all(row["serve"]["errors"] == 0 for row in comparison)
+    return {"checks": checks, "met": bool(checks) and all(checks.values())}
+
+
+def provenance() -> dict[str, Any]:
+    """The commit measured (and whether the checkout had changes) and the command line."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "command": " ".join(["cotrec", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("cotrec") else " ".join(sys.argv)}
 
 
 # -- the report --------------------------------------------------------------------------------
 def autoscaling_report(sampler: ReplicaSampler, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     per = {}
-    for name in DEPLOYMENTS:
+    for name in deployment_names():
         counts = [c[name] for _, c in sampler.timeline]
         cfg = settings.get(name, {})
         lowest = cfg.get("min_replicas")
@@ -377,7 +567,8 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
 def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranker: str = "llm/zero-shot",
                 concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY, requests: int = DEFAULT_REQUESTS,
                 rerank_requests: int = DEFAULT_RERANK_REQUESTS, out: str | Path = DEFAULT_OUT,
-                sustain: Optional[float] = None, config_spec: Optional[str] = None) -> dict[str, Any]:
+                sustain: Optional[float] = None, config_spec: Optional[str] = None, rounds: int = 1,
+                floor: bool = True) -> dict[str, Any]:
     concurrency = tuple(sorted(set(concurrency)))
     if not concurrency or min(concurrency) < 1:
         raise CotrecError(f"--concurrency: every level must be at least 1, got {concurrency}")
@@ -386,44 +577,83 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
                           f"{rerank_requests}")
     if sustain is not None and sustain < 0:
         raise CotrecError(f"--sustain must be at least 0, got {sustain}")
+    if rounds < 1:
+        raise CotrecError(f"--rounds must be at least 1, got {rounds}")
     served_config, user_ids = check_run(run, variant, ranker)
     rerank = parse_ranker(ranker)[0] != "none" and rerank_requests > 0
     bench_started = time.perf_counter()
     host = machine()
+    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    origin = provenance()
     repo = str(Path(__file__).resolve().parents[2])
+    retrieval_levels = [{"mode": "retrieve", "concurrency": c, "count": requests, "min_seconds": 0.0, "round": r}
+                        for r in range(rounds) for c in concurrency]
+    # The key every request sends: the app checks it as a deployed one does (the bare process does not).
+    key = secrets.token_urlsafe(32)
+    headers = {"authorization": f"Bearer {key}"}
+    floor_warmup, floor_rows = None, []
+
+    def run_floor(when: str) -> None:
+        """Every round on the bare process, with no Ray running (nothing of Serve's shares the cores)."""
+        nonlocal floor_warmup
+        process = start_floor(run.root, variant, port := free_port())
+        try:
+            warm, rows, _ = asyncio.run(run_load(f"http://127.0.0.1:{port}", user_ids, retrieval_levels, False,
+                                                 headers, sample=False))
+        finally:
+            stop_floor(process)
+        floor_warmup = floor_warmup or warm
+        floor_rows.extend({**row, "when": when} for row in rows)
+
+    if floor:  # before and after Serve: the floor brackets whatever else the machine did meanwhile
+        run_floor("before")
     # The same runtime_env start_app asks for (the replicas import `serve.app` from the checkout);
     # replica logs stay in Ray's session folder instead of one line per request on this terminal.
     started_ray = ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": repo}}, log_to_driver=False)
     try:
-        deploy_started = time.perf_counter()
-        url = start_app(run.root, variant, ranker, port=free_port())
-        deploy_s = time.perf_counter() - deploy_started
-        try:
-            settings = deployed_autoscaling()
-            sustain_s = sustain_default(settings) if sustain is None else float(sustain)
-            levels = []
-            for c in concurrency:
-                levels.append({"mode": "retrieve", "concurrency": c, "count": requests,
-                               "min_seconds": sustain_s if c == concurrency[-1] else 0.0})
-                if rerank:
-                    levels.append({"mode": "rerank", "concurrency": c, "count": rerank_requests, "min_seconds": 0.0})
-            warmup, results, sampler = asyncio.run(run_load(url, user_ids, levels, rerank))
-        finally:
-            stop_app()
+        with tempfile.TemporaryDirectory(prefix="cotrec-bench-") as keys_dir:
+            keys_file = Path(keys_dir) / "api-keys"
+            keys_file.write_text(key + "\n")
+            keys_file.chmod(0o600)
+            deploy_started = time.perf_counter()
+            url = start_app(run.root, variant, ranker, port=free_port(), access={"api_keys_file": str(keys_file)})
+            deploy_s = time.perf_counter() - deploy_started
+            try:
+                settings = deployed_autoscaling()
+                sustain_s = sustain_default(settings) if sustain is None else float(sustain)
+                levels = []
+                for level in retrieval_levels:
+                    last = level["round"] == rounds - 1 and level["concurrency"] == concurrency[-1]
+                    levels.append({**level, "min_seconds": sustain_s if last else 0.0})
+                    if rerank and level["round"] == 0:  # the LLM's figures do not move with the chain's overhead
+                        levels.append({"mode": "rerank", "concurrency": level["concurrency"], "count": rerank_requests,
+                                       "min_seconds": 0.0, "round": 0})
+                warmup, results, sampler = asyncio.run(run_load(url, user_ids, levels, rerank, headers))
+            finally:
+                stop_app()
     finally:
         if started_ray:
             ray.shutdown()
+    if floor:
+        run_floor("after")
+    comparison = versus_floor(results, floor_rows) if floor else []
     report: dict[str, Any] = {
-        "bench": "serve", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bench": "serve", "timestamp": timestamp, **origin, "cpu": host.get("cpu_model"),
         "config": {"config": config_spec or "demo", "run_dir": str(run.root), "variant": variant, "ranker": ranker,
-                   "k": K, "horizon": "next", "seed": SEED, "concurrency": list(concurrency),
+                   "k": K, "horizon": "next", "seed": SEED, "concurrency": list(concurrency), "rounds": rounds,
                    "requests": requests, "rerank_requests": rerank_requests if rerank else 0,
                    "sustain_s": sustain_s, "sustain_default": sustain is None, "warmup": warmup,
-                   "request_timeout_s": REQUEST_TIMEOUT_S,
+                   "request_timeout_s": REQUEST_TIMEOUT_S, "api_key": "every request sends one; the app checks it",
                    # the app serves with the run's own config (its config.yaml), not --config
                    "llm": {"model": served_config.llm.model, "backend": served_config.llm.backend}},
         "users": len(user_ids), "url": url, "deploy_s": round(deploy_s, 2), "started_ray": started_ray,
         "deployments": settings, "levels": results,
+        "bare": {"what": "one FastAPI + uvicorn process holding RetrieverService (cotrec/bench/floor.py), the same "
+                         "model, users and load generator; every round before and again after the Serve app, with no "
+                         "Ray running",
+                 "warmup": floor_warmup, "levels": floor_rows} if floor else None,
+        "versus_bare": comparison, "target": target_check(comparison) if floor else None,
+        "hops": HOPS,
         "autoscaling": autoscaling_report(sampler, settings), "host": host,
     }
     report["notes"] = bench_notes(report)
@@ -436,14 +666,34 @@ def format_bench(report: dict[str, Any]) -> str:
     def ms(value: Optional[float]) -> str:
         return f"{value:.1f}" if value is not None else "-"
 
-    lines = [f"{'mode':<10}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-             f"{'4xx':>5}{'5xx':>5}{'exc':>5}  max replicas (Retriever/Ranker/Ingress)"]
+    lines = [f"{'mode':<10}{'round':>6}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+             f"{'4xx':>5}{'5xx':>5}{'exc':>5}  max replicas (" + "/".join(deployment_names()) + ")"]
     for row in report["levels"]:
         lat, err, mx = row["latency_ms"], row["errors"], row.get("replicas_max") or {}
-        lines.append(f"{row['mode']:<10}{row['concurrency']:>5}{row['requests']:>10}{row['requests_per_s']:>9.1f}"
+        lines.append(f"{row['mode']:<10}{row.get('round', 0) + 1:>6}{row['concurrency']:>5}{row['requests']:>10}{row['requests_per_s']:>9.1f}"
                      f"{ms(lat['p50']):>9}{ms(lat['p95']):>9}{ms(lat['p99']):>9}"
                      f"{err['4xx']:>5}{err['5xx']:>5}{err['exceptions']:>5}  "
-                     + "/".join(str(mx.get(n, "-")) for n in DEPLOYMENTS))
+                     + "/".join(str(mx.get(n, "-")) for n in deployment_names()))
+    if report.get("versus_bare"):
+        lines.append(f"retrieval against the bare process (median of {report['config'].get('rounds', 1)} rounds; min..max):")
+        lines.append(f"{'conc':>5}{'serve req/s':>24}{'bare req/s':>24}{'ratio':>7} {'serve p99':>22}{'bare p99':>22}{'ratio':>7}")
+        for row in report["versus_bare"]:
+            sv, bv = row["serve"], row["bare"]
+
+            def cell(x: dict[str, Any]) -> str:
+                return f"{x['median']} ({x['min']}..{x['max']})" if x["median"] is not None else "-"
+            lines.append(f"{row['concurrency']:>5}{cell(sv['requests_per_s']):>24}{cell(bv['requests_per_s']):>24}"
+                         f"{row['throughput_ratio'] or '-':>7} {cell(sv['p99_ms']):>22}{cell(bv['p99_ms']):>22}"
+                         f"{row['p99_ratio'] or '-':>7}")
+        lines.append(f"target (issue 43): {report['target']}")
+    for row in report["levels"]:
+        if row["mode"] == "retrieve" and row.get("round", 0) == 0:
+            h = row.get("hops_ms", {})
+            lines.append(f"hops c={row['concurrency']} (mean ms): " + ", ".join(
+                f"{k[:-3]} {v['mean']:.2f}" for k, v in h.items() if isinstance(v, dict))
+                + (f", batch {h['batch_size_mean']}" if "batch_size_mean" in h else ""))
+            lines.append(f"  cpu ms per request c={row['concurrency']}: " + ", ".join(
+                f"{k} {v}" for k, v in row.get("cpu_ms_per_request", {}).items()))
     auto = report["autoscaling"]["per_deployment"]
     lines.append("replicas: " + ", ".join(f"{n} {p['observed_min']}..{p['observed_max']} (min_replicas "
                                           f"{p['min_replicas']}, max {p['max_replicas']})" for n, p in auto.items()))
