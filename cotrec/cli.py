@@ -39,8 +39,6 @@ def open_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
     run.write_config(config)
     use_run_log(run.root)  # what the run's processes print, but cotrec's progress (cotrec.progress)
     send_native_errors_to_run_log()
-    if not os.environ.get("RAY_ADDRESS"):  # the only worker lines left on the terminal are cotrec's own
-        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     return config, run
 
 
@@ -676,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Read when Ray is imported, which a command's stage imports do: in a local run the only worker
+    # lines left on the terminal are cotrec's own, so Ray's "(pid=N)" prefix is noise there.
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     try:
         return args.handler(args)
     except CotrecError as exc:
