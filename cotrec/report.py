@@ -20,7 +20,7 @@ from cotrec.ranker.stage import finished_table2, ranker_folder, write_table2_rep
 from cotrec.ranker.table2 import MANIFEST
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
 from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
-from cotrec.reporting.tables import TABLE2, ranker_label, write_table1
+from cotrec.reporting.tables import TABLE2, ranker_label, table2_console_cells, write_table1
 from cotrec.retriever.stage import finished_grid
 from cotrec.rundir import RunDir, atomic_write_text, read_stats
 from cotrec.storage import replace_file, run_path
@@ -132,12 +132,7 @@ def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]
                      f"{'ranked':>6}")
         for row in summary["table2"]:
             name = f"  {row['label'] + ' + ' + ranker_label(row['ranker']):<46}"
-            if "not_run" in row:
-                lines.append(f"{name} {row['not_run']}")
-                continue
-            pf = f"{row['pf_ndcg@10']['mean']:.4f}" if row.get("pf_ndcg@10") else "-"
-            mapb = f"{row['mapb']['mean']:.3f}" if row.get("mapb") else "-"
-            lines.append(f"{name} {row['ndcg@10']:>8.4f} {pf:>8} {mapb:>6} {row['ranked']:>6}")
+            lines.append(f"{name} {table2_console_cells(row)}")
         lines.append("")
     if timings is not None:
         usage = summary["usage"]

@@ -48,7 +48,7 @@ from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_prefere
 from cotrec.ranker.scoring import score_prompts
 from cotrec.ranker.table2 import export_table2, read_table2, table2_figures
 from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position, plot_training_curve
-from cotrec.reporting.tables import TABLE2, estimate, ranker_label, table2_markdown
+from cotrec.reporting.tables import TABLE2, estimate, ranker_label, table2_console_cells, table2_markdown
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, atomic_write_text, write_json
 from cotrec.storage import remove_tree
@@ -397,12 +397,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{'retriever':<28} {'ranker':<22} {'ndcg@10':>8} {'pf-ndcg':>8} {'mapb':>6} {'ranked':>6}"]
     for row in summary["rows"]:
         name = f"{row['label'] + ' ' + row['retriever']:<28} {ranker_label(row['ranker']):<22}"
-        if "not_run" in row:
-            lines.append(f"{name} {row['not_run']}")
-            continue
-        pf = f"{row['pf_ndcg@10']['mean']:.4f}" if row.get("pf_ndcg@10") else "-"
-        mapb = f"{row['mapb']['mean']:.3f}" if row.get("mapb") else "-"
-        lines.append(f"{name} {row['ndcg@10']:>8.4f} {pf:>8} {mapb:>6} {row['ranked']:>6}")
+        lines.append(f"{name} {table2_console_cells(row)}")
     for pair in summary.get("comparisons", []):
         parts = [f"{name} {estimate(pair[key])}" for key, name in (("ndcg@10", "ndcg@10"), ("pf_ndcg@10", "pf-ndcg"),
                                                                    ("mapb", "mapb")) if key in pair]

@@ -66,6 +66,16 @@ def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
     return path
 
 
+def table2_console_cells(row: dict[str, Any]) -> str:
+    """A Table 2 row's figures on one console line (NDCG@10, position-free NDCG@10, MAPB, re-ranked
+    lists), or why the row was not run."""
+    if "not_run" in row:
+        return row["not_run"]
+    pf = f"{row['pf_ndcg@10']['mean']:.4f}" if row.get("pf_ndcg@10") else "-"
+    mapb = f"{row['mapb']['mean']:.3f}" if row.get("mapb") else "-"
+    return f"{row['ndcg@10']:>8.4f} {pf:>8} {mapb:>6} {row['ranked']:>6}"
+
+
 def estimate(found: Optional[dict[str, Any]], signed: bool = True) -> str:
     """A mean with its 95% bootstrap interval (`metrics.paired_difference`), or the mean and why it
     has none."""
