@@ -33,15 +33,17 @@ test: venv
 demo: venv
 	VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-WARNING} $(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)
 
-# On a machine with one NVIDIA GPU (DRY_RUN=1 prints the plan anywhere): scripts/gpu-check.sh.
+# On a machine with one NVIDIA GPU (DRY_RUN=1 prints the plan and validates every step's config
+# with $(PY) anywhere): scripts/gpu-check.sh.
 gpu-check:
-	DRY_RUN=$(DRY_RUN) scripts/gpu-check.sh
+	DRY_RUN=$(DRY_RUN) CHECK_PYTHON=$(PY) scripts/gpu-check.sh
 
 # The launcher and KubeRay files with your image (cluster/Dockerfile, pushed) in build/cluster/;
-# COTREC_RUN_DIR=s3://bucket/runs/gpu-cluster puts the KubeRay job's run on a bucket instead of /shared.
+# COTREC_RUN_DIR=s3://bucket/runs/gpu-cluster puts the KubeRay job's run on a bucket instead of /shared;
+# COTREC_SHARED=fs-XXXX.efs.REGION.amazonaws.com:/ mounts that NFS export at /shared on the launcher's nodes.
 cluster-files:
 	@test -n "$(COTREC_IMAGE)" || { echo "make cluster-files: set COTREC_IMAGE to the image cluster/Dockerfile built and you pushed, e.g. COTREC_IMAGE=ghcr.io/me/cotrec:0.1" >&2; exit 2; }
-	$(PYTHON) scripts/cluster-files.py --image "$(COTREC_IMAGE)" $(if $(COTREC_RUN_DIR),--run-dir "$(COTREC_RUN_DIR)")
+	$(PYTHON) scripts/cluster-files.py --image "$(COTREC_IMAGE)" $(if $(COTREC_RUN_DIR),--run-dir "$(COTREC_RUN_DIR)") $(if $(COTREC_SHARED),--shared "$(COTREC_SHARED)")
 
 clean-venv:
 	rm -rf $(VENV)

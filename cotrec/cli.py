@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cotrec import __version__
+from cotrec.cluster import check_run_dir_shared
 from cotrec.config import Config, config_name, load_config, preset_names
 from cotrec.data.prepare import format_summary, prepare
 from cotrec.errors import CotrecError
@@ -36,6 +37,7 @@ def open_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
     """Resolve the config and the run directory, and record the resolved config there."""
     config = load_config(args.config, args.overrides)
     run = RunDir(args.run_dir or Path("runs") / config_name(args.config))
+    check_run_dir_shared(run.root)  # a cluster job: refused at its start if a worker node cannot see it
     run.write_config(config)
     use_run_log(run.root)  # what the run's processes print, but cotrec's progress (cotrec.progress)
     send_native_errors_to_run_log()

@@ -65,6 +65,66 @@ def in_ray_job() -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
+SHARED_CHECK = ".cotrec-reach"  # the marker folder under the run directory (removed after the check)
+
+
+def _write_where_scheduled(root: str, token: str) -> dict[str, str]:
+    """A task's half of `check_run_dir_shared`: read the driver's marker, write its own beside it."""
+    import ray
+
+    from cotrec.storage import run_path
+
+    folder = run_path(root) / SHARED_CHECK
+    node = ray.get_runtime_context().get_node_id()
+    seen = (folder / f"{token}-driver").is_file()
+    (folder / f"{token}-worker").write_text(node)
+    return {"node": node, "ip": ray.util.get_node_ip_address(), "saw_driver": str(seen)}
+
+
+def check_run_dir_shared(root: Any) -> None:
+    """On a cluster (RAY_ADDRESS set, as `ray job submit` sets it): a task placed where tasks run (the
+    launcher's and KubeRay's heads offer no CPU, so a worker node) reads a marker the driver wrote under
+    the run directory and writes one back, which the driver reads. A run directory the nodes do not
+    share (a node-local folder, a bucket without the workers' credentials) is refused here, in one
+    line, instead of when a stage cannot find what its workers wrote."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    import uuid
+
+    import ray
+    from ray.exceptions import RayError
+
+    from cotrec.storage import location, remove_tree, run_path
+
+    started_ray = ensure_ray()
+    root = run_path(location(root))
+    folder, token = root / SHARED_CHECK, uuid.uuid4().hex
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{token}-driver").write_text(ray.get_runtime_context().get_node_id())
+    advice = ("a run directory must be where every node reads and writes it: a volume every node mounts "
+              "(cluster/README.md) or a bucket (--run-dir s3://bucket/runs/NAME)")
+    try:
+        # a sliver of a CPU: placed only on a node that offers CPUs, and never waits behind a stage
+        task = ray.remote(num_cpus=0.01, max_retries=0)(_write_where_scheduled)
+        try:
+            found = ray.get(task.remote(location(root), token))
+        except RayError as exc:
+            cause = " ".join(str(getattr(exc, "cause", None) or exc).split())[-300:]
+            raise CotrecError(f"{root}: a task on a worker node cannot use the run directory ({cause}); {advice}") from None
+        here = ray.get_runtime_context().get_node_id()
+        if found["saw_driver"] != "True" or not (folder / f"{token}-worker").is_file():
+            raise CotrecError(f"{root}: not shared between the nodes: the driver's node ({here[:12]}) and node "
+                              f"{found['node'][:12]} ({found['ip']}) do not see each other's marker in "
+                              f"{SHARED_CHECK}/; {advice}")
+    finally:
+        for name in (f"{token}-driver", f"{token}-worker"):
+            (folder / name).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            remove_tree(folder)
+        if started_ray:  # as found: a command connects again with its own runtime env (Serve's PYTHONPATH)
+            ray.shutdown()
+
+
 def from_object_store(value: Any) -> Any:
     """`value`, or what it refers to when it is an object-store reference (large inputs that several
     Ray workers read are put there once and passed by reference)."""

@@ -306,6 +306,9 @@ class RankerConfig(Section):
     merged_dtype: Literal["float32", "bfloat16"] = "float32"
     max_failures: int = Field(3, ge=0)  # Ray Train worker failures recovered from (resuming from the last epoch)
     zero_stage: int = Field(2, ge=0, le=3)
+    # Recompute each layer's activations in the backward pass instead of keeping them: a long prompt's
+    # activations on a 7B model outgrow its weights; a small model on a CPU trains faster without.
+    gradient_checkpointing: bool = False
     # auto: bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (a CPU without native bf16 emulates it).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     trainer: Literal["ray", "local"] = "ray"

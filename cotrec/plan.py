@@ -21,6 +21,9 @@ A measured rate is used only for a stage placed as it was measured: a part the b
 for a CPU stage. A GPU stage with no GPU-measured part takes a PARAMETER (GPU_PARAMETERS, or
 `--throughput key=value`); a CPU stage with only a GPU-measured part is an error. Every row names its
 source. Wall hours assume the config's worker count with perfect scaling: a lower bound.
+
+When the config fine-tunes a ranker, the plan also prints the memory one fine-tune worker and the
+merge need, per GPU and per host, from the base model's parameter count (`cotrec/ranker/memory.py`).
 """
 
 from __future__ import annotations
@@ -297,7 +300,47 @@ def plan(config: Config, run: RunDir, users: int, items: Optional[int], models_p
                             "models_machine": rates.models.get("machine", {})},
             "rows": rows, "worker_hours": sum(r["worker_hours"] for r in rows),
             "wall_hours": sum(r["wall_hours"] for r in rows),
-            "check": _check_against_the_run(run, rates, run_users, run_items)}
+            "check": _check_against_the_run(run, rates, run_users, run_items), "memory": ranker_memory(config)}
+
+
+def ranker_memory(config: Config) -> Optional[dict[str, Any]]:
+    """Per GPU and per host, what a fine-tune worker and the merge hold (None: nothing is fine-tuned)."""
+    from cotrec.ranker.finetune import resolve_precision
+    from cotrec.ranker.memory import finetune_memory, merge_memory, model_shape
+
+    rk = config.ranker
+    if not any(parse_ranker(name)[1] for name in rk.grid):
+        return None
+    shape = model_shape(config.llm.model)
+    if shape is None:
+        return {"model": config.llm.model, "unknown": "its size: no config.json on this machine and none in its name "
+                                                      "(`cotrec model prepare` fetches it)"}
+    precision = resolve_precision(rk.precision, rk.gpus_per_worker > 0)
+    return {"model": config.llm.model, "parameters": shape.parameters, "source": shape.source, "precision": precision,
+            "settings": rk.model_dump(include={"zero_stage", "num_workers", "gradient_checkpointing", "micro_batch",
+                                               "merged_dtype"}),
+            "finetune": finetune_memory(shape, rk, config.llm.max_model_len, precision),
+            "merge": merge_memory(shape, rk.merged_dtype, rk.gpus_per_worker > 0)}
+
+
+def format_memory(memory: dict[str, Any]) -> str:
+    if "unknown" in memory:
+        return f"memory: {memory['model']}: unknown, {memory['unknown']}"
+
+    def gib(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value / 1024 ** 3:,.1f} GiB"
+
+    ft, merge, rk = memory["finetune"], memory["merge"], memory["settings"]
+    activations = ("activations unknown (no config.json: the size is from the name)" if ft["activation_bytes"] is None
+                   else f"{gib(ft['activation_bytes'])} activations")
+    return (f"memory: {memory['model']}, {memory['parameters'] / 1e9:,.2f}B parameters (from {memory['source']})\n"
+            f"  ranker fine-tune, per worker ({memory['precision']}, ZeRO-{rk['zero_stage']} over {rk['num_workers']}, LoRA "
+            f"{ft['lora_parameters'] / 1e6:,.1f}M parameters, gradient checkpointing "
+            f"{'on' if rk['gradient_checkpointing'] else 'off'}, micro-batch {rk['micro_batch']} x {ft['tokens']:,} tokens): "
+            f"{gib(ft['base_bytes'])} weights + {gib(ft['lora_state_bytes'])} LoRA and optimiser + {activations}; "
+            f"per GPU {gib(ft['gpu_bytes'])}, host {gib(ft['host_bytes'])}\n"
+            f"  merge (float32, saved in {rk['merged_dtype']}): per GPU {gib(merge['gpu_bytes'])}, "
+            f"host {gib(merge['host_bytes'])}")
 
 
 def _rows(config: Config, run: RunDir, users: int, items: int, run_users: int, run_items: int,
@@ -357,4 +400,6 @@ def format_plan(result: dict[str, Any]) -> str:
     if result["check"]:
         lines.append(f"check at the run's own size ({m['users']:,} users, its config): " + "; ".join(
             f"{c['stage']} planned {c['planned_s']:,.0f} s, took {c['run_s']:,.0f} s" for c in result["check"]))
+    if result.get("memory"):
+        lines.append(format_memory(result["memory"]))
     return "\n".join(lines)

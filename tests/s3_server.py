@@ -22,16 +22,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def s3_server(bucket: str = "cotrec-runs") -> Iterator[str]:
-    """Start moto's server, point this process's (and its children's) S3 clients at it, create
-    `bucket`; yields `s3://<bucket>`. The server and the environment are put back afterwards."""
+def moto_server() -> Iterator[str]:
+    """A moto server on 127.0.0.1 for as long as the block runs; yields its endpoint URL."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
     try:
         deadline = time.time() + 60
         while True:
@@ -42,13 +37,26 @@ def s3_server(bucket: str = "cotrec-runs") -> Iterator[str]:
                 if time.time() > deadline or server.poll() is not None:
                     raise RuntimeError("moto server did not start")
                 time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextmanager
+def s3_server(bucket: str = "cotrec-runs") -> Iterator[str]:
+    """Start moto's server, point this process's (and its children's) S3 clients at it, create
+    `bucket`; yields `s3://<bucket>`. The server and the environment are put back afterwards."""
+    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*settings, "AWS_ENDPOINT_URL"]}
+    try:
+        with moto_server() as endpoint:
+            os.environ.update(settings, AWS_ENDPOINT_URL=endpoint)
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield f"s3://{bucket}"
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,85 @@ def test_launcher_starts_ray_with_token_auth_and_ships_the_token():
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
+SHARED_EXPORT = "fs-0123456789abcdef0.efs.us-west-2.amazonaws.com:/"
+
+
+def test_launcher_mounts_the_users_nfs_export_or_leaves_run_directories_to_a_bucket():
+    """With COTREC_SHARED, every node mounts it at /shared before docker starts and a failed mount
+    fails the node's start; without it, nothing is mounted (and Ray's schema takes both files)."""
+    import subprocess
+
+    import jsonschema
+    import ray.autoscaler
+
+    module = cluster_files()
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    text = (CLUSTER / "ray-cluster.yaml").read_text()
+    with_nfs = yaml.safe_load(module.render(text, TEST_IMAGE, shared=SHARED_EXPORT))
+    without = yaml.safe_load(module.render(text, TEST_IMAGE))
+    for config in (with_nfs, without):
+        jsonschema.validate(config, schema)
+        assert "-v /shared:/shared" in config["docker"]["run_options"]
+    mounts = [c for c in with_nfs["initialization_commands"] if "mount -t nfs4" in c]
+    assert len(mounts) == 1 and f" {SHARED_EXPORT} /shared" in mounts[0]
+    assert not any("mount" in c for c in without["initialization_commands"])
+    # the mount command's logic: a failed mount is a failed command (the node does not start)
+    script = mounts[0].replace("sudo ", "").replace("mountpoint -q /shared", "false").replace(
+        "mkdir -p /shared", "true")
+    failing = subprocess.run(["bash", "-c", script.replace("mount -t nfs4", "false && mount -t nfs4")],
+                             capture_output=True)
+    assert failing.returncode != 0
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "cluster-files.py"), "--image", TEST_IMAGE,
+                          "--shared", "/local/folder", "--out", "/nonexistent/never"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "COTREC_SHARED" in bad.stderr
+
+
+def test_launcher_nodes_start_ray_with_the_serve_api_keys_in_their_environment(tmp_path):
+    """Serve's Ingress replicas read COTREC_API_KEYS (serve/config.yaml's api_keys_env), which must be in
+    each node's environment before `ray start`: the keys file the launcher ships, read the way every
+    start command reads it, gives the keys the app accepts."""
+    import subprocess
+
+    config = launcher()
+    variable = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]["args"]["api_keys_env"]
+    assert config["file_mounts"]["~/.cotrec/serve-api-keys"] == "~/.cotrec/serve-api-keys"
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key] if "ray start" in c]
+    assert len(starts) == 2
+    keys = ["a" * 64, "b" * 64]
+    (tmp_path / ".cotrec").mkdir()
+    (tmp_path / ".cotrec" / "serve-api-keys").write_text(f"# serve keys\n{keys[0]}\n{keys[1]}\n")
+    for start in starts:
+        prefix = start[:start.index("ray start")]
+        assert f'{variable}="$(cat ~/.cotrec/serve-api-keys)"' in prefix
+        probe = (prefix + f"{sys.executable} -c 'from cotrec.guard import load_api_keys; "
+                 f"print(\",\".join(load_api_keys(env=\"{variable}\")))'")
+        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
+                             env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+        assert out.returncode == 0 and out.stdout.split() == [",".join(keys)], out.stderr
+
+
+def test_the_cluster_readmes_resource_table_is_the_gpu_cluster_preset():
+    """Each row of cluster/README.md's table names keys and the values the preset gives them."""
+    config = load_config("gpu-cluster")
+    text = (CLUSTER / "README.md").read_text()
+    section = text[text.index("## How the config's resources map onto the node types"):]
+    rows = re.findall(r"^\| ((?:`[a-z_]+\.[a-z_]+`(?:, )?)+) \| ([^|]+) \|", section, re.M)
+    assert len(rows) >= 7
+    checked = set()
+    for keys, values in rows:
+        names = re.findall(r"`([a-z_]+\.[a-z_]+)`", keys)
+        given = [v.strip() for v in values.split(",")]
+        assert len(names) == len(given), keys
+        for name, value in zip(names, given):
+            section_name, key = name.split(".")
+            actual = getattr(getattr(config, section_name), key)
+            assert str(actual).lower() == value.lower() or (isinstance(actual, float) and actual == float(value)), \
+                f"cluster/README.md says {name} is {value} in gpu-cluster; the preset has {actual}"
+            checked.add(name)
+    assert {"extract.gpus_per_actor", "retriever.gpus_per_worker", "ranker.gpus_per_worker",
+            "ranker.gradient_checkpointing"} <= checked
+
+
 def test_launcher_syncs_no_venv_runs_or_git():
     excludes = set(launcher()["rsync_exclude"])
     for name in (".venv", "runs", ".git"):
@@ -408,6 +488,9 @@ def test_rayjob_runs_the_pipeline_on_the_shared_volume():
     assert "entrypointNumGpus" not in spec and "entrypointResources" not in spec
     assert config.extract.max_actors * config.extract.gpus_per_actor <= gpu_group["maxReplicas"]
     assert config.ranker.num_workers * config.ranker.gpus_per_worker <= gpu_group["maxReplicas"]
+    assert config.retriever.num_workers * config.retriever.gpus_per_worker <= gpu_group["maxReplicas"]
+    # the preset places the engines and the trainings; the job only caps the actors at the group's size
+    assert [o.split("=")[0] for o in ns.overrides] == ["extract.max_actors"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_kuberay_runtime_env(yaml.safe_load(spec["runtimeEnvYAML"]))
 
@@ -525,7 +608,8 @@ def test_every_documented_entrypoint_is_accepted_with_a_preset_and_valid_overrid
     for source, argv in commands:
         ns = check_command(argv)
         assert ns.config in preset_names(), f"{source}: --config {ns.config}"
-        assert ns.run_dir and ns.run_dir.startswith("/shared/runs/"), f"{source}: run dirs go on the shared volume"
+        assert ns.run_dir and ns.run_dir.startswith(("/shared/runs/", "s3://")), \
+            f"{source}: run dirs go on the shared volume or a bucket"
 
 
 def test_documented_job_submissions_use_the_runtime_env():
@@ -560,27 +644,53 @@ def test_repository_paths_named_in_the_cluster_files_exist():
     assert named >= 10
 
 
-def test_the_gpu_check_dry_run_prints_a_plan_whose_commands_parse_and_place_every_engine_on_a_gpu():
-    """`make gpu-check DRY_RUN=1` runs anywhere: each `cotrec` step it prints is one the CLI accepts,
-    and the demo it would run on CUDA validates with a GPU for every engine."""
-    import subprocess
+def gpu_check_dry_run(**env: str) -> subprocess.CompletedProcess:
+    """`make gpu-check DRY_RUN=1`, validating with this interpreter (the dry run's stand-in for .venv)."""
+    return subprocess.run(["make", "-s", "gpu-check", "DRY_RUN=1", f"PY={sys.executable}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
 
-    result = subprocess.run(["make", "-s", "gpu-check", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+
+def test_every_gpu_check_step_loads_a_config_that_validates_and_places_every_engine_on_a_gpu():
+    """`make gpu-check DRY_RUN=1` runs anywhere: each `cotrec` step it prints is one the CLI accepts
+    and its whole config (preset, or demo when it names none, with its --set overrides) passes the
+    loader and validator the command itself calls; the steps that start engines put them on the GPU."""
+    result = gpu_check_dry_run()
     assert result.returncode == 0, result.stderr
+    assert "every step's config validates" in result.stdout
     steps = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
     cotrec = [s[s.index(next(a for a in s if a.endswith("/cotrec"))) + 1:] for s in steps
               if any(a.endswith("/cotrec") for a in s)]
     assert [c[:2] for c in cotrec] == [["bench", "llm"], ["bench", "models"], ["run", "--config"], ["bench", "ranker"]]
+    configs = []
     for args in cotrec:
-        build_parser().parse_args(args)
-    models = cotrec[1]   # the GPU worker's parts, on the GPU
-    placed = load_config("gpu-cluster", [models[i + 1] for i, a in enumerate(models) if a == "--set"])
-    assert placed.retriever.gpus_per_worker > 0 and placed.embed.device == "cuda"
-    run = cotrec[2]
-    overrides = [run[i + 1] for i, a in enumerate(run) if a == "--set"]
-    config = load_config("demo", overrides)
-    assert config.llm.device == "cuda" and config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1
+        ns = build_parser().parse_args(args)
+        try:
+            configs.append(load_config(ns.config, ns.overrides))  # what each command's handler calls first
+        except ConfigError as exc:
+            pytest.fail(f"cotrec {' '.join(args[:2])}: {exc}")
+    llm, models, demo, ranker = configs
+    assert models.retriever.gpus_per_worker > 0 and models.embed.device == "cuda"
+    for config in (llm, demo, ranker):
+        assert config.llm.device == "cuda" and config.extract.gpus_per_actor >= 1 and config.ranker.gpus_per_worker >= 1
+
+
+def test_the_gpu_check_dry_run_stops_in_one_line_at_a_step_whose_config_does_not_validate(tmp_path):
+    """The script's own check, not only this test's: a copy whose LLM bench asks for CUDA without a GPU
+    for the engines it places is refused before any step, naming the step and the key."""
+    copy = tmp_path / "repo"
+    (copy / "scripts").mkdir(parents=True)
+    script = (REPO / "scripts" / "gpu-check.sh").read_text()
+    broken = script.replace('LLM=(bench llm "${CUDA[@]}"', "LLM=(bench llm --set llm.device=cuda")
+    assert broken != script
+    (copy / "scripts" / "gpu-check.sh").write_text(broken)
+    (copy / "scripts" / "gpu-check.sh").chmod(0o755)
+    result = subprocess.run(["bash", str(copy / "scripts" / "gpu-check.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "CHECK_PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "bench llm" in result.stderr and "extract.gpus_per_actor" in result.stderr
+    assert "/cotrec bench llm" not in result.stdout  # refused before the plan's first cotrec step
 
 
 def test_the_kuberay_run_directory_is_the_shared_volume_or_a_bucket_the_user_names(tmp_path):

@@ -22,6 +22,7 @@ from cotrec.llm.embedded import resolve_model
 from cotrec.ranker.finetune import epoch_examples, fit, planned_shape, validation_prompts
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList
+from tiny_model import make_tiny_base, tiny_adapter
 
 WORDS = ["Amber", "Falcon", "River", "Stone", "Winter", "Harbor", "Crimson", "Lantern", "Silver", "Meadow",
          "Iron", "Willow", "Echo", "Summit", "Velvet", "Thunder", "Orchid", "Canyon", "Frost", "Ember"]
@@ -112,3 +113,148 @@ def test_the_probe_finds_what_the_frozen_model_encodes_and_says_nothing_it_canno
     else:
         assert found["probe_ndcg@10"] < 0.6 and not found["probe_beats_zero_shot"]
         assert "the model is the limit" in found["reading"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def letter_probs(model_path, conversations: list, dtype: str = "float32") -> np.ndarray:
+    """The letter probabilities of a saved checkpoint, loaded afresh (what a backend serves)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cotrec.llm.base import single_token_ids
+    from cotrec.ranker.finetune import _Batcher, _last_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    batcher = _Batcher(tokenizer, 4096, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        logits = _last_logits(model, batcher.batch([batcher.encode(c) for c in conversations]))
+    return torch.softmax(logits[:, single_token_ids(tokenizer, letters(10))], dim=-1).numpy()
+
+
+def held_out_conversations(count: int) -> list:
+    lists, labels = copy_task(count, seed=5)
+    ranker = LetterRanker(None, domain_of("movie"), "llm", labels)
+    return [v["conversation"] for v in validation_prompts(lists, ranker, 0)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_merge_loads_the_base_once_and_measures_what_a_reload_of_its_checkpoint_serves(tiny_base, tmp_path,
+                                                                                           monkeypatch, dtype):
+    """One load of the base model (a 7B one in float32 is 30 GB), and the figures it records in
+    train.json (`update_kept`) are those of the checkpoint as a backend loads it."""
+    import transformers
+    from safetensors import safe_open
+
+    from cotrec.ranker.finetune import merge_adapter
+
+    adapter = tiny_adapter(tiny_base, tmp_path / "adapter")
+    conversations = held_out_conversations(6)
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    kept = merge_adapter(tiny_base, adapter, tmp_path / "merged", dtype, conversations, letters(10))
+    monkeypatch.undo()
+    assert loads == [tiny_base]
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{dtype}"}
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_base), adapter)
+    reference_dir = tmp_path / "tuned"
+    tuned.merge_and_unload().save_pretrained(reference_dir)  # the adapter's own outputs, in float32
+    transformers.AutoTokenizer.from_pretrained(tiny_base).save_pretrained(reference_dir)
+    adapter_probs = letter_probs(reference_dir, conversations)
+    assert kept["adapter_vs_base"]["max_abs_dp"] == pytest.approx(
+        float(np.abs(letter_probs(tiny_base, conversations) - adapter_probs).max()), abs=1e-5)
+    assert kept["adapter_vs_base"]["max_abs_dp"] > 1e-3  # the adapter moved them: the figures below mean something
+    reloaded = letter_probs(tmp_path / "merged", conversations)
+    assert kept["merged_saved"]["max_abs_dp"] == pytest.approx(float(np.abs(reloaded - adapter_probs).max()), abs=1e-5)
+    in_bf16 = letter_probs(tmp_path / "merged", conversations, "bfloat16")
+    assert kept["merged_in_bfloat16"]["max_abs_dp"] == pytest.approx(float(np.abs(in_bf16 - adapter_probs).max()),
+                                                                      abs=1e-5)
+
+
+def test_the_merge_task_asks_ray_for_host_memory_sized_from_the_model(tiny_base, tmp_path, monkeypatch):
+    """In a Ray job the merge runs in a task whose memory request is the model's float32 copy and the
+    checkpoint it writes (from the weights' headers), plus 1 GiB; the merged checkpoint lands in the run."""
+    import os
+
+    import ray
+
+    from cotrec.ranker.finetune import merge_and_measure
+    from cotrec.ranker.memory import GIB, merge_request_bytes, safetensors_parameters
+
+    from pathlib import Path
+
+    parameters = safetensors_parameters(Path(tiny_base))
+    assert merge_request_bytes(tiny_base, "bfloat16", on_gpu=False) == parameters * (4 + 2) + GIB
+    assert merge_request_bytes(tiny_base, "float32", on_gpu=True) == parameters * 4 + GIB
+    adapter = tiny_adapter(tiny_base, tmp_path / "adapter")
+    asked = []
+    real_remote = ray.remote
+
+    def recording(**options):
+        asked.append(options)
+        return real_remote(**options)
+
+    previous = os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        monkeypatch.setattr(ray, "remote", recording)
+        kept = merge_and_measure(tiny_base, Path(adapter), tmp_path / "merged", held_out_conversations(2), letters(10),
+                                 RankerConfig(merged_dtype="bfloat16", cpus_per_worker=1))
+    finally:
+        monkeypatch.undo()
+        ray.shutdown()
+        if previous is not None:
+            os.environ["RAY_ADDRESS"] = previous
+    assert asked == [{"num_cpus": 1.0, "num_gpus": 0.0, "memory": parameters * 6 + GIB}]
+    assert kept["prompts"] == 2 and (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_learns_the_same(tiny_base, tmp_path, monkeypatch):
+    """`ranker.gradient_checkpointing` runs each decoder layer again in the backward pass (what frees
+    its activations) and leaves the curve as it was."""
+    from transformers.models.llama import modeling_llama
+
+    from cotrec.ranker.finetune import train_loop
+
+    lists, labels = copy_task(6, seed=3)
+    rc = RankerConfig(trainer="local", precision="fp32", epochs=1, batch_size=2, micro_batch=2, cpus_per_worker=1)
+    ranker = LetterRanker(None, domain_of("movie"), "llm", labels)
+    examples = epoch_examples(lists[:4], ranker, rc.epochs, rc.shuffle_seed)
+    job = {"name": "tiny", "model_path": tiny_base, "examples": examples, "candidates": 10, "seed": 0,
+           "validation": validation_prompts(lists[4:], ranker, rc.shuffle_seed), "lora_r": 4, "lora_alpha": 8,
+           "lora_dropout": 0.0, "lora_targets": rc.lora_targets, "lr": 1e-2, "warmup_ratio": 0.0,
+           "shape": asdict(planned_shape(examples, rc)), "zero_stage": 2, "max_tokens": 512, "local": True,
+           "use_gpu": False, "precision": "fp32", "cpus_per_worker": 1}
+    real_forward = modeling_llama.LlamaDecoderLayer.forward
+    runs = {}
+    for checkpointing in (False, True):
+        calls = []
+
+        def counted(self, *args, **kwargs):
+            calls.append(1)
+            return real_forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", counted)
+        result = train_loop({**job, "gradient_checkpointing": checkpointing,
+                             "adapter_out": str(tmp_path / f"adapter-{checkpointing}")})
+        monkeypatch.undo()
+        runs[checkpointing] = (len(calls), [c["loss"] for c in result["curve"][1:]],
+                               [c["val_ndcg@10"] for c in result["curve"]])
+    (plain_calls, plain_loss, plain_val), (gc_calls, gc_loss, gc_val) = runs[False], runs[True]
+    training_passes = 2  # 4 lists in micro-batches of 2, 2 layers each: 4 more layer calls recomputed
+    assert gc_calls - plain_calls == training_passes * 2
+    assert gc_loss == pytest.approx(plain_loss, abs=1e-5) and gc_val == pytest.approx(plain_val, abs=1e-6)

@@ -205,3 +205,56 @@ def test_bench_scale_can_stop_after_a_stage_and_measures_only_what_ran(tmp_path,
     assert size["stages"]["preferences"]["users_per_s"] > 0 and json.loads(out.read_text())["until"] == "preferences"
     bad = cli("bench", "scale", "--users", "300", "--until", "training", "--out", str(tmp_path / "bad.json"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown stage 'training'" in bad.stderr
+
+
+def test_the_plan_prints_the_fine_tunes_and_the_merges_memory_per_gpu_and_host(measured, cli):
+    """From the base model's parameter count (Qwen2.5-7B's config.json: 7,615,616,512), bf16 weights,
+    LoRA on q/k/v/o, Adam and ZeRO; what gradient checkpointing and ZeRO-3 change is what they free."""
+    from cotrec.plan import ranker_memory
+    from cotrec.ranker.memory import GIB
+
+    _, run, models, _ = measured
+    params = 7_615_616_512
+    gpu = ranker_memory(load_config("gpu-cluster"))
+    ft, merge = gpu["finetune"], gpu["merge"]
+    assert gpu["parameters"] == params and ft["base_bytes"] == params * 2
+    # LoRA r=8 on q (3584 -> 3584), k and v (3584 -> 512), o (3584 -> 3584) in 28 layers
+    assert ft["lora_parameters"] == 28 * 8 * ((3584 + 3584) * 2 + (3584 + 512) * 2)
+    assert ft["gpu_bytes"] == ft["base_bytes"] + ft["lora_state_bytes"] + ft["activation_bytes"]
+    assert ft["host_bytes"] == params * 2                     # the model loads on the host, then moves
+    assert merge == {"gpu_bytes": params * 4, "host_bytes": params * 2}   # float32 on the GPU, a bf16 checkpoint out
+    assert ft["gpu_bytes"] < 40 * GIB                          # fits a 48 GB L40S of the launcher's gpu-worker
+    unchecked = ranker_memory(load_config("gpu-cluster", ["ranker.gradient_checkpointing=false"]))["finetune"]
+    assert unchecked["activation_bytes"] > 10 * ft["activation_bytes"] and unchecked["gpu_bytes"] > 48 * GIB
+    zero3 = ranker_memory(load_config("gpu-cluster", ["ranker.zero_stage=3"]))["finetune"]
+    assert zero3["base_bytes"] == params  # the frozen weights partitioned over the 2 workers
+    on_cpu = ranker_memory(load_config("demo"))
+    assert on_cpu["finetune"]["gpu_bytes"] is None and on_cpu["merge"]["gpu_bytes"] is None
+    assert on_cpu["source"].startswith("its weights")   # counted from the embedded checkpoint's headers
+    assert ranker_memory(load_config("demo", ["ranker.grid=[none, llm/zero-shot]"])) is None   # nothing fine-tuned
+    unknown = ranker_memory(load_config("demo", ["llm.model=team/ranker-base"]))
+    assert "unknown" in unknown
+    named = ranker_memory(load_config("demo", ["llm.model=team/ranker-3B"]))
+    assert named["parameters"] == 3_000_000_000 and named["finetune"]["activation_bytes"] is None
+
+    out = cli("plan", "--config", "gpu-cluster", "--run-dir", str(run.root), "--users", "1000", "--models", str(models))
+    assert out.returncode == 0, out.stderr
+    memory = out.stdout[out.stdout.index("memory: "):]
+    assert "7.62B parameters" in memory and "gradient checkpointing on" in memory
+    assert f"per GPU {ft['gpu_bytes'] / GIB:,.1f} GiB, host {params * 2 / GIB:,.1f} GiB" in memory
+    assert f"merge (float32, saved in bfloat16): per GPU {params * 4 / GIB:,.1f} GiB" in memory
+
+
+def test_the_parameter_count_from_a_config_is_that_of_the_weights():
+    """The config.json formula (used where the weights are not on the machine) against the embedded
+    model's safetensors headers."""
+    import json as json_module
+    from pathlib import Path
+
+    from cotrec.llm.embedded import resolve_model
+    from cotrec.ranker.memory import config_parameters, safetensors_parameters
+
+    folder = Path(resolve_model("embedded"))
+    counted = safetensors_parameters(folder)
+    assert counted == 134_515_008
+    assert config_parameters(json_module.loads((folder / "config.json").read_text())) == counted

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -102,6 +104,100 @@ def test_a_model_folder_on_s3_is_downloaded_for_the_engines_and_a_non_model_refu
     assert open(os.path.join(local, "tokenizer", "vocab.txt")).read() == "a b"
     with pytest.raises(CotrecError, match="no config.json"):
         resolve_model(f"{bucket}/models/nothing-here")
+
+
+def test_a_fine_tuned_ranker_is_served_from_an_s3_run_directory(bucket, tmp_path):
+    """A run on the bucket whose fine-tune merged its adapter there (`merge_and_measure` uploads it):
+    the served ranker finds the checkpoint through the store, downloads it, and scores a list as the
+    same checkpoint scores it from a local folder; a prompt never fine-tuned is one line naming the URI."""
+    import asyncio
+
+    import numpy as np
+
+    from cotrec.config import load_config
+    from cotrec.data.prepare import prepare
+    from cotrec.errors import DataError
+    from cotrec.llm import letters, make_engine
+    from cotrec.ranker.finetune import merge_adapter, merge_and_measure
+    from cotrec.ranker.stage import merged_model
+    from cotrec.recommend import RankerService
+    from cotrec.storage import is_remote
+    from tiny_model import make_tiny_base, tiny_adapter
+
+    base = make_tiny_base(tmp_path / "base")
+    adapter = tiny_adapter(base, tmp_path / "adapter")
+    uri = f"{bucket}/served"
+    config = load_config("demo", [*S3_RUN[3:15:2], "llm.backend=transformers", f"llm.model={base}",
+                                  "llm.dtype=float32", "ranker.merged_dtype=float32",
+                                  "ranker.retrievers={CRM: none/random}"])
+    run = RunDir(uri)
+    run.write_config(config)
+    prepare(config, run)
+    variant = "none/random"
+    merged = merged_model(config, run, variant, "llm")
+    assert is_remote(merged)
+    conversation = [[{"role": "user", "content": "Rank: A or B?"}]]
+    merge_and_measure(base, Path(adapter), merged, conversation, letters(10), config.ranker)  # no Ray: here
+    assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()
+
+    served = RankerService(uri, variant, "llm")
+    assert served.model == str(merged)
+    lst = served.candidate_list(0, "next", np.arange(3), list(range(3, 13)))
+    got = asyncio.run(served.rerank([lst]))[0]
+    served.close()
+    merge_adapter(base, Path(adapter), tmp_path / "merged", "float32", conversation, letters(10))
+    for model, same in ((str(tmp_path / "merged"), True), (base, False)):  # the fine-tuned model's, not the base's
+        engine = make_engine(config.llm.model_copy(update={"model": model}))
+        want = asyncio.run(RankerService(uri, variant, "llm", engine=engine).rerank([lst]))[0]
+        engine.close()
+        assert np.allclose(got["probs"], want["probs"], atol=1e-6) == same, (model, got, want)
+
+    with pytest.raises(DataError, match=r"^s3://cotrec-runs/served/ranker/none-random--llm\+\+/model/merged: no "
+                                        r"fine-tuned ranker"):
+        RankerService(uri, variant, "llm++")
+
+
+def test_a_cluster_job_refuses_at_its_start_a_run_directory_a_worker_node_does_not_see(bucket, monkeypatch):
+    """Two Ray nodes: a head that offers no CPU (as on the launcher and KubeRay) and a worker whose S3
+    endpoint is another server, so its writes go where the driver never looks (as a node-local /shared
+    would). A job there stops at its start, in one line naming the run directory, before writing to it;
+    with a worker that shares the store the check passes and leaves nothing behind."""
+    import boto3
+    from ray.cluster_utils import Cluster
+
+    from cotrec.cluster import SHARED_CHECK, check_run_dir_shared
+    from cotrec.errors import CotrecError
+    from s3_server import moto_server
+
+    uri = f"{bucket}/cluster-job"
+    for shared in (False, True):
+        with moto_server() as elsewhere:
+            boto3.client("s3", endpoint_url=elsewhere).create_bucket(Bucket="cotrec-runs")
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+            cluster.add_node(num_cpus=1, env_vars={} if shared else {"AWS_ENDPOINT_URL": elsewhere})
+            monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+            try:
+                if shared:
+                    check_run_dir_shared(run_path(uri))
+                    assert not run_path(uri).exists()  # the markers are gone
+                    continue
+                with pytest.raises(CotrecError, match=rf"^{uri}: not shared between the nodes"):
+                    check_run_dir_shared(run_path(uri))
+                job = run_cli("prepare", "--run-dir", uri, *S3_RUN[:16])
+                # on a cluster Ray keeps its own log lines (its "Connecting to existing Ray cluster"); cotrec's is one
+                ours = [line for line in job.stderr.splitlines() if not re.match(r"^\d{4}-\d\d-\d\d \S+\s+INFO ", line)]
+                assert job.returncode == 2 and len(ours) == 1, job.stderr[-2000:]
+                assert ours[0].startswith(f"cotrec: error: {uri}: not shared") and "--run-dir s3://" in ours[0]
+                assert not (run_path(uri) / "config.yaml").exists() and not (run_path(uri) / "data").exists()
+                # what the worker wrote went to the other server
+                seen = boto3.client("s3", endpoint_url=elsewhere).list_objects_v2(Bucket="cotrec-runs")
+                assert any(SHARED_CHECK in o["Key"] for o in seen.get("Contents", []))
+            finally:
+                monkeypatch.delenv("RAY_ADDRESS")
+                import ray
+
+                ray.shutdown()
+                cluster.shutdown()
 
 
 # The main job on a small synthetic run: the zero-latency engine and the zero-cost encoder (this test

@@ -21,8 +21,9 @@ Read top to bottom:
 3. `fit` launches it with Ray Train's TorchTrainer (gloo on CPU, nccl on GPU), or in-process with
    `ranker.trainer: local` (the same loop with a plain optimiser and no DeepSpeed).
 4. `merge_adapter` folds the adapter into a full checkpoint that any backend (vLLM) serves, merged
-   in float32 and saved in `ranker.merged_dtype`; `update_kept` measures what the saved checkpoint
-   keeps of the adapter's change to the letter probabilities.
+   in float32 and saved in `ranker.merged_dtype`, from one load of the base on the fine-tune's
+   device; on held-out prompts it measures what the saved checkpoint keeps of the adapter's change
+   to the letter probabilities (`update_kept` in train.json).
 """
 
 from __future__ import annotations
@@ -241,6 +242,9 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     dtype = torch.bfloat16 if job["precision"] == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=dtype)
     model.config.use_cache = False
+    if job.get("gradient_checkpointing"):  # layers recomputed in the backward pass: activations of one at a time
+        # non-reentrant: gradients reach the adapter though the frozen embeddings' outputs need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=job["lora_r"], lora_alpha=job["lora_alpha"],
                                              lora_dropout=job["lora_dropout"], target_modules=job["lora_targets"],
                                              task_type="CAUSAL_LM"))
@@ -427,17 +431,23 @@ def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Pat
     return result.return_value
 
 
-def merge_and_measure(base_path: str, adapter: Path, out: Path, dtype: str,
-                      conversations: list[list[dict[str, str]]], choices: list[str], cpus: float) -> dict[str, Any]:
-    """`merge_adapter`, then `update_kept` on held-out prompts. In a Ray job both run in a Ray task
-    with the fine-tune workers' CPUs, so the driver loads no model; without Ray, here."""
+def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: list[list[dict[str, str]]],
+                      choices: list[str], rcfg: RankerConfig) -> dict[str, Any]:
+    """`merge_adapter` (which also measures what the checkpoint keeps) on the device the fine-tune's
+    workers had. In a Ray job it runs in a Ray task with a worker's CPUs, a GPU when they had one,
+    and host memory sized from the model (`ranker.memory`), so the driver loads no model and a 7B
+    merge lands on a node that holds it; without Ray, here."""
+    on_gpu = rcfg.gpus_per_worker > 0
+
     def merge_there() -> dict[str, Any]:
+        import torch
+
+        device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         # transformers and peft read and write local folders: a store's are copied down and up
         local_adapter = local_copy(adapter)
         with tempfile.TemporaryDirectory(prefix="cotrec-merged-") as scratch:
             local_out = Path(scratch) if is_remote(out) else Path(out)
-            merge_adapter(base_path, local_adapter, local_out, dtype)
-            kept = update_kept(base_path, local_adapter, local_out, conversations, choices)
+            kept = merge_adapter(base_path, local_adapter, local_out, rcfg.merged_dtype, conversations, choices, device)
             if is_remote(out):
                 upload(local_out, out)
         return kept
@@ -446,50 +456,55 @@ def merge_and_measure(base_path: str, adapter: Path, out: Path, dtype: str,
         return merge_there()
     import ray
 
-    return ray.get(ray.remote(num_cpus=cpus)(merge_there).remote())
+    from cotrec.ranker.memory import merge_request_bytes
+
+    memory = merge_request_bytes(base_path, rcfg.merged_dtype, on_gpu)
+    options = {"num_cpus": rcfg.cpus_per_worker, "num_gpus": min(rcfg.gpus_per_worker, 1.0),
+               **({"memory": memory} if memory else {})}
+    return ray.get(ray.remote(**options)(merge_there).remote())
 
 
-def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str) -> Path:
-    """Fold the LoRA adapter into the base weights in float32, saved in `dtype`: a plain checkpoint
-    any backend loads (float32 keeps a small adapter's change, which bfloat16's three significant
-    digits round much of away; `update_kept` measures it)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.to(getattr(torch, dtype)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
-    for extra in ("generation_config.json", "chat_template.jinja"):
-        if (Path(base_path) / extra).is_file() and not (Path(out) / extra).exists():
-            shutil.copy(Path(base_path) / extra, Path(out) / extra)
-    return Path(out)
-
-
-def update_kept(base_path: str, adapter: Path, merged: Path, conversations: list[list[dict[str, str]]],
-                choices: list[str]) -> dict[str, Any]:
-    """How much of the adapter's change to the letter probabilities the merged checkpoint keeps, on
-    held-out prompts: the change itself (adapter vs base), and what is left of it once merged and
-    once rounded to bfloat16 (max |dp| against the adapter, same first letter)."""
+def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str, conversations: list[list[dict[str, str]]],
+                  choices: list[str], device: str = "cpu") -> dict[str, Any]:
+    """Fold the LoRA adapter into the base weights in float32 and save a plain checkpoint in `dtype`
+    that any backend loads (float32 keeps a small adapter's change, which bfloat16's three significant
+    digits round much of away). The base is loaded once, on `device`; on held-out prompts it measures
+    how much of the adapter's change to the letter probabilities the checkpoint keeps: the change
+    itself (adapter vs base), and what is left of it as saved and once rounded to bfloat16 (max |dp|
+    against the adapter, same first letter)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    batcher = _Batcher(tokenizer, 4096, "cpu")
+    batcher = _Batcher(tokenizer, 4096, device)
     ids = single_token_ids(tokenizer, choices)
     inputs = batcher.batch([batcher.encode(c) for c in conversations])
 
     def probs(model: Any) -> np.ndarray:
         with torch.no_grad():
-            return torch.softmax(_last_logits(model.eval(), inputs)[:, ids], dim=-1).numpy()
+            return torch.softmax(_last_logits(model.eval(), inputs)[:, ids], dim=-1).cpu().numpy()
 
-    base = probs(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32))
-    tuned = probs(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                                            str(adapter)))
-    saved = probs(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
-    rounded = probs(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).float())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                                           device_map=device), str(adapter))
+    tuned = probs(model)
+    with model.disable_adapter():
+        base = probs(model)
+    merged = model.merge_and_unload()
+    saved = probs(merged)  # as saved in float32 (and as a float32 reload of it reads)
+    if dtype == "float32":
+        merged.save_pretrained(out)
+    _cast_parameters(merged, torch.bfloat16)
+    rounded = probs(merged)
+    if dtype != "float32":
+        _cast_parameters(merged, getattr(torch, dtype))
+        merged.save_pretrained(out)
+        _cast_parameters(merged, torch.float32)
+        saved = probs(merged)  # the saved weights, read back in float32
+    tokenizer.save_pretrained(out)
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (Path(base_path) / extra).is_file() and not (Path(out) / extra).exists():
+            shutil.copy(Path(base_path) / extra, Path(out) / extra)
 
     def against(p: np.ndarray) -> dict[str, float]:
         return {"max_abs_dp": round(float(np.abs(p - tuned).max()), 5),
@@ -497,3 +512,10 @@ def update_kept(base_path: str, adapter: Path, merged: Path, conversations: list
 
     return {"prompts": len(conversations), "adapter_vs_base": against(base), "merged_saved": against(saved),
             "merged_in_bfloat16": against(rounded)}
+
+
+def _cast_parameters(model: Any, dtype: Any) -> None:
+    """The weights in `dtype`, one tensor at a time (no second copy of the model); buffers such as the
+    rotary frequencies stay as they are, as when a checkpoint is loaded in that dtype."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)

@@ -55,6 +55,8 @@ from cotrec.storage import remove_tree
 
 # What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
 EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
+# Keys that change what a fine-tune holds in memory, not what it computes: no output depends on them.
+MEMORY_KEYS = {"gradient_checkpointing"}
 
 
 def ranker_folder(variant: str, ranker: str) -> str:
@@ -83,7 +85,7 @@ def _inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str,
 
 
 def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) -> str:
-    ranker = config.ranker.model_dump(mode="json", exclude=EVAL_KEYS)
+    ranker = config.ranker.model_dump(mode="json", exclude=EVAL_KEYS | MEMORY_KEYS)
     inputs = _inputs(config, run, variant, prompt)
     if shows_preference_when_trained(config):  # the training lists' positions follow the walk's states
         inputs["users"] = folder_digest(output_folder(run, "users"))
@@ -127,7 +129,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
            "candidates": candidates, "seed": config.seed, "lora_r": rc.lora_r,
            "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout, "lora_targets": rc.lora_targets, "lr": rc.lr,
            "warmup_ratio": rc.warmup_ratio, "shape": asdict(shape), "zero_stage": rc.zero_stage,
-           "max_tokens": config.llm.max_model_len}
+           "max_tokens": config.llm.max_model_len, "gradient_checkpointing": rc.gradient_checkpointing}
     log(f"ranker: fine-tuning {prompt} on {len(found.train):,} lists of {variant} ({found.notes['valid_lists']:,} "
         f"valid and {found.notes['prefix_lists']:,} prefix lists in all, {found.notes['masked_positives']:,} known "
         f"positives masked) for {rc.epochs} epoch(s), validating on {len(found.held_out):,} held-out lists "
@@ -136,8 +138,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     with run.staged(stage, fp) as folder:
         result = fit(job, rc, folder / ".ray", folder / "adapter")
         shown = [v["conversation"] for v in held_out[:8]]
-        kept = merge_and_measure(base, folder / "adapter", folder / "merged", rc.merged_dtype, shown,
-                                 letters(candidates), rc.cpus_per_worker)
+        kept = merge_and_measure(base, folder / "adapter", folder / "merged", shown, letters(candidates), rc)
         curve = result["curve"]
         best = curve[result["best_epoch"]]
         summary = {**counts, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
@@ -235,7 +236,7 @@ def _plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bo
     trained = ranker_train(config, run, trained_on(config, variant), prompt, force=False) if fine_tuned else None
     stage = f"{ranker_folder(variant, ranker)}/eval"
     fp = fingerprint({"data": config.fingerprint("data"), "llm": config.llm.model_dump(mode="json"),
-                  "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call"}),
+                  "ranker": config.ranker.model_dump(mode="json", exclude={"retrievers", "grid", "lists_per_call", *MEMORY_KEYS}),
                   "model": run.completion(f"{ranker_folder(trained_on(config, variant), prompt)}/model") if fine_tuned else
                   (model[0] if model else None),
                   "inputs": _inputs(config, run, variant, shows)})
