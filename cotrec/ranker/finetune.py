@@ -211,6 +211,9 @@ def letter_loss(logits: Any, letter_ids: list[int], answers: Any) -> Any:
     return torch.nn.functional.cross_entropy(logits[:, letter_ids], answers)
 
 
+STEP_LINE_EVERY = 60.0  # seconds between two progress lines within an epoch
+
+
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     """One worker's fine-tuning; returns the curve (rank 0 also saves the best adapter)."""
     import torch
@@ -335,17 +338,28 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     else:
         curve.append({**validation(0), "loss": None, "examples": 0, "learning_rate": 0.0})  # the base model
         best_key = curve[0]["val_ndcg@10"]
+        if rank == 0:
+            worker_log(f"[ranker {job.get('name', '')}] base model: val ndcg@10 {best_key:.4f} ± "
+                       f"{curve[0]['val_ndcg@10_se']:.4f} on {curve[0]['val_lists']} held-out lists "
+                       f"({curve[0]['val_seconds']:.0f} s)")
     forward.train()
     for epoch in range(first_epoch, len(epochs)):
         t0 = time.perf_counter()
         mine = epochs[epoch][rank::world][:per_worker]
         losses = []
+        last_line = time.perf_counter()
         for micro_step, start in enumerate(range(0, len(mine), micro)):
             batch = mine[start:start + micro]
             logits = _last_logits(forward, batcher.batch([ids for ids, _ in batch]))
             loss = letter_loss(logits, letter_ids, torch.tensor([a for _, a in batch], device=device))
             learn(loss, micro_step)
             losses.append(float(loss.detach()))
+            if rank == 0 and time.perf_counter() - last_line >= STEP_LINE_EVERY:  # an epoch can take an hour on a CPU
+                last_line = time.perf_counter()
+                done, rate = start + len(batch), (start + len(batch)) / (last_line - t0)
+                worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1}: {done}/{len(mine)} of this worker's "
+                           f"lists, letter loss so far {np.mean(losses):.4f}, {rate:.2f} lists/s, "
+                           f"ETA {(len(mine) - done) / rate:.0f} s")
         train_seconds = time.perf_counter() - t0
         sums = torch.tensor([sum(losses) * micro, float(len(mine))], dtype=torch.float64)
         if world > 1:
