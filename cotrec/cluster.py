@@ -194,7 +194,7 @@ class FailingOnce:
         self.loop, self.marker = loop, marker
         self.__name__ = getattr(loop, "__name__", "train_loop")
 
-    def __call__(self, config: dict[str, Any]) -> Any:
+    def __call__(self, config: Any) -> Any:
         import traceback
 
         from cotrec.storage import as_path
@@ -235,7 +235,7 @@ def raise_loop_failure(value: Any, name: str) -> None:
                        f"(not retried); the worker's traceback:\n{failure['traceback']}")
 
 
-def fit_torch_trainer(loop: Any, loop_config: dict[str, Any], *, name: str, storage: str, num_workers: int,
+def fit_torch_trainer(loop: Any, loop_config: Any, *, name: str, storage: str, num_workers: int,
                       cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0,
                       datasets: Optional[dict[str, Any]] = None) -> Any:
     """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint;

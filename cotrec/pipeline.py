@@ -31,11 +31,11 @@ from cotrec.heap import return_freed_memory
 from cotrec.progress import log
 from cotrec.ranker.lists import candidate_pairs
 from cotrec.ranker.prompts import uses_perceptions, uses_preference
-from cotrec.ranker.stage import format_summary as format_table2
-from cotrec.ranker.stage import ranker_grid
+from cotrec.ranker.grid import ranker_grid
 from cotrec.report import write_reports
+from cotrec.reporting.console import format_grid_summary, format_table2_summary
 from cotrec.reporting.stages import record_stage
-from cotrec.retriever import format_grid_summary, retriever_grid, train_variant
+from cotrec.retriever import retriever_grid, train_variant
 from cotrec.retriever.variants import embedding_kinds, parse_variant
 from cotrec.rundir import RunDir
 
@@ -149,7 +149,7 @@ STAGES: list[Stage] = [
     Stage("perceptions", "LLM: role-played review + key terms of each re-ranked candidate",
           _perceptions, format_extract, _perceptions_unneeded),
     Stage("ranker", "LoRA fine-tunes and the LLM ranker grid (Table 2)", _ranker,
-          format_table2),
+          format_table2_summary),
     Stage("report", "reports/: tables, plots, time and tokens per stage", _report,
           lambda s: f"wrote {len(s['written'])} files to {s['run']}/reports"),
 ]

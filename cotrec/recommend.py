@@ -30,7 +30,7 @@ from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.ranker.stage import merged_model
 from cotrec.retriever.data import Sequences, history_queries
 from cotrec.retriever.evaluate import score_queries
-from cotrec.retriever.stage import load_retriever
+from cotrec.retriever.trained import load_retriever
 from cotrec.rundir import RunDir, read_stats, read_table
 from cotrec.storage import as_path, location
 

@@ -16,12 +16,13 @@ from typing import Any, Optional, Sequence
 
 from cotrec.config import Config, parse_ranker
 from cotrec.extract.programs import stored_outputs
-from cotrec.ranker.stage import finished_table2, ranker_folder, write_table2_report
+from cotrec.ranker.grid import finished_table2, write_table2_report
+from cotrec.ranker.stage import ranker_folder
 from cotrec.ranker.table2 import MANIFEST
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
 from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
 from cotrec.reporting.tables import TABLE2, ranker_label, table2_console_cells, write_table1
-from cotrec.retriever.stage import finished_grid
+from cotrec.retriever.grid import finished_grid
 from cotrec.rundir import RunDir, atomic_write_text, read_stats
 from cotrec.storage import replace_file, run_path
 

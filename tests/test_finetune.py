@@ -10,8 +10,6 @@ stay at chance: what it learns is the task, not the letters.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 
@@ -19,7 +17,7 @@ from cotrec.config import RankerConfig
 from cotrec.extract.prompts import domain_of
 from cotrec.llm import letters
 from cotrec.llm.embedded import resolve_model
-from cotrec.ranker.finetune import epoch_examples, fit, planned_shape, validation_prompts
+from cotrec.ranker.finetune import FinetuneJob, epoch_examples, fit, validation_prompts
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList
 from tiny_model import make_tiny_base, tiny_adapter
@@ -56,12 +54,10 @@ def fine_tune(tmp_path, train: list[CandidateList], held_out: list[CandidateList
     if shuffle_answers:  # the same prompts, each answer a seeded random letter
         rng = np.random.default_rng(1)
         examples = [[{**e, "answer": letters(10)[int(rng.integers(10))]} for e in epoch] for epoch in examples]
-    job = {"name": "copy task", "model_path": resolve_model("embedded"), "examples": examples,
-           "validation": validation_prompts(held_out, ranker, rc.shuffle_seed), "candidates": 10, "seed": 0,
-           "lora_r": rc.lora_r, "lora_alpha": rc.lora_alpha, "lora_dropout": rc.lora_dropout,
-           "lora_targets": rc.lora_targets, "lr": rc.lr, "warmup_ratio": rc.warmup_ratio,
-           "shape": asdict(planned_shape(examples, rc)), "zero_stage": rc.zero_stage, "max_tokens": 512}
-    return fit(job, rc, tmp_path / ".ray", tmp_path / "adapter")["curve"]
+    job = FinetuneJob.from_config(rc, name="copy task", model_path=resolve_model("embedded"), examples=examples,
+                                  validation=validation_prompts(held_out, ranker, rc.shuffle_seed), candidates=10,
+                                  seed=0, max_tokens=512)
+    return fit(job, tmp_path / ".ray", tmp_path / "adapter").curve
 
 
 @pytest.mark.slow
@@ -234,11 +230,10 @@ def test_gradient_checkpointing_recomputes_the_layers_and_learns_the_same(tiny_b
     rc = RankerConfig(trainer="local", precision="fp32", epochs=1, batch_size=2, micro_batch=2, cpus_per_worker=1)
     ranker = LetterRanker(None, domain_of("movie"), "llm", labels)
     examples = epoch_examples(lists[:4], ranker, rc.epochs, rc.shuffle_seed)
-    job = {"name": "tiny", "model_path": tiny_base, "examples": examples, "candidates": 10, "seed": 0,
-           "validation": validation_prompts(lists[4:], ranker, rc.shuffle_seed), "lora_r": 4, "lora_alpha": 8,
-           "lora_dropout": 0.0, "lora_targets": rc.lora_targets, "lr": 1e-2, "warmup_ratio": 0.0,
-           "shape": asdict(planned_shape(examples, rc)), "zero_stage": 2, "max_tokens": 512, "local": True,
-           "use_gpu": False, "precision": "fp32", "cpus_per_worker": 1}
+    job = FinetuneJob.from_config(rc.model_copy(update={"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-2,
+                                                         "warmup_ratio": 0.0}),
+                                  name="tiny", model_path=tiny_base, examples=examples, candidates=10, seed=0,
+                                  validation=validation_prompts(lists[4:], ranker, rc.shuffle_seed), max_tokens=512)
     real_forward = modeling_llama.LlamaDecoderLayer.forward
     runs = {}
     for checkpointing in (False, True):
@@ -249,8 +244,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_learns_the_same(tiny_b
             return real_forward(self, *args, **kwargs)
 
         monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", counted)
-        result = train_loop({**job, "gradient_checkpointing": checkpointing,
-                             "adapter_out": str(tmp_path / f"adapter-{checkpointing}")})
+        result = train_loop({**job.loop_config(str(tmp_path / f"adapter-{checkpointing}")),
+                             "gradient_checkpointing": checkpointing})
         monkeypatch.undo()
         runs[checkpointing] = (len(calls), [c["loss"] for c in result["curve"][1:]],
                                [c["val_ndcg@10"] for c in result["curve"]])

@@ -21,7 +21,8 @@ from cotrec.ranker.letters import LetterRanker, evaluate_ranker
 from cotrec.ranker.lists import (CandidateList, attach_prompt_inputs, candidate_pairs, load_lists, ranked_lists,
                                  shown_order, training_lists)
 from cotrec.ranker.mapb import mapb, predicted_ranks, probe_orders, sample_bias
-from cotrec.ranker.stage import ranker_eval, ranker_grid
+from cotrec.ranker.evaluate import ranker_eval
+from cotrec.ranker.grid import ranker_grid
 from cotrec.retriever import train_variant
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 

@@ -352,12 +352,12 @@ def test_ray_train_workers_read_equal_shards_of_the_training_rows_dataset(tmp_pa
     """The Ray trainer's rows come from a Ray Dataset: the dataset holds exactly the rows cut in
     process, in the same order on every build, and each of 2 workers trains on an equal half of
     the dataset it is given (a cut one here), whatever the histories would give."""
-    import cotrec.retriever.stage as stage
+    import cotrec.retriever.histories as histories_module
 
     config, run = small_run(tmp_path, "retriever.trainer=ray", "retriever.num_workers=2",
                             "retriever.cpus_per_worker=1", "retriever.max_epochs=2", "retriever.patience=2")
     rc = config.retriever
-    histories = stage.Histories(run)
+    histories = histories_module.Histories(run)
     dataset = histories.training_rows(rc.max_len, False, rc.train_stride)
     assert histories.training_rows(rc.max_len, False, rc.train_stride) is dataset  # built once per layout
     in_process = training_rows(Sequences.from_arrays(histories.arrays()), rc.max_len, False, rc.train_stride)
@@ -368,11 +368,12 @@ def test_ray_train_workers_read_equal_shards_of_the_training_rows_dataset(tmp_pa
 
     first = dataset.take_batch(dataset.count(), batch_format="numpy")
     assert np.array_equal(as_rows(first), as_rows(in_process))
-    again = stage.Histories(run).training_rows(rc.max_len, False, rc.train_stride)
+    again = histories_module.Histories(run).training_rows(rc.max_len, False, rc.train_stride)
     assert np.array_equal(np.asarray(again.take_batch(again.count(), batch_format="numpy")["items"]), first["items"])
 
     kept = 101
-    monkeypatch.setattr(stage.Histories, "training_rows", lambda self, *layout: dataset.limit(kept).materialize())
+    monkeypatch.setattr(histories_module.Histories, "training_rows",
+                        lambda self, *layout: dataset.limit(kept).materialize())
     result = train_variant(config, run, "none/random")
     history = json.loads((Path(result["folder"]) / "history.json").read_text())
     per_worker = -(-rc.batch_size // 2)
@@ -384,11 +385,11 @@ def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_pa
     """With `concurrent_trainings: 2` Table 1's trainings overlap in time (each its own Ray Train
     worker group) and the driver reads the histories once for both; a seed trained beside another
     gives the same model, metrics and candidates as the same seed trained alone."""
-    import cotrec.retriever.stage as stage
+    import cotrec.retriever.histories as histories_module
 
     reads = []
-    read_sequences = stage.read_sequences
-    monkeypatch.setattr(stage, "read_sequences", lambda run: reads.append(run) or read_sequences(run))
+    read_sequences = histories_module.read_sequences
+    monkeypatch.setattr(histories_module, "read_sequences", lambda run: reads.append(run) or read_sequences(run))
     settings = SMALL + ("retriever.trainer=ray", "retriever.max_epochs=8", "retriever.grid=[none/random]")
     config, run = synthetic_run(tmp_path / "grid", config_overrides=settings + (
         "retriever.grid_seeds=2", "retriever.concurrent_trainings=2"))
@@ -411,7 +412,7 @@ def test_concurrent_trainings_stop_at_the_first_failure(tmp_path, monkeypatch):
     runs, the trainings not yet started never start, and the failure is raised."""
     import time as clock
 
-    import cotrec.retriever.stage as stage
+    import cotrec.retriever.grid as grid_module
 
     config, run = small_run(tmp_path, "retriever.trainer=ray", "retriever.concurrent_trainings=2")
     started = []
@@ -423,10 +424,10 @@ def test_concurrent_trainings_stop_at_the_first_failure(tmp_path, monkeypatch):
         clock.sleep(1)  # seed 0 outlasts the failure
         return {"seed": seed}
 
-    monkeypatch.setattr(stage, "train_variant", fake_training)
-    monkeypatch.setattr(stage, "ensure_ray", lambda: None)
+    monkeypatch.setattr(grid_module, "train_variant", fake_training)
+    monkeypatch.setattr(grid_module, "ensure_ray", lambda: None)
     with pytest.raises(CotrecError, match="seed 1 failed"):
-        stage.train_each(config, run, [("none/random", seed) for seed in range(4)])
+        grid_module.train_each(config, run, [("none/random", seed) for seed in range(4)])
     assert sorted(started) == [0, 1]
 
 
@@ -448,7 +449,7 @@ def test_in_a_ray_job_evaluation_runs_on_actors_and_its_results_do_not_depend_on
     from the flat histories and rank them; the candidates table and the ranks are the same on 1 or
     2 actors, equal those of the same model scored in process, and are what the stage wrote."""
     import cotrec.retriever.scoring as scoring
-    from cotrec.retriever.stage import Histories
+    from cotrec.retriever.histories import Histories
 
     config, run = small_run(tmp_path, "retriever.eval_batch_size=16")
     result = train_variant(config, run, "none/random")

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cotrec.ranker.stage import ranker_eval
+from cotrec.ranker.evaluate import ranker_eval
 from cotrec.retriever import train_variant
 from cotrec.serving import evaluate_via_serve, free_port, start_app, stop_app
 from conftest import FLOAT32, REPO

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -129,6 +130,82 @@ def batch_shape(examples: int, workers: int, micro_batch: int, batch_size: int) 
         note = (f"{examples} example(s) an epoch: {world} worker(s) with micro-batches of {micro} instead of "
                 f"{workers} with {micro_batch}")
     return BatchShape(world, micro, accumulation, steps, note)
+
+
+# One training example: {"conversation": chat messages, "answer": the target's letter}; one
+# held-out prompt: {"conversation": ..., "shown": the position its target is shown at}.
+Example = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tune, everything its workers read: one field per knob, from `RankerConfig` (and the
+    stage's lists) to where it acts. `fit` hands the loop `loop_config()`."""
+
+    name: str
+    model_path: str  # the base model's local folder
+    examples: list[list[Example]]  # per epoch (`epoch_examples`)
+    validation: list[Example]  # the held-out lists (`validation_prompts`)
+    candidates: int  # letters per list
+    seed: int
+    shape: BatchShape  # `planned_shape` of the examples
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: list[str]
+    lr: float
+    warmup_ratio: float
+    zero_stage: int
+    precision: str  # resolved (`resolve_precision`): bf16 or fp32
+    max_tokens: int
+    trainer: str
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    gradient_checkpointing: bool
+
+    @classmethod
+    def from_config(cls, rcfg: RankerConfig, *, name: str, model_path: str, examples: list[list[Example]],
+                    validation: list[Example], candidates: int, seed: int, max_tokens: int) -> FinetuneJob:
+        return cls(name=name, model_path=model_path, examples=examples, validation=validation, candidates=candidates,
+                   seed=seed, shape=planned_shape(examples, rcfg), lora_r=rcfg.lora_r, lora_alpha=rcfg.lora_alpha,
+                   lora_dropout=rcfg.lora_dropout, lora_targets=list(rcfg.lora_targets), lr=rcfg.lr,
+                   warmup_ratio=rcfg.warmup_ratio, zero_stage=rcfg.zero_stage,
+                   precision=resolve_precision(rcfg.precision, rcfg.gpus_per_worker > 0), max_tokens=max_tokens,
+                   trainer=rcfg.trainer, cpus_per_worker=rcfg.cpus_per_worker,
+                   gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures,
+                   gradient_checkpointing=rcfg.gradient_checkpointing)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def loop_config(self, adapter_out: str) -> dict[str, Any]:
+        """What `train_loop` reads (Ray Train hands each worker a config mapping)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "shape": dataclasses.asdict(self.shape), "adapter_out": adapter_out,
+                "local": self.trainer == "local", "use_gpu": self.use_gpu}
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What the fine-tune loop returns: the held-out curve (entry 0: the base model, then one per
+    epoch), the best entry, and the shape it trained in."""
+
+    curve: list[dict[str, Any]]
+    best_epoch: int
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    warmup_steps: int
+    precision: str
+    seconds: float
+    resumed_after_epoch: Optional[int]  # a restarted group's first epoch; None: not restarted
+
+    @classmethod
+    def from_loop(cls, returned: dict[str, Any]) -> FinetuneResult:
+        return cls(**{f.name: returned[f.name] for f in dataclasses.fields(cls)})
 
 
 def _deepspeed_config(job: dict[str, Any], shape: BatchShape) -> dict[str, Any]:
@@ -412,37 +489,34 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def planned_shape(examples: list[list[dict]], rcfg: RankerConfig) -> BatchShape:
-    """The batch shape of a fine-tune on these epochs' examples (`job["shape"]` of `fit`)."""
+def planned_shape(examples: list[list[Example]], rcfg: RankerConfig) -> BatchShape:
+    """The batch shape of a fine-tune on these epochs' examples (`FinetuneJob.shape`)."""
     return batch_shape(min(len(e) for e in examples), 1 if rcfg.trainer == "local" else rcfg.num_workers,
                        rcfg.micro_batch, rcfg.batch_size)
 
 
-def fit(job: dict[str, Any], rcfg: RankerConfig, storage: Path, adapter_out: Path) -> dict[str, Any]:
-    """Fine-tune with the configured trainer, in `job["shape"]` (`planned_shape`); the best adapter
-    ends up in `adapter_out`."""
-    use_gpu = rcfg.gpus_per_worker > 0
+def fit(job: FinetuneJob, storage: Path, adapter_out: Path) -> FinetuneResult:
+    """Fine-tune with the job's trainer, in `job.shape`; the best adapter ends up in `adapter_out`."""
     if is_remote(adapter_out):  # peft writes local folders: the adapter is made here, then uploaded
         with tempfile.TemporaryDirectory(prefix="cotrec-adapter-") as local:
-            result = fit(job, rcfg, storage, Path(local))
+            result = fit(job, storage, Path(local))
             upload(Path(local), adapter_out)
         return result
-    job = {**job, "precision": resolve_precision(rcfg.precision, use_gpu), "cpus_per_worker": rcfg.cpus_per_worker,
-           "adapter_out": str(Path(adapter_out).resolve())}
-    if rcfg.trainer == "local":
+    loop_config = job.loop_config(str(Path(adapter_out).resolve()))
+    if job.trainer == "local":
         import torch
 
         threads = torch.get_num_threads()
         try:
-            return train_loop({**job, "local": True, "use_gpu": use_gpu})
+            return FinetuneResult.from_loop(train_loop(loop_config))
         finally:
             torch.set_num_threads(threads)
-    result = fit_torch_trainer(train_loop, job, name="finetune", storage=location(storage),
-                               num_workers=job["shape"]["workers"], cpus_per_worker=rcfg.cpus_per_worker,
-                               gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
+    result = fit_torch_trainer(train_loop, loop_config, name="finetune", storage=location(storage),
+                               num_workers=job.shape.workers, cpus_per_worker=job.cpus_per_worker,
+                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures)
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
-    return result.return_value
+    return FinetuneResult.from_loop(result.return_value)
 
 
 def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: list[list[dict[str, str]]],

@@ -28,7 +28,7 @@ from cotrec.extract.windows import history_digest
 from cotrec.ranker.prompts import shorten, uses_perceptions, uses_preference
 from cotrec.retriever.data import Sequences, history_queries
 from cotrec.retriever.evaluate import score_queries
-from cotrec.retriever.stage import load_retriever
+from cotrec.retriever.trained import load_retriever
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, read_table
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from cotrec.reporting.figures import pyplot, save_figure
-from cotrec.reporting.tables import ranker_label
+from cotrec.reporting.tables import Table1Row, ranker_label
 from cotrec.rundir import RunDir
 from cotrec.storage import as_path
 
@@ -17,7 +17,7 @@ RANK_PLOT = "reports/rank_vs_position.png"
 STAGES_PLOT = "reports/stages.png"
 
 
-def plot_table1(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
+def plot_table1(run: RunDir, rows: list[Table1Row]) -> Optional[Path]:
     """Hit@10 and NDCG@10 per retriever variant, with the seeds' std as error bars."""
     if not rows:
         return None

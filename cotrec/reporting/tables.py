@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 from cotrec.config import Config, parse_ranker
 from cotrec.metrics import MIN_PAIRED_LISTS, POSITION_ONLY_NDCG
@@ -11,6 +11,24 @@ from cotrec.rundir import RunDir, atomic_write_text
 
 TABLE1 = "reports/table1.md"
 TABLE2 = "reports/table2.md"
+
+# One Table 1 row: a retriever variant's test metrics, mean and std over its seeds, and its paired
+# NDCG@10 difference to None/Random with the 95% interval (`metrics.paired_bootstrap`), where it has one.
+Table1Row = TypedDict("Table1Row", {"variant": str, "seeds": list[int], "hit@10": float, "hit@10_std": float,
+                                    "ndcg@10": float, "ndcg@10_std": float, "best_epoch": float,
+                                    "stopped_by_max_epochs": list[int], "users": int,
+                                    "ndcg@10_vs_baseline": dict[str, float]}, total=False)
+
+
+class Table1(TypedDict, total=False):
+    """Table 1 as `retriever grid` returns it (`skipped`, `seconds`) or `finished_grid` reads it."""
+
+    rows: list[Table1Row]
+    seeds: list[int]
+    mask_history: bool
+    report: str
+    skipped: bool
+    seconds: float
 
 
 def variant_label(variant: str) -> tuple[str, str]:
@@ -36,7 +54,7 @@ def interval(row: dict[str, Any], key: str) -> str:
     return f"{found['mean']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}]"
 
 
-def write_table1(run: RunDir, config: Config, summary: dict[str, Any]) -> Path:
+def write_table1(run: RunDir, config: Config, summary: Table1) -> Path:
     seeds = summary["seeds"]
     lines = [
         "# Table 1: SASRec retriever, user / item initialisation",

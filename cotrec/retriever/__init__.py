@@ -6,10 +6,13 @@
 - `train.py`     the training loop under Ray Train's TorchTrainer (or in-process), early stopping
 - `evaluate.py`  full ranking, history masking, Hit@K / NDCG@K, top-M candidates
 - `variants.py`  user / item initialisation (none | random | preference x random | caption | description)
-- `stage.py`     `train_variant` and `retriever_grid` stages, Table 1 report
+- `histories.py` the run's histories, read and stored once, and the training rows' Ray Datasets
+- `stage.py`     the `train_variant` stage: one variant for one seed, its fingerprint and job
+- `trained.py`   a trained variant's model and metrics, read back
+- `grid.py`      the `retriever_grid` stage: Table 1 over seeds, with intervals
 """
 
-from cotrec.retriever.stage import (format_grid_summary, format_train_summary, retriever_grid,
-                                    train_variant)
+from cotrec.retriever.grid import retriever_grid
+from cotrec.retriever.stage import train_variant
 
-__all__ = ["format_grid_summary", "format_train_summary", "retriever_grid", "train_variant"]
+__all__ = ["retriever_grid", "train_variant"]

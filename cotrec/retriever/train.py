@@ -1,6 +1,6 @@
 """The training recipe: one loop that runs under Ray Train (TorchTrainer, DDP) or in-process.
 
-`train_loop(job)` is the per-worker function. Under Ray Train each worker reads its equal shard
+`train_loop(job)` is the per-worker function, `job` a `TrainingJob`. Under Ray Train each worker reads its equal shard
 of the training rows' Ray Dataset (`ray.train.get_dataset_shard("train")`, built and materialised
 by the stage: `ingest.training_dataset`) in chunks it shuffles with a generator seeded per epoch;
 in process it takes one seeded permutation of the rows it cut itself. The per-worker batch is batch_size /
@@ -16,30 +16,32 @@ that checkpoint (`ray.train.get_checkpoint`), not from epoch 0. At the end rank 
 state as `model.pt` in the stage's folder (on disk or on a store), so the weights never pass
 through the driver.
 
-`fit(job, rcfg, storage, model_out, train_rows)` launches it: Ray Train's TorchTrainer with the rows'
-dataset (workers, CPUs and GPUs per worker from the config; gloo on CPU, nccl on GPU) or, with
-`trainer: local`, a plain call.
+`fit(job, histories, storage, model_out)` launches it: Ray Train's TorchTrainer with the rows'
+dataset (the job's workers, CPUs and GPUs per worker; gloo on CPU, nccl on GPU) or, with
+`trainer: local`, a plain call; it returns a `TrainingResult`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict, Union
 
 import numpy as np
 import torch
 
-from cotrec.cluster import fit_torch_trainer, from_object_store
+from cotrec.cluster import ensure_ray, fit_torch_trainer, from_object_store
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
 from cotrec.progress import worker_log
 from cotrec.retriever.data import Sequences, eval_queries, training_rows
 from cotrec.retriever.evaluate import score_queries
+from cotrec.retriever.histories import Histories
 from cotrec.retriever.ingest import epoch_batches, shuffled_batches
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
@@ -47,6 +49,24 @@ from cotrec.safeload import load_state
 from cotrec.storage import as_path, location
 
 CHECKPOINT_FILE = "model.pt"
+# the per-epoch record of `TrainingResult.history` and history.json: JSON values by name
+Epoch = dict[str, Union[int, float, bool]]
+# `model.pt`: the best epoch's weights, the SASRecConfig's fields, that epoch and its valid NDCG@10
+BestState = TypedDict("BestState", {"model": dict[str, torch.Tensor], "sasrec": dict[str, Union[int, float, bool]],
+                                    "epoch": int, "valid_ndcg@10": float})
+
+
+class Checkpoint(TypedDict):
+    """What rank 0 reports every `checkpoint_every` epochs: a restarted group resumes from it."""
+
+    model: dict[str, torch.Tensor]
+    optim: dict[str, list[Any]]  # `RetrieverOptimizer.state_dict`
+    epoch: int
+    best: float
+    best_epoch: int
+    since_best: int
+    best_state: Optional[BestState]
+    history: list[Epoch]
 EPOCH_LINE_EVERY = 5.0  # seconds between two epochs' progress lines
 
 
@@ -55,15 +75,87 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+    """One (variant, seed) training, everything its loop reads: one field per knob, so each
+    setting travels from `RetrieverConfig` to where it acts under its own name."""
+
+    name: str
+    seed: int
+    model: SASRecConfig
+    sequences: Any  # the histories' arrays (`read_sequences`), or an object-store reference to them
+    item_counts: np.ndarray  # training occurrences per item: the sampled softmax's negatives
+    item_init: Optional[np.ndarray]
+    user_init: Optional[np.ndarray]
+    train_stride: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_epochs: int
+    patience: int
+    loss: str
+    negatives: int
+    sampler: str
+    mask_history: bool
+    eval_batch_size: int
+    checkpoint_every: int
+    trainer: str
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    log: bool = True
+    model_out: str = ""  # set by `fit`: where rank 0 saves the best state
+    train_rows: int = 0  # set by `fit` for the Ray trainer: the rows in the dataset the workers split
+
+    @classmethod
+    def from_config(cls, rc: RetrieverConfig, *, name: str, seed: int, num_users: int, sequences: dict[str, np.ndarray],
+                    item_init: Optional[np.ndarray], user_init: Optional[np.ndarray]) -> TrainingJob:
+        """The job of one variant (`num_users`: 0 without a user token) on `sequences`."""
+        num_items = int(sequences["num_items"])
+        model = SASRecConfig(num_items=num_items, num_users=num_users, dim=rc.dim, max_len=rc.max_len,
+                             layers=rc.layers, heads=rc.heads, ffn_mult=rc.ffn_mult, dropout=rc.dropout,
+                             sparse_users=rc.sparse_user_updates)
+        return cls(name=name, seed=seed, model=model, sequences=sequences,
+                   item_counts=np.bincount(sequences["train_items"], minlength=num_items),
+                   item_init=item_init, user_init=user_init, train_stride=rc.train_stride, lr=rc.lr,
+                   weight_decay=rc.weight_decay, batch_size=rc.batch_size, max_epochs=rc.max_epochs,
+                   patience=rc.patience, loss=rc.loss, negatives=rc.negatives, sampler=rc.sampler,
+                   mask_history=rc.mask_history, eval_batch_size=rc.eval_batch_size,
+                   checkpoint_every=rc.checkpoint_every, trainer=rc.trainer, num_workers=rc.num_workers,
+                   cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
+                   max_failures=rc.max_failures)
+
+    @property
+    def local(self) -> bool:
+        return self.trainer == "local"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    """What a training loop returns (the same on every rank)."""
+
+    history: list[Epoch]
+    best_epoch: int
+    best_valid_ndcg: float  # valid NDCG@10 of the best epoch
+    world_size: int
+    seconds: float
+    resumed_after_epoch: Optional[int]  # the checkpoint's epoch a restarted group went on from; None: not restarted
+
+
 class _Local:
     """The single-process stand-in for Ray Train's context, report() and get_checkpoint()."""
 
     world_rank, world_size = 0, 1
 
-    def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+    def report(self, metrics: Epoch, state: Optional[Checkpoint]) -> None:
         pass
 
-    def resume_state(self) -> Optional[dict[str, Any]]:
+    def resume_state(self) -> Optional[Checkpoint]:
         return None
 
 
@@ -79,7 +171,7 @@ class _RayTrain:
         """This worker's equal split of the training rows' dataset."""
         return self.train.get_dataset_shard("train")
 
-    def report(self, metrics: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+    def report(self, metrics: Epoch, state: Optional[Checkpoint]) -> None:
         if state is None:
             self.train.report(metrics)
             return
@@ -87,7 +179,7 @@ class _RayTrain:
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(folder))
 
-    def resume_state(self) -> Optional[dict[str, Any]]:
+    def resume_state(self) -> Optional[Checkpoint]:
         """The last checkpoint of this run, when the worker group was restarted after a failure."""
         checkpoint = self.train.get_checkpoint()
         if checkpoint is None:
@@ -96,12 +188,12 @@ class _RayTrain:
             return load_state(Path(folder) / CHECKPOINT_FILE)
 
 
-def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: dict[str, Any],
+def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: TrainingJob,
                 device: torch.device) -> torch.Tensor:
     """(hit@10 sum, ndcg@10 sum, users) over this worker's slice of the valid users."""
     rows = np.arange(len(queries["users"]))[rank::world]
-    out = score_queries(model, queries, rows, job["mask_history"], top_m=1,
-                        batch_size=job["eval_batch_size"], device=device)
+    out = score_queries(model, queries, rows, job.mask_history, top_m=1,
+                        batch_size=job.eval_batch_size, device=device)
     m = ranking_metrics(out["ranks"], [10])
     n = len(rows)
     return torch.tensor([m["hit@10"] * n, m["ndcg@10"] * n, float(n)], dtype=torch.float64)
@@ -126,10 +218,10 @@ class RetrieverOptimizer:
         for part in self.parts:
             part.step()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, list[Any]]:
         return {"parts": [part.state_dict() for part in self.parts]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, list[Any]]) -> None:
         for part, saved in zip(self.parts, state["parts"], strict=True):
             part.load_state_dict(saved)
 
@@ -149,55 +241,54 @@ def train_step(model: SASRec, wrapped: torch.nn.Module, optim: RetrieverOptimize
     return loss.detach().item()
 
 
-def train_loop(job: dict[str, Any]) -> dict[str, Any]:
+def train_loop(job: TrainingJob) -> TrainingResult:
     """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
-    ctx = _Local() if job.get("local") else _RayTrain()
+    ctx = _Local() if job.local else _RayTrain()
     rank, world = ctx.world_rank, ctx.world_size
-    if job.get("local"):
-        device = torch.device("cuda" if job.get("use_gpu") and torch.cuda.is_available() else "cpu")
+    if job.local:
+        device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
     else:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    seed = int(job["seed"])
+    seed = job.seed
     # One intra-op thread per CPU the worker was given: a small model gains nothing from more, and
     # oversubscribed threads on a busy machine stall every tiny op.
-    torch.set_num_threads(max(1, int(job.get("cpus_per_worker", 1))))
+    torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     # Same seed on every worker for the initial weights (DDP also broadcasts rank 0's), then a
     # per-rank stream for dropout and negative sampling.
     torch.manual_seed(seed)
-    cfg = SASRecConfig(**job["model"])
+    cfg = job.model
     to_tensor = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    model = SASRec(cfg, to_tensor(job.get("item_init")), to_tensor(job.get("user_init"))).to(device)
+    model = SASRec(cfg, to_tensor(job.item_init), to_tensor(job.user_init)).to(device)
     torch.manual_seed(seed * 1009 + rank + 1)
     generator = torch.Generator().manual_seed(seed * 7919 + rank)
     wrapped = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optim = RetrieverOptimizer(model, job["lr"], job["weight_decay"])
-    sampled = (SampledSoftmax(job["item_counts"], job["negatives"], job["sampler"])
-               if job["loss"] == "sampled" else None)
+    optim = RetrieverOptimizer(model, job.lr, job.weight_decay)
+    sampled = SampledSoftmax(job.item_counts, job.negatives, job.sampler) if job.loss == "sampled" else None
 
-    seqs = Sequences.from_arrays(from_object_store(job["sequences"]))
+    seqs = Sequences.from_arrays(from_object_store(job.sequences))
     queries = eval_queries(seqs, "valid", cfg.max_len)
-    per_worker = max(1, math.ceil(job["batch_size"] / world))
-    if job.get("local"):
-        windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job["train_stride"])
+    per_worker = max(1, math.ceil(job.batch_size / world))
+    if job.local:
+        windows = training_rows(seqs, cfg.max_len, user_token=cfg.user_token, stride=job.train_stride)
         rows = len(windows["users"])
         batches = lambda epoch: shuffled_batches(  # noqa: E731
             windows, per_worker, np.random.default_rng(seed * 100_003 + epoch), device)
     else:  # equal shards (Ray Train's split): the same number of steps on every worker
-        shard, rows = ctx.training_shard(), job["train_rows"]
+        shard, rows = ctx.training_shard(), job.train_rows
         batches = lambda epoch: epoch_batches(shard, per_worker, seed, epoch, rank, device)  # noqa: E731
     del seqs
-    if rank == 0 and job.get("log"):
-        worker_log(f"[retriever {job.get('name', '')} seed {job.get('seed')}] {rows:,} training rows per epoch")
+    if rank == 0 and job.log:
+        worker_log(f"[retriever {job.name} seed {job.seed}] {rows:,} training rows per epoch")
     use_users = cfg.user_token
 
-    history: list[dict[str, Any]] = []
+    history: list[Epoch] = []
     best, best_epoch, since_best, first_epoch = -1.0, -1, 0, 0
-    best_state: Optional[dict[str, Any]] = None
+    best_state: Optional[BestState] = None
     resumed = ctx.resume_state()
     if resumed is not None:  # a worker died: carry on from the last checkpoint, on every rank
         model.load_state_dict(resumed["model"])
@@ -205,10 +296,10 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         best, best_epoch, since_best = resumed["best"], resumed["best_epoch"], resumed["since_best"]
         best_state, history, first_epoch = resumed["best_state"], resumed["history"], resumed["epoch"] + 1
         if rank == 0:
-            worker_log(f"[retriever {job.get('name', '')}] resuming after epoch {resumed['epoch']} from its checkpoint")
+            worker_log(f"[retriever {job.name}] resuming after epoch {resumed['epoch']} from its checkpoint")
     started = time.perf_counter() - (history[-1]["elapsed"] if history else 0.0)
     last_line = -float("inf")
-    for epoch in range(first_epoch, job["max_epochs"]):
+    for epoch in range(first_epoch, job.max_epochs):
         t0 = time.perf_counter()
         model.train()
         total_loss, steps, rows_read = 0.0, 0, 0
@@ -237,13 +328,13 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                   **({"resumed": True} if resumed is not None and epoch == first_epoch else {})}
         history.append(record)
         if improved and rank == 0:
-            best_state = {"model": copy.deepcopy(model.state_dict()), "sasrec": job["model"], "epoch": epoch,
+            best_state = {"model": copy.deepcopy(model.state_dict()), "sasrec": dataclasses.asdict(cfg), "epoch": epoch,
                           "valid_ndcg@10": ndcg}
-        stop = since_best >= job["patience"] or epoch == job["max_epochs"] - 1
+        stop = since_best >= job.patience or epoch == job.max_epochs - 1
         # Every rank takes the same decision (the metrics were all-reduced), as report() is collective.
         # Not every epoch: a Ray Train report blocks until the controller polls it.
-        if stop or (epoch + 1) % job.get("checkpoint_every", 10) == 0:
-            state = None
+        if stop or (epoch + 1) % job.checkpoint_every == 0:
+            state: Optional[Checkpoint] = None
             if rank == 0:
                 state = {"model": model.state_dict(), "optim": optim.state_dict(), "epoch": epoch, "best": best,
                          "best_epoch": best_epoch, "since_best": since_best, "best_state": best_state,
@@ -251,46 +342,45 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             ctx.report({k: v for k, v in record.items() if k not in ("improved", "resumed")}, state)
         # an epoch's line at most every few seconds (an in-process epoch on a small sample is a
         # fraction of a second), and always the last one
-        if job.get("log") and rank == 0 and (stop or time.perf_counter() - last_line >= EPOCH_LINE_EVERY):
+        if job.log and rank == 0 and (stop or time.perf_counter() - last_line >= EPOCH_LINE_EVERY):
             last_line = time.perf_counter()
             mark = " *" if improved else ""
-            worker_log(f"[retriever {job.get('name', '')} seed {job.get('seed')}] epoch {epoch:3d} "
+            worker_log(f"[retriever {job.name} seed {job.seed}] epoch {epoch:3d} "
                        f"loss {record['loss']:.4f} "
                        f"valid ndcg@10 {ndcg:.4f} hit@10 {hit:.4f} ({train_seconds:.1f}+{eval_seconds:.1f} s){mark}")
         if stop:
             break
     if rank == 0:  # the trained model goes where the stage publishes it, not back through the driver
-        save_model(best_state, job["model_out"])
-    return {"history": history, "best_epoch": best_epoch, "best_valid_ndcg@10": best, "world_size": world,
-            "seconds": time.perf_counter() - started,
-            "resumed_after_epoch": None if resumed is None else resumed["epoch"]}
+        save_model(best_state, job.model_out)
+    return TrainingResult(history=history, best_epoch=best_epoch, best_valid_ndcg=best, world_size=world,
+                          seconds=time.perf_counter() - started,
+                          resumed_after_epoch=None if resumed is None else resumed["epoch"])
 
 
-def save_model(state: dict[str, Any], path: str) -> None:
+def save_model(state: Optional[BestState], path: str) -> None:
     """`model.pt` ({"model": state dict, "sasrec": config fields, "epoch", "valid_ndcg@10"}), on disk
     or on a store: what the evaluation actors and `load_retriever` load."""
     with as_path(path).open("wb") as out:
         torch.save(state, out)
 
 
-def fit(job: dict[str, Any], rcfg: RetrieverConfig, storage: Path, model_out: Path,
-        train_rows: Any = None) -> dict[str, Any]:
-    """Train with the configured trainer; the best epoch's model is saved at `model_out` (by the
-    worker of rank 0: the driver never holds the weights); returns the loop's result.
-    `train_rows`: the rows' Ray Dataset (`ingest.training_dataset`), which the Ray trainer needs."""
-    use_gpu = rcfg.gpus_per_worker > 0
-    job = {**job, "model_out": location(model_out)}
-    if rcfg.trainer == "local":
+def fit(job: TrainingJob, histories: Histories, storage: Path, model_out: Path) -> TrainingResult:
+    """Train with the job's trainer on the rows `job.train_stride` cuts from `histories`: in process
+    the loop cuts them, for the Ray trainer they are the histories' Ray Dataset of that layout. The
+    best epoch's model is saved at `model_out` (by the worker of rank 0: the driver never holds the
+    weights); returns the loop's result."""
+    job = dataclasses.replace(job, model_out=location(model_out))
+    if job.local:
         threads = torch.get_num_threads()
         try:
-            return train_loop({**job, "local": True, "use_gpu": use_gpu})
+            return train_loop(job)
         finally:
             torch.set_num_threads(threads)
-    if train_rows is None:
-        raise ValueError("the Ray trainer reads its rows from a Ray Dataset: pass train_rows")
-    job = {**job, "train_rows": train_rows.count()}
+    ensure_ray()
+    train_rows = histories.training_rows(job.model.max_len, job.model.user_token, job.train_stride)
+    job = dataclasses.replace(job, sequences=histories.for_ray_workers(), train_rows=train_rows.count())
     result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
                                datasets={"train": train_rows},
-                               num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
-                               gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures)
+                               num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker,
+                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures)
     return result.return_value
