@@ -112,7 +112,7 @@ class Policy:
 
 
 # The policy of the Ingress replica in this process. Serve runs a copy of the FastAPI app taken when
-# serve/app.py is imported, before any args are known, so the replica's constructor installs its
+# cotrec/serve_app.py is imported, before any args are known, so the replica's constructor installs its
 # policy here and the guard of that copy reads it per request. Nothing installed: every request 503.
 _INSTALLED: list[Optional[Policy]] = [None]
 

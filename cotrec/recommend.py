@@ -1,6 +1,6 @@
 """Online recommendation from a run directory: the retriever -> ranker chain for one request.
 
-The Ray Serve deployments (`serve/app.py`) wrap these two classes, and the offline evaluation
+The Ray Serve deployments (`cotrec/serve_app.py`) wrap these two classes, and the offline evaluation
 shares their code paths, which is why `cotrec evaluate --via-serve` reproduces the offline
 metrics exactly:
 - `RetrieverService` loads a trained SASRec variant and scores any batch of histories with the

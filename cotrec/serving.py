@@ -1,6 +1,6 @@
 """Starting the Serve app from a run directory, and the scaled evaluation through it.
 
-`start_app` runs `serve/app.py`'s application on the current Ray cluster (RAY_ADDRESS, else a
+`start_app` runs `cotrec/serve_app.py`'s application on the current Ray cluster (RAY_ADDRESS, else a
 local Ray), HTTP on the given host and port, with the access settings of the app's args (API keys
 from a file or a variable; an app without keys only on a loopback address unless `insecure`).
 `serve_until_stopped` holds `cotrec serve` until Ctrl-C or SIGTERM and then stops the app.
@@ -69,20 +69,16 @@ def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Option
               host: str = "127.0.0.1", port: int = 8000, access: Optional[dict[str, Any]] = None,
               insecure: bool = False) -> str:
     """Deploy the app (blocking until it is healthy); returns its base URL. `access`: the app's
-    access args (serve/app.py's ACCESS_ARGS)."""
-    import sys
-
+    access args (cotrec/serve_app.py's ACCESS_ARGS)."""
     from ray import serve
 
     from cotrec.cluster import ensure_ray
 
     access = checked_access(host, access, insecure)
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:  # `serve` is a top-level package of the repository
-        sys.path.insert(0, repo)
-    from serve.app import app_builder
+    from cotrec.serve_app import app_builder
 
-    ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    # the replicas import the cotrec this process runs (a checkout's, not another installed copy)
+    ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     serve.start(http_options={"host": host, "port": port})
     args = {"run_dir": str(run_dir), "variant": variant, "ranker": ranker, **access}
     started = time.perf_counter()

@@ -26,7 +26,7 @@ from cotrec.config import ConfigError, load_config, preset_names
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
-SERVE_APP = REPO / "serve" / "app.py"
+SERVE_APP = REPO / "cotrec" / "serve_app.py"
 DOCKERFILE = CLUSTER / "Dockerfile"
 UPLOAD_LIMIT = 100 * 1024**2  # Ray's job upload limit
 PY_TAG = "py311"  # the Python of the official Ray images used everywhere in cluster/
@@ -365,7 +365,7 @@ def test_runtime_env_uploads_the_code_and_nothing_heavy():
                  "cotrec.egg-info", ".pytest_cache", "runs/x/data/items.parquet", "model/model.safetensors"):
         assert excluded(REPO / path), f"{path} would be uploaded"
     for path in ("cotrec/cli.py", "cotrec/bench/llm.py", "cotrec/presets/gpu-cluster.yaml", "jobs/run.py",
-                 "serve/app.py", "serve/config.yaml", "pyproject.toml", "cluster/runtime_env.yaml"):
+                 "cotrec/serve_app.py", "serve/config.yaml", "pyproject.toml", "cluster/runtime_env.yaml"):
         assert not excluded(REPO / path), f"{path} would be left out"
 
     # what this checkout would upload, walked the way Ray walks it (excluded folders pruned)
@@ -505,7 +505,7 @@ def test_rayservice_serves_the_app_builder_with_autoscaled_deployments():
     config = serve_config()
     ServeDeploySchema.model_validate(config)  # what the Serve controller accepts (remote working_dir included)
     (app,) = config["applications"]
-    assert app["import_path"] == "serve.app:app_builder"
+    assert app["import_path"] == "cotrec.serve_app:app_builder"
     assert app["args"]["run_dir"] == check_command(python_commands(manifest("rayjob.yaml")["spec"]["entrypoint"])[0]).run_dir
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"Ranker", "Ingress"}  # retrieval runs in the Ingress
@@ -525,8 +525,7 @@ LOAD_KEYS = ("max_ongoing_requests", "max_queued_requests", "health_check_period
 def test_serve_load_settings_agree_with_the_app_and_let_batches_fill(where):
     """Every deployment's load settings in the Serve configs are the app's own, and coherent: a replica
     takes at least a full @serve.batch and at least the ongoing requests its autoscaler aims at."""
-    sys.path.insert(0, str(REPO))
-    from serve.app import BATCHING, DEPLOYMENTS
+    from cotrec.serve_app import BATCHING, DEPLOYMENTS
 
     config = serve_config() if where.endswith("rayservice.yaml") else yaml.safe_load((REPO / where).read_text())
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
@@ -549,8 +548,7 @@ def test_serve_configs_take_api_keys_from_a_secret_and_keep_private_routes_close
     """The access args are ones app_builder accepts: keys from a variable (never written in the
     config), no open app, the preference route and the evaluation horizons closed; on KubeRay the
     variable comes from a Secret on every pod that can host an Ingress replica."""
-    sys.path.insert(0, str(REPO))
-    from serve.app import access_args
+    from cotrec.serve_app import access_args
 
     config = serve_config() if where.endswith("rayservice.yaml") else yaml.safe_load((REPO / where).read_text())
     access = access_args(config["applications"][0]["args"])
@@ -637,8 +635,6 @@ def test_repository_paths_named_in_the_cluster_files_exist():
     named = 0
     for where, text in texts.items():
         for path in pattern.findall(text):
-            if path.startswith("serve/") and not SERVE_APP.exists():
-                continue  # the Serve app is written separately
             assert (REPO / path).is_file(), f"{where} names {path}, which does not exist"
             named += 1
     assert named >= 10

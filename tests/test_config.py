@@ -67,10 +67,7 @@ def test_fingerprint_follows_the_sections_a_stage_reads():
 def test_every_cuda_engine_a_preset_places_holds_a_gpu():
     """Extraction actors, the ranker's workers and the served Ranker get GPUs wherever the engine is
     CUDA; a config that places one without a GPU is refused in one line naming the key."""
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from serve.app import ranker_resources
+    from cotrec.serve_app import ranker_resources
 
     cuda = [name for name in preset_names() if load_config(name).llm.device == "cuda"]
     assert cuda == ["gpu-cluster"]

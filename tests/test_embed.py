@@ -79,7 +79,8 @@ def test_description_and_preference_embeddings_from_synthetic_extraction(tmp_pat
 
 
 def test_past_fit_sample_the_map_is_fitted_on_a_seeded_sample_and_maps_every_text(tmp_path, encoder):
-    from cotrec.embed.mapping import apply_map, fit_map
+    from sklearn.decomposition import PCA
+
     from cotrec.embed.stage import fingerprint
 
     config, run = synthetic_run(tmp_path / "run", config_overrides=("retriever.dim=16", "embed.fit_sample=20"))
@@ -89,13 +90,19 @@ def test_past_fit_sample_the_map_is_fitted_on_a_seeded_sample_and_maps_every_tex
     assert (caption["fit_rows"], caption["fit_sampled_from"]) == (20, 80)
     assert (preference["fit_rows"], preference["fit_sampled_from"], preference["fit_on"]) == (20, 60, "train horizon")
     assert preference["encoder_dim"] == 384
-    # the same as encoding every caption here, fitting on the seeded 20 and mapping all 80
+    # the same as encoding every caption here, a PCA fitted on the seeded 20 of them, every row
+    # projected and L2-normalised (scikit-learn directly, not the stage's own map)
     captions = pd.read_parquet(tmp_path / "run" / "data" / "items.parquet").caption.tolist()
-    vectors = encode(encoder, captions, batch_size=64)
+    vectors = encode(encoder, captions, batch_size=64).astype(np.float64)
+
+    def pca_on(rows):
+        projected = PCA(16).fit(vectors[rows]).transform(vectors)
+        return projected / np.linalg.norm(projected, axis=1, keepdims=True)
+
     sample = np.sort(np.random.default_rng(config.seed).choice(np.arange(80), 20, replace=False))
-    expected = apply_map(fit_map(vectors[sample], "pca", 16), vectors)
     matrix = load_embedding(config, run, "caption")["matrix"]
-    assert matrix.shape == (80, 16) and np.allclose(matrix, expected, atol=1e-4)
+    assert matrix.shape == (80, 16) and np.allclose(matrix, pca_on(sample), atol=1e-4)
+    assert not np.allclose(np.abs(matrix), np.abs(pca_on(np.arange(80))), atol=1e-2)  # fitted on the sample only
     # a sample larger than the catalogue binds nothing: the fingerprint is that of no sample
     wide, unset = config.model_copy(deep=True), config.model_copy(deep=True)
     wide.embed.fit_sample, unset.embed.fit_sample = 1_000, None

@@ -1,5 +1,5 @@
 """The Serve app's front door without Ray: `cotrec.guard.Guard` as the middleware of small FastAPI
-apps (as serve/app.py installs it), the Ingress's own refusals (preference route, closed horizons), the access args that
+apps (as cotrec/serve_app.py installs it), the Ingress's own refusals (preference route, closed horizons), the access args that
 `app_builder` hands the Ingress, and `cotrec serve`'s refusals before anything starts."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def inner_app(seen: dict) -> FastAPI:
 
 def call(policy, method, path, seen=None, **kwargs):
     app = inner_app(seen if seen is not None else {})
-    app.add_middleware(Guard, policy=policy)  # as serve/app.py: inside Starlette's own 500 handler
+    app.add_middleware(Guard, policy=policy)  # as cotrec/serve_app.py: inside Starlette's own 500 handler
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guarded") as client:
@@ -209,12 +209,12 @@ def test_cotrec_serve_refuses_a_public_address_without_keys_with_one_line(cli, t
 
 
 # ---------------------------------------------------------------------------------------------
-# the Ingress's routes and access args (serve/app.py), without Serve
+# the Ingress's routes and access args (cotrec/serve_app.py), without Serve
 
 
 def ingress(**access):
     """The Ingress's route methods on a stand-in replica whose retrieval answers with a user's data."""
-    from serve.app import Ingress
+    from cotrec.serve_app import Ingress
 
     async def retrieve(request):
         return {"user_idx": 3, "horizon": request.get("horizon"), "items": [{"item_id": "i1", "score": 1.0}]}
@@ -238,7 +238,7 @@ def test_the_preference_route_is_404_unless_exposed():
 @pytest.mark.parametrize("horizon", ["valid", "test"])
 def test_the_evaluation_horizons_are_403_unless_opened(horizon):
     """Red when recommend does not check open_horizons: that horizon's recommendations come back."""
-    from serve.app import RecommendRequest
+    from cotrec.serve_app import RecommendRequest
 
     request = RecommendRequest(user_id="u3", horizon=horizon)
     other = {"valid": "test", "test": "valid"}[horizon]
@@ -254,7 +254,7 @@ def test_the_evaluation_horizons_are_403_unless_opened(horizon):
 
 
 def test_the_ingress_takes_its_keys_where_it_runs_and_refuses_to_start_open_unless_allowed(monkeypatch):
-    from serve.app import Ingress
+    from cotrec.serve_app import Ingress
 
     init = Ingress.func_or_class.__mro__[1].__init__  # the class under Serve's wrapper
     monkeypatch.setenv("COTREC_TEST_KEYS", KEY)
@@ -282,7 +282,7 @@ def small_run(tmp_path_factory):
 
 def test_app_builder_hands_the_access_args_to_the_ingress(small_run):
     """Red when app_builder binds the Ingress without them: every replica would start without keys."""
-    from serve.app import app_builder
+    from cotrec.serve_app import app_builder
 
     args = {"run_dir": str(small_run.root), "variant": "none/random", "ranker": "none",
             "api_keys_file": "/etc/cotrec/keys", "api_keys_env": "COTREC_API_KEYS", "expose_preferences": True,
@@ -300,7 +300,7 @@ def test_app_builder_hands_the_access_args_to_the_ingress(small_run):
     ({"expose_preferences": "yes"}, "args.expose_preferences"), ({"request_timeout_s": 0}, "args.request_timeout_s"),
 ])
 def test_app_builder_refuses_bad_access_args_naming_the_arg(small_run, change, named):
-    from serve.app import app_builder
+    from cotrec.serve_app import app_builder
 
     args = {"run_dir": str(small_run.root), "ranker": "none", "api_keys_env": "COTREC_API_KEYS", **change}
     with pytest.raises(ValueError, match=named):

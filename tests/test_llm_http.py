@@ -6,6 +6,7 @@ import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -106,11 +107,19 @@ def test_http_backend_retries_refused_and_dropped_requests_with_backoff(vllm_ser
         proxy.close()
 
 
-def test_http_chat_and_json(http_engine):
-    (reply,) = http_engine.chat_sync(preference_conversations(1), SamplingSettings(max_tokens=64))
-    assert reply.text and reply.prompt_tokens > 20 and reply.completion_tokens > 0
+def test_http_chat_and_json(http_engine, vllm_engine):
+    """The conversation reaches the server as the model's chat template renders it (the server's
+    count of prompt tokens is the in-process engine's), and a reply asked for a schema is JSON that
+    matches it (checked with jsonschema, not the engine's own verdict)."""
+    conversations = preference_conversations(1)
+    (reply,) = http_engine.chat_sync(conversations, SamplingSettings(max_tokens=64))
+    assert reply.ok and reply.text and 0 < reply.completion_tokens <= 64
+    assert reply.prompt_tokens == len(vllm_engine.encode(conversations[0]))
     replies = http_engine.chat_sync(keyword_conversations(4), SamplingSettings(max_tokens=96), KEYWORDS_SCHEMA)
-    assert all(r.ok and r.parsed["keywords"] for r in replies), [r.error for r in replies]
+    assert all(r.ok for r in replies), [r.error for r in replies]
+    for r in replies:
+        jsonschema.validate(json.loads(r.text), KEYWORDS_SCHEMA)
+        assert r.parsed == json.loads(r.text) and r.parsed["keywords"]
 
 
 def test_http_choice_scoring_matches_the_in_process_engine(http_engine, vllm_engine):

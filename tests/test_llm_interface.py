@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from cotrec.config import LLMConfig, load_config
 from cotrec.errors import ConfigError, CotrecError
@@ -97,16 +98,27 @@ def test_llm_config_keys():
     assert LLMConfig().model == "embedded"
 
 
-def test_the_cpu_level_is_the_widest_that_changes_bfloat16_and_benches_record_it():
+def test_the_cpu_level_is_the_widest_that_changes_bfloat16_and_benches_record_it(monkeypatch):
     # One CPU model name ("AMD EPYC") covers VMs with and without AVX512-BF16, whose bfloat16
-    # results and speeds differ: each bench's JSON names the level.
-    from cotrec.bench.common import machine
-    from cotrec.llm.placement import cpu_has_bf16, cpu_isa
+    # results and speeds differ: each bench's JSON names the level, with the commit and command.
+    import subprocess
+
+    import cotrec.bench.common as common
+    from cotrec.llm.placement import cpu_isa
 
     avx2 = {"sse2", "avx", "avx2", "fma"}
     assert cpu_isa(avx2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == "amx"
     assert cpu_isa(avx2 | {"avx512f", "avx512_bf16"}) == "avx512_bf16"
     assert cpu_isa(avx2 | {"avx512f", "avx512bw"}) == "avx512"
     assert cpu_isa(avx2) == "avx2" and cpu_isa({"sse2", "neon"}) == "other"
-    host = machine()
-    assert host["cpu_isa"] == cpu_isa() and host["cpu_native_bf16"] == cpu_has_bf16()
+    for level, native in (("avx2", False), ("avx512", False), ("avx512_bf16", True), ("amx", True)):
+        monkeypatch.setattr(common, "cpu_isa", lambda level=level: level)
+        assert (common.machine()["cpu_isa"], common.machine()["cpu_native_bf16"]) == (level, native)
+    monkeypatch.setattr(common.sys, "argv", ["/venv/bin/cotrec", "bench", "llm", "--rounds", "3"])
+    head = common.stamp("llm", 3)
+    assert head["bench"] == "llm" and head["rounds"] == 3 and head["cpu_isa"] == "amx"
+    assert head["command"] == "cotrec bench llm --rounds 3" and len(head["load_average"]) == 3
+    assert head["commit"] == subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip()
+    assert head["timestamp"].endswith("+00:00")
+    assert common.spread([3.0, 1.0, 2.5]) == {"min": 1.0, "median": 2.5, "max": 3.0}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -23,8 +22,37 @@ from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 DEMO = load_config("demo")
 
 
-def test_the_main_job_runs_every_stage_of_the_paper_in_order():
-    assert STAGE_NAMES == ["prepare", "items", "preferences", "embed", "retriever", "perceptions", "ranker", "report"]
+class FakeClock:
+    """pipeline's time.perf_counter, moved on only by the stages: recorded times are exact."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_the_main_job_runs_every_stage_of_the_paper_in_order(tmp_path, monkeypatch):
+    """`cotrec run` calls each stage's function once, in the paper's order (each reads what the
+    ones before it wrote), and `until` stops after the named stage."""
+    import dataclasses
+
+    from cotrec.rundir import RunDir
+
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
+    calls = []
+
+    def recorder(name):
+        return lambda config, run, force: calls.append(name) or {"skipped": False}
+
+    monkeypatch.setattr(pipeline, "STAGES", [dataclasses.replace(s, run=recorder(s.name), format=lambda s: "")
+                                             for s in pipeline.STAGES])
+    run_pipeline(DEMO, RunDir(tmp_path), echo=lambda s: None)  # the demo needs every stage
+    paper = ["prepare", "items", "preferences", "embed", "retriever", "perceptions", "ranker", "report"]
+    assert calls == paper
+    calls.clear()
+    run_pipeline(DEMO, RunDir(tmp_path), echo=lambda s: None, until="embed")
+    assert calls == paper[:4]
 
 
 def test_llm_stages_that_no_grid_reads_are_left_out():
@@ -96,9 +124,11 @@ def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, mon
     from cotrec.rundir import RunDir
 
     monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(pipeline, "time", clock := FakeClock())
     ran = []
 
     def broken(config, run, force):
+        clock.now += 2.5  # the attempt's working time before it fails
         raise DataError("x.parquet: broken")
 
     stages = [Stage("a", "a", broken, str), Stage("b", "b", lambda c, r, f: ran.append("b") or {}, str)]
@@ -108,7 +138,7 @@ def test_a_failing_stage_stops_the_job_and_later_stages_do_not_run(tmp_path, mon
     assert ran == []
     # the failed attempt is kept as interrupted time, not as a finished stage
     assert "seconds" not in stage_records(RunDir(tmp_path))["a"]
-    assert stage_records(RunDir(tmp_path))["a"]["interrupted_seconds"] >= 0
+    assert stage_records(RunDir(tmp_path))["a"]["interrupted_seconds"] == 2.5
 
 
 def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, monkeypatch):
@@ -116,14 +146,15 @@ def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, 
     from cotrec.rundir import RunDir
 
     monkeypatch.setattr(pipeline, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(pipeline, "time", clock := FakeClock())
     run = RunDir(tmp_path)
 
     def killed(config, run, force):
-        time.sleep(0.2)
+        clock.now += 0.2
         raise KeyboardInterrupt
 
     def resumed(config, run, force):
-        time.sleep(0.1)
+        clock.now += 0.1
         return {"skipped": False}
 
     monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", killed, str)])
@@ -133,7 +164,7 @@ def test_a_stage_killed_and_resumed_records_the_time_of_both_attempts(tmp_path, 
     monkeypatch.setattr(pipeline, "STAGES", [Stage("items", "items", resumed, str)])
     run_pipeline(DEMO, run, echo=lambda s: None)
     record = stage_records(run)["items"]
-    assert 0.3 <= record["seconds"] < 1.0 and 0.2 <= record["of_which_interrupted_seconds"] < record["seconds"]
+    assert (record["seconds"], record["of_which_interrupted_seconds"]) == (0.3, 0.2)
     assert "interrupted_seconds" not in record
     assert "interrupted)" in write_stages(run, stage_records(run), {}, STAGE_NAMES).read_text()
 
@@ -157,13 +188,34 @@ def test_report_renders_table1_stage_times_and_tokens_from_the_run(tmp_path, cli
     reports = run.root / "reports"
     table1 = (reports / "table1.md").read_text()
     assert "| None | Random |" in table1 and "| Preference | Caption |" in table1 and "2 seed(s)" in table1
-    assert (reports / "table1.png").stat().st_size > 1000 and (reports / "stages.png").stat().st_size > 1000
+    assert (reports / "table1.png").is_file() and (reports / "stages.png").is_file()  # drawn: the test below
     stages = (reports / "stages.md").read_text()
     assert "| perceptions | - | 20 | 40 | 2,000 | 600 | 1 |" in stages, stages
     assert f"| retriever | {grid['seconds']:.1f} |" in stages
     summary = (reports / "summary.md").read_text()
     assert "## Table 1" in summary and "![table1.png](table1.png)" in summary and "Not yet available" in summary
     assert json.loads((reports / "stages.json").read_text())["retriever"]["skipped"] is False
+
+
+def test_the_report_plots_draw_table1_and_the_stage_times(tmp_path, monkeypatch):
+    """The figures carry the table's numbers: a bar per variant and metric, a bar per stage with its
+    generated tokens."""
+    from cotrec.reporting import plots
+    from cotrec.rundir import RunDir
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    rows = [{"variant": "none/random", "hit@10": 0.20, "hit@10_std": 0.01, "ndcg@10": 0.10, "ndcg@10_std": 0.02},
+            {"variant": "preference/caption", "hit@10": 0.30, "hit@10_std": 0.0, "ndcg@10": 0.15, "ndcg@10_std": 0.0}]
+    plots.plot_table1(RunDir(tmp_path), rows)
+    (ax,) = drawn["table1.png"].axes
+    assert [round(bar.get_height(), 6) for bar in ax.patches] == [0.20, 0.30, 0.10, 0.15]  # Hit@10, then NDCG@10
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["none/random", "preference/caption"]
+    plots.plot_stages(RunDir(tmp_path), {"prepare": 2.0, "items": 40.0}, {"items": 1234})
+    (ax,) = drawn["stages.png"].axes
+    assert {label.get_text(): bar.get_width() for label, bar in zip(ax.get_yticklabels(), ax.patches)} == \
+        {"prepare": 2.0, "items": 40.0}
+    assert [text.get_text() for text in ax.texts] == ["1,234 gen tok"]
 
 
 def test_report_of_an_unprepared_run_is_a_one_line_error(tmp_path, cli):

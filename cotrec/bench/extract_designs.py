@@ -29,8 +29,8 @@ from cotrec.extract.runner import ProgramPool
 from cotrec.extract.stage import extract_users
 from cotrec.extract.steps import read_text
 from cotrec.extract.windows import capped_start
+from cotrec.llm import load_actor_engine
 from cotrec.llm.base import Generation, SamplingSettings
-from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import log
 from cotrec.rundir import RunDir
 

@@ -38,7 +38,7 @@ import pandas as pd
 import psutil
 import ray
 
-from cotrec.bench.common import machine
+from cotrec.bench.common import machine, stamp
 from cotrec.bench.extract_scale import SCALE_SETTINGS, scale_config, synthetic_labels, synthetic_user_rows
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config
@@ -299,7 +299,7 @@ def _copy_prepared(config: Config, run: RunDir) -> RunDir:
 # -- the bench -------------------------------------------------------------------------------------
 def bench_faults(config: Config, run: RunDir, scenarios: tuple[str, ...] = SCENARIOS, variant: str = "none/random",
                  actor_users: int = 200_000, out: str | Path = DEFAULT_OUT) -> dict[str, Any]:
-    report: dict[str, Any] = {"bench": "faults", "machine": machine(), "run_dir": str(run.root), "results": {}}
+    report: dict[str, Any] = {**stamp("faults", 1), "machine": machine(), "run_dir": str(run.root), "results": {}}
     started_ray = ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     try:
         for scenario in scenarios:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cotrec.bench.common import load_average, machine
+from cotrec.bench.common import load_average, machine, spread, stamp
 from cotrec.bench.prompts import preference_conversations, ranking_conversations
 from cotrec.config import Config
 from cotrec.errors import CotrecError
@@ -72,11 +72,11 @@ def measure_backend(config: Config, name: str, prompts: int, max_tokens: int, ro
     finally:
         engine.close()
     dtype = getattr(engine, "dtype", llm.dtype)
-    middle = {key: statistics.median(r[key] for r in timed)
-              for key in ("generate_s", "generated_tokens_per_s", "prompt_tokens_per_s", "scoring_lists_per_s")}
+    keys = ("generate_s", "generated_tokens_per_s", "prompt_tokens_per_s", "scoring_lists_per_s")
+    middle = {key: statistics.median(r[key] for r in timed) for key in keys}
     return {
         "backend": llm.backend, "model": llm.model, "dtype": dtype, "prompts": prompts, "max_tokens": max_tokens,
-        "load_s": round(loaded, 2), **middle,
+        "load_s": round(loaded, 2), **middle, "spread": {key: spread(r[key] for r in timed) for key in keys},
         "generated_tokens": timed[-1]["generated_tokens"], "prompt_tokens": timed[-1]["prompt_tokens"],
         "failures": max(r["failures"] for r in timed), "rounds": timed,
         **({"batch_size": llm.batch_size} if llm.backend == "transformers" else {"enforce_eager": llm.enforce_eager}),
@@ -88,19 +88,26 @@ def bench_llm(config: Config, out: str | Path, prompts: int = 64, max_tokens: in
               rounds: int = 3) -> dict[str, Any]:
     if rounds < 1:
         raise CotrecError(f"--rounds must be at least 1, got {rounds}")
+    head = stamp("llm", rounds)
     for name in backends:
         backend_config(config, name)  # a bad entry fails before any engine loads
     results = {}
     for name in backends:
         log(f"bench llm: {name}, {rounds} round(s)")
         results[name] = measure_backend(config, name, prompts, max_tokens, rounds)
-    report: dict[str, Any] = {"bench": "llm", "machine": machine(),
-                              "rounds": rounds, "figures": "the median of the timed rounds, after one warm-up round",
+    report: dict[str, Any] = {**head, "machine": machine(),
+                              "figures": "the median of the timed rounds, after one warm-up round; spread: their "
+                                         "min, median and max",
                               "backends": results}
     if "transformers" in results:
         reference = results["transformers"]["generated_tokens_per_s"]
         report["over_transformers_generated_tokens_per_s"] = {
             name: round(row["generated_tokens_per_s"] / reference, 2)
+            for name, row in results.items() if row["backend"] == "vllm"}
+        # round by round (the backends' i-th rounds ran minutes apart, so this is a range, not a pairing)
+        report["over_transformers_by_round"] = {
+            name: spread(r["generated_tokens_per_s"] / t["generated_tokens_per_s"]
+                         for r, t in zip(row["rounds"], results["transformers"]["rounds"]))
             for name, row in results.items() if row["backend"] == "vllm"}
     write_json(Path(out), report)
     return report
@@ -115,5 +122,7 @@ def format_bench(report: dict[str, Any]) -> str:
                      f"{row['prompt_tokens_per_s']:>14.1f}{row['scoring_lists_per_s']:>9.2f}{row['failures']:>10}"
                      f"   {by_round}")
     for name, value in report.get("over_transformers_generated_tokens_per_s", {}).items():
-        lines.append(f"{name} / transformers generated tokens/s (medians of {report['rounds']} rounds): {value:.2f}x")
+        by_round = report.get("over_transformers_by_round", {}).get(name)
+        span = f" (round by round {by_round['min']:.2f}..{by_round['max']:.2f})" if by_round else ""
+        lines.append(f"{name} / transformers generated tokens/s (medians of {report['rounds']} rounds): {value:.2f}x{span}")
     return "\n".join(lines)

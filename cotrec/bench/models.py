@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cotrec.bench.common import load_average, machine
+from cotrec.bench.common import load_average, machine, spread, stamp
 from cotrec.bench.prompts import MOVIES, preference_conversations, ranking_conversations
 from cotrec.config import Config
 from cotrec.errors import CotrecError
@@ -83,7 +83,8 @@ def _synchronize(device: str | torch.device) -> None:
 def _median_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
     measure()  # warm-up: first passes over new shapes build kernels and caches
     timed = [measure() for _ in range(rounds)]
-    return {**{key: round(statistics.median(r[key] for r in timed), 4) for key in timed[0]}, "rounds": timed}
+    return {**{key: round(statistics.median(r[key] for r in timed), 4) for key in timed[0]},
+            "spread": {key: spread((r[key] for r in timed), 4) for key in timed[0]}, "rounds": timed}
 
 
 def measure_llm(config: Config, prompts: int, max_tokens: int, rounds: int) -> dict[str, Any]:
@@ -267,9 +268,9 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
         encoder_device(config)
     if {"sasrec", "users"} & set(parts):
         train_device(config)
-    report: dict[str, Any] = {"bench": "models", "machine": machine(),
-                              "rounds": rounds, "figures": "per worker; the median of the timed rounds after a warm-up",
-                              "load_average_before": load_average()}
+    report: dict[str, Any] = {**stamp("models", rounds), "machine": machine(),
+                              "figures": "per worker; the median of the timed rounds after a warm-up; spread: their "
+                                         "min, median and max"}
     if "llm" in parts:
         log(f"bench models: llm ({config.llm.backend}, {config.llm.model})")
         report["llm"] = measure_llm(config, prompts, max_tokens, rounds)

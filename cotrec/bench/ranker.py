@@ -12,9 +12,10 @@ titles + candidate titles, shown in the ranker's seeded order), same model, same
   the M prompts share their prefix in vLLM's prefix cache.
 
 Each path first ranks every list once, untimed: on a CPU the first pass over new prompt lengths
-builds its kernels (in `cotrec bench llm`, vLLM's first scoring round ran at a third of the speed
-of the next ones), so the figures are the steady state of an engine that has been running. vLLM's
-prefix cache is reset before every timed part, so no timed part reuses what the warm-up computed.
+builds its kernels, so the figures are the steady state of an engine that has been running; then
+ranks them `rounds` times (3), timed: the figures are the medians, `lists_per_s_spread` their min,
+median and max, and the ratios are of the medians. vLLM's prefix cache is reset before every timed
+round, so no round reuses what an earlier pass computed.
 Agreement: the fraction of lists both paths rank the same candidate first and the largest
 difference of a letter's probability (the two compute the same thing up to numerics).
 """
@@ -22,14 +23,14 @@ difference of a letter's probability (the two compute the same thing up to numer
 from __future__ import annotations
 
 import os
+import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cotrec.bench.common import load_average, machine, rate, ratio
+from cotrec.bench.common import load_average, machine, rate, ratio, spread, stamp
 from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.llm import letters, make_engine
@@ -81,7 +82,7 @@ def _ranker(run: RunDir, engine: Any = None) -> LetterRanker:
 
 
 # -- A. vLLM choice scoring ---------------------------------------------------------------------
-def measure_vllm(config: Config, run: RunDir, queries: list[Query],
+def measure_vllm(config: Config, run: RunDir, queries: list[Query], rounds: int = 3,
                  mapb_probe: bool = True) -> tuple[dict[str, Any], np.ndarray, dict[str, Any] | None]:
     """Lists/s of `LetterRanker.score` on a vLLM engine, `ranker.lists_per_call` lists per call;
     returns the figures, the probabilities of every query and the MAPB probe's figures."""
@@ -96,11 +97,14 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
         ranker = _ranker(run, engine)
         for start in range(0, len(queries), per_call):  # warm-up, untimed
             ranker.score(queries[start:start + per_call])
-        engine.forget_prompts()
         load_before = load_average()
-        started = time.perf_counter()
-        probs = [ranker.score(queries[start:start + per_call]) for start in range(0, len(queries), per_call)]
-        seconds = time.perf_counter() - started
+        timed = []
+        for _ in range(rounds):
+            engine.forget_prompts()
+            started = time.perf_counter()
+            probs = [ranker.score(queries[start:start + per_call]) for start in range(0, len(queries), per_call)]
+            timed.append(time.perf_counter() - started)
+        seconds = statistics.median(timed)
         load_after = load_average()
         # Counted after the clock stops: the same token ids the engine was sent.
         prompt_tokens = sum(len(engine.encode(ranker.conversation(lst, order))) for lst, order in queries)
@@ -113,6 +117,7 @@ def measure_vllm(config: Config, run: RunDir, queries: list[Query],
         "backend": "vllm", "device": device, "dtype": dtype, "load_s": round(loaded, 2),
         "lists": len(queries), "lists_per_call": per_call, "calls": len(probs),
         "seconds": round(seconds, 3), "lists_per_s": rate(len(queries), seconds),
+        "lists_per_s_spread": spread(len(queries) / s for s in timed),
         "prompt_tokens": prompt_tokens, "mean_prompt_tokens": round(prompt_tokens / len(queries), 1),
         "prompt_tokens_per_s": rate(prompt_tokens, seconds),
         "max_num_seqs": llm.max_num_seqs, "enforce_eager": llm.enforce_eager,
@@ -146,7 +151,8 @@ def measure_mapb_probe(config: Config, engine: Any, ranker: LetterRanker, querie
 
 
 # -- B. the reference: transformers, one list at a time ---------------------------------------------
-def measure_transformers(config: Config, run: RunDir, queries: list[Query]) -> tuple[dict[str, Any], np.ndarray]:
+def measure_transformers(config: Config, run: RunDir, queries: list[Query],
+                         rounds: int = 3) -> tuple[dict[str, Any], np.ndarray]:
     """Lists/s of one plain forward pass per list, as the reference code ranks."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,19 +182,23 @@ def measure_transformers(config: Config, run: RunDir, queries: list[Query]) -> t
     for lst, order in queries:  # warm-up, untimed
         score(lst, order)
     load_before = load_average()
-    probs, prompt_tokens, each = [], 0, []
-    started = time.perf_counter()
-    for lst, order in queries:
-        t0 = time.perf_counter()
-        p, n = score(lst, order)
-        each.append(time.perf_counter() - t0)
-        probs.append(p)
-        prompt_tokens += n
-    seconds = time.perf_counter() - started
+    timed = []
+    for _ in range(rounds):
+        probs, prompt_tokens, each = [], 0, []
+        started = time.perf_counter()
+        for lst, order in queries:
+            t0 = time.perf_counter()
+            p, n = score(lst, order)
+            each.append(time.perf_counter() - t0)
+            probs.append(p)
+            prompt_tokens += n
+        timed.append(time.perf_counter() - started)
+    seconds = statistics.median(timed)
     figures = {
         "backend": "transformers", "device": placement.device, "dtype": placement.dtype,
         "torch_threads": torch.get_num_threads(), "load_s": round(loaded, 2), "lists": len(queries),
         "seconds": round(seconds, 3), "lists_per_s": rate(len(queries), seconds),
+        "lists_per_s_spread": spread(len(queries) / s for s in timed),
         "seconds_per_list_median": round(float(np.median(each)), 4),
         "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": rate(prompt_tokens, seconds),
         "load_avg_before": load_before, "load_avg_after": load_average(),
@@ -204,24 +214,24 @@ def agreement(vllm: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
 
 def bench_ranker(config: Config, run: RunDir, variant: str = "none/random", lists: int = DEFAULT_LISTS,
-                 out: str | Path = DEFAULT_OUT, mapb_probe: bool = True) -> dict[str, Any]:
-    if lists < 1:
-        raise DataError(f"--lists must be at least 1, got {lists}")
+                 out: str | Path = DEFAULT_OUT, mapb_probe: bool = True, rounds: int = 3) -> dict[str, Any]:
+    if lists < 1 or rounds < 1:
+        raise DataError(f"--lists and rounds must be at least 1, got {lists} and {rounds}")
     bench_started = time.perf_counter()
     queries, selection = bench_queries(config, run, variant, lists)
     host = machine()
     report: dict[str, Any] = {
-        "bench": "ranker", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **stamp("ranker", rounds),
         "config": {"llm": config.llm.model_dump(mode="json"),
                    "ranker": {k: getattr(config.ranker, k) for k in ("history_items", "shuffle_seed", "lists_per_call")},
                    "run_dir": str(run.root)},
         "lists": lists, "selection": selection, "model": config.llm.model,
     }
-    report["vllm"], vllm_probs, probe = measure_vllm(config, run, queries, mapb_probe)
+    report["vllm"], vllm_probs, probe = measure_vllm(config, run, queries, rounds, mapb_probe)
     if probe is not None:
         report["vllm_mapb_probe"] = probe
     report["model_path"] = resolve_placement(config.llm).path
-    report["transformers_one_at_a_time"], reference_probs = measure_transformers(config, run, queries)
+    report["transformers_one_at_a_time"], reference_probs = measure_transformers(config, run, queries, rounds)
     report["ratio_vllm_vs_transformers"] = ratio(report["vllm"]["lists_per_s"],
                                                   report["transformers_one_at_a_time"]["lists_per_s"])
     if "vllm_mapb_probe" in report:

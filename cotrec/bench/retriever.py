@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cotrec.bench.common import load_average, machine
+from cotrec.bench.common import load_average, machine, stamp
 from cotrec.config import Config
 from cotrec.data.prepare import prepare
 from cotrec.metrics import ranking_metrics
@@ -89,7 +89,8 @@ def spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for key in SUMMARISED:
         values = np.asarray([r[key] for r in rows], dtype=np.float64)
         out[key] = {"mean": round(float(values.mean()), 5), "std": round(float(values.std(ddof=1)), 5) if len(values) > 1 else 0.0,
-                    "min": round(float(values.min()), 5), "max": round(float(values.max()), 5)}
+                    "min": round(float(values.min()), 5), "median": round(float(np.median(values)), 5),
+                    "max": round(float(values.max()), 5)}
     return out
 
 
@@ -99,7 +100,7 @@ def bench_retriever(config: Config, run: RunDir, variant: str = "none/random",
                     out: str | Path = DEFAULT_OUT) -> dict[str, Any]:
     prepare(config, run)
     started = time.perf_counter()
-    report: dict[str, Any] = {"bench": "retriever", "dataset": config.data.source, "variant": variant,
+    report: dict[str, Any] = {**stamp("retriever", seeds), "dataset": config.data.source, "variant": variant,
                               "machine": machine(), "seeds": [config.seed + i for i in range(seeds)],
                               "retriever": config.retriever.model_dump(mode="json"), "schemes": {},
                               "popularity": {("masked" if m else "unmasked"): popularity_floor(run, m) for m in masks}}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from cotrec.bench.common import load_average, machine, rate
+from cotrec.bench.common import load_average, machine, rate, stamp
 from cotrec.bench.extract_scale import SCALE_SETTINGS
 from cotrec.bench.memory import MemorySampler
 from cotrec.config import Config, load_config
@@ -64,7 +64,7 @@ def bench_scale(base: str, sizes: list[int], overrides: list[str], out: Path, ru
     from cotrec.pipeline import run_pipeline, stages_until
 
     stages_until(until)  # an unknown stage fails here, before any size runs
-    report: dict[str, Any] = {"bench": "scale", "machine": machine(), "base_config": base, "job": SCALE_JOB,
+    report: dict[str, Any] = {**stamp("scale", 1), "machine": machine(), "base_config": base, "job": SCALE_JOB,
                               "overrides": overrides, "until": until, "sizes": []}
     for users in sizes:
         config = scale_job_config(base, users, overrides)

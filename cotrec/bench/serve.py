@@ -1,6 +1,6 @@
 """`cotrec bench serve`: latency, throughput and autoscaling of the Ray Serve app under load.
 
-The app of `serve/app.py` (the FastAPI Ingress, which retrieves, and the Ranker) is deployed
+The app of `cotrec/serve_app.py` (the FastAPI Ingress, which retrieves, and the Ranker) is deployed
 locally with `cotrec.serving.start_app` on a free port with an API key that every request sends,
 warmed up (a few requests of each kind, not counted), then loaded level by level, the retrieval
 levels `--rounds` times: for each concurrency, (a) retrieval only (`rerank: false`) and (b, in the
@@ -19,7 +19,7 @@ client, and the rest of the machine: other work on shared cores).
 
 Autoscaling: while the load runs, a thread samples `serve.status()` every 0.5 s and records the
 RUNNING replicas of each deployment. Serve upscales only after a deployment's averaged ongoing
-requests stay above its `target_ongoing_requests` for `upscale_delay_s` (`serve/app.py`'s
+requests stay above its `target_ongoing_requests` for `upscale_delay_s` (`cotrec/serve_app.py`'s
 DEPLOYMENTS), so the retrieval-only level at the highest concurrency keeps sending
 requests for at least `--sustain` seconds (default: the longest upscale delay of the deployments
 that can scale, plus 15 s). When no replica count rose, the notes say so with the measured length.
@@ -37,7 +37,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -46,7 +45,7 @@ import pandas as pd
 import ray
 from ray import serve
 
-from cotrec.bench.common import load_average, machine, rate, ratio
+from cotrec.bench.common import load_average, machine, rate, ratio, spread, stamp
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
@@ -110,14 +109,14 @@ def user_stream(user_ids: list[str], seed: tuple[int, ...]) -> Iterator[str]:
 
 # -- Serve's view ------------------------------------------------------------------------------
 def deployment_names() -> tuple[str, ...]:
-    from serve.app import DEPLOYMENTS  # importable once start_app has put the repository on the path
+    from cotrec.serve_app import DEPLOYMENTS
 
     return tuple(DEPLOYMENTS)
 
 
 def deployed_autoscaling() -> dict[str, dict[str, Any]]:
-    """Each deployment's autoscaling and load settings as the app deploys them (serve/app.py)."""
-    from serve.app import DEPLOYMENTS  # importable once start_app has put the repository on the path
+    """Each deployment's autoscaling and load settings as the app deploys them (cotrec/serve_app.py)."""
+    from cotrec.serve_app import DEPLOYMENTS
 
     keys = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
     return {name: {**{k: d["autoscaling_config"].get(k) for k in keys},
@@ -426,12 +425,6 @@ class CpuMeter:
         return out
 
 
-def spread(values: list[float]) -> dict[str, Optional[float]]:
-    if not values:
-        return {"min": None, "median": None, "max": None}
-    return {"min": round(min(values), 2), "median": round(float(np.median(values)), 2), "max": round(max(values), 2)}
-
-
 def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per concurrency, Serve's retrieval next to the bare process's over the rounds (the bare
     process's before and after Serve together): req/s and p99 (min/median/max) and the ratios of
@@ -464,25 +457,6 @@ def target_check(comparison: list[dict[str, Any]]) -> dict[str, Any]:
         checks["p99_ratio_c32_at_most_2"] = by[32]["p99_ratio"] <= 2.0
     checks["no_errors"] = all(row["serve"]["errors"] == 0 for row in comparison)
     return {"checks": checks, "met": bool(checks) and all(checks.values())}
-
-
-def provenance() -> dict[str, Any]:
-    """The commit measured (and whether the checkout had changes) and the command line."""
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> Optional[str]:
-        try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
-            "command": " ".join(["cotrec", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("cotrec") else " ".join(sys.argv)}
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -522,7 +496,7 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
     fixed = [n for n, p in per.items() if p["min_replicas"] is not None and p["min_replicas"] == p["max_replicas"]]
     if fixed:
         notes.append(f"{', '.join(fixed)}: min_replicas == max_replicas ({', '.join(str(per[n]['max_replicas']) for n in fixed)}) "
-                     "in serve/app.py, so it cannot scale here.")
+                     "in cotrec/serve_app.py, so it cannot scale here.")
     if not auto["any_rose_above_min"] and longest is not None:
         top = max(r["concurrency"] for r in levels)
         why = []
@@ -542,7 +516,7 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"no deployment rose above its min_replicas: the longest level ({longest['mode']} at concurrency "
                      f"{longest['concurrency']}) ran {longest['seconds']:.1f} s ({longest['requests']} requests). "
                      "Serve upscales a deployment only after its averaged ongoing requests per replica stay above "
-                     "target_ongoing_requests for upscale_delay_s (serve/app.py's DEPLOYMENTS). "
+                     "target_ongoing_requests for upscale_delay_s (cotrec/serve_app.py's DEPLOYMENTS). "
                      + "; ".join(why) + ".")
     for name, p in per.items():
         if p["rose_above_min"]:
@@ -567,7 +541,7 @@ def bench_notes(report: dict[str, Any]) -> list[str]:
 def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranker: str = "llm/zero-shot",
                 concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY, requests: int = DEFAULT_REQUESTS,
                 rerank_requests: int = DEFAULT_RERANK_REQUESTS, out: str | Path = DEFAULT_OUT,
-                sustain: Optional[float] = None, config_spec: Optional[str] = None, rounds: int = 1,
+                sustain: Optional[float] = None, config_spec: Optional[str] = None, rounds: int = 3,
                 floor: bool = True) -> dict[str, Any]:
     concurrency = tuple(sorted(set(concurrency)))
     if not concurrency or min(concurrency) < 1:
@@ -583,8 +557,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
     rerank = parse_ranker(ranker)[0] != "none" and rerank_requests > 0
     bench_started = time.perf_counter()
     host = machine()
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    origin = provenance()
+    head = stamp("serve", rounds)
     repo = str(Path(__file__).resolve().parents[2])
     retrieval_levels = [{"mode": "retrieve", "concurrency": c, "count": requests, "min_seconds": 0.0, "round": r}
                         for r in range(rounds) for c in concurrency]
@@ -607,7 +580,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
 
     if floor:  # before and after Serve: the floor brackets whatever else the machine did meanwhile
         run_floor("before")
-    # The same runtime_env start_app asks for (the replicas import `serve.app` from the checkout);
+    # The same runtime_env start_app asks for (the replicas import this checkout's cotrec);
     # replica logs stay in Ray's session folder instead of one line per request on this terminal.
     started_ray = ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": repo}}, log_to_driver=False)
     try:
@@ -638,7 +611,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
         run_floor("after")
     comparison = versus_floor(results, floor_rows) if floor else []
     report: dict[str, Any] = {
-        "bench": "serve", "timestamp": timestamp, **origin, "cpu": host.get("cpu_model"),
+        **head, "cpu": host.get("cpu_model"),
         "config": {"config": config_spec or "demo", "run_dir": str(run.root), "variant": variant, "ranker": ranker,
                    "k": K, "horizon": "next", "seed": SEED, "concurrency": list(concurrency), "rounds": rounds,
                    "requests": requests, "rerank_requests": rerank_requests if rerank else 0,

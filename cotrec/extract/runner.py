@@ -34,8 +34,8 @@ from cotrec.extract.programs import PROGRAMS, Program
 from cotrec.extract.prompts import PROMPT_VERSION, domain_of
 from cotrec.extract.shards import write_shard
 from cotrec.extract.steps import Steps
+from cotrec.llm import load_actor_engine
 from cotrec.llm.base import EngineDeadError
-from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import log
 from cotrec.storage import as_path
 

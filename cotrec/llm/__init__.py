@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from cotrec.config import LLMConfig
 from cotrec.llm.base import ChoiceScores, Conversation, Generation, LLMEngine, SamplingSettings
+from cotrec.llm.placement import give_engine_every_core
 
 __all__ = ["ChoiceScores", "Conversation", "Generation", "LLMEngine", "SamplingSettings", "make_engine",
-           "letters"]
+           "load_actor_engine", "letters"]
 
 
 def make_engine(config: LLMConfig) -> LLMEngine:
@@ -26,6 +30,15 @@ def make_engine(config: LLMConfig) -> LLMEngine:
     from cotrec.llm.http_engine import HTTPEngine
 
     return HTTPEngine(config)
+
+
+def load_actor_engine(llm: dict[str, Any]) -> tuple[LLMEngine, float]:
+    """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
+    llm_config = LLMConfig.model_validate(llm)
+    give_engine_every_core(llm_config)
+    started = time.perf_counter()
+    engine = make_engine(llm_config)
+    return engine, time.perf_counter() - started
 
 
 def letters(count: int) -> list[str]:

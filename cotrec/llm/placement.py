@@ -7,9 +7,7 @@ config the same way.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
-from typing import Any
 
 from cotrec.config import LLMConfig
 from cotrec.llm.embedded import resolve_model
@@ -29,17 +27,6 @@ def give_engine_every_core(config: LLMConfig) -> None:
     """Call in a Ray actor before its engine starts: Ray caps an actor's OpenMP threads at its CPU
     share, and an engine on CPU wants the cores (its processes inherit the setting)."""
     os.environ["OMP_NUM_THREADS"] = str(config.threads or os.cpu_count() or 1)
-
-
-def load_actor_engine(llm: dict[str, Any]) -> tuple[Any, float]:
-    """A Ray Data actor's engine, from its LLM config as a dict, and the seconds its load took."""
-    from cotrec.llm import make_engine  # the package's factory; this module is below it
-
-    llm_config = LLMConfig.model_validate(llm)
-    give_engine_every_core(llm_config)
-    started = time.perf_counter()
-    engine = make_engine(llm_config)
-    return engine, time.perf_counter() - started
 
 
 def pick_device(requested: str) -> str:

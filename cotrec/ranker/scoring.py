@@ -20,9 +20,8 @@ import pyarrow as pa
 
 from cotrec.cluster import map_on_actors
 from cotrec.config import Config
-from cotrec.llm import letters
+from cotrec.llm import letters, load_actor_engine
 from cotrec.llm.base import Conversation
-from cotrec.llm.placement import load_actor_engine
 from cotrec.progress import Progress
 
 

@@ -1,1 +1,0 @@
-"""The Ray Serve application: retriever -> ranker behind HTTP (see `serve/app.py`)."""
