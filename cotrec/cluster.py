@@ -137,9 +137,9 @@ def from_object_store(value: Any) -> Any:
 
 def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str, Any], *, actors: int,
                   cpus: float, gpus: float, in_format: str, out_format: str, min_actors: int = 1,
-                  preserve_order: bool = False) -> Iterator[Any]:
-    """Map `blocks` through a Ray Data pool of up to `actors` `worker` actors; yields the output
-    batches as they come.
+                  preserve_order: bool = False, resources: Optional[dict[str, float]] = None) -> Iterator[Any]:
+    """Map `blocks` through a Ray Data pool of up to `actors` `worker` actors, each with `cpus`, `gpus`
+    and the custom `resources`; yields the output batches as they come.
 
     Each block is one batch (`batch_size=None`), so what a row is computed beside never depends on
     the pool's size (and with `preserve_order` neither does the order they come back in); the
@@ -161,7 +161,7 @@ def map_on_actors(blocks: list[Any], worker: type, constructor_kwargs: dict[str,
         dataset = ray.data.from_blocks(blocks).map_batches(
             worker, batch_size=None, batch_format=in_format, fn_constructor_kwargs=constructor_kwargs,
             compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, actors), max_size=actors),
-            num_cpus=cpus, num_gpus=gpus)
+            num_cpus=cpus, num_gpus=gpus, resources=resources or None)
         yield from dataset.iter_batches(batch_size=None, batch_format=out_format)
     except RayError as exc:
         error = user_error_in(exc)
@@ -237,13 +237,13 @@ def raise_loop_failure(value: Any, name: str) -> None:
 
 def fit_torch_trainer(loop: Any, loop_config: Any, *, name: str, storage: str, num_workers: int,
                       cpus_per_worker: float, gpus_per_worker: float, max_failures: int = 0,
-                      datasets: Optional[dict[str, Any]] = None) -> Any:
+                      datasets: Optional[dict[str, Any]] = None, resources: Optional[dict[str, float]] = None) -> Any:
     """Run `loop` on a Ray Train TorchTrainer (gloo on CPU, nccl on GPU), keeping one checkpoint;
     a worker that dies restarts the group up to `max_failures` times, the loop resuming from the
     last checkpoint it reported. An error that a restart would raise again (`NOT_RETRYABLE`) ends the
     fit at once (`FailingOnce`): a user's error reaches the caller as itself, one line. `datasets`:
     Ray Datasets each worker reads its equal split of (`ray.train.get_dataset_shard(name)`), in the
-    datasets' own order.
+    datasets' own order. `resources`: custom resources each worker asks for besides its CPUs and GPUs.
 
     Returns Ray Train's result (its `.checkpoint` and `.return_value`); shared by every recipe.
     """
@@ -255,7 +255,7 @@ def fit_torch_trainer(loop: Any, loop_config: Any, *, name: str, storage: str, n
 
     ensure_ray()
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    resources = {**(resources or {}), "CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     # the driver's Ray Data options (copied: constructing them anew warns of deprecated fields), in
     # order, so a seeded run reads its rows in the same order every time
     ingest = copy.deepcopy(DataContext.get_current().execution_options)

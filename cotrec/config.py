@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cotrec.errors import ConfigError
 from cotrec.fingerprint import fingerprint
@@ -26,6 +26,25 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Ray's own resources, which the sections ask for through their cpus_/gpus_ keys (and the merge through
+# its memory estimate); a custom resource of the same name would be Ray's, not a node label.
+RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in RAY_RESOURCES or name.startswith("node:"):
+            raise ValueError(f"{name!r} is Ray's own resource, not a custom one (CPUs and GPUs have their own keys)")
+        if not amount > 0:
+            raise ValueError(f"{name!r} must ask for an amount above 0 (got {amount!r})")
+    return value
+
+
+# A stage family's custom Ray resources, `{name: amount}` per actor or worker: only nodes started with
+# that resource (`ray start --resources`) offer it, so the stage lands on the nodes set aside for it.
+Resources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class SyntheticConfig(Section):
@@ -114,6 +133,7 @@ class EmbedConfig(Section):
     max_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    resources: Resources = Field(default_factory=dict)
 
 
 class RetrieverConfig(Section):
@@ -162,6 +182,7 @@ class RetrieverConfig(Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    resources: Resources = Field(default_factory=dict)  # the Train workers' and the evaluation actors'
     # The variants `retriever grid` trains (user-init/item-init).
     grid: list[str] = Field(default_factory=lambda: list(TABLE1_VARIANTS))
     # Seeds per variant in `retriever grid` (config seed, seed + 1, ...); Table 1 reports mean ± std.
@@ -221,6 +242,7 @@ class ExtractConfig(Section):
     max_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    resources: Resources = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
     in_flight: int = Field(64, ge=1)  # programs running concurrently per actor
     # Where `extract perceptions` takes its (user, candidate) pairs by default: the union of these
@@ -315,6 +337,8 @@ class RankerConfig(Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    # The fine-tune's workers', the merge's and the scoring actors' (which take their CPUs and GPUs from extract)
+    resources: Resources = Field(default_factory=dict)
     # Evaluation: MAPB places each target at all M positions (M prompts per user, sent together).
     mapb: bool = True
     max_eval_users: Optional[int] = Field(None, ge=1)  # a seeded sample of the evaluated users

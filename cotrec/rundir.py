@@ -64,8 +64,14 @@ class RunDir:
             return None
 
     def is_complete(self, stage_dir: str, fingerprint: str) -> bool:
+        """Whether the stage's outputs are current; when they are, the stage is skipped, so what a
+        process killed while publishing them left beside them goes here (`staged` would have
+        removed it, but a skipped stage never gets there)."""
         record = self.completion(stage_dir)
-        return record is not None and record.get("fingerprint") == fingerprint
+        current = record is not None and record.get("fingerprint") == fingerprint
+        if current:
+            _remove_leftovers(self.root / stage_dir)
+        return current
 
     @contextmanager
     def staged(self, stage_dir: str, fingerprint: str) -> Iterator[Path]:
@@ -77,8 +83,7 @@ class RunDir:
         """
         final = self.root / stage_dir
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{final.name}.partial-*"):
-            remove_tree(stale)
+        _remove_leftovers(final)
         tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
         tmp.mkdir()
         try:
@@ -90,6 +95,15 @@ class RunDir:
             publish_folder(tmp, final, last=COMPLETE_MARKER)
         finally:
             remove_tree(tmp)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """The hidden siblings of a stage folder that killed processes left: a partial folder (killed
+    while writing it, or on a store after its marker was copied but before it was deleted) and on
+    disk the old outputs a publication moved aside."""
+    for pattern in (f".{final.name}.partial-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            remove_tree(stale)
 
 
 def read_stats(run: RunDir) -> dict[str, Any]:

@@ -33,6 +33,17 @@ def test_wrong_type_and_range_are_named():
         load_config("demo", ["data.sample_users=0"])
 
 
+def test_custom_resources_are_named_amounts_and_bad_ones_name_their_key():
+    config = load_config("demo", ["extract.resources={extract_node: 1}", "ranker.resources={rank_node: 0.5}"])
+    assert config.extract.resources == {"extract_node": 1.0} and config.ranker.resources == {"rank_node": 0.5}
+    assert config.retriever.resources == {} and config.embed.resources == {}
+    for override, error in (("retriever.resources={GPU: 1}", r"retriever\.resources: 'GPU' is Ray's own resource"),
+                            ("embed.resources={node_x: 0}", r"embed\.resources: 'node_x' must ask for an amount above 0"),
+                            ("ranker.resources={node_x: many}", r"ranker\.resources\.node_x: Input should be a valid number")):
+        with pytest.raises(ConfigError, match=rf"^config preset 'demo': {error}"):
+            load_config("demo", [override])
+
+
 def test_local_sources_need_a_path():
     with pytest.raises(ConfigError, match=r"data: .*needs data.path"):
         load_config("demo", ["data.source=mind"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -68,6 +69,13 @@ def test_a_stage_on_s3_is_published_with_its_marker_last_and_a_failed_one_leaves
     assert copied and not copied[0].endswith(COMPLETE_MARKER)
     assert run.completion("stage") is None  # half a folder never looks finished
     assert not run.is_complete("stage", "two")
+
+    # killed after the marker was copied, before the partial folder was deleted: the stage is then
+    # skipped, and the skip clears what is left
+    with run.staged("stage", "five") as folder:
+        (folder / "g.txt").write_text("g")
+    (run.root / ".stage.partial-99999" / "g.txt").write_text("g")
+    assert run.is_complete("stage", "five") and keys(run.root) == ["stage/.complete.json", "stage/g.txt"]
 
 
 def test_shards_written_by_another_process_are_seen_and_resume_skips_their_rows(bucket):
@@ -213,38 +221,108 @@ S3_RUN = ["--config", "demo", "--set", "data.source=synthetic", "--set", "data.s
           "--set", "ranker.grid=[none, position, llm++/zero-shot]", "--set", "extract.cpus_per_actor=1"]
 
 
+# Three worker nodes, each offering one stage family's custom resource (config `*.resources`), so
+# extraction, the retriever and the ranker's scoring each have a node of their own; the head offers
+# no CPU (as on the launcher and KubeRay) and holds the drivers.
+STAGE_NODES = {"extract": "extract_node", "retriever": "train_node", "ranker": "rank_node"}
+CLUSTER_RUN = [*S3_RUN, *(a for section, resource in STAGE_NODES.items()
+                          for a in ("--set", f"{section}.resources={{{resource}: 1}}")),
+               # a checkpoint every epoch, and epochs enough, that the training is caught between two
+               "--set", "retriever.max_epochs=6", "--set", "retriever.checkpoint_every=1",
+               "--set", "retriever.patience=6"]
+
+
+def actors_seen() -> list[dict[str, str]]:
+    """Every actor the cluster has held, dead ones included, with the node it ran on, from the GCS
+    actor table (Ray's State API needs a dashboard, which these heads do not run); `what` is the
+    class, or for a Ray Data pool's worker the function it maps (`MapWorker(MapBatches(ExtractWorker))`)."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import ActorTableData
+
+    table = state._connect_and_get_accessor().get_actor_table(None, None)
+    seen = []
+    for raw in table:
+        actor = ActorTableData.FromString(raw)
+        seen.append({"what": actor.repr_name or actor.class_name, "node": actor.address.node_id.hex(),
+                     "state": ActorTableData.ActorState.Name(actor.state), "job": actor.job_id.hex()})
+    return seen
+
+
+def nodes_of(seen: list[dict[str, str]], what: str) -> set[str]:
+    return {actor["node"] for actor in seen if what in actor["what"]}
+
+
 @pytest.mark.slow
-def test_the_main_job_on_an_s3_run_directory_completes_resumes_after_a_kill_and_reruns_as_skips(bucket):
-    uri = f"{bucket}/main-job"
+def test_the_main_job_on_a_multi_node_cluster_places_its_stages_survives_a_lost_node_resumes_after_a_kill_and_reruns_as_skips(
+        bucket, monkeypatch, tmp_path):
+    """The main job on a 4-node Ray cluster with its run directory on S3: each stage family on the
+    node its custom resource names; the retriever's node removed while it trains (after a
+    checkpoint) and a replacement added, and the training resumes there from the checkpoint; the
+    driver killed once the retriever is done; a rerun resumes (the finished stages skipped) and
+    completes; a third run skips everything."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    uri = f"{bucket}/multi-node"
     root = run_path(uri)
-    job = subprocess.Popen([sys.executable, "-m", "cotrec", "run", "--run-dir", uri, *S3_RUN], cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # killed, with its Ray, while the retriever trains
-        deadline = time.time() + 300
-        while not (root / "embed" / "preference" / COMPLETE_MARKER).exists():
-            assert job.poll() is None and time.time() < deadline, "the job should still be running"
-            time.sleep(0.5)
-        time.sleep(3)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {resource: cluster.add_node(num_cpus=1, resources={resource: 4}) for resource in STAGE_NODES.values()}
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    ray.init(address=cluster.address)  # the test's own driver: it reads the actor table
+    log = tmp_path / "first-run.log"
+    try:
+        with open(log, "w") as err:
+            job = subprocess.Popen([sys.executable, "-m", "cotrec", "run", "--run-dir", uri, *CLUSTER_RUN], cwd=REPO,
+                                   stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            # a checkpoint counts once Ray Train's controller registered it (its snapshot names it), not
+            # when its folder is uploaded: a worker lost in between restarts from epoch 0
+            while not [k for k in keys(root) if re.search(r"^retriever/\.[^/]*partial[^/]*/\.ray/train/"
+                                                          r"checkpoint_manager_snapshot\.json$", k)]:
+                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            training = [a for a in actors_seen() if a["what"] == "RayTrainWorker" and a["state"] == "ALIVE"]
+            assert [a["node"] for a in training] == [nodes["train_node"].node_id], training
+            cluster.remove_node(nodes["train_node"])  # its Train worker dies with it
+            replacement = cluster.add_node(num_cpus=1, resources={"train_node": 4})
+            while RunDir(uri).completion("retriever/preference-description") is None:
+                assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:  # killed, with what it started, once the retriever is done
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        assert RunDir(uri).completion("ranker/preference-description--llm++-zero-shot/eval") is None
+        history = json.loads((root / "retriever" / "preference-description" / "history.json").read_text())
+        # the restarted worker carried on from the checkpoint, not from epoch 0
+        assert [e["epoch"] for e in history] == list(range(6)) and any(e.get("resumed") for e in history[1:]), history
+
+        resumed = run_cli("run", "--run-dir", uri, *CLUSTER_RUN)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        skipped = [line.split()[0] for line in resumed.stdout.splitlines() if "up to date, skipped" in line
+                   and line.startswith("  ")]
+        assert {"prepare", "items", "preferences", "embed", "retriever"} <= set(skipped), resumed.stdout
+        names = [k for k in keys(root) if not k.startswith("extract/")]
+        assert "reports/table2.md" in names and "ranker/preference-description--llm++-zero-shot/eval/rankings.parquet" in names
+        # the killed stages' partial folders (and Ray Train's storage in them) went when they restarted
+        assert not [k for k in names if ".partial-" in k or "/.ray/" in k], names
+        assert len(read_shards(root / "extract" / "perceptions")) > 0
+
+        again = run_cli("run", "--run-dir", uri, *CLUSTER_RUN)
+        assert again.returncode == 0, again.stderr[-3000:]
+        table = again.stdout.split("Stages, this run")[1].splitlines()[1:]
+        ran = [line.split()[0] for line in table if line.startswith("  ") and "skipped" not in line
+               and "not needed" not in line and not line.split()[0] in ("report", "total")]
+        assert ran == [], table
+        assert files_under(root / "reports")
+
+        # where each stage ran, over the three runs
+        seen = actors_seen()
+        assert nodes_of(seen, "ExtractWorker") == {nodes["extract_node"].node_id}, seen
+        assert nodes_of(seen, "RayTrainWorker") == {nodes["train_node"].node_id, replacement.node_id}, seen
+        assert nodes_of(seen, "RetrieverScoringWorker") <= {nodes["train_node"].node_id, replacement.node_id}, seen
+        assert nodes_of(seen, "ChoiceScoringWorker") == {nodes["rank_node"].node_id}, seen
+        assert nodes_of(seen, "RetrieverScoringWorker"), seen
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    assert RunDir(uri).completion("retriever/preference-description") is None
-
-    resumed = run_cli("run", "--run-dir", uri, *S3_RUN)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    skipped = [line.split()[0] for line in resumed.stdout.splitlines() if "up to date, skipped" in line
-               and line.startswith("  ")]
-    assert {"prepare", "items", "preferences", "embed"} <= set(skipped) and "retriever" not in skipped
-    names = [k for k in keys(root) if not k.startswith("extract/")]
-    assert "reports/table2.md" in names and "ranker/preference-description--llm++-zero-shot/eval/rankings.parquet" in names
-    # the killed retriever's partial folder (and Ray Train's storage in it) went when the stage restarted
-    assert not [k for k in names if ".partial-" in k or "/.ray/" in k], names
-    assert len(read_shards(root / "extract" / "perceptions")) > 0
-
-    again = run_cli("run", "--run-dir", uri, *S3_RUN)
-    assert again.returncode == 0, again.stderr[-3000:]
-    table = again.stdout.split("Stages, this run")[1].splitlines()[1:]
-    ran = [line.split()[0] for line in table if line.startswith("  ") and "skipped" not in line
-           and "not needed" not in line and not line.split()[0] in ("report", "total")]
-    assert ran == [], table
-    assert files_under(root / "reports")
+        ray.shutdown()
+        cluster.shutdown()

@@ -61,6 +61,7 @@ def encode_on_actors(config: EmbedConfig, texts: list[str], label: str,
                                                       "threads": max(1, int(config.cpus_per_actor)),
                                                       "mapping": mapping},
                                actors=actors, cpus=config.cpus_per_actor, gpus=config.gpus_per_actor,
+                               resources=config.resources,
                                in_format="pandas", out_format="numpy"):
         vectors = batch["vector"]
         if matrix is None:

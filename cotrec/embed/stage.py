@@ -38,7 +38,7 @@ EMBED_KINDS = ("caption", "description", "preference")
 
 def fingerprint(config: Config, run: RunDir, kind: str) -> str:
     dumped = config.model_dump(mode="json")
-    settings = {k: v for k, v in dumped["embed"].items() if k != "fit_sample"}
+    settings = {k: v for k, v in dumped["embed"].items() if k not in ("fit_sample", "resources")}
     parts = {"config": fingerprint_of({"data": dumped["data"], "embed": settings}), "dim": config.retriever.dim,
              "kind": kind}
     # The sample size changes the output only where it binds: more items or users than it.

@@ -181,7 +181,7 @@ def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Con
                                        labels=labels, incremental=incremental),
             compute=ray.data.ActorPoolStrategy(min_size=ec.min_actors, max_size=ec.max_actors,
                                                max_tasks_in_flight_per_actor=math.ceil(ec.in_flight / ec.batch_size) + 1),
-            num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor,
+            num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor, resources=ec.resources or None,
         )
         last_report = time.perf_counter()
         engine_load = 0.0

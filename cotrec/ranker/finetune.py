@@ -163,6 +163,7 @@ class FinetuneJob:
     gpus_per_worker: float
     max_failures: int
     gradient_checkpointing: bool
+    resources: dict[str, float]  # custom Ray resources per worker
 
     @classmethod
     def from_config(cls, rcfg: RankerConfig, *, name: str, model_path: str, examples: list[list[Example]],
@@ -174,7 +175,7 @@ class FinetuneJob:
                    precision=resolve_precision(rcfg.precision, rcfg.gpus_per_worker > 0), max_tokens=max_tokens,
                    trainer=rcfg.trainer, cpus_per_worker=rcfg.cpus_per_worker,
                    gpus_per_worker=rcfg.gpus_per_worker, max_failures=rcfg.max_failures,
-                   gradient_checkpointing=rcfg.gradient_checkpointing)
+                   gradient_checkpointing=rcfg.gradient_checkpointing, resources=dict(rcfg.resources))
 
     @property
     def use_gpu(self) -> bool:
@@ -513,7 +514,8 @@ def fit(job: FinetuneJob, storage: Path, adapter_out: Path) -> FinetuneResult:
             torch.set_num_threads(threads)
     result = fit_torch_trainer(train_loop, loop_config, name="finetune", storage=location(storage),
                                num_workers=job.shape.workers, cpus_per_worker=job.cpus_per_worker,
-                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures)
+                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures,
+                               resources=job.resources)
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
     return FinetuneResult.from_loop(result.return_value)
@@ -548,7 +550,7 @@ def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: l
 
     memory = merge_request_bytes(base_path, rcfg.merged_dtype, on_gpu)
     options = {"num_cpus": rcfg.cpus_per_worker, "num_gpus": min(rcfg.gpus_per_worker, 1.0),
-               **({"memory": memory} if memory else {})}
+               **({"memory": memory} if memory else {}), **({"resources": rcfg.resources} if rcfg.resources else {})}
     return ray.get(ray.remote(**options)(merge_there).remote())
 
 

@@ -65,7 +65,7 @@ def score_prompts(config: Config, model: str, dtype: Optional[str], prompts: lis
     progress = Progress(len(prompts))
     for batch in map_on_actors(blocks, ChoiceScoringWorker, {"llm": llm.model_dump(mode="json")}, actors=actors,
                                min_actors=ec.min_actors, cpus=ec.cpus_per_actor, gpus=ec.gpus_per_actor,
-                               in_format="pandas", out_format="pandas"):
+                               resources=config.ranker.resources, in_format="pandas", out_format="pandas"):
         for prompt, probs in zip(batch["prompt"], batch["probs"]):
             scored[int(prompt)] = np.asarray(probs, dtype=np.float64)
         progress.update(len(scored), lambda rate: f"{name}: {len(scored):,} of {len(prompts):,} prompts scored "

@@ -50,8 +50,9 @@ from cotrec.storage import remove_tree
 
 # What only evaluation reads; everything else in the ranker section shapes the fine-tuned model.
 EVAL_KEYS = {"retrievers", "grid", "mapb", "max_eval_users", "lists_per_call"}
-# Keys that change what a fine-tune holds in memory, not what it computes: no output depends on them.
-MEMORY_KEYS = {"gradient_checkpointing"}
+# Keys that change what a fine-tune holds in memory, or the nodes it runs on, not what it computes: no
+# output depends on them.
+MEMORY_KEYS = {"gradient_checkpointing", "resources"}
 
 
 def ranker_folder(variant: str, ranker: str) -> str:

@@ -97,7 +97,8 @@ def rank_and_write(config: RetrieverConfig, model_path: Path, num_users: int, se
     actors = max(1, min(config.num_workers, len(blocks))) if on_actors else 0
     if on_actors:
         batches = map_on_actors([pa.table(b) for b in blocks], RetrieverScoringWorker, kwargs, actors=actors,
-                                cpus=config.cpus_per_worker, gpus=config.gpus_per_worker, in_format="numpy",
+                                cpus=config.cpus_per_worker, gpus=config.gpus_per_worker,
+                                resources=config.resources, in_format="numpy",
                                 out_format="numpy", preserve_order=True)
     else:
         worker = RetrieverScoringWorker(**{**kwargs, "device": "cpu", "threads": torch.get_num_threads()})

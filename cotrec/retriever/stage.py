@@ -34,10 +34,10 @@ from cotrec.storage import remove_tree
 
 def variant_fingerprint(config: Config, run: RunDir, user: str, item: str, seed: int) -> str:
     # What one variant's training depends on: data + retriever settings, minus the grid's own keys
-    # (asking for more seeds, or training more at once, must not retrain the seeds already done)
-    # and the advice threshold.
+    # (asking for more seeds, or training more at once, must not retrain the seeds already done),
+    # the advice threshold and the nodes it runs on.
     retriever = config.retriever.model_dump(mode="json", exclude={"grid", "grid_seeds", "concurrent_trainings",
-                                                                  "sampled_above_items"})
+                                                                  "sampled_above_items", "resources"})
     if not retriever["sparse_user_updates"]:  # the default: trainings from before the key stay up to date
         del retriever["sparse_user_updates"]
     return fingerprint({"data": config.fingerprint("data"), "retriever": retriever, "variant": variant_name(user, item),

@@ -104,6 +104,7 @@ class TrainingJob:
     cpus_per_worker: float
     gpus_per_worker: float
     max_failures: int
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources per worker
     log: bool = True
     model_out: str = ""  # set by `fit`: where rank 0 saves the best state
     train_rows: int = 0  # set by `fit` for the Ray trainer: the rows in the dataset the workers split
@@ -124,7 +125,7 @@ class TrainingJob:
                    mask_history=rc.mask_history, eval_batch_size=rc.eval_batch_size,
                    checkpoint_every=rc.checkpoint_every, trainer=rc.trainer, num_workers=rc.num_workers,
                    cpus_per_worker=rc.cpus_per_worker, gpus_per_worker=rc.gpus_per_worker,
-                   max_failures=rc.max_failures)
+                   max_failures=rc.max_failures, resources=dict(rc.resources))
 
     @property
     def local(self) -> bool:
@@ -382,5 +383,6 @@ def fit(job: TrainingJob, histories: Histories, storage: Path, model_out: Path) 
     result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
                                datasets={"train": train_rows},
                                num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker,
-                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures)
+                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures,
+                               resources=job.resources)
     return result.return_value
