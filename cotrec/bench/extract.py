@@ -12,6 +12,7 @@ setting written to the JSON (docs/benchmarks.md explains each figure):
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import joblib

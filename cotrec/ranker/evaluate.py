@@ -21,7 +21,7 @@ from cotrec.ranker.lists import candidate_rows, ranked_lists, trained_on
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION
 from cotrec.ranker.scoring import score_prompts
-from cotrec.ranker.stage import list_inputs, merged_model, ranker_folder, ranker_train
+from cotrec.ranker.stage import MEMORY_KEYS, list_inputs, merged_model, ranker_folder, ranker_train
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
 
