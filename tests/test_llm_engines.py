@@ -60,14 +60,24 @@ def test_choice_scoring_sums_to_one_and_agrees_with_transformers(vllm_engine, tr
 def test_many_concurrent_programs_on_one_engine(vllm_engine, monkeypatch):
     """Each program's second call awaits its first; the engine batches across programs: vLLM holds
     every program's request at once, not one program's after another's."""
-    original, in_flight, peak = vllm_engine.engine.generate, 0, 0
+    original, in_flight, peak, everyone = vllm_engine.engine.generate, 0, 0, []
 
     def counted(*args, **kwargs):  # the engine core's requests, as vLLM receives them
         async def stream():
             nonlocal in_flight, peak
             in_flight += 1
             peak = max(peak, in_flight)
+            if not everyone:
+                everyone.append(asyncio.Event())
+            if peak == 8:
+                everyone[0].set()
             try:
+                # a request waits for the others (a loaded machine may finish one before the last is
+                # sent); an engine that admits one at a time never gets them, and the wait gives up
+                try:
+                    await asyncio.wait_for(everyone[0].wait(), timeout=30)
+                except asyncio.TimeoutError:
+                    everyone[0].set()
                 async for output in original(*args, **kwargs):
                     yield output
             finally:
@@ -86,7 +96,8 @@ def test_many_concurrent_programs_on_one_engine(vllm_engine, monkeypatch):
         return await asyncio.gather(*(program(c) for c in preference_conversations(8, seed=5)))
 
     replies = asyncio.run(main())
-    assert len(replies) == 8 and all(r.ok and r.text for r in replies)
+    # every program got its reply (one cut at max_tokens counts: the test is about batching, not length)
+    assert len(replies) == 8 and all(r.text and r.status in ("ok", "truncated") for r in replies), replies
     assert peak == 8  # the eight programs' first calls, together in the engine
 
 
