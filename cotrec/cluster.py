@@ -68,7 +68,7 @@ def in_ray_job() -> bool:
 SHARED_CHECK = ".cotrec-reach"  # the marker folder under the run directory (removed after the check)
 
 
-def _write_where_scheduled(root: str, token: str) -> dict[str, str]:
+def _write_where_scheduled(root: str, token: str) -> dict[str, Any]:
     """A task's half of `check_run_dir_shared`: read the driver's marker, write its own beside it."""
     import ray
 
@@ -78,7 +78,7 @@ def _write_where_scheduled(root: str, token: str) -> dict[str, str]:
     node = ray.get_runtime_context().get_node_id()
     seen = (folder / f"{token}-driver").is_file()
     (folder / f"{token}-worker").write_text(node)
-    return {"node": node, "ip": ray.util.get_node_ip_address(), "saw_driver": str(seen)}
+    return {"node": node, "ip": ray.util.get_node_ip_address(), "saw_driver": seen}
 
 
 def check_run_dir_shared(root: Any) -> None:
@@ -112,7 +112,7 @@ def check_run_dir_shared(root: Any) -> None:
             cause = " ".join(str(getattr(exc, "cause", None) or exc).split())[-300:]
             raise CotrecError(f"{root}: a task on a worker node cannot use the run directory ({cause}); {advice}") from None
         here = ray.get_runtime_context().get_node_id()
-        if found["saw_driver"] != "True" or not (folder / f"{token}-worker").is_file():
+        if not found["saw_driver"] or not (folder / f"{token}-worker").is_file():
             raise CotrecError(f"{root}: not shared between the nodes: the driver's node ({here[:12]}) and node "
                               f"{found['node'][:12]} ({found['ip']}) do not see each other's marker in "
                               f"{SHARED_CHECK}/; {advice}")
