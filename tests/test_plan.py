@@ -188,16 +188,18 @@ def test_a_span_shorter_than_the_samplers_interval_still_counts_its_cpu():
     # before a second sample: their CPU must come from a sample taken at the exit, not read as 0.
     import psutil
 
-    before_mb = psutil.Process().memory_info().rss / 2**20
     spent = time.process_time()
     with MemorySampler(interval=30) as sampler:  # its first sample is taken at once, before any of this
         until = time.process_time() + 0.3
         while time.process_time() < until:
             pass
         held = b"x" * (64 << 20)  # written, so resident
+        at_exit_mb = psutil.Process().memory_info().rss / 2**20
     spent = time.process_time() - spent
     assert 0.28 <= sampler.cpu_seconds()["driver"] <= spent + 0.05  # CPU the process spent, counted at the exit
-    assert sampler.peak["driver_rss_mb"] >= before_mb + 60 and len(held) == 64 << 20
+    # against the RSS just before the exit, not the one before the block: a collection in between can
+    # hand back more than 64 MiB of a large test process's memory
+    assert sampler.peak["driver_rss_mb"] >= at_exit_mb - 2 and len(held) == 64 << 20
 
 
 def test_bench_scale_can_stop_after_a_stage_and_measures_only_what_ran(tmp_path, cli):
