@@ -158,6 +158,10 @@ def ranker_options(action: str) -> Callable[[Parser], None]:
                             + ("; none: the retriever's order" if action == "eval" else ""))
         if action == "eval":
             p.add_argument("--zero-shot", action="store_true", help="the base model, not fine-tuned")
+        if action == "probe":
+            p.add_argument("--train-lists", type=int, default=None, metavar="N",
+                           help="train the probe on a seeded sample of N of the fine-tune's training lists "
+                                "(default: all of them; each costs one forward pass)")
     return add
 
 
@@ -187,7 +191,7 @@ def cmd_ranker_probe(args: Args) -> int:
     from cotrec.reporting.tables import estimate
 
     config, run = open_run(args)
-    found = ranker_probe(config, run, args.retriever, args.prompt, force=args.force)
+    found = ranker_probe(config, run, args.retriever, args.prompt, force=args.force, train_lists=args.train_lists)
     difference = found["probe_minus_zero_shot"]
     print(f"probe      {args.prompt} on {args.retriever}: {found['train_lists']:,} training lists, "
           f"{found['test_lists']:,} test lists" + ("  [up to date, skipped]" if found["skipped"] else ""))

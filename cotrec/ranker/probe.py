@@ -52,7 +52,9 @@ def candidate_states(model: Any, tokenizer: Any, conversations: Sequence[Any], c
             offsets = np.array(encoded["offset_mapping"])
             tokens = [int(np.flatnonzero((offsets[:, 0] <= end) & (offsets[:, 1] > end))[0])
                       for end in line_ends(text, count)]
-            hidden = model(torch.tensor([encoded["input_ids"]]), output_hidden_states=True).hidden_states[-1][0]
+            # the decoder alone: its last (normed) hidden state is all the probe reads, the LM head's
+            # projection onto the whole vocabulary would be wasted
+            hidden = model.base_model(torch.tensor([encoded["input_ids"]])).last_hidden_state[0]
             states.append(hidden[tokens].float().numpy())
             progress.update(done, lambda rate: f"{name}: {done:,} of {len(conversations):,} lists encoded "
                                                f"({rate:.1f} lists/s)")
@@ -99,9 +101,10 @@ def probe_reading(difference: dict[str, Any], beats: bool) -> str:
 
 
 def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList], test: list[CandidateList],
-              zero_shot_ranks: np.ndarray, seed: int) -> dict[str, Any]:
+              zero_shot_ranks: np.ndarray, seed: int, dtype: str = "float32") -> dict[str, Any]:
     """Train the probe on `train` (each list in its shown order), rank `test` in the evaluation's shown
-    order, and compare with the zero-shot model's ranks of the same targets in the same order."""
+    order, and compare with the zero-shot model's ranks of the same targets in the same order. `dtype`:
+    the one the zero-shot model was scored in, so that both read the same model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
@@ -109,7 +112,7 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
     transformers_logging.disable_progress_bar()  # this runs in the driver: the terminal is cotrec's
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     count = len(train[0].candidates)
 
     def encode(lists: list[CandidateList], name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +131,7 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
     probe_gains, zero_gains = ndcg_gains(ranks, 10), ndcg_gains(zero_shot_ranks, 10)
     difference = paired_difference(probe_gains - zero_gains, seed=seed)
     beats = bool(difference.get("interval") and difference["low"] > 0)
-    return {"train_lists": len(train), "test_lists": len(test), "hidden": int(train_states.shape[-1]),
+    return {"train_lists": len(train), "test_lists": len(test), "hidden": int(train_states.shape[-1]), "dtype": dtype,
             "probe_train_ndcg@10": float(ndcg_gains(train_ranks, 10).mean()),
             "probe_ndcg@10": float(probe_gains.mean()), "zero_shot_ndcg@10": float(zero_gains.mean()),
             "probe_minus_zero_shot": difference, "probe_beats_zero_shot": beats,

@@ -161,12 +161,17 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     return {"skipped": False, "folder": str(run / stage), **summary}
 
 
-def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> dict[str, Any]:
+def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False,
+                 train_lists: int | None = None) -> dict[str, Any]:
     """The frozen-feature probe (`cotrec.ranker.probe`) of the base model on `prompt`'s lists: trained on
-    the lists its fine-tune trains on, compared on `variant`'s re-ranked test lists with the zero-shot
-    evaluation's ranks (which it needs: `cotrec ranker eval --zero-shot`)."""
+    the lists its fine-tune trains on (a seeded sample of `train_lists` of them when given: one forward
+    pass per list is what it costs), compared on `variant`'s re-ranked test lists with the zero-shot
+    evaluation's ranks (which it needs: `cotrec ranker eval --zero-shot`), in the dtype they were scored in."""
+    from cotrec.llm.placement import pick_dtype
     from cotrec.ranker.probe import run_probe
 
+    if train_lists is not None and train_lists < 2:
+        raise CotrecError(f"--train-lists {train_lists}: the probe needs at least 2 training lists")
     zero_shot = f"{prompt}/zero-shot"
     evaluated = run.completion(f"{ranker_folder(variant, zero_shot)}/eval")
     if evaluated is None:
@@ -174,19 +179,25 @@ def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: 
                         f"`cotrec ranker eval --retriever {variant} --prompt {prompt} --zero-shot` first")
     stage = f"{ranker_folder(variant, prompt)}-probe"
     fp = fingerprint({"zero_shot": evaluated, "train": train_fingerprint(config, run, trained_on(config, variant), prompt),
-                      "shuffle_seed": config.ranker.shuffle_seed})
+                      "shuffle_seed": config.ranker.shuffle_seed, "train_lists": train_lists,
+                      "dtype": config.llm.dtype})
     if not force and run.is_complete(stage, fp):
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "probe.json").read_text())}
     found = training_lists(config, run, trained_on(config, variant))
-    attach_prompt_inputs(run, found.train, prompt, config)
+    train = found.train
+    if train_lists is not None and train_lists < len(train):
+        keep = np.random.default_rng(config.seed).choice(len(train), train_lists, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    attach_prompt_inputs(run, train, prompt, config)
     test, _ = ranked_lists(config, run, variant, prompt)
     test = [lst for lst in test if lst.hit]
     rankings = pd.read_parquet(str(run / ranker_folder(variant, zero_shot) / "eval" / "rankings.parquet"),
                                columns=["user_idx", "target_rank"]).set_index("user_idx")["target_rank"]
-    log(f"ranker: probing the base model on {len(found.train):,} training and {len(test):,} test lists of {variant} "
-        f"({prompt})")
-    result = run_probe(resolve_model(config.llm.model), LetterRanker.for_run(run, prompt), found.train, test,
-                       rankings.loc[[lst.user_idx for lst in test]].to_numpy(), config.ranker.shuffle_seed)
+    dtype = pick_dtype(config.llm.dtype, "cpu")
+    log(f"ranker: probing the base model ({dtype}) on {len(train):,} of {len(found.train):,} training and "
+        f"{len(test):,} test lists of {variant} ({prompt})")
+    result = run_probe(resolve_model(config.llm.model), LetterRanker.for_run(run, prompt), train, test,
+                       rankings.loc[[lst.user_idx for lst in test]].to_numpy(), config.ranker.shuffle_seed, dtype)
     result = {"retriever": variant, "prompt": prompt, "trained_on": trained_on(config, variant), **result}
     with run.staged(stage, fp) as folder:
         write_json(folder / "probe.json", result)
