@@ -251,7 +251,7 @@ def serve_options(p: Parser) -> None:
 
 
 def cmd_serve(args: Args) -> int:
-    from cotrec.serving import checked_access, serve_until_stopped, start_app
+    from cotrec.serving import checked_access, direct_urls, serve_until_stopped, start_app
 
     access = {"api_keys_file": args.api_keys_file, "api_keys_env": args.api_keys_env,
               "expose_preferences": args.expose_preferences, "request_timeout_s": args.request_timeout,
@@ -267,8 +267,11 @@ def cmd_serve(args: Args) -> int:
     url = start_app(run.root, args.variant, args.ranker, host=args.host, port=args.port, access=access,
                     insecure=args.insecure)
     keyed = bool(args.api_keys_file or args.api_keys_env)
+    direct = direct_urls(args.host)
     print(f"serving {run.root} at {url} (POST /recommend" + (", GET /users/ID/preference" if args.expose_preferences
                                                             else "") + "; GET /healthz without a key); "
+          + (f"without the proxy, the Ingress replica at {', '.join(direct)} (its own port: another if it is "
+             "replaced); " if direct else "")
           + ("API keys required" if keyed else "NO API KEYS: anyone who reaches the port reads every user's data")
           + "; Ctrl-C or SIGTERM stops", flush=True)
     serve_until_stopped()

@@ -3,6 +3,10 @@
 `start_app` runs `cotrec/serve_app.py`'s application on the current Ray cluster (RAY_ADDRESS, else a
 local Ray), HTTP on the given host and port, with the access settings of the app's args (API keys
 from a file or a variable; an app without keys only on a loopback address unless `insecure`).
+A local Ray it starts runs Serve with `SERVE_ENV`: direct ingress, where each Ingress replica also
+answers HTTP on a port of its own (`direct_urls`), so that a request skips the proxy and the
+proxy's call to the replica; the proxy stays on the given port, balancing over the replicas and
+keeping one address when a replica is replaced.
 `serve_until_stopped` holds `cotrec serve` until Ctrl-C or SIGTERM and then stops the app.
 `evaluate_via_serve` sends every test user through the deployed chain (`POST /recommend` with
 `horizon: test`, which the app must open) with bounded concurrency and computes Hit@10 / NDCG@10
@@ -30,6 +34,16 @@ from cotrec.rundir import RunDir
 
 APP_NAME = "cotrec"
 API_KEY_ENV = "COTREC_API_KEY"  # a client's key (evaluate --via-serve --url, scripts/probe-serve.py)
+# Serve's settings for the Ray this process starts (its controller and replicas read them when they
+# start, so they are set before ray.init; a value already in the environment wins). A Ray joined at
+# RAY_ADDRESS has its nodes' own (serve/config.yaml and cluster/kuberay/rayservice.yaml say which).
+SERVE_ENV = {
+    # each Ingress replica also serves HTTP itself, on a port of Ray's range (30000-30999)
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # a stopping replica stays open this long for a load balancer to drop it; a local app has none
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+DIRECT_WAIT_S = 10.0  # for the controller to list a RUNNING replica's port
 
 
 def free_port() -> int:
@@ -77,6 +91,7 @@ def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Option
     access = checked_access(host, access, insecure)
     from cotrec.serve_app import app_builder
 
+    apply_serve_env()
     # the replicas import the cotrec this process runs (a checkout's, not another installed copy)
     ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     serve.start(http_options={"host": host, "port": port})
@@ -86,6 +101,38 @@ def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Option
     url = f"http://{host}:{port}"
     log(f"serve: {url} is up ({time.perf_counter() - started:.0f} s)")
     return url
+
+
+def apply_serve_env() -> None:
+    """`SERVE_ENV` in this process's environment, which a local Ray started afterwards inherits
+    (a Ray already running, or joined at RAY_ADDRESS, keeps its own)."""
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def direct_urls(host: str = "127.0.0.1", wait_s: float = DIRECT_WAIT_S) -> list[str]:
+    """The Ingress replicas' own HTTP addresses (direct ingress), one per RUNNING replica; [] when
+    this process's environment does not ask for direct ingress (a joined cluster's driver sets it
+    as its nodes do)."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return []
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + wait_s
+    while True:
+        # what the controller offers a load balancer: the replicas' ports, or the proxies' until
+        # every replica has one
+        groups = ray.get(controller.get_target_groups.remote(APP_NAME))
+        replicas = [t for g in groups if g.protocol == RequestProtocol.HTTP for t in g.targets
+                    if t.name.startswith("SERVE_REPLICA::")]
+        if replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    shown = host if host not in ("0.0.0.0", "::") else None
+    return sorted(f"http://{shown or t.ip}:{t.port}" for t in replicas)
 
 
 def stop_app() -> None:

@@ -34,6 +34,9 @@ def test_the_ratio_is_of_the_medians_over_rounds_and_the_bar_is_issue_43s():
     assert rows[8]["serve"]["requests_per_s"] == {"min": 50, "median": 60, "max": 400}
     assert rows[8]["throughput_ratio"] == pytest.approx(60 / 110, abs=1e-3) and rows[32]["p99_ratio"] == 1.8
     assert target_check(list(rows.values()))["met"] is True
+    proxied = {row["concurrency"]: row for row in versus_floor(serve, bare, [level("serve", 8, r, 80) for r in (20, 30, 40)])}
+    assert proxied[8]["serve_via_proxy"]["requests_per_s"]["median"] == 30 and proxied[8]["via_proxy_p99_ratio"] == 4.0
+    assert proxied[8]["throughput_ratio"] == rows[8]["throughput_ratio"] and "serve_via_proxy" not in proxied[32]
     slow = versus_floor(serve + [level("serve", 32, 1, 500, errors=1)] * 3, bare)
     checks = target_check(slow)["checks"]
     assert not checks["throughput_ratio_c32_at_least_0.5"] and not checks["no_errors"]

@@ -4,14 +4,15 @@
 A small synthetic run (the retriever tests' learnable walk) with the real embedded model as a
 zero-shot ranker on the transformers backend (it starts in seconds inside a replica). The front
 door's own behaviour (keys, body limit, timeout, 500s) is tested without Ray in test_guard.py;
-here, that it stands in front of the deployed app. Each Serve start costs tens of seconds: two in
-this module.
+here, that it stands in front of the deployed app, through Serve's proxy and at the Ingress
+replica's own port (direct ingress). Each Serve start costs tens of seconds: two in this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from cotrec.ranker.evaluate import ranker_eval
 from cotrec.retriever import train_variant
-from cotrec.serving import evaluate_via_serve, free_port, start_app, stop_app
+from cotrec.serving import apply_serve_env, direct_urls, evaluate_via_serve, free_port, start_app, stop_app
 from conftest import FLOAT32, REPO
 from retriever_data import FAST_RETRIEVER, fake_extraction, synthetic_run
 
@@ -69,6 +70,10 @@ def test_cotrec_serve_with_its_defaults_and_stopped_by_sigterm(trained, tmp_path
                 closed = client.post("/recommend", json={"user_id": "u3", "horizon": horizon})
                 assert closed.status_code == 403 and "open_horizons" in closed.json()["detail"]
             assert client.get("/healthz").json() == {"status": "ok"}
+        # the Ingress replica's own port, printed beside the proxy's: the same app without the proxy
+        direct = re.search(r"the Ingress replica at (http://127\.0\.0\.1:\d+)", output.read_text())
+        assert direct and direct[1] != url, output.read_text()[-3000:]
+        assert httpx.post(direct[1] + "/recommend", json={"user_id": "u3", "k": 3}, timeout=60).status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=120) == 0, output.read_text()[-3000:]
     finally:
@@ -88,6 +93,7 @@ def served(trained, tmp_path_factory):
     config, run = trained
     keys = tmp_path_factory.mktemp("keys") / "api-keys"
     keys.write_text(f"# the suite's key\n{KEY}\n")
+    apply_serve_env()  # what `cotrec serve` runs with: the controller and replicas read it at their start
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         url = start_app(run.root, "none/random", "llm/zero-shot", port=free_port(),
@@ -286,3 +292,43 @@ def test_a_ranker_replica_killed_under_load_fails_no_retrieval_and_comes_back(se
         deadline = time.perf_counter() + 120
         while (code := client.post("/recommend", json={"user_id": "u3", "k": 5, "rerank": True}).status_code) != 200:
             assert code == 504 and time.perf_counter() < deadline, code
+
+
+@pytest.mark.slow
+def test_the_ingress_replica_answers_on_its_own_port_with_the_proxy_gone(served):
+    """Direct ingress: the Ingress replica serves HTTP on a port of its own, which keeps working with
+    every Serve proxy actor killed (no proxy hop), behind the same guard (401 without the key,
+    /healthz open) and with a bad request failing alone in its batch; the proxy comes back (red
+    without RAY_SERVE_ENABLE_DIRECT_INGRESS in serving.SERVE_ENV: no such port)."""
+    import ray
+
+    _, _, url = served
+    direct = direct_urls()
+    assert len(direct) == 1 and direct[0] != url, direct
+    proxies = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_PROXY_ACTOR")]
+    assert proxies
+    for actor in proxies:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    bodies = [{"user_id": "u3", "k": 4}, {"user_id": "nobody"}, {"history": ["i1", "i2"], "k": 2}]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=direct[0], timeout=120, headers=AUTH) as client:
+            return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
+
+    replies = asyncio.run(send_all())
+    assert [r.status_code for r in replies] == [200, 404, 200], [r.text for r in replies]
+    assert len(replies[0].json()["items"]) == 4 and replies[0].headers["x-request-id"]
+    with httpx.Client(base_url=direct[0], timeout=60) as client:
+        stranger = client.post("/recommend", json={"user_id": "u3"}, headers={"authorization": "Bearer wrong-key-0123456789abcdef"})
+        assert stranger.status_code == 401 and "u3" not in stranger.text
+        assert client.get("/healthz").json() == {"status": "ok"}
+    with keyed(url) as client:  # Serve starts the proxy again
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.post("/recommend", json={"user_id": "u3", "k": 2}).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the proxy did not come back"
+            time.sleep(1)

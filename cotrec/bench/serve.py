@@ -2,8 +2,9 @@
 
 The app of `cotrec/serve_app.py` (the FastAPI Ingress, which retrieves, and the Ranker) is deployed
 locally with `cotrec.serving.start_app` on a free port with an API key that every request sends,
-warmed up (a few requests of each kind, not counted), then loaded level by level, the retrieval
-levels `--rounds` times: for each concurrency, (a) retrieval only (`rerank: false`) and (b, in the
+with the Serve settings `cotrec serve` uses (`SERVE_ENV`: the Ingress replica answers on its own
+port), warmed up (a few requests of each kind, not counted), then loaded at the replica's own port
+level by level, the retrieval levels `--rounds` times: for each concurrency, (a) retrieval only (`rerank: false`) and (b, in the
 first round) retrieval + LLM re-ranking (`rerank: true`), `POST /recommend` for seeded random known
 users (`horizon: next`, k = 10) with exactly that many requests in flight (asyncio + aiohttp, a
 semaphore). Each request's latency is taken at the client; the server's own per-stage figures
@@ -11,9 +12,11 @@ semaphore). Each request's latency is taken at the client; the server's own per-
 
 The floor: the same retrieval levels on one FastAPI + uvicorn process holding the same
 `RetrieverService` (`cotrec.bench.floor`), with no Ray running, before and again after the Serve
-app; `versus_bare` gives per concurrency both servers' req/s and p99 (min/median/max over the
-rounds) and the ratios of the medians, `target` issue 43's bar. Where the time goes: per level,
-`hops_ms` (wall clock: client -> proxy -> Ingress, validation, batch wait, retrieval, the return leg,
+app; after the Serve levels, the retrieval levels again through Serve's proxy (its port, which
+balances over the replicas). `versus_bare` gives per concurrency both servers' req/s and p99
+(min/median/max over the rounds), the ratios of the medians and the proxy path beside them,
+`target` issue 43's bar (on the replica's own port). Where the time goes: per level,
+`hops_ms` (wall clock: client -> Ingress, directly or via the proxy, validation, batch wait, retrieval, the return leg,
 from the reply's stamps) and `cpu_ms_per_request` (CPU time of the proxy, the replicas, Ray, the
 client, and the rest of the machine: other work on shared cores).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import tempfile
 import threading
@@ -55,7 +59,7 @@ from cotrec.recommend import run_config
 from cotrec.retriever.variants import parse_variant, variant_dir
 from cotrec.rundir import RunDir, write_json
 from cotrec.bench.floor import start_floor, stop_floor
-from cotrec.serving import APP_NAME, free_port, start_app, stop_app
+from cotrec.serving import SERVE_ENV, APP_NAME, apply_serve_env, direct_urls, free_port, start_app, stop_app
 
 DEFAULT_OUT = "bench/serve.json"
 DEFAULT_CONCURRENCY = (1, 8, 32)
@@ -230,13 +234,15 @@ async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrenc
 # Where a request's time goes, in order; each a field of the reply's `latency` or computed from the
 # client's wall clock (`hops`). On the bare process only inbound, retrieval and outbound exist.
 HOPS = {
-    "inbound_ms": "client -> proxy -> Ingress replica (HTTP parse, routing, the proxy's call to the replica)",
+    "inbound_ms": "client -> Ingress replica: directly, the replica's own HTTP server; via the proxy, its HTTP parse, "
+                  "routing and actor call to the replica",
     "parse_ms": "in the Ingress before the route runs: key check, body read, JSON and pydantic validation",
     "handle_ms": "the Ingress's handle call to another deployment, both legs (routing, pickling, the actor call)",
     "batch_wait_ms": "waiting in @serve.batch for the batch to start",
     "retrieval_ms": "the batch's work: resolve, one SASRec forward pass, top-k, describe",
     "rerank_ms": "the re-ranking call (handle + the Ranker's batch + LLM), re-rank levels only",
-    "outbound_ms": "the route's return -> the client: reply serialisation, the proxy's return leg, client read",
+    "outbound_ms": "the route's return -> the client: reply serialisation, the proxy's return leg (via the proxy), "
+                   "client read",
 }
 
 
@@ -319,10 +325,11 @@ async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, A
 
 
 async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], rerank: bool,
-                   headers: Optional[dict[str, str]] = None,
-                   sample: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]], Optional[ReplicaSampler]]:
+                   headers: Optional[dict[str, str]] = None, sample: bool = True,
+                   path: Optional[str] = None) -> tuple[dict[str, Any], list[dict[str, Any]], Optional[ReplicaSampler]]:
     """Warm-up, then every level in order; the sampler's clock starts when the first level does
-    (`sample`: Serve's replicas are sampled; the bare process has none)."""
+    (`sample`: Serve's replicas are sampled; the bare process has none). `path`: how a Serve
+    request reaches the Ingress (`direct` to the replica's own port, or via the `proxy`)."""
     import contextlib
 
     import aiohttp  # Serve's own HTTP client library: as load generator it leaves the replicas more of the cores than httpx
@@ -330,7 +337,7 @@ async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], 
     top = max(level["concurrency"] for level in levels)
     connector = aiohttp.TCPConnector(limit=top + 8)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    server = "serve" if sample else "bare process"
+    server = f"serve ({path})" if path else "serve" if sample else "bare process"
     async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout, headers=headers) as client:
         log(f"bench serve: {server}: warm-up")
         warmup = await warm_up(client, user_ids, rerank)
@@ -348,8 +355,8 @@ async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], 
                 records, started, ended = await send_level(client, users, mode == "rerank", c, level["count"],
                                                            level["min_seconds"])
                 cpu = CpuMeter.per_request(cpu_before, meter.read(), len(records), ended - started)
-                row = {"server": "serve" if sample else "bare", "round": level.get("round", 0), "mode": mode,
-                       "concurrency": c, **summarize(records, ended - started),
+                row = {"server": "serve" if sample or path else "bare", "round": level.get("round", 0), "mode": mode,
+                       "concurrency": c, **({"path": path} if path else {}), **summarize(records, ended - started),
                        "window_s": [round(started - sampler_t0, 2), round(ended - sampler_t0, 2)],
                        "sustained_s": level["min_seconds"] or None,
                        "load_avg_before": load_before, "load_avg_after": load_average(),
@@ -425,16 +432,18 @@ class CpuMeter:
         return out
 
 
-def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]],
+                 proxy_rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """Per concurrency, Serve's retrieval next to the bare process's over the rounds (the bare
     process's before and after Serve together): req/s and p99 (min/median/max) and the ratios of
-    the medians."""
+    the medians. `proxy_rows`: the same levels through Serve's proxy, beside them."""
     out = []
     for c in sorted({r["concurrency"] for r in serve_rows if r["mode"] == "retrieve"}):
         mine = [r for r in serve_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
         bare = [r for r in floor_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
+        proxied = [r for r in proxy_rows or () if r["mode"] == "retrieve" and r["concurrency"] == c]
         row: dict[str, Any] = {"concurrency": c, "rounds": len(mine)}
-        for name, rows in (("serve", mine), ("bare", bare)):
+        for name, rows in (("serve", mine), ("bare", bare)) + ((("serve_via_proxy", proxied),) if proxied else ()):
             row[name] = {"requests_per_s": spread([r["requests_per_s"] for r in rows]),
                          "p50_ms": spread([r["latency_ms"]["p50"] for r in rows if r["latency_ms"]["p50"] is not None]),
                          "p99_ms": spread([r["latency_ms"]["p99"] for r in rows if r["latency_ms"]["p99"] is not None]),
@@ -442,6 +451,10 @@ def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, An
         s, b = row["serve"], row["bare"]
         row["throughput_ratio"] = ratio(s["requests_per_s"]["median"], b["requests_per_s"]["median"])
         row["p99_ratio"] = ratio(s["p99_ms"]["median"], b["p99_ms"]["median"])
+        if proxied:
+            v = row["serve_via_proxy"]
+            row["via_proxy_throughput_ratio"] = ratio(v["requests_per_s"]["median"], b["requests_per_s"]["median"])
+            row["via_proxy_p99_ratio"] = ratio(v["p99_ms"]["median"], b["p99_ms"]["median"])
         out.append(row)
     return out
 
@@ -580,8 +593,9 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
 
     if floor:  # before and after Serve: the floor brackets whatever else the machine did meanwhile
         run_floor("before")
-    # The same runtime_env start_app asks for (the replicas import this checkout's cotrec);
-    # replica logs stay in Ray's session folder instead of one line per request on this terminal.
+    # The same Serve settings and runtime_env start_app asks for (the replicas import this checkout's
+    # cotrec); replica logs stay in Ray's session folder instead of one line per request on this terminal.
+    apply_serve_env()
     started_ray = ensure_ray(runtime_env={"env_vars": {"PYTHONPATH": repo}}, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="cotrec-bench-") as keys_dir:
@@ -601,7 +615,15 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
                     if rerank and level["round"] == 0:  # the LLM's figures do not move with the chain's overhead
                         levels.append({"mode": "rerank", "concurrency": level["concurrency"], "count": rerank_requests,
                                        "min_seconds": 0.0, "round": 0})
-                warmup, results, sampler = asyncio.run(run_load(url, user_ids, levels, rerank, headers))
+                direct = direct_urls()
+                # the replica's own port when Serve has one (the proxy's otherwise), then the same
+                # retrieval levels through the proxy: what the proxy hop costs
+                warmup, results, sampler = asyncio.run(run_load(direct[0] if direct else url, user_ids, levels, rerank,
+                                                                headers, path="direct" if direct else "proxy"))
+                proxy_rows = []
+                if direct:
+                    _, proxy_rows, _ = asyncio.run(run_load(url, user_ids, retrieval_levels, False, headers, sample=False,
+                                                            path="proxy"))
             finally:
                 stop_app()
     finally:
@@ -609,7 +631,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
             ray.shutdown()
     if floor:
         run_floor("after")
-    comparison = versus_floor(results, floor_rows) if floor else []
+    comparison = versus_floor(results, floor_rows, proxy_rows) if floor else []
     report: dict[str, Any] = {
         **head, "cpu": host.get("cpu_model"),
         "config": {"config": config_spec or "demo", "run_dir": str(run.root), "variant": variant, "ranker": ranker,
@@ -619,8 +641,9 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
                    "request_timeout_s": REQUEST_TIMEOUT_S, "api_key": "every request sends one; the app checks it",
                    # the app serves with the run's own config (its config.yaml), not --config
                    "llm": {"model": served_config.llm.model, "backend": served_config.llm.backend}},
-        "users": len(user_ids), "url": url, "deploy_s": round(deploy_s, 2), "started_ray": started_ray,
-        "deployments": settings, "levels": results,
+        "users": len(user_ids), "url": url, "direct_urls": direct, "deploy_s": round(deploy_s, 2),
+        "started_ray": started_ray, "serve_env": {name: os.environ.get(name) for name in SERVE_ENV},
+        "deployments": settings, "levels": results + proxy_rows,
         "bare": {"what": "one FastAPI + uvicorn process holding RetrieverService (cotrec/bench/floor.py), the same "
                          "model, users and load generator; every round before and again after the Serve app, with no "
                          "Ray running",
@@ -639,30 +662,36 @@ def format_bench(report: dict[str, Any]) -> str:
     def ms(value: Optional[float]) -> str:
         return f"{value:.1f}" if value is not None else "-"
 
-    lines = [f"{'mode':<10}{'round':>6}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+    lines = [f"{'mode':<10}{'path':<8}{'round':>6}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
              f"{'4xx':>5}{'5xx':>5}{'exc':>5}  max replicas (" + "/".join(deployment_names()) + ")"]
     for row in report["levels"]:
         lat, err, mx = row["latency_ms"], row["errors"], row.get("replicas_max") or {}
-        lines.append(f"{row['mode']:<10}{row.get('round', 0) + 1:>6}{row['concurrency']:>5}{row['requests']:>10}{row['requests_per_s']:>9.1f}"
+        lines.append(f"{row['mode']:<10}{row.get('path', '-'):<8}{row.get('round', 0) + 1:>6}{row['concurrency']:>5}{row['requests']:>10}{row['requests_per_s']:>9.1f}"
                      f"{ms(lat['p50']):>9}{ms(lat['p95']):>9}{ms(lat['p99']):>9}"
                      f"{err['4xx']:>5}{err['5xx']:>5}{err['exceptions']:>5}  "
                      + "/".join(str(mx.get(n, "-")) for n in deployment_names()))
     if report.get("versus_bare"):
         lines.append(f"retrieval against the bare process (median of {report['config'].get('rounds', 1)} rounds; min..max):")
         lines.append(f"{'conc':>5}{'serve req/s':>24}{'bare req/s':>24}{'ratio':>7} {'serve p99':>22}{'bare p99':>22}{'ratio':>7}")
+        def cell(x: dict[str, Any]) -> str:
+            return f"{x['median']} ({x['min']}..{x['max']})" if x["median"] is not None else "-"
+
         for row in report["versus_bare"]:
             sv, bv = row["serve"], row["bare"]
-
-            def cell(x: dict[str, Any]) -> str:
-                return f"{x['median']} ({x['min']}..{x['max']})" if x["median"] is not None else "-"
             lines.append(f"{row['concurrency']:>5}{cell(sv['requests_per_s']):>24}{cell(bv['requests_per_s']):>24}"
                          f"{row['throughput_ratio'] or '-':>7} {cell(sv['p99_ms']):>22}{cell(bv['p99_ms']):>22}"
                          f"{row['p99_ratio'] or '-':>7}")
+        for row in report["versus_bare"]:
+            if "serve_via_proxy" in row:
+                v = row["serve_via_proxy"]
+                lines.append(f"  via the proxy c={row['concurrency']}: {cell(v['requests_per_s'])} req/s "
+                             f"(ratio {row['via_proxy_throughput_ratio']}), p99 {cell(v['p99_ms'])} ms "
+                             f"(ratio {row['via_proxy_p99_ratio']})")
         lines.append(f"target (issue 43): {report['target']}")
     for row in report["levels"]:
         if row["mode"] == "retrieve" and row.get("round", 0) == 0:
             h = row.get("hops_ms", {})
-            lines.append(f"hops c={row['concurrency']} (mean ms): " + ", ".join(
+            lines.append(f"hops {row.get('path', '')} c={row['concurrency']} (mean ms): " + ", ".join(
                 f"{k[:-3]} {v['mean']:.2f}" for k, v in h.items() if isinstance(v, dict))
                 + (f", batch {h['batch_size_mean']}" if "batch_size_mean" in h else ""))
             lines.append(f"  cpu ms per request c={row['concurrency']}: " + ", ".join(
