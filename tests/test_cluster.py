@@ -844,3 +844,16 @@ def test_a_runs_workers_print_to_its_log_and_cotrecs_own_lines_to_the_terminal(t
         assert line in written and line not in terminal, line
     assert "[ranker probe] epoch 1 loss 2.2" in terminal and "[ranker probe]" not in written
     assert "Started a local Ray instance" not in terminal
+
+
+def test_rayservice_pods_agree_on_direct_ingress_and_cotrec_serve_turns_it_on():
+    """The Serve controller (head) and the replicas (workers) read RAY_SERVE_ENABLE_DIRECT_INGRESS
+    when they start: every RayService pod states it, with one value; `cotrec serve` sets it on."""
+    from cotrec.serving import SERVE_ENV
+
+    spec = manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    values = {name: [e.get("value") for c in pod["containers"] for e in c.get("env", [])
+                     if e["name"] == "RAY_SERVE_ENABLE_DIRECT_INGRESS"] for name, pod in _pods(spec)}
+    assert all(len(found) == 1 for found in values.values()) and len({v[0] for v in values.values()}) == 1, values
+    assert SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" in (REPO / "serve" / "config.yaml").read_text()
