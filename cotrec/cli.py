@@ -195,6 +195,8 @@ def cmd_ranker_probe(args: Args) -> int:
     difference = found["probe_minus_zero_shot"]
     print(f"probe      {args.prompt} on {args.retriever}: {found['train_lists']:,} training lists, "
           f"{found['test_lists']:,} test lists" + ("  [up to date, skipped]" if found["skipped"] else ""))
+    print(f"scorer     weight decay {found['weight_decay']:g} (cross-validated on the training lists); its NDCG@10 "
+          f"on them {found['probe_train_ndcg@10']:.4f}")
     print(f"ndcg@10    probe {found['probe_ndcg@10']:.4f}, zero-shot {found['zero_shot_ndcg@10']:.4f}, difference "
           f"{estimate(difference)}")
     print(f"reading    {found['reading']}")

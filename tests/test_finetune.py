@@ -94,7 +94,8 @@ def test_the_probe_finds_what_the_frozen_model_encodes_and_says_nothing_it_canno
     and the reading is that the recipe is the limit; where nothing tells it, the probe does not beat
     the position ranking and the reading is that the model is."""
     from cotrec.ranker.lists import shown_order
-    from cotrec.ranker.probe import run_probe
+    from cotrec.metrics import ndcg_gains
+    from cotrec.ranker.probe import WEIGHT_DECAYS, run_probe
 
     lists, labels = marked_task(90, seed=0, marked=marked)
     train, test = lists[:45], lists[45:]
@@ -104,6 +105,11 @@ def test_the_probe_finds_what_the_frozen_model_encodes_and_says_nothing_it_canno
     found = run_probe(resolve_model("embedded"), ranker, train, test, zero_shot_ranks=shown_at, seed=0)
     difference = found["probe_minus_zero_shot"]
     assert difference["interval"], difference  # 45 paired lists: enough for one
+    # the figures recompute from the per-list ranks the report keeps
+    per_list = found["lists"]
+    assert per_list["user_idx"] == [lst.user_idx for lst in test] and per_list["shown_at"] == shown_at.tolist()
+    assert np.mean(ndcg_gains(np.array(per_list["probe_rank"]), 10)) == pytest.approx(found["probe_ndcg@10"])
+    assert found["weight_decay"] in WEIGHT_DECAYS and len(found["cross_validated_ndcg@10"]) == len(WEIGHT_DECAYS)
     if marked:
         assert found["probe_ndcg@10"] >= 0.9 and found["probe_beats_zero_shot"] and "recipe" in found["reading"]
     else:

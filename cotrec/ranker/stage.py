@@ -168,7 +168,7 @@ def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: 
     pass per list is what it costs), compared on `variant`'s re-ranked test lists with the zero-shot
     evaluation's ranks (which it needs: `cotrec ranker eval --zero-shot`), in the dtype they were scored in."""
     from cotrec.llm.placement import pick_dtype
-    from cotrec.ranker.probe import run_probe
+    from cotrec.ranker.probe import PROBE_VERSION, run_probe
 
     if train_lists is not None and train_lists < 2:
         raise CotrecError(f"--train-lists {train_lists}: the probe needs at least 2 training lists")
@@ -180,7 +180,7 @@ def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: 
     stage = f"{ranker_folder(variant, prompt)}-probe"
     fp = fingerprint({"zero_shot": evaluated, "train": train_fingerprint(config, run, trained_on(config, variant), prompt),
                       "shuffle_seed": config.ranker.shuffle_seed, "train_lists": train_lists,
-                      "dtype": config.llm.dtype})
+                      "dtype": config.llm.dtype, "method": PROBE_VERSION})
     if not force and run.is_complete(stage, fp):
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "probe.json").read_text())}
     found = training_lists(config, run, trained_on(config, variant))
@@ -199,8 +199,10 @@ def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: 
     result = run_probe(resolve_model(config.llm.model), LetterRanker.for_run(run, prompt), train, test,
                        rankings.loc[[lst.user_idx for lst in test]].to_numpy(), config.ranker.shuffle_seed, dtype)
     result = {"retriever": variant, "prompt": prompt, "trained_on": trained_on(config, variant), **result}
+    lists = pd.DataFrame(result.pop("lists"))
     with run.staged(stage, fp) as folder:
         write_json(folder / "probe.json", result)
+        lists.to_parquet(folder / "lists.parquet", index=False)
     log(f"ranker: probe {result['probe_ndcg@10']:.4f} vs zero-shot {result['zero_shot_ndcg@10']:.4f} NDCG@10: "
         f"{result['reading']}")
     return {"skipped": False, "folder": str(run / stage), **result}
