@@ -16,12 +16,12 @@ writes `ranker/<retriever>--<prompt>-probe/probe.json`.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 
 from cotrec.llm import letters
-from cotrec.metrics import ndcg_gains, paired_difference
+from cotrec.metrics import PairedDifference, ndcg_gains, paired_difference
 from cotrec.progress import Progress
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
@@ -88,7 +88,15 @@ def probe_scores(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return states @ weights[:-1] + weights[-1]
 
 
-def probe_reading(difference: dict[str, Any], beats: bool) -> str:
+# `run_probe`'s result: the lists, the probe's and the zero-shot model's NDCG@10 on the same test lists,
+# their paired difference and what it says.
+ProbeResult = TypedDict("ProbeResult", {
+    "train_lists": int, "test_lists": int, "hidden": int, "dtype": str, "probe_train_ndcg@10": float,
+    "probe_ndcg@10": float, "zero_shot_ndcg@10": float, "probe_minus_zero_shot": PairedDifference,
+    "probe_beats_zero_shot": bool, "reading": str, "seconds": float})
+
+
+def probe_reading(difference: PairedDifference, beats: bool) -> str:
     """What the probe against the zero-shot model says, and only what its interval can carry."""
     if not difference.get("interval"):
         return (f"no reading: {difference['why']}; the probe needs more test lists before it can say whether "
@@ -101,7 +109,7 @@ def probe_reading(difference: dict[str, Any], beats: bool) -> str:
 
 
 def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList], test: list[CandidateList],
-              zero_shot_ranks: np.ndarray, seed: int, dtype: str = "float32") -> dict[str, Any]:
+              zero_shot_ranks: np.ndarray, seed: int, dtype: str = "float32") -> ProbeResult:
     """Train the probe on `train` (each list in its shown order), rank `test` in the evaluation's shown
     order, and compare with the zero-shot model's ranks of the same targets in the same order. `dtype`:
     the one the zero-shot model was scored in, so that both read the same model."""
