@@ -8,7 +8,7 @@ and returns the mean over users. Leave-one-out has one target per user, so NDCG@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional, TypedDict
 
 import numpy as np
 
@@ -84,7 +84,21 @@ def paired_bootstrap(differences: np.ndarray, rounds: int = 2000, seed: int = 0)
 MIN_PAIRED_LISTS = 40
 
 
-def paired_difference(differences: np.ndarray, lists: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+class PairedDifference(TypedDict, total=False):
+    """`paired_difference`: the mean, and its 95% interval (`interval: True`) or why it has none."""
+
+    mean: float
+    low: float
+    high: float
+    rounds: int
+    seeds: int
+    users: int
+    lists: int
+    interval: Optional[bool]
+    why: str
+
+
+def paired_difference(differences: np.ndarray, lists: Optional[int] = None, seed: int = 0) -> PairedDifference:
     """`paired_bootstrap`, or where the paired lists are too few for it (`MIN_PAIRED_LISTS`) the mean
     alone and why (`interval: None`). `lists`: how many of the pairs can differ at all (a ranker
     against its retriever: the re-ranked lists; default: the users of a (seeds, users) matrix)."""

@@ -14,38 +14,46 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Generic, Optional, TypedDict, TypeVar, Union
 
 import ray
 
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config, parse_ranker
 from cotrec.data.prepare import format_summary as format_prepare
-from cotrec.data.prepare import prepare
+from cotrec.data.prepare import PrepareSummary, prepare
 from cotrec.embed import embed
+from cotrec.embed.stage import EmbedSummary
 from cotrec.embed import format_summary as format_embed
 from cotrec.errors import CotrecError
 from cotrec.extract import extract_items, extract_perceptions, extract_users
 from cotrec.extract import format_summary as format_extract
+from cotrec.extract.stage import ExtractionSummary
 from cotrec.heap import return_freed_memory
 from cotrec.progress import log
 from cotrec.ranker.lists import candidate_pairs
 from cotrec.ranker.prompts import uses_perceptions, uses_preference
-from cotrec.ranker.grid import ranker_grid
-from cotrec.report import write_reports
+from cotrec.ranker.grid import Table2Summary, ranker_grid
+from cotrec.report import ReportSummary, write_reports
 from cotrec.reporting.console import format_grid_summary, format_table2_summary
-from cotrec.reporting.stages import record_stage
+from cotrec.reporting.stages import StageTiming, record_stage
+from cotrec.reporting.tables import Table1
 from cotrec.retriever import retriever_grid, train_variant
 from cotrec.retriever.variants import embedding_kinds, parse_variant
 from cotrec.rundir import RunDir
 
 
+# What a stage returns: its own summary, each with `skipped`.
+StageSummary = Union[PrepareSummary, ExtractionSummary, EmbedSummary, Table1, Table2Summary, ReportSummary]
+S = TypeVar("S", PrepareSummary, ExtractionSummary, EmbedSummary, Table1, Table2Summary, ReportSummary)
+
+
 @dataclass(frozen=True)
-class Stage:
+class Stage(Generic[S]):
     name: str
     what: str  # one line for the progress log and the summary
-    run: Callable[[Config, RunDir, bool], dict[str, Any]]
-    format: Callable[[dict[str, Any]], str]
+    run: Callable[[Config, RunDir, bool], S]
+    format: Callable[[S], str]
     # Why the config's grids do not need this stage (None: they do). A run with, say, only
     # `retriever.grid: [none/random]` and `ranker.grid: [none]` makes no LLM call at all.
     unneeded: Callable[[Config], Optional[str]] = lambda config: None
@@ -87,23 +95,31 @@ def _perceptions_unneeded(config: Config) -> Optional[str]:
     return None if _reads_perceptions(config) else "no ranker in ranker.grid reads perceptions (llm++)"
 
 
-def _prepare(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+class PipelineResult(TypedDict):
+    """`run_pipeline`: each stage's summary by name, each stage's time in order, and the total."""
+
+    stages: dict[str, StageSummary]
+    timings: list[StageTiming]
+    seconds: float
+
+
+def _prepare(config: Config, run: RunDir, force: bool) -> PrepareSummary:
     return prepare(config, run, force=force)
 
 
-def _extraction(summary: dict[str, Any]) -> dict[str, Any]:
+def _extraction(summary: ExtractionSummary) -> ExtractionSummary:
     return {**summary, "skipped": summary["rows"] == 0}
 
 
-def _items(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _items(config: Config, run: RunDir, force: bool) -> ExtractionSummary:
     return _extraction(extract_items(config, run, force=force))
 
 
-def _preferences(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _preferences(config: Config, run: RunDir, force: bool) -> ExtractionSummary:
     return _extraction(extract_users(config, run, force=force))
 
 
-def _perceptions(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _perceptions(config: Config, run: RunDir, force: bool) -> ExtractionSummary:
     """The perceptions of exactly the lists the ranker will read."""
     pairs, source = candidate_pairs(run, config)
     return _extraction(extract_perceptions(config, run, pairs, source, force=force))
@@ -114,11 +130,11 @@ def _embedding_kinds(config: Config) -> list[str]:
     return sorted({kind for user, item in _variants(config) for kind in embedding_kinds(user, item)})
 
 
-def _embed(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _embed(config: Config, run: RunDir, force: bool) -> EmbedSummary:
     return embed(config, run, force=force, kinds=_embedding_kinds(config))
 
 
-def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _retriever(config: Config, run: RunDir, force: bool) -> Table1:
     """Table 1, plus any retriever the ranker re-ranks that the grid does not train."""
     summary = retriever_grid(config, run, force=force)
     for variant in dict.fromkeys(config.ranker.retrievers.values()):
@@ -127,15 +143,15 @@ def _retriever(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
     return summary
 
 
-def _ranker(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _ranker(config: Config, run: RunDir, force: bool) -> Table2Summary:
     return ranker_grid(config, run, force=force)
 
 
-def _report(config: Config, run: RunDir, force: bool) -> dict[str, Any]:
+def _report(config: Config, run: RunDir, force: bool) -> ReportSummary:
     return {**write_reports(config, run, STAGE_NAMES), "skipped": False}
 
 
-STAGES: list[Stage] = [
+STAGES: list[Stage[Any]] = [
     Stage("prepare", "load, k-core filter, sample and split the dataset", _prepare,
           format_prepare),
     Stage("items", "LLM: an objective description of every item", _items,
@@ -156,7 +172,7 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def stages_until(last: str | None) -> list[Stage]:
+def stages_until(last: str | None) -> list[Stage[Any]]:
     """The stages in order, up to and including `last` (every stage when None)."""
     if last is None:
         return list(STAGES)
@@ -167,14 +183,14 @@ def stages_until(last: str | None) -> list[Stage]:
 
 def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callable[[str], None] = print,
                  measure: Callable[[str], ContextManager[Any]] = lambda stage: nullcontext(),
-                 until: str | None = None) -> dict[str, Any]:
+                 until: str | None = None) -> PipelineResult:
     """Run the stages in order (every one, or up to `until`) on one Ray session; returns per-stage
     summaries and timings. `measure(stage)`: a context each stage runs in (the scale bench samples
     CPU and memory there)."""
     stages = stages_until(until)
     started_ray = ensure_ray()  # one Ray session for all stages: no start-up per stage
-    results: dict[str, dict[str, Any]] = {}
-    timings: list[dict[str, Any]] = []
+    results: dict[str, StageSummary] = {}
+    timings: list[StageTiming] = []
     started = time.perf_counter()
     try:
         for number, stage in enumerate(stages, 1):
@@ -205,4 +221,4 @@ def run_pipeline(config: Config, run: RunDir, force: bool = False, echo: Callabl
     finally:
         if started_ray:
             ray.shutdown()
-    return {"stages": results, "timings": timings, "seconds": round(time.perf_counter() - started, 3)}
+    return PipelineResult(stages=results, timings=timings, seconds=round(time.perf_counter() - started, 3))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 import numpy as np
 
@@ -38,6 +38,11 @@ from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
 from cotrec.rundir import RunDir, read_stats, read_table, write_json
 from cotrec.storage import as_path
+
+if TYPE_CHECKING:  # torch and the ranker load only where a plan needs them
+    from cotrec.bench.common import Machine
+    from cotrec.bench.models import ModelsReport, Where
+    from cotrec.ranker.memory import FinetuneMemory, MergeMemory
 
 # One worker's throughput on one data-centre GPU (H100 class) for the gpu-cluster preset's models:
 # assumptions of the right order, not measurements. Used only where the models JSON has no part
@@ -71,7 +76,79 @@ def parse_throughput(pairs: list[str]) -> dict[str, float]:
     return out
 
 
-def read_models(path: Path) -> dict[str, Any]:
+class PlanRow(TypedDict):
+    """One stage's work at the planned size: per user (or item), in all, at one worker's rate."""
+
+    stage: str
+    work: str
+    per: str
+    per_unit: float
+    total: float
+    rate_per_worker: float
+    rate_unit: str
+    source: str
+    worker_hours: float
+    workers: int
+    wall_hours: float
+
+
+class PlanCheck(TypedDict):
+    """The plan at the run's own size beside the wall time the run recorded for one stage."""
+
+    stage: str
+    planned_s: float
+    run_s: float
+    run_over_planned: Optional[float]
+
+
+class MeasuredIn(TypedDict):
+    """Where the plan's work per user and its rates were measured."""
+
+    run: str
+    users: int
+    items: int
+    models: str
+    models_machine: Machine
+
+
+class MemorySettings(TypedDict):
+    """The ranker settings the memory estimate depends on."""
+
+    zero_stage: int
+    num_workers: int
+    gradient_checkpointing: bool
+    micro_batch: int
+    merged_dtype: str
+
+
+class RankerMemory(TypedDict, total=False):
+    """`ranker_memory`: what a fine-tune worker and the merge hold, or why the model's size is unknown."""
+
+    model: str
+    unknown: str
+    parameters: int
+    source: str
+    precision: str
+    settings: MemorySettings
+    finetune: FinetuneMemory
+    merge: MergeMemory
+
+
+class Plan(TypedDict):
+    """`plan`'s result (and `--out`'s JSON)."""
+
+    plan: str
+    users: int
+    items: int
+    measured_in: MeasuredIn
+    rows: list[PlanRow]
+    worker_hours: float
+    wall_hours: float
+    check: list[PlanCheck]
+    memory: Optional[RankerMemory]
+
+
+def read_models(path: Path) -> ModelsReport:
     if not path.is_file():
         raise CotrecError(f"--models {path}: no such file; run `cotrec bench models --out {path}` first")
     try:
@@ -83,7 +160,7 @@ def read_models(path: Path) -> dict[str, Any]:
     return models
 
 
-def measured_on_gpu(part: Optional[dict[str, Any]]) -> bool:
+def measured_on_gpu(part: Optional[Where]) -> bool:
     """Whether a bench part ran on a GPU (older JSONs, all CPU-measured, name no such device)."""
     return bool(part) and str(part.get("device", "cpu")).startswith("cuda")
 
@@ -92,11 +169,11 @@ class Throughputs:
     """One worker's rates for the target config: measured where the bench ran the part on the same
     kind of device as the config places the stage, else (GPU stages) parameters."""
 
-    def __init__(self, config: Config, models: dict[str, Any], models_path: Path, overrides: dict[str, float]):
+    def __init__(self, config: Config, models: ModelsReport, models_path: Path, overrides: dict[str, float]):
         self.config, self.models, self.path, self.overrides = config, models, models_path, overrides
 
     def _pick(self, key: str, on_gpu: bool, measured: Optional[float], what: str,
-              part: Optional[dict[str, Any]] = None) -> tuple[float, str]:
+              part: Optional[Where] = None) -> tuple[float, str]:
         """`part`: the bench's JSON for `measured`, whose device must match the stage's (None: the
         run's own figure, measured where the run placed it)."""
         if key in self.overrides:
@@ -155,11 +232,10 @@ class Throughputs:
 
 
 def _row(stage: str, work: str, each: float, total: float, rate: float, unit: str, source: str,
-         workers: int, per: str = "user") -> dict[str, Any]:
+         workers: int, per: str = "user") -> PlanRow:
     worker_hours = total / rate / 3600.0
-    return {"stage": stage, "work": work, "per": per, "per_unit": each, "total": total, "rate_per_worker": rate,
-            "rate_unit": unit, "source": source, "worker_hours": worker_hours, "workers": workers,
-            "wall_hours": worker_hours / workers}
+    return PlanRow(stage=stage, work=work, per=per, per_unit=each, total=total, rate_per_worker=rate, rate_unit=unit,
+                   source=source, worker_hours=worker_hours, workers=workers, wall_hours=worker_hours / workers)
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -168,7 +244,7 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _llm_rows(config: Config, run: RunDir, users: int, items: int, run_users: int, run_items: int,
-              rates: Throughputs) -> list[dict[str, Any]]:
+              rates: Throughputs) -> list[PlanRow]:
     from cotrec.report import extraction_usage
 
     usage = extraction_usage(run)
@@ -190,7 +266,7 @@ def _llm_rows(config: Config, run: RunDir, users: int, items: int, run_users: in
 
 
 def _embed_row(config: Config, run: RunDir, users: int, items: int, run_users: int, run_items: int,
-               rates: Throughputs) -> list[dict[str, Any]]:
+               rates: Throughputs) -> list[PlanRow]:
     per_user = per_item = 0.0
     for kind in ("caption", "description", "preference"):
         meta = _read_json(run / "embed" / kind / "meta.json")
@@ -209,7 +285,7 @@ def _embed_row(config: Config, run: RunDir, users: int, items: int, run_users: i
 
 
 def _retriever_rows(config: Config, run: RunDir, users: int, items: int, run_users: int,
-                    rates: Throughputs) -> list[dict[str, Any]]:
+                    rates: Throughputs) -> list[PlanRow]:
     from cotrec.retriever.data import Sequences, training_rows
     from cotrec.retriever.stage import dense_user_table_too_large, full_softmax_too_wide
     from cotrec.retriever.variants import parse_variant, variant_dir
@@ -245,7 +321,7 @@ def _retriever_rows(config: Config, run: RunDir, users: int, items: int, run_use
     ]
 
 
-def _ranker_rows(config: Config, run: RunDir, users: int, run_users: int, rates: Throughputs) -> list[dict[str, Any]]:
+def _ranker_rows(config: Config, run: RunDir, users: int, run_users: int, rates: Throughputs) -> list[PlanRow]:
     from cotrec.ranker.stage import ranker_folder
 
     rk = config.ranker
@@ -282,7 +358,7 @@ def _ranker_rows(config: Config, run: RunDir, users: int, run_users: int, rates:
 
 
 def plan(config: Config, run: RunDir, users: int, items: Optional[int], models_path: Path,
-         overrides: dict[str, float]) -> dict[str, Any]:
+         overrides: dict[str, float]) -> Plan:
     """Worker-hours per stage of `config`'s main job for `users` users (and `items` items: by
     default the run's catalogue), from the work per user measured in `run`."""
     if users < 1 or (items is not None and items < 1):
@@ -295,15 +371,15 @@ def plan(config: Config, run: RunDir, users: int, items: Optional[int], models_p
         raise DataError(f"{run.root}: no extract/; the plan reads the work per user from a run that has "
                         f"finished its stages (`cotrec run`)")
     rows = _rows(config, run, users, items, run_users, run_items, rates)
-    return {"plan": config.name, "users": users, "items": items,
-            "measured_in": {"run": str(run.root), "users": run_users, "items": run_items, "models": str(models_path),
-                            "models_machine": rates.models.get("machine", {})},
-            "rows": rows, "worker_hours": sum(r["worker_hours"] for r in rows),
-            "wall_hours": sum(r["wall_hours"] for r in rows),
-            "check": _check_against_the_run(run, rates, run_users, run_items), "memory": ranker_memory(config)}
+    return Plan(plan=config.name, users=users, items=items,
+                measured_in=MeasuredIn(run=str(run.root), users=run_users, items=run_items, models=str(models_path),
+                                       models_machine=rates.models.get("machine", {})),
+                rows=rows, worker_hours=sum(r["worker_hours"] for r in rows),
+                wall_hours=sum(r["wall_hours"] for r in rows),
+                check=_check_against_the_run(run, rates, run_users, run_items), memory=ranker_memory(config))
 
 
-def ranker_memory(config: Config) -> Optional[dict[str, Any]]:
+def ranker_memory(config: Config) -> Optional[RankerMemory]:
     """Per GPU and per host, what a fine-tune worker and the merge hold (None: nothing is fine-tuned)."""
     from cotrec.ranker.finetune import resolve_precision
     from cotrec.ranker.memory import finetune_memory, merge_memory, model_shape
@@ -323,7 +399,7 @@ def ranker_memory(config: Config) -> Optional[dict[str, Any]]:
             "merge": merge_memory(shape, rk.merged_dtype, rk.gpus_per_worker > 0)}
 
 
-def format_memory(memory: dict[str, Any]) -> str:
+def format_memory(memory: RankerMemory) -> str:
     if "unknown" in memory:
         return f"memory: {memory['model']}: unknown, {memory['unknown']}"
 
@@ -344,7 +420,7 @@ def format_memory(memory: dict[str, Any]) -> str:
 
 
 def _rows(config: Config, run: RunDir, users: int, items: int, run_users: int, run_items: int,
-          rates: Throughputs) -> list[dict[str, Any]]:
+          rates: Throughputs) -> list[PlanRow]:
     return (_llm_rows(config, run, users, items, run_users, run_items, rates)
             + _embed_row(config, run, users, items, run_users, run_items, rates)
             + _retriever_rows(config, run, users, items, run_users, rates)
@@ -356,7 +432,7 @@ PIPELINE_STAGE = {"retriever training": "retriever", "retriever evaluation": "re
                   "ranker fine-tune": "ranker", "ranker scoring": "ranker"}
 
 
-def _check_against_the_run(run: RunDir, rates: Throughputs, run_users: int, run_items: int) -> list[dict[str, Any]]:
+def _check_against_the_run(run: RunDir, rates: Throughputs, run_users: int, run_items: int) -> list[PlanCheck]:
     """The plan at the run's own size and settings beside the wall time the run recorded per stage:
     how far the model is from one real case (engine start-up, prefix caching and idle workers are
     not in it)."""
@@ -375,17 +451,17 @@ def _check_against_the_run(run: RunDir, rates: Throughputs, run_users: int, run_
     for row in rows:
         stage = PIPELINE_STAGE.get(row["stage"], row["stage"])
         planned[stage] = planned.get(stage, 0.0) + row["wall_hours"] * 3600
-    return [{"stage": stage, "planned_s": round(seconds, 1), "run_s": recorded[stage],
-             "run_over_planned": round(recorded[stage] / seconds, 2) if seconds else None}
+    return [PlanCheck(stage=stage, planned_s=round(seconds, 1), run_s=recorded[stage],
+                      run_over_planned=round(recorded[stage] / seconds, 2) if seconds else None)
             for stage, seconds in planned.items() if stage in recorded]
 
 
-def write_plan(result: dict[str, Any], out: Optional[Path]) -> None:
+def write_plan(result: Plan, out: Optional[Path]) -> None:
     if out is not None:
         write_json(out, result)
 
 
-def format_plan(result: dict[str, Any]) -> str:
+def format_plan(result: Plan) -> str:
     m = result["measured_in"]
     lines = [f"plan for {result['users']:,} users and {result['items']:,} items ({result['plan']}); "
              f"work per user measured in {m['run']} ({m['users']:,} users), throughput from {m['models']}",

@@ -16,7 +16,7 @@ metrics exactly:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TypedDict, Union
 
 import numpy as np
 
@@ -43,6 +43,51 @@ class RequestError(CotrecError):
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.status = status
+
+
+class Resolved(TypedDict):
+    """A request resolved against the run: the user (None: unknown to it), the user row the model
+    reads, the history as item_idx, and the horizon."""
+
+    user_idx: Optional[int]
+    model_user: int
+    history: np.ndarray
+    horizon: str
+
+
+class TopItems(TypedDict):
+    """One request's retrieved items (item_idx), best first, with their scores."""
+
+    items: list[int]
+    scores: list[float]
+
+
+class ItemRow(TypedDict, total=False):
+    """A recommended item as a reply shows it (`retriever_score` and `ranker_prob` added by the app)."""
+
+    item_id: str
+    item_idx: int
+    caption: str
+    score: float
+    retriever_score: float
+    ranker_prob: float
+
+
+class Ranked(TypedDict):
+    """A re-ranked list: the candidates' indices in ranked order and their letter probabilities."""
+
+    order: list[int]
+    probs: list[float]
+
+
+class RecommendBody(TypedDict, total=False):
+    """A `POST /recommend` body (the app's RecommendRequest, with `k` widened for a re-rank)."""
+
+    user_id: Optional[Union[str, int]]
+    history: Optional[list[Union[str, int]]]
+    k: int
+    rerank: bool
+    horizon: str
 
 
 def run_config(run: RunDir) -> Config:
@@ -77,7 +122,7 @@ class RetrieverService:
         self.domain = read_stats(self.run).get("domain", "movie")
 
     # -- requests --------------------------------------------------------------------------
-    def resolve(self, request: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, request: RecommendBody) -> Resolved:
         """A validated request -> (user_idx or the unknown user, history as item_idx, horizon)."""
         horizon = request.get("horizon", "next")
         if horizon not in HORIZONS:
@@ -107,7 +152,7 @@ class RetrieverService:
             return np.concatenate([self.seqs.history("test", user), [self.seqs.test[user]]]).astype(np.int64)
         return self.seqs.history(horizon, user)
 
-    def retrieve(self, resolved: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    def retrieve(self, resolved: Sequence[Resolved], k: int) -> list[TopItems]:
         """Top-k items (item_idx, score) for each resolved request, in one batched forward pass."""
         if not resolved:
             return []
@@ -128,7 +173,7 @@ class RetrieverService:
             self._preferences = table
         return self._preferences.get(int(user), {})
 
-    def describe(self, items: Sequence[int], scores: Sequence[float]) -> list[dict[str, Any]]:
+    def describe(self, items: Sequence[int], scores: Sequence[float]) -> list[ItemRow]:
         return [{"item_id": self.item_ids[i], "item_idx": int(i), "caption": self.captions[i], "score": float(s)}
                 for i, s in zip(items, scores)]
 
@@ -181,12 +226,12 @@ class RankerService:
             lst.key_terms = [self.key_terms.get((user, split, int(c)), []) for c in candidates]
         return lst
 
-    async def rerank(self, lists: Sequence[Any]) -> list[dict[str, list]]:
+    async def rerank(self, lists: Sequence[Any]) -> list[Ranked]:
         """Per list, the candidates' indices in ranked order (the offline rule, `ranked_order`)
         and their letter probabilities."""
         orders = [shown_order(lst, self.config.ranker.shuffle_seed) for lst in lists]
         probs = await self.scorer.ascore(list(zip(lists, orders)))
-        out = []
+        out: list[Ranked] = []
         for order, p in zip(orders, probs):
             best = ranked_order(p)
             out.append({"order": [int(i) for i in order[best]], "probs": [float(x) for x in p[best]]})

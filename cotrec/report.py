@@ -12,18 +12,18 @@ Nothing is trained or generated here; every figure is read back from the stages'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, TypedDict
 
 from cotrec.config import Config, parse_ranker
 from cotrec.extract.programs import stored_outputs
 from cotrec.ranker.grid import finished_table2, write_table2_report
 from cotrec.ranker.stage import ranker_folder
-from cotrec.ranker.table2 import MANIFEST
+from cotrec.ranker.table2 import MANIFEST, Table2Row
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
-from cotrec.reporting.stages import finished_stage_seconds, stage_records, write_stages
-from cotrec.reporting.tables import TABLE2, ranker_label, table2_console_cells, write_table1
+from cotrec.reporting.stages import StageRecord, StageTiming, finished_stage_seconds, stage_records, write_stages
+from cotrec.reporting.tables import TABLE2, Table1, ranker_label, table2_console_cells, write_table1
 from cotrec.retriever.grid import finished_grid
-from cotrec.rundir import RunDir, atomic_write_text, read_stats
+from cotrec.rundir import DatasetStats, RunDir, atomic_write_text, read_stats
 from cotrec.storage import replace_file, run_path
 
 # The extraction stages of the main job and the kind each runs (tokens are read from its shards).
@@ -58,7 +58,23 @@ def copy_training_curves(config: Config, run: RunDir) -> list[Path]:
     return copied
 
 
-def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> dict[str, Any]:
+class ReportSummary(TypedDict, total=False):
+    """What `write_reports` rendered from (and `format_report` shows): the run's dataset, tables and
+    stage records, and which reports were written or are missing (`skipped`: as the main job's stage)."""
+
+    config: str
+    run: str
+    stats: Optional[DatasetStats]
+    table1: Table1
+    table2: list[Table2Row]
+    stages: dict[str, StageRecord]
+    usage: dict[str, dict[str, int]]
+    written: list[str]
+    missing: list[str]
+    skipped: bool
+
+
+def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> ReportSummary:
     """Render every report the run's outputs allow; returns what was written and what is missing.
     `stage_names`: the main job's stages, in order (the stage table lists them)."""
     written, missing = [], []
@@ -84,15 +100,15 @@ def write_reports(config: Config, run: RunDir, stage_names: Sequence[str]) -> di
         stats = read_stats(run)
     except OSError:  # a report of an unprepared run still renders what it can
         stats = None
-    summary = {"config": config.name, "run": str(run.root), "stats": stats, "table1": table1,
-               "table2": table2["rows"] if table2 else [],
-               "stages": records, "usage": usage, "written": written, "missing": missing}
+    summary = ReportSummary(config=config.name, run=str(run.root), stats=stats, table1=table1,
+                            table2=table2["rows"] if table2 else [],
+                            stages=records, usage=usage, written=written, missing=missing)
     atomic_write_text(run / "reports/summary.md", summary_markdown(summary))
     written.append(str(run / "reports/summary.md"))
     return summary
 
 
-def _dataset_line(stats: Optional[dict[str, Any]]) -> str:
+def _dataset_line(stats: Optional[DatasetStats]) -> str:
     if not stats:
         return "dataset: not prepared"
     sample = stats.get("sample")
@@ -101,7 +117,7 @@ def _dataset_line(stats: Optional[dict[str, Any]]) -> str:
             + (f" (seeded sample of {sample['users']} users, seed {sample['seed']})" if sample else ""))
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
+def summary_markdown(summary: ReportSummary) -> str:
     lines = [f"# Run `{summary['run']}` (config `{summary['config']}`)", "", _dataset_line(summary["stats"]), ""]
     for name in ("table1.md", "table2.md", "stages.md"):
         path = run_path(summary["run"]) / "reports" / name
@@ -118,7 +134,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_report(summary: dict[str, Any], timings: Optional[list[dict[str, Any]]] = None) -> str:
+def format_report(summary: ReportSummary, timings: Optional[list[StageTiming]] = None) -> str:
     """The one-screen view: Table 1, Table 2 and the stage times (this run's, when given)."""
     lines = [_dataset_line(summary["stats"]), ""]
     if summary["table1"]["rows"]:

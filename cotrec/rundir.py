@@ -19,7 +19,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, TypedDict
 
 import pandas as pd
 
@@ -106,7 +106,44 @@ def _remove_leftovers(final: Path) -> None:
             remove_tree(stale)
 
 
-def read_stats(run: RunDir) -> dict[str, Any]:
+class SampleStats(TypedDict, total=False):
+    """How `data.sample_users` drew the run's users (and the k-core within the sample, if any)."""
+
+    users: int
+    seed: int
+    from_users: int
+    k_core: int
+    k_core_rounds: int
+
+
+class DatasetStats(TypedDict, total=False):
+    """`<run>/data/stats.json`: what `prepare` read, filtered, sampled and split."""
+
+    source: str
+    dataset: str
+    domain: str
+    raw_interactions: int
+    raw_users: int
+    raw_items: int
+    dropped_unknown_items: int
+    dropped_low_rating: int
+    dropped_repeats: int
+    k_core: int
+    k_core_user_minimum: int
+    k_core_rounds: int
+    sample: SampleStats
+    users: int
+    items: int
+    interactions: int
+    density: float
+    history_length: dict[str, float]
+    timestamps: dict[str, int]
+    split_rule: str
+    files: list[str]
+    seconds: float
+
+
+def read_stats(run: RunDir) -> DatasetStats:
     """The prepared dataset's `stats.json` (counts, domain, filtering and sampling record)."""
     return json.loads((run / DATA_DIR / "stats.json").read_text())
 

@@ -36,7 +36,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, TypedDict, Union
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Path, Request
@@ -52,7 +52,7 @@ from cotrec.config import parse_ranker
 from cotrec.guard import Guard, Policy, install_policy, installed_policy, load_api_keys
 from cotrec.llm.base import EngineDeadError
 from cotrec.llm.placement import give_engine_every_core
-from cotrec.recommend import RankerService, RequestError, RetrieverService, run_config
+from cotrec.recommend import ItemRow, RankerService, RecommendBody, RequestError, RetrieverService, run_config
 from cotrec.rundir import RunDir
 
 MAX_K = 100
@@ -64,9 +64,22 @@ CLOSABLE_HORIZONS = ("valid", "test")  # the leave-one-out histories: evaluation
 LIVENESS_PATH = "/healthz"
 LOG = logging.getLogger("ray.serve")
 
+
+
+class DeploymentOptions(TypedDict, total=False):
+    """A deployment's `@serve.deployment` options that the app sets."""
+
+    ray_actor_options: dict[str, float]
+    max_ongoing_requests: int
+    max_queued_requests: int
+    autoscaling_config: dict[str, float]
+    health_check_period_s: float
+    health_check_timeout_s: float
+
+
 # Each deployment's load settings (serve/config.yaml and the RayService restate them). Retrieval runs
 # in the Ingress (one hop from the proxy, not two); the Ranker is called only for a re-rank.
-DEPLOYMENTS: dict[str, dict[str, Any]] = {
+DEPLOYMENTS: dict[str, DeploymentOptions] = {
     "Ranker": {
         "ray_actor_options": {"num_cpus": 1},
         "max_ongoing_requests": 32, "max_queued_requests": 256,
@@ -134,7 +147,80 @@ class RecommendRequest(BaseModel):
     horizon: Literal["next", "valid", "test"] = "next"
 
 
-def error_value(exc: Exception) -> dict[str, Any]:
+class ErrorValue(TypedDict, total=False):
+    """A request's failure as a deployment returns it: the message, the HTTP status, and for a 500 the
+    id it was logged under."""
+
+    error: str
+    status: int
+    error_id: str
+
+
+class RerankRequest(TypedDict):
+    """What the Ingress sends the Ranker: the user, horizon and history its prompt shows, and the
+    candidates (item_idx) in the retriever's order."""
+
+    user_idx: Optional[int]
+    horizon: str
+    history: list[int]
+    candidates: list[int]
+
+
+class RerankReply(ErrorValue, total=False):
+    """The Ranker's reply to one request: `recommend.Ranked`, or an error value."""
+
+    order: list[int]
+    probs: list[float]
+
+
+class Retrieved(ErrorValue, total=False):
+    """The retrieval batch's reply to one request: the user, horizon and top items, the history (for a
+    re-rank only), and the batch's timing; or an error value."""
+
+    user_idx: Optional[int]
+    horizon: str
+    items: list[ItemRow]
+    history: list[int]
+    timing: dict[str, float]
+
+
+class PreferenceReply(ErrorValue, total=False):
+    """`GET /users/{user_id}/preference`: the stored preference per horizon, or an error value."""
+
+    user_id: str
+    preferences: dict[str, str]
+
+
+class RecommendReply(TypedDict):
+    """`POST /recommend`'s reply: the items, best first, and where the time went (milliseconds)."""
+
+    user_id: Optional[Union[str, int]]
+    horizon: str
+    reranked: bool
+    items: list[ItemRow]
+    latency: dict[str, float]
+
+
+class RetrieverArgs(TypedDict):
+    """`RetrieverService`'s arguments, as each Ingress replica gets them."""
+
+    run_dir: str
+    variant: str
+    max_history: int
+
+
+class AccessArgs(TypedDict, total=False):
+    """Who may call what (`ACCESS_ARGS`), checked by `access_args`."""
+
+    api_keys_file: str
+    api_keys_env: str
+    allow_unauthenticated: bool
+    expose_preferences: bool
+    open_horizons: list[str]
+    request_timeout_s: float
+
+
+def error_value(exc: Exception) -> ErrorValue:
     """An exception as the value a deployment returns: a request's own problem is its status (4xx);
     anything else is logged here under an error id, and only that id travels (never its text)."""
     if isinstance(exc, RequestError):
@@ -148,7 +234,7 @@ class InternalError(Exception):
     """A deployment's 500, raised in the Ingress so that the guard logs it with the request id."""
 
 
-def raise_error(found: dict[str, Any], where: str) -> None:
+def raise_error(found: ErrorValue, where: str) -> None:
     """A deployment's error value as the reply: its own message for a 4xx or 503 (texts written for
     clients), an opaque 500 otherwise."""
     if found["status"] >= 500 and found["status"] != 503:
@@ -167,9 +253,9 @@ class Ranker:
         self.service.check_health()
 
     @serve.batch(**BATCHING["Ranker"])
-    async def rerank(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def rerank(self, requests: list[RerankRequest]) -> list[RerankReply]:
         """Per request, the candidates' ranked order and probabilities, or an error value."""
-        out: list[dict[str, Any]] = [{} for _ in requests]
+        out: list[RerankReply] = [{} for _ in requests]
         lists = {}
         for i, r in enumerate(requests):
             try:
@@ -191,8 +277,8 @@ class Ranker:
 @serve.deployment(name="Ingress", **DEPLOYMENTS["Ingress"])
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, retriever: Optional[dict[str, Any]], ranker: Optional[DeploymentHandle], top_m: int,
-                 access: Optional[dict[str, Any]] = None):
+    def __init__(self, retriever: Optional[RetrieverArgs], ranker: Optional[DeploymentHandle], top_m: int,
+                 access: Optional[AccessArgs] = None):
         """`retriever`: RetrieverService's args (run_dir, variant, max_history), loaded after the
         access args are checked so that a replica without keys fails before loading a model."""
         self.ranker, self.top_m = ranker, top_m
@@ -208,7 +294,7 @@ class Ingress:
         self.service = RetrieverService(**retriever) if retriever is not None else None
 
     @staticmethod
-    async def call(method: Any, request: Any) -> dict[str, Any]:
+    async def call(method: Any, request: RerankRequest) -> RerankReply:
         """A deployment method, once more if its replica died under the request (both are
         idempotent: the router sends the retry to a live replica)."""
         try:
@@ -219,7 +305,7 @@ class Ingress:
         except BackPressureError:
             raise HTTPException(status_code=503, detail="the service is at capacity; try again") from None
 
-    async def retrieve(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def retrieve(self, request: RecommendBody) -> Retrieved:
         """One request through the retrieval batch, with its wait and the batch's work (for the bench)."""
         queued_at = time.perf_counter()
         found = await self.retrieve_batch(request)
@@ -230,11 +316,11 @@ class Ingress:
         return found
 
     @serve.batch(**BATCHING["Ingress"])
-    async def retrieve_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def retrieve_batch(self, requests: list[RecommendBody]) -> list[Retrieved]:
         """Per request: its user, horizon and history (kept only for a re-rank), and the top `k`
         items described, or an error value for that request alone."""
         batch_at = time.perf_counter()
-        out: list[dict[str, Any]] = [{} for _ in requests]
+        out: list[Retrieved] = [{} for _ in requests]
         resolved = {}
         for i, request in enumerate(requests):
             try:
@@ -262,18 +348,18 @@ class Ingress:
                 row["timing"] = timing
         return out
 
-    def user_preference(self, user_id: str) -> dict[str, Any]:
+    def user_preference(self, user_id: str) -> PreferenceReply:
         user = self.service.user_index.get(str(user_id))
         if user is None:
             return {"error": f"unknown user {shown(user_id)}", "status": 404}
         return {"user_id": str(user_id), "preferences": self.service.preferences_of(user)}
 
     @api.get(LIVENESS_PATH)
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/users/{user_id}/preference")
-    async def preference(self, user_id: str = Path(max_length=MAX_ID_CHARS)) -> dict[str, Any]:
+    @api.get("/users/{user_id}/preference", response_model=None)  # the reply is built here, not validated again
+    async def preference(self, user_id: str = Path(max_length=MAX_ID_CHARS)) -> PreferenceReply:
         if not self.expose_preferences:  # as if the route did not exist
             raise HTTPException(status_code=404, detail="Not Found")
         found = self.user_preference(user_id)
@@ -281,15 +367,15 @@ class Ingress:
             raise_error(found, "preference")
         return found
 
-    @api.post("/recommend")
-    async def recommend(self, body: RecommendRequest, http: Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+    @api.post("/recommend", response_model=None)  # the reply is built here, not validated again
+    async def recommend(self, body: RecommendRequest, http: Request = None) -> RecommendReply:  # type: ignore[assignment]
         started = time.perf_counter()
         received_at = getattr(getattr(http, "state", None), "received_at", None) or time.time()
         parse_ms = (time.time() - received_at) * 1e3
         if body.horizon in CLOSABLE_HORIZONS and body.horizon not in self.open_horizons:
             raise HTTPException(status_code=403, detail=f"horizon {body.horizon!r} is closed on this deployment "
                                                         f"(evaluation data); its operator opens it with open_horizons")
-        request = body.model_dump()
+        request: RecommendBody = body.model_dump()
         if body.rerank and self.ranker is None:
             raise HTTPException(status_code=422, detail="this deployment has no ranker; send rerank: false")
         request["k"] = max(body.k, self.top_m) if body.rerank else body.k
@@ -300,7 +386,7 @@ class Ingress:
         rows = found["items"]
         for row in rows:
             row["retriever_score"] = row.pop("score")
-        latency = {"retrieve_ms": (retrieved - started) * 1e3, "received_at": received_at, "parse_ms": parse_ms,
+        latency: dict[str, float] = {"retrieve_ms": (retrieved - started) * 1e3, "received_at": received_at, "parse_ms": parse_ms,
                    **found.get("timing", {})}
         if body.rerank and len(rows) >= 2:
             m = min(self.top_m, len(rows))
@@ -316,11 +402,11 @@ class Ingress:
             latency["rerank_ms"] = (time.perf_counter() - retrieved) * 1e3
         latency["total_ms"] = (time.perf_counter() - started) * 1e3
         latency["app_ms"] = parse_ms + latency["total_ms"]
-        return {"user_id": body.user_id, "horizon": found["horizon"], "reranked": bool(body.rerank),
-                "items": rows[:body.k], "latency": latency}
+        return RecommendReply(user_id=body.user_id, horizon=found["horizon"], reranked=bool(body.rerank),
+                              items=rows[:body.k], latency=latency)
 
 
-def ranker_resources(config: Any) -> dict[str, Any]:
+def ranker_resources(config: Any) -> dict[str, float]:
     """The Ranker replica's resources: a CUDA engine gets the GPUs the ranker's workers get."""
     options = dict(DEPLOYMENTS["Ranker"]["ray_actor_options"])
     if config.llm.device == "cuda":
@@ -332,10 +418,10 @@ ACCESS_ARGS = ("api_keys_file", "api_keys_env", "allow_unauthenticated", "expose
                "request_timeout_s")
 
 
-def access_args(args: dict[str, Any]) -> dict[str, Any]:
+def access_args(args: dict[str, Any]) -> AccessArgs:
     """Who may call what, from the app's args, checked before any replica starts (keys are read by
     each Ingress replica, where the Secret is mounted)."""
-    access = {key: args[key] for key in ACCESS_ARGS if args.get(key) is not None}
+    access: AccessArgs = {key: args[key] for key in ACCESS_ARGS if args.get(key) is not None}
     for flag in ("allow_unauthenticated", "expose_preferences"):
         if not isinstance(access.get(flag, False), bool):
             raise ValueError(f"serve: args.{flag} must be true or false, got {access[flag]!r}")
@@ -364,7 +450,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     config = run_config(RunDir(run_dir))
     variant = args.get("variant") or config.ranker.default_retriever
     ranker = args.get("ranker") or config.ranker.grid[-1]
-    retriever = {"run_dir": run_dir, "variant": variant, "max_history": max_history}
+    retriever = RetrieverArgs(run_dir=run_dir, variant=variant, max_history=max_history)
     ranker_handle = None
     if parse_ranker(ranker)[0] != "none":
         ranker_handle = Ranker.options(ray_actor_options=ranker_resources(config)).bind(run_dir, variant, ranker)

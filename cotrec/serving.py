@@ -26,11 +26,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypedDict
 
 from cotrec.errors import CotrecError
 from cotrec.progress import log
 from cotrec.rundir import RunDir
+
+if TYPE_CHECKING:  # Ray Serve and the model code load only where an app is started
+    from cotrec.recommend import RecommendBody
+    from cotrec.serve_app import AccessArgs, RecommendReply
 
 APP_NAME = "cotrec"
 API_KEY_ENV = "COTREC_API_KEY"  # a client's key (evaluate --via-serve --url, scripts/probe-serve.py)
@@ -44,6 +48,18 @@ SERVE_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 DIRECT_WAIT_S = 10.0  # for the controller to list a RUNNING replica's port
+
+
+# The offline figures `evaluate_via_serve` compares with (at the default k; the keys follow k).
+OfflineFigures = TypedDict("OfflineFigures", {"file": str, "hit@10": Optional[float], "ndcg@10": Optional[float],
+                                              "users": Optional[int]}, total=False)
+
+# `evaluate_via_serve`: Hit@K and NDCG@K of the lists the app returned, its throughput and latency,
+# and the offline figures beside them.
+ServeEvaluation = TypedDict("ServeEvaluation", {
+    "via": str, "retriever": str, "ranker": str, "split": str, "users": int, "hit@10": float, "ndcg@10": float,
+    "seconds": float, "users_per_second": float, "latency_ms_p50": float, "latency_ms_p95": float,
+    "concurrency": int, "offline": Optional[OfflineFigures], "equal": bool}, total=False)
 
 
 def free_port() -> int:
@@ -61,13 +77,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def checked_access(host: str, access: Optional[dict[str, Any]] = None, insecure: bool = False) -> dict[str, Any]:
+def checked_access(host: str, access: Optional[AccessArgs] = None, insecure: bool = False) -> AccessArgs:
     """The app's access args for an app bound to `host`: keys checked readable here (a one-line error
     before anything starts), a key file's path made absolute for the replicas, and an app without
     keys allowed only on a loopback address or when `insecure`."""
     from cotrec.guard import load_api_keys
 
-    access = {k: v for k, v in (access or {}).items() if v is not None}
+    access: AccessArgs = {k: v for k, v in (access or {}).items() if v is not None}
     if access.get("api_keys_file"):
         access["api_keys_file"] = str(Path(access["api_keys_file"]).expanduser().resolve())
     keys = load_api_keys(access.get("api_keys_file"), access.get("api_keys_env"))
@@ -80,7 +96,7 @@ def checked_access(host: str, access: Optional[dict[str, Any]] = None, insecure:
 
 
 def start_app(run_dir: str | Path, variant: Optional[str] = None, ranker: Optional[str] = None,
-              host: str = "127.0.0.1", port: int = 8000, access: Optional[dict[str, Any]] = None,
+              host: str = "127.0.0.1", port: int = 8000, access: Optional[AccessArgs] = None,
               insecure: bool = False) -> str:
     """Deploy the app (blocking until it is healthy); returns its base URL. `access`: the app's
     access args (cotrec/serve_app.py's ACCESS_ARGS)."""
@@ -162,8 +178,8 @@ def client_headers(api_key: Optional[str] = None) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int,
-                    api_key: Optional[str] = None) -> list[dict[str, Any]]:
+async def _post_all(url: str, bodies: list[RecommendBody], concurrency: int,
+                    api_key: Optional[str] = None) -> list[RecommendReply]:
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
@@ -171,7 +187,7 @@ async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int,
     started = time.perf_counter()
 
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=client_headers(api_key)) as client:
-        async def one(body: dict[str, Any]) -> dict[str, Any]:
+        async def one(body: RecommendBody) -> RecommendReply:
             nonlocal done
             async with gate:
                 reply = await client.post("/recommend", json=body)
@@ -187,7 +203,7 @@ async def _post_all(url: str, bodies: list[dict[str, Any]], concurrency: int,
 
 
 def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none", concurrency: int = 8,
-                       k: int = 10, api_key: Optional[str] = None) -> dict[str, Any]:
+                       k: int = 10, api_key: Optional[str] = None) -> ServeEvaluation:
     """Every test user through `POST /recommend`; Hit@K / NDCG@K next to the offline figures."""
     import numpy as np
     import pandas as pd
@@ -213,7 +229,8 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
     items = read_table(run, "items").sort_values("item_idx")
     seqs = Sequences.from_interactions(read_table(run, "interactions"), num_items=len(items))
     item_ids = items["item_id"].astype(str).to_numpy()
-    bodies = [{"user_id": str(u), "horizon": "test", "k": k, "rerank": rerank} for u in users["user_id"].astype(str)]
+    bodies: list[RecommendBody] = [{"user_id": str(u), "horizon": "test", "k": k, "rerank": rerank}
+                                   for u in users["user_id"].astype(str)]
     started = time.perf_counter()
     replies = asyncio.run(_post_all(url, bodies, concurrency, api_key))
     seconds = time.perf_counter() - started
@@ -224,10 +241,11 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
         ranks.append(returned.index(target) if target in returned else k)
     metrics = ranking_metrics(np.asarray(ranks), [k])
     latency = [r["latency"]["total_ms"] for r in replies]
-    result = {"via": url, "retriever": variant, "ranker": ranker, "split": "test", "users": len(replies), **metrics,
-              "seconds": round(seconds, 3), "users_per_second": len(replies) / max(seconds, 1e-9),
-              "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p95": float(np.percentile(latency, 95)),
-              "concurrency": concurrency, "offline": None}
+    result: ServeEvaluation = {
+        "via": url, "retriever": variant, "ranker": ranker, "split": "test", "users": len(replies), **metrics,
+        "seconds": round(seconds, 3), "users_per_second": len(replies) / max(seconds, 1e-9),
+        "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p95": float(np.percentile(latency, 95)),
+        "concurrency": concurrency, "offline": None}
     if offline is not None:
         result["offline"] = {"file": str(offline_path), f"hit@{k}": offline.get(f"hit@{k}"),
                              f"ndcg@{k}": offline.get(f"ndcg@{k}"), "users": offline.get("users")}
@@ -235,7 +253,7 @@ def evaluate_via_serve(run: RunDir, url: str, variant: str, ranker: str = "none"
     return result
 
 
-def format_evaluation(result: dict[str, Any]) -> str:
+def format_evaluation(result: ServeEvaluation) -> str:
     lines = [f"via serve   {result['via']}  ({result['retriever']} + ranker {result['ranker']})",
              f"test        hit@10 {result['hit@10']:.6f}  ndcg@10 {result['ndcg@10']:.6f}  ({result['users']:,} users)"]
     if result.get("offline"):

@@ -10,12 +10,50 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional, TypedDict
 
 from cotrec.llm.placement import NATIVE_BF16_LEVELS, cpu_isa
 
 
-def machine() -> dict[str, Any]:
+class Machine(TypedDict):
+    """`machine()`: the host a figure was measured on."""
+
+    arch: str
+    cpus: Optional[int]
+    cpu_model: str
+    cpu_isa: str
+    cpu_native_bf16: bool
+    platform: str
+    python: str
+
+
+class Spread(TypedDict):
+    """`spread()`: a figure's min, median and max over the rounds (None: no rounds)."""
+
+    min: Optional[float]
+    median: Optional[float]
+    max: Optional[float]
+
+
+class Provenance(TypedDict):
+    """`provenance()`: the commit measured, whether the checkout had changes, and the command."""
+
+    commit: Optional[str]
+    dirty: Optional[bool]
+    command: str
+
+
+class Stamp(Provenance):
+    """`stamp()`: the head of every bench JSON."""
+
+    bench: str
+    timestamp: str
+    cpu_isa: str
+    load_average: list[float]
+    rounds: int
+
+
+def machine() -> Machine:
     """The host a figure was measured on; its ISA level, as one CPU model name covers VMs with and
     without AVX512-BF16."""
     model = ""
@@ -43,7 +81,7 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def spread(values: Iterable[float], digits: int = 2) -> dict[str, Optional[float]]:
+def spread(values: Iterable[float], digits: int = 2) -> Spread:
     """Min, median and max of a figure over rounds: one round on a shared machine says little alone."""
     values = list(values)
     if not values:
@@ -52,7 +90,7 @@ def spread(values: Iterable[float], digits: int = 2) -> dict[str, Optional[float
             "max": round(max(values), digits)}
 
 
-def provenance() -> dict[str, Any]:
+def provenance() -> Provenance:
     """The commit measured (and whether the checkout had changes) and the command line."""
     repo = Path(__file__).resolve().parents[2]
 
@@ -72,7 +110,7 @@ def provenance() -> dict[str, Any]:
             "command": command}
 
 
-def stamp(bench: str, rounds: int) -> dict[str, Any]:
+def stamp(bench: str, rounds: int) -> Stamp:
     """The head of every bench JSON, taken as the bench starts, so a figure can be traced to the
     code, the command and the machine's state that made it."""
     return {"bench": bench, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),

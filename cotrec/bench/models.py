@@ -27,12 +27,12 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Optional, TypedDict, TypeVar
 
 import numpy as np
 import torch
 
-from cotrec.bench.common import load_average, machine, spread, stamp
+from cotrec.bench.common import Machine, Spread, Stamp, load_average, machine, spread, stamp
 from cotrec.bench.prompts import MOVIES, preference_conversations, ranking_conversations
 from cotrec.config import Config
 from cotrec.errors import CotrecError
@@ -44,9 +44,92 @@ from cotrec.rundir import write_json
 PARTS = ("llm", "encoder", "sasrec", "users")
 SASREC_CATALOGUES = (1_000, 20_000)
 USER_TABLES = (100_000, 1_000_000)
+T = TypeVar("T")
 
 
-def _where(device: str | torch.device) -> dict[str, Any]:
+class Where(TypedDict, total=False):
+    """A part's device (and the GPU's name on one)."""
+
+    device: str
+    gpu: str
+
+
+class RoundFigures(Where, total=False):
+    """`_median_of_rounds`: each figure a part's round measures, the median over the timed rounds, with
+    the figures' spread and every round's own."""
+
+    prompt_tokens_per_s: float
+    generated_tokens_per_s: float
+    scoring_lists_per_s: float
+    prompt_tokens_per_prompt: float
+    generated_tokens_per_reply: float
+    texts_per_s: float
+    train_windows_per_s: float
+    eval_queries_per_s: float
+    spread: dict[str, Spread]
+    rounds: list[dict[str, float]]
+
+
+class LlmPart(RoundFigures, total=False):
+    backend: str
+    model: str
+    dtype: str
+    prompts: int
+    max_tokens: int
+
+
+class EncoderPart(RoundFigures, total=False):
+    model: str
+    batch_size: int
+    texts: int
+
+
+class CatalogueFigures(RoundFigures, total=False):
+    items: int
+    windows_per_round: int
+    eval_queries: int
+
+
+class SasrecPart(Where, total=False):
+    dim: int
+    max_len: int
+    layers: int
+    batch_size: int
+    train_stride: int
+    loss: str
+    threads: float
+    catalogues: list[CatalogueFigures]
+
+
+class UserTableFigures(RoundFigures, total=False):
+    users: int
+    sparse_user_updates: bool
+
+
+class UserTablesPart(Where, total=False):
+    items: int
+    dim: int
+    max_len: int
+    batch_size: int
+    loss: str
+    negatives: Optional[int]
+    threads: float
+    tables: list[UserTableFigures]
+
+
+class ModelsReport(Stamp, total=False):
+    """`bench models`' JSON: one worker's rates per part, and the machine they were measured on."""
+
+    machine: Machine
+    figures: str
+    llm: LlmPart
+    encoder: EncoderPart
+    sasrec: SasrecPart
+    users: UserTablesPart
+    load_average_after: list[float]
+
+
+def _where(device: str | torch.device) -> Where:
     """What a part records of its device: `plan` uses a figure only for a stage placed alike."""
     if not str(device).startswith("cuda"):
         return {"device": str(device)}
@@ -80,14 +163,14 @@ def _synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, Any]:
+def _median_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> RoundFigures:
     measure()  # warm-up: first passes over new shapes build kernels and caches
     timed = [measure() for _ in range(rounds)]
     return {**{key: round(statistics.median(r[key] for r in timed), 4) for key in timed[0]},
             "spread": {key: spread((r[key] for r in timed), 4) for key in timed[0]}, "rounds": timed}
 
 
-def measure_llm(config: Config, prompts: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+def measure_llm(config: Config, prompts: int, max_tokens: int, rounds: int) -> LlmPart:
     engine = make_engine(config.llm)
     conversations = preference_conversations(prompts)
     ranking = ranking_conversations(prompts)
@@ -131,7 +214,7 @@ def preference_texts(count: int, seed: int = 0) -> list[str]:
             (rng.sample(MOVIES, 5) for _ in range(count))]
 
 
-def measure_encoder(config: Config, texts: int, rounds: int) -> dict[str, Any]:
+def measure_encoder(config: Config, texts: int, rounds: int) -> EncoderPart:
     from cotrec.embed.encoder import encode, load_encoder
 
     device = encoder_device(config)
@@ -149,7 +232,7 @@ def measure_encoder(config: Config, texts: int, rounds: int) -> dict[str, Any]:
             "texts": texts, **_median_of_rounds(rounds, one_round)}
 
 
-def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int, device: torch.device) -> dict[str, Any]:
+def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int, device: torch.device) -> CatalogueFigures:
     from cotrec.retriever.data import Sequences, eval_queries, training_rows
     from cotrec.retriever.evaluate import score_queries
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
@@ -192,7 +275,7 @@ def _sasrec_at(config: Config, num_items: int, steps: int, rounds: int, device: 
             **_median_of_rounds(rounds, one_round)}
 
 
-def _on_a_train_workers_threads(config: Config, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _on_a_train_workers_threads(config: Config, measure: Callable[[], list[T]]) -> list[T]:
     """`measure()` with the intra-op threads a Train worker gets (`retriever.cpus_per_worker`), seeded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.retriever.cpus_per_worker)))
@@ -203,7 +286,7 @@ def _on_a_train_workers_threads(config: Config, measure: Callable[[], list[dict[
         torch.set_num_threads(threads)
 
 
-def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+def measure_sasrec(config: Config, steps: int, rounds: int) -> SasrecPart:
     device = train_device(config)
     at = _on_a_train_workers_threads(
         config, lambda: [_sasrec_at(config, items, steps, rounds, device) for items in SASREC_CATALOGUES])
@@ -213,7 +296,7 @@ def measure_sasrec(config: Config, steps: int, rounds: int) -> dict[str, Any]:
 
 
 def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds: int,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device) -> UserTableFigures:
     from cotrec.retriever.loss import SampledSoftmax
     from cotrec.retriever.sasrec import SASRec, SASRecConfig
     from cotrec.retriever.train import RetrieverOptimizer, train_step
@@ -244,7 +327,7 @@ def _user_table_at(config: Config, users: int, sparse: bool, steps: int, rounds:
     return {"users": users, "sparse_user_updates": sparse, **_median_of_rounds(rounds, one_round)}
 
 
-def measure_user_tables(config: Config, steps: int, rounds: int) -> dict[str, Any]:
+def measure_user_tables(config: Config, steps: int, rounds: int) -> UserTablesPart:
     device = train_device(config)
     at = _on_a_train_workers_threads(config, lambda: [_user_table_at(config, users, sparse, steps, rounds, device)
                                                       for users in USER_TABLES for sparse in (False, True)])
@@ -255,7 +338,7 @@ def measure_user_tables(config: Config, steps: int, rounds: int) -> dict[str, An
 
 
 def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS, rounds: int = 3, prompts: int = 32,
-                 max_tokens: int = 64, texts: int = 256, sasrec_steps: int = 20) -> dict[str, Any]:
+                 max_tokens: int = 64, texts: int = 256, sasrec_steps: int = 20) -> ModelsReport:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         raise CotrecError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
@@ -268,9 +351,9 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
         encoder_device(config)
     if {"sasrec", "users"} & set(parts):
         train_device(config)
-    report: dict[str, Any] = {**stamp("models", rounds), "machine": machine(),
-                              "figures": "per worker; the median of the timed rounds after a warm-up; spread: their "
-                                         "min, median and max"}
+    report: ModelsReport = {**stamp("models", rounds), "machine": machine(),
+                            "figures": "per worker; the median of the timed rounds after a warm-up; spread: their "
+                                       "min, median and max"}
     if "llm" in parts:
         log(f"bench models: llm ({config.llm.backend}, {config.llm.model})")
         report["llm"] = measure_llm(config, prompts, max_tokens, rounds)
@@ -288,11 +371,11 @@ def bench_models(config: Config, out: str | Path, parts: tuple[str, ...] = PARTS
     return report
 
 
-def _device_label(part: dict[str, Any]) -> str:
+def _device_label(part: Where) -> str:
     return f"{part.get('device', 'cpu')} {part['gpu']}" if part.get("gpu") else part.get("device", "cpu")
 
 
-def format_bench(report: dict[str, Any]) -> str:
+def format_bench(report: ModelsReport) -> str:
     lines = []
     if "llm" in report:
         r = report["llm"]

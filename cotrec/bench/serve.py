@@ -42,14 +42,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, TypedDict, Union
 
 import numpy as np
 import pandas as pd
 import ray
 from ray import serve
 
-from cotrec.bench.common import load_average, machine, rate, ratio, spread, stamp
+from cotrec.bench.common import Machine, Spread, Stamp, load_average, machine, rate, ratio, spread, stamp
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config, parse_ranker
 from cotrec.errors import CotrecError, DataError
@@ -73,6 +73,196 @@ SUSTAIN_MARGIN_S = 15.0  # beyond the upscale delay: the averaged load must firs
 MIN_SUSTAIN_S = 15.0
 REQUEST_TIMEOUT_S = 600.0
 RAY_DEFAULT_UPSCALE_DELAY_S = 30.0
+
+
+class LoadSettings(TypedDict, total=False):
+    """A deployment's autoscaling and load settings as the app deploys them."""
+
+    min_replicas: Optional[float]
+    max_replicas: Optional[float]
+    target_ongoing_requests: Optional[float]
+    upscale_delay_s: Optional[float]
+    downscale_delay_s: Optional[float]
+    look_back_period_s: Optional[float]
+    max_ongoing_requests: int
+    max_queued_requests: int
+
+
+class RequestRecord(TypedDict, total=False):
+    """One request of a level: the client's latency and status, the reply's `latency` fields, the
+    client's hops (`hops`), or the transport error."""
+
+    user_id: str
+    latency_ms: float
+    status: int
+    detail: str
+    exception: str
+    retrieve_ms: float
+    received_at: float
+    parse_ms: float
+    batch_wait_ms: float
+    retrieval_ms: float
+    batch_size: float
+    rerank_ms: float
+    total_ms: float
+    app_ms: float
+    inbound_ms: float
+    outbound_ms: float
+
+
+class HopFigures(TypedDict):
+    """One hop over a level's answered requests: mean, median, and share of the mean latency."""
+
+    mean: float
+    p50: float
+    share: Optional[float]
+
+
+class Level(TypedDict):
+    """A level of load: the mode, the requests in flight, how many (and for at least how long)."""
+
+    mode: str
+    concurrency: int
+    count: int
+    min_seconds: float
+    round: int
+
+
+class LevelRow(TypedDict, total=False):
+    """A level's figures (`summarize`), where it ran, the machine's load and CPU, and the replicas."""
+
+    server: str
+    round: int
+    mode: str
+    concurrency: int
+    path: str  # Serve's: `direct` to the Ingress replica's port, or via the `proxy`
+    requests: int
+    ok: int
+    seconds: float
+    requests_per_s: float
+    ok_per_s: float
+    latency_ms: dict[str, Optional[float]]
+    server_ms: dict[str, dict[str, Optional[float]]]
+    hops_ms: dict[str, Union[HopFigures, float]]
+    errors: dict[str, int]
+    status_codes: dict[str, int]
+    exception_types: dict[str, int]
+    first_error: RequestRecord
+    window_s: list[float]
+    sustained_s: Optional[float]
+    load_avg_before: list[float]
+    load_avg_after: list[float]
+    cpu_ms_per_request: dict[str, Optional[float]]
+    replicas_min: dict[str, int]
+    replicas_max: dict[str, int]
+    when: str
+
+
+class Warmup(TypedDict):
+    requests: int
+    seconds: float
+
+
+class SideFigures(TypedDict):
+    """One server's retrieval at one concurrency over the rounds."""
+
+    requests_per_s: Spread
+    p50_ms: Spread
+    p99_ms: Spread
+    errors: int
+
+
+class FloorComparison(TypedDict, total=False):
+    """Serve's retrieval beside the bare process's at one concurrency, and the ratios of the medians."""
+
+    concurrency: int
+    rounds: int
+    serve: SideFigures
+    bare: SideFigures
+    serve_via_proxy: SideFigures
+    throughput_ratio: Optional[float]
+    p99_ratio: Optional[float]
+
+
+class TargetCheck(TypedDict):
+    checks: dict[str, bool]
+    met: bool
+
+
+class DeploymentScaling(TypedDict):
+    """A deployment's autoscaling settings beside the RUNNING replicas seen under the load."""
+
+    min_replicas: Optional[float]
+    max_replicas: Optional[float]
+    target_ongoing_requests: Optional[float]
+    upscale_delay_s: Optional[float]
+    look_back_period_s: Optional[float]
+    observed_min: Optional[int]
+    observed_max: Optional[int]
+    rose_above_min: bool
+    first_above_min_at_s: Optional[float]
+
+
+class AutoscalingReport(TypedDict, total=False):
+    sample_interval_s: float
+    samples: int
+    sample_errors: int
+    last_sample_error: str
+    per_deployment: dict[str, DeploymentScaling]
+    any_rose_above_min: bool
+    not_running_states_seen: list[list[Any]]
+    timeline: list[list[Any]]
+
+
+class BenchSettings(TypedDict):
+    """What the bench ran: the app, the load and the model the app served with."""
+
+    config: str
+    run_dir: str
+    variant: str
+    ranker: str
+    k: int
+    horizon: str
+    seed: int
+    concurrency: list[int]
+    rounds: int
+    requests: int
+    rerank_requests: int
+    sustain_s: float
+    sustain_default: bool
+    warmup: dict[str, Warmup]
+    request_timeout_s: float
+    api_key: str
+    llm: dict[str, str]
+
+
+class BareReport(TypedDict):
+    what: str
+    warmup: Optional[dict[str, Warmup]]
+    levels: list[LevelRow]
+
+
+class ServeBenchReport(Stamp, total=False):
+    """`bench serve`'s JSON."""
+
+    cpu: str
+    config: BenchSettings
+    users: int
+    url: str
+    direct_urls: list[str]
+    deploy_s: float
+    started_ray: bool
+    serve_env: dict[str, Optional[str]]
+    deployments: dict[str, LoadSettings]
+    levels: list[LevelRow]
+    bare: Optional[BareReport]
+    versus_bare: list[FloorComparison]
+    target: Optional[TargetCheck]
+    hops: dict[str, str]
+    autoscaling: AutoscalingReport
+    host: Machine
+    notes: list[str]
+    wall_s: float
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -118,7 +308,7 @@ def deployment_names() -> tuple[str, ...]:
     return tuple(DEPLOYMENTS)
 
 
-def deployed_autoscaling() -> dict[str, dict[str, Any]]:
+def deployed_autoscaling() -> dict[str, LoadSettings]:
     """Each deployment's autoscaling and load settings as the app deploys them (cotrec/serve_app.py)."""
     from cotrec.serve_app import DEPLOYMENTS
 
@@ -185,17 +375,17 @@ class ReplicaSampler:
 
 # -- the load ----------------------------------------------------------------------------------
 async def send_level(client: Any, users: Iterator[str], rerank: bool, concurrency: int, count: int,
-                     min_seconds: float = 0.0) -> tuple[list[dict[str, Any]], float, float]:
+                     min_seconds: float = 0.0) -> tuple[list[RequestRecord], float, float]:
     """`count` requests (and, with `min_seconds`, more until that long has passed) with `concurrency`
     in flight; returns one record per request and the level's start and end (perf_counter)."""
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
-    records: list[dict[str, Any]] = []
+    records: list[RequestRecord] = []
     tasks: set[asyncio.Task] = set()
 
     async def one(user: str) -> None:
-        record: dict[str, Any] = {"user_id": user}
+        record: RequestRecord = {"user_id": user}
         sent_at = time.time()
         started = time.perf_counter()
         try:
@@ -246,7 +436,7 @@ HOPS = {
 }
 
 
-def hops(record: dict[str, Any], sent_at: float, answered_at: float) -> dict[str, float]:
+def hops(record: RequestRecord, sent_at: float, answered_at: float) -> dict[str, float]:
     """The client's share of the breakdown from the reply's wall-clock stamp (same host, same clock)."""
     if "received_at" not in record or "app_ms" not in record:
         return {}
@@ -254,12 +444,12 @@ def hops(record: dict[str, Any], sent_at: float, answered_at: float) -> dict[str
     return {"inbound_ms": inbound, "outbound_ms": record["latency_ms"] - inbound - record["app_ms"]}
 
 
-def hop_breakdown(ok: list[dict[str, Any]]) -> dict[str, Any]:
+def hop_breakdown(ok: list[RequestRecord]) -> dict[str, Union[HopFigures, float]]:
     """Per hop the mean and median over the answered requests, and the share of the mean latency."""
     if not ok:
         return {}
     mean_latency = float(np.mean([r["latency_ms"] for r in ok]))
-    out: dict[str, Any] = {}
+    out: dict[str, Union[HopFigures, float]] = {}
     for hop in HOPS:
         values = [r[hop] for r in ok if hop in r]
         if values:
@@ -278,7 +468,7 @@ def _percentiles(values: list[float], qs: tuple[int, ...] = (50, 95, 99)) -> dic
     return {f"p{q}": round(float(np.percentile(values, q)), 2) for q in qs}
 
 
-def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def summarize(records: list[RequestRecord], seconds: float) -> LevelRow:
     ok = [r for r in records if r.get("status") == 200]
     codes = Counter(str(r["status"]) for r in records if "status" in r)
     exceptions = Counter(r["exception"] for r in records if "exception" in r)
@@ -288,7 +478,7 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         values = [r[key] for r in ok if key in r]
         if values:
             server[key] = {**_percentiles(values, (50, 95)), "mean": round(float(np.mean(values)), 2)}
-    summary = {
+    summary: LevelRow = {
         "requests": len(records), "ok": len(ok), "seconds": round(seconds, 3),
         "requests_per_s": rate(len(records), seconds), "ok_per_s": rate(len(ok), seconds),
         "latency_ms": {**_percentiles(latency), "mean": round(float(np.mean(latency)), 2) if latency else None,
@@ -308,7 +498,7 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     return summary
 
 
-async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, Any]:
+async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, Warmup]:
     users = user_stream(user_ids, (SEED, 99))
     figures = {}
     for mode, count in WARMUP.items():
@@ -324,9 +514,9 @@ async def warm_up(client: Any, user_ids: list[str], rerank: bool) -> dict[str, A
     return figures
 
 
-async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], rerank: bool,
+async def run_load(url: str, user_ids: list[str], levels: list[Level], rerank: bool,
                    headers: Optional[dict[str, str]] = None, sample: bool = True,
-                   path: Optional[str] = None) -> tuple[dict[str, Any], list[dict[str, Any]], Optional[ReplicaSampler]]:
+                   path: Optional[str] = None) -> tuple[dict[str, Warmup], list[LevelRow], Optional[ReplicaSampler]]:
     """Warm-up, then every level in order; the sampler's clock starts when the first level does
     (`sample`: Serve's replicas are sampled; the bare process has none). `path`: how a Serve
     request reaches the Ingress (`direct` to the replica's own port, or via the `proxy`)."""
@@ -341,7 +531,7 @@ async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], 
     async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout, headers=headers) as client:
         log(f"bench serve: {server}: warm-up")
         warmup = await warm_up(client, user_ids, rerank)
-        results = []
+        results: list[LevelRow] = []
         sampler_t0 = time.perf_counter()
         with (ReplicaSampler(sampler_t0) if sample else contextlib.nullcontext()) as sampler:
             for i, level in enumerate(levels):
@@ -355,12 +545,12 @@ async def run_load(url: str, user_ids: list[str], levels: list[dict[str, Any]], 
                 records, started, ended = await send_level(client, users, mode == "rerank", c, level["count"],
                                                            level["min_seconds"])
                 cpu = CpuMeter.per_request(cpu_before, meter.read(), len(records), ended - started)
-                row = {"server": "serve" if sample or path else "bare", "round": level.get("round", 0), "mode": mode,
-                       "concurrency": c, **({"path": path} if path else {}), **summarize(records, ended - started),
-                       "window_s": [round(started - sampler_t0, 2), round(ended - sampler_t0, 2)],
-                       "sustained_s": level["min_seconds"] or None,
-                       "load_avg_before": load_before, "load_avg_after": load_average(),
-                       "cpu_ms_per_request": cpu}
+                row: LevelRow = {"server": "serve" if sample or path else "bare", "round": level.get("round", 0), "mode": mode,
+                                  "concurrency": c, **({"path": path} if path else {}), **summarize(records, ended - started),
+                                  "window_s": [round(started - sampler_t0, 2), round(ended - sampler_t0, 2)],
+                                  "sustained_s": level["min_seconds"] or None,
+                                  "load_avg_before": load_before, "load_avg_after": load_average(),
+                                  "cpu_ms_per_request": cpu}
                 results.append(row)
                 log(f"bench serve: {server}: {mode} c={c}: {row['requests_per_s']:.1f} req/s, p50 "
                     f"{row['latency_ms']['p50']} ms, p99 {row['latency_ms']['p99']} ms, errors {row['errors']}")
@@ -420,20 +610,21 @@ class CpuMeter:
         return out
 
     @staticmethod
-    def per_request(before: dict[str, float], after: dict[str, float], requests: int, seconds: float) -> dict[str, Any]:
+    def per_request(before: dict[str, float], after: dict[str, float], requests: int,
+                    seconds: float) -> dict[str, Optional[float]]:
         if not requests:
             return {}
         spent = {k: after[k] - before.get(k, 0.0) for k in after}
         machine = spent.pop("machine")
         counted = sum(spent.values())
-        out = {k: round(v * 1e3 / requests, 3) for k, v in spent.items() if v > 0}
+        out: dict[str, Optional[float]] = {k: round(v * 1e3 / requests, 3) for k, v in spent.items() if v > 0}
         out["other (not this bench)"] = round(max(0.0, machine - counted) * 1e3 / requests, 3)
         out["cores_busy"] = round(machine / seconds, 2) if seconds > 0 else None
         return out
 
 
-def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]],
-                 proxy_rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+def versus_floor(serve_rows: list[LevelRow], floor_rows: list[LevelRow],
+                 proxy_rows: Optional[list[LevelRow]] = None) -> list[FloorComparison]:
     """Per concurrency, Serve's retrieval next to the bare process's over the rounds (the bare
     process's before and after Serve together): req/s and p99 (min/median/max) and the ratios of
     the medians. `proxy_rows`: the same levels through Serve's proxy, beside them."""
@@ -442,7 +633,7 @@ def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, An
         mine = [r for r in serve_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
         bare = [r for r in floor_rows if r["mode"] == "retrieve" and r["concurrency"] == c]
         proxied = [r for r in proxy_rows or () if r["mode"] == "retrieve" and r["concurrency"] == c]
-        row: dict[str, Any] = {"concurrency": c, "rounds": len(mine)}
+        row: FloorComparison = {"concurrency": c, "rounds": len(mine)}
         for name, rows in (("serve", mine), ("bare", bare)) + ((("serve_via_proxy", proxied),) if proxied else ()):
             row[name] = {"requests_per_s": spread([r["requests_per_s"] for r in rows]),
                          "p50_ms": spread([r["latency_ms"]["p50"] for r in rows if r["latency_ms"]["p50"] is not None]),
@@ -459,7 +650,7 @@ def versus_floor(serve_rows: list[dict[str, Any]], floor_rows: list[dict[str, An
     return out
 
 
-def target_check(comparison: list[dict[str, Any]]) -> dict[str, Any]:
+def target_check(comparison: list[FloorComparison]) -> TargetCheck:
     """Issue 43's bar: >= 0.5x the bare process's req/s at 8 and 32, p99 at 32 within 2x, no errors."""
     by = {row["concurrency"]: row for row in comparison}
     checks = {}
@@ -473,8 +664,8 @@ def target_check(comparison: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the report --------------------------------------------------------------------------------
-def autoscaling_report(sampler: ReplicaSampler, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    per = {}
+def autoscaling_report(sampler: ReplicaSampler, settings: dict[str, LoadSettings]) -> AutoscalingReport:
+    per: dict[str, DeploymentScaling] = {}
     for name in deployment_names():
         counts = [c[name] for _, c in sampler.timeline]
         cfg = settings.get(name, {})
@@ -493,14 +684,14 @@ def autoscaling_report(sampler: ReplicaSampler, settings: dict[str, dict[str, An
             "not_running_states_seen": sampler.other_states, "timeline": sampler.timeline}
 
 
-def sustain_default(settings: dict[str, dict[str, Any]]) -> float:
+def sustain_default(settings: dict[str, LoadSettings]) -> float:
     """The longest upscale delay among the deployments that can scale, plus a margin."""
     delays = [cfg.get("upscale_delay_s") if cfg.get("upscale_delay_s") is not None else RAY_DEFAULT_UPSCALE_DELAY_S
               for cfg in settings.values() if (cfg.get("max_replicas") or 0) > (cfg.get("min_replicas") or 0)]
     return max(MIN_SUSTAIN_S, (max(delays) if delays else RAY_DEFAULT_UPSCALE_DELAY_S) + SUSTAIN_MARGIN_S)
 
 
-def bench_notes(report: dict[str, Any]) -> list[str]:
+def bench_notes(report: ServeBenchReport) -> list[str]:
     notes = []
     auto = report["autoscaling"]
     per = auto["per_deployment"]
@@ -555,7 +746,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
                 concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY, requests: int = DEFAULT_REQUESTS,
                 rerank_requests: int = DEFAULT_RERANK_REQUESTS, out: str | Path = DEFAULT_OUT,
                 sustain: Optional[float] = None, config_spec: Optional[str] = None, rounds: int = 3,
-                floor: bool = True) -> dict[str, Any]:
+                floor: bool = True) -> ServeBenchReport:
     concurrency = tuple(sorted(set(concurrency)))
     if not concurrency or min(concurrency) < 1:
         raise CotrecError(f"--concurrency: every level must be at least 1, got {concurrency}")
@@ -572,12 +763,13 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
     host = machine()
     head = stamp("serve", rounds)
     repo = str(Path(__file__).resolve().parents[2])
-    retrieval_levels = [{"mode": "retrieve", "concurrency": c, "count": requests, "min_seconds": 0.0, "round": r}
+    retrieval_levels = [Level(mode="retrieve", concurrency=c, count=requests, min_seconds=0.0, round=r)
                         for r in range(rounds) for c in concurrency]
     # The key every request sends: the app checks it as a deployed one does (the bare process does not).
     key = secrets.token_urlsafe(32)
     headers = {"authorization": f"Bearer {key}"}
-    floor_warmup, floor_rows = None, []
+    floor_warmup: Optional[dict[str, Warmup]] = None
+    floor_rows: list[LevelRow] = []
 
     def run_floor(when: str) -> None:
         """Every round on the bare process, with no Ray running (nothing of Serve's shares the cores)."""
@@ -608,7 +800,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
             try:
                 settings = deployed_autoscaling()
                 sustain_s = sustain_default(settings) if sustain is None else float(sustain)
-                levels = []
+                levels: list[Level] = []
                 for level in retrieval_levels:
                     last = level["round"] == rounds - 1 and level["concurrency"] == concurrency[-1]
                     levels.append({**level, "min_seconds": sustain_s if last else 0.0})
@@ -632,7 +824,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
     if floor:
         run_floor("after")
     comparison = versus_floor(results, floor_rows, proxy_rows) if floor else []
-    report: dict[str, Any] = {
+    report: ServeBenchReport = {
         **head, "cpu": host.get("cpu_model"),
         "config": {"config": config_spec or "demo", "run_dir": str(run.root), "variant": variant, "ranker": ranker,
                    "k": K, "horizon": "next", "seed": SEED, "concurrency": list(concurrency), "rounds": rounds,
@@ -658,7 +850,7 @@ def bench_serve(config: Config, run: RunDir, variant: str = "none/random", ranke
     return report
 
 
-def format_bench(report: dict[str, Any]) -> str:
+def format_bench(report: ServeBenchReport) -> str:
     def ms(value: Optional[float]) -> str:
         return f"{value:.1f}" if value is not None else "-"
 
@@ -673,7 +865,8 @@ def format_bench(report: dict[str, Any]) -> str:
     if report.get("versus_bare"):
         lines.append(f"retrieval against the bare process (median of {report['config'].get('rounds', 1)} rounds; min..max):")
         lines.append(f"{'conc':>5}{'serve req/s':>24}{'bare req/s':>24}{'ratio':>7} {'serve p99':>22}{'bare p99':>22}{'ratio':>7}")
-        def cell(x: dict[str, Any]) -> str:
+
+        def cell(x: Spread) -> str:
             return f"{x['median']} ({x['min']}..{x['max']})" if x["median"] is not None else "-"
 
         for row in report["versus_bare"]:

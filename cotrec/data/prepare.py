@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from cotrec.config import Config
 from cotrec.data.preprocess import preprocess
 from cotrec.data.sources import load_source
 from cotrec.progress import log
-from cotrec.rundir import DATA_DIR, RunDir, read_stats, write_json
+from cotrec.rundir import DATA_DIR, DatasetStats, RunDir, read_stats, write_json
 
 
-def prepare(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+class PrepareSummary(DatasetStats, total=False):
+    """`prepare`'s result: the dataset's stats, and whether it was already up to date."""
+
+    skipped: bool
+
+
+def prepare(config: Config, run: RunDir, force: bool = False) -> PrepareSummary:
     """Load, filter and split the configured dataset; skipped when already done for this config."""
     fingerprint = config.fingerprint("data")
     if not force and run.is_complete(DATA_DIR, fingerprint):
@@ -35,7 +40,7 @@ def prepare(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     return {"skipped": False, **prepared.stats}
 
 
-def format_summary(stats: dict[str, Any]) -> str:
+def format_summary(stats: PrepareSummary) -> str:
     lengths = stats["history_length"]
     lines = [
         f"dataset       {stats['dataset']} ({stats['domain']})" + ("  [up to date, skipped]" if stats.get("skipped") else ""),

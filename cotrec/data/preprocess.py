@@ -14,7 +14,6 @@ Steps, all vectorised over numpy arrays:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +21,7 @@ import pandas as pd
 from cotrec.config import DataConfig
 from cotrec.data.raw import RawDataset
 from cotrec.errors import DataError
+from cotrec.rundir import DatasetStats
 
 MIN_HISTORY = 3  # train history + valid target + test target
 SPLITS = np.array(["train", "valid", "test"])
@@ -32,7 +32,7 @@ class Prepared:
     interactions: pd.DataFrame  # user_idx, item_idx, timestamp, position, split[, rating]
     items: pd.DataFrame  # item_idx, item_id, caption, attributes...
     users: pd.DataFrame  # user_idx, user_id, num_interactions, attributes...
-    stats: dict[str, Any]
+    stats: DatasetStats
 
 
 def _natural_order(ids: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def k_core(user_codes: np.ndarray, item_codes: np.ndarray, k_user: int, k_item: 
 
 def preprocess(raw: RawDataset, data: DataConfig) -> Prepared:
     inter = raw.interactions
-    stats: dict[str, Any] = {"source": data.source, "dataset": raw.name, "domain": raw.domain,
+    stats: DatasetStats = {"source": data.source, "dataset": raw.name, "domain": raw.domain,
                              "raw_interactions": int(len(inter)),
                              "raw_users": int(inter["user_id"].nunique()),
                              "raw_items": int(inter["item_id"].nunique())}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, TypedDict
 
 import joblib
 import numpy as np
@@ -109,7 +109,36 @@ def encode_and_map(config: Config, texts: list[str], fit_rows: np.ndarray, label
     return mapped[inverse], mapping, sample_size
 
 
-def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str, Any]:
+class EmbeddingMeta(TypedDict, total=False):
+    """One kind's `meta.json` (and, with `skipped`, what `embed` reports of it)."""
+
+    kind: str
+    rows: int
+    dim: int
+    covered: int
+    encoder: str
+    encoder_dim: int
+    fit_rows: int
+    fit_on: str
+    fit_sampled_from: int
+    reduction: str
+    seconds: float
+    horizons: list[str]
+    users_per_horizon: dict[str, int]
+    skipped: bool
+
+
+class EmbedSummary(TypedDict):
+    """`embed`'s result: each embedded kind's meta, and the kinds it left out."""
+
+    skipped: bool
+    kinds: dict[str, EmbeddingMeta]
+    not_available: list[str]
+    not_needed: list[str]
+    folder: str
+
+
+def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> EmbeddingMeta:
     stage = f"{STAGE_DIR}/{kind}"
     fp = fingerprint(config, run, kind)
     if not force and run.is_complete(stage, fp):
@@ -132,11 +161,11 @@ def _embed_kind(config: Config, run: RunDir, kind: str, force: bool) -> dict[str
     # and for preferences on the train horizon only: the test horizon has seen the valid target.
     fit_rows = np.arange(len(texts)) if found is None else np.flatnonzero(found[0])
     matrix, pipeline, fitted = encode_and_map(config, texts, fit_rows, kind)
-    meta = {"kind": kind, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
-            "covered": covered, "encoder": config.embed.model, "encoder_dim": _encoder_width(pipeline),
-            "fit_rows": fitted, "fit_on": "texts" if found is None else "train horizon",
-            **({"fit_sampled_from": int(len(fit_rows))} if fitted < len(fit_rows) else {}),
-            "reduction": config.embed.reduction, "seconds": round(time.perf_counter() - started, 3)}
+    meta: EmbeddingMeta = {"kind": kind, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
+                           "covered": covered, "encoder": config.embed.model, "encoder_dim": _encoder_width(pipeline),
+                           "fit_rows": fitted, "fit_on": "texts" if found is None else "train horizon",
+                           **({"fit_sampled_from": int(len(fit_rows))} if fitted < len(fit_rows) else {}),
+                           "reduction": config.embed.reduction, "seconds": round(time.perf_counter() - started, 3)}
     if found is not None:
         meta["horizons"] = list(HORIZONS)
         matrix = matrix.reshape(len(HORIZONS), -1, matrix.shape[1])
@@ -158,7 +187,7 @@ def _encoder_width(pipeline: Pipeline) -> int:
 
 
 def embed(config: Config, run: RunDir, force: bool = False,
-          kinds: Iterable[str] | None = None) -> dict[str, Any]:
+          kinds: Iterable[str] | None = None) -> EmbedSummary:
     """Embed the given kinds (default: every kind whose source exists); skipped when up to date."""
     wanted = list(kinds) if kinds is not None else available_kinds(run)
     for kind in wanted:
@@ -184,7 +213,7 @@ def load_embedding(config: Config, run: RunDir, kind: str) -> dict[str, np.ndarr
     return out
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(summary: EmbedSummary) -> str:
     lines = []
     for kind, meta in summary["kinds"].items():
         state = "  [up to date, skipped]" if meta.get("skipped") else f"  {meta['seconds']:.1f} s"

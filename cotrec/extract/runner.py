@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 import pyarrow as pa
@@ -96,7 +96,25 @@ class ProgramPool:
         return [record for records in results for record in records]
 
 
-def batch_summary(records: list[dict[str, Any]], rows: int, seconds: float) -> dict[str, Any]:
+COUNTS = ("rows", "records", "failed", "calls", "prompt_tokens", "completion_tokens")
+
+
+class ExtractionRun(TypedDict):
+    """What one `run_programs` did: the counts summed over its batches, and its times."""
+
+    rows: int
+    records: int
+    failed: int
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    engine_load_s: float
+    seconds_after_load: float
+    rows_seconds: float
+
+
+def batch_summary(records: list[dict[str, Any]], rows: int, seconds: float) -> dict[str, float]:
     return {"rows": rows, "records": len(records),
             "failed": sum(r["status"] != "ok" for r in records),
             "calls": sum(r["calls"] for r in records),
@@ -160,13 +178,13 @@ class ExtractWorker:
 
 # -- the driver ------------------------------------------------------------------------------
 def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Config, *, domain: str,
-                 labels: list[str] | None = None, incremental: bool = False) -> dict[str, Any]:
+                 labels: list[str] | None = None, incremental: bool = False) -> ExtractionRun:
     """Run `program` over `rows` on the Ray Data actor pool; returns the summary of this run."""
     import ray  # here, not at the top: `bench models` imports this module (through the retriever's) without Ray
 
     ec = config.extract
     started_ray = ensure_ray()
-    summary = {"rows": 0, "records": 0, "failed": 0, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     started = time.perf_counter()
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -187,29 +205,30 @@ def run_programs(program: Program, rows: pd.DataFrame, folder: Path, config: Con
         engine_load = 0.0
         first_started, last_finished = math.inf, -math.inf
         for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-            for column in summary:
-                summary[column] += int(batch[column].sum())
+            for column in counts:
+                counts[column] += int(batch[column].sum())
             engine_load = max(engine_load, float(batch["engine_load_s"].max()))
             first_started = min(first_started, float(batch["started_at"].min()))
             last_finished = max(last_finished, float(batch["finished_at"].max()))
             now = time.perf_counter()
-            if now - last_report >= 10 or summary["rows"] == len(rows):
+            if now - last_report >= 10 or counts["rows"] == len(rows):
                 last_report = now
-                log(progress_line(program.kind, summary, len(rows), now - started))
+                log(progress_line(program.kind, counts, len(rows), now - started))
     finally:
         if started_ray:
             ray.shutdown()
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    # Actors load their engines in parallel: the slowest load is the time no row could run.
-    summary["engine_load_s"] = round(engine_load, 3)
-    summary["seconds_after_load"] = round(max(summary["seconds"] - engine_load, 1e-9), 3)
-    # From the first batch's start to the last one's end in the actors: the time rows were running
-    # (neither Ray Data's nor the actors' start-up, nor the engine's load).
-    summary["rows_seconds"] = round(max(last_finished - first_started, 1e-9), 3) if summary["rows"] else 0.0
-    return summary
+    seconds = round(time.perf_counter() - started, 3)
+    return ExtractionRun(
+        rows=counts["rows"], records=counts["records"], failed=counts["failed"], calls=counts["calls"],
+        prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"], seconds=seconds,
+        # Actors load their engines in parallel: the slowest load is the time no row could run.
+        engine_load_s=round(engine_load, 3), seconds_after_load=round(max(seconds - engine_load, 1e-9), 3),
+        # From the first batch's start to the last one's end in the actors: the time rows were running
+        # (neither Ray Data's nor the actors' start-up, nor the engine's load).
+        rows_seconds=round(max(last_finished - first_started, 1e-9), 3) if counts["rows"] else 0.0)
 
 
-def progress_line(kind: str, summary: dict[str, Any], total: int, seconds: float) -> str:
+def progress_line(kind: str, summary: dict[str, int], total: int, seconds: float) -> str:
     done = summary["rows"]
     rate = done / max(seconds, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -140,8 +140,34 @@ def read_pairs(path: Path) -> pd.DataFrame:
 
 
 # -- the stages --------------------------------------------------------------------------------
+class ExtractionSummary(TypedDict, total=False):
+    """An extraction stage's result: this run's counts and times (`ExtractionRun`), and the folder's."""
+
+    kind: str
+    folder: str
+    total_rows: int
+    already_done: int
+    incremental: bool
+    rows: int
+    records: int
+    failed: int
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    engine_load_s: float
+    seconds_after_load: float
+    rows_seconds: float
+    superseded_rows_dropped: int
+    wall_seconds: float
+    rows_in_folder: int
+    failed_in_folder: int
+    pairs_from: str
+    skipped: bool  # set by the main job: no row was run
+
+
 def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool, limit: Optional[int],
-         incremental: bool = False, labels: list[str] | None = None) -> dict[str, Any]:
+         incremental: bool = False, labels: list[str] | None = None) -> ExtractionSummary:
     program: Program = PROGRAMS[kind]
     folder = output_folder(run, kind)
     settings = extraction_fingerprint(config, kind)
@@ -153,8 +179,8 @@ def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool
         rows = attach_prior_states(rows, folder)
     todo = pending_rows(rows, folder, program)
     started = time.perf_counter()
-    summary: dict[str, Any] = {"kind": kind, "folder": str(folder), "total_rows": total,
-                               "already_done": total - len(todo), "incremental": incremental}
+    summary: ExtractionSummary = {"kind": kind, "folder": str(folder), "total_rows": total,
+                                  "already_done": total - len(todo), "incremental": incremental}
     if len(todo):
         log(f"extract {kind}: {len(todo):,} of {total:,} rows to do ({total - len(todo):,} already done) "
             f"with {config.llm.backend} / {config.llm.model}")
@@ -176,13 +202,13 @@ def _run(kind: str, rows: pd.DataFrame, run: RunDir, config: Config, force: bool
     return summary
 
 
-def extract_items(config: Config, run: RunDir, force: bool = False, limit: Optional[int] = None) -> dict[str, Any]:
+def extract_items(config: Config, run: RunDir, force: bool = False, limit: Optional[int] = None) -> ExtractionSummary:
     """An objective description of every item."""
     return _run("items", item_rows(read_table(run, "items")), run, config, force, limit)
 
 
 def extract_users(config: Config, run: RunDir, force: bool = False, limit: Optional[int] = None,
-                  incremental: bool = False) -> dict[str, Any]:
+                  incremental: bool = False) -> ExtractionSummary:
     """Every user's preference recurrence, for the train / valid / test horizons."""
     rows = user_rows(user_histories(read_table(run, "interactions", HISTORY_COLUMNS)), config)
     if limit is not None:  # the first users by id, not the longest walks
@@ -192,7 +218,7 @@ def extract_users(config: Config, run: RunDir, force: bool = False, limit: Optio
 
 
 def extract_perceptions(config: Config, run: RunDir, pairs: pd.DataFrame, source: str, force: bool = False,
-                        limit: Optional[int] = None) -> dict[str, Any]:
+                        limit: Optional[int] = None) -> ExtractionSummary:
     """The role-played review and its key terms for each (user, horizon, candidate item) of `pairs`
     (`read_pairs` of a user's file, or the lists the ranker reads: `ranker.lists.candidate_pairs`)."""
     log(f"extract perceptions: {len(pairs):,} pairs from {source}")
@@ -201,7 +227,7 @@ def extract_perceptions(config: Config, run: RunDir, pairs: pd.DataFrame, source
     return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(summary: ExtractionSummary) -> str:
     seconds = max(summary.get("seconds_after_load", 0.0), 1e-9)
     lines = [
         f"extract {summary['kind']} -> {summary['folder']}",

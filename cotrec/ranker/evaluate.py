@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -16,14 +16,29 @@ import pandas as pd
 from cotrec.config import RANKER_PROMPTS, Config, parse_ranker
 from cotrec.fingerprint import fingerprint
 from cotrec.progress import log
-from cotrec.ranker.letters import LetterRanker, RankingPlan, plan_rankings, rankings_from_scores, score_plan, unranked
+from cotrec.ranker.letters import (LetterRanker, RankerMetrics, RankingPlan, plan_rankings, rankings_from_scores,
+                                  score_plan, unranked)
 from cotrec.ranker.lists import candidate_rows, ranked_lists, trained_on
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION
 from cotrec.ranker.scoring import score_prompts
-from cotrec.ranker.stage import MEMORY_KEYS, list_inputs, merged_model, ranker_folder, ranker_train
+from cotrec.ranker.stage import MEMORY_KEYS, FinetuneSummary, list_inputs, merged_model, ranker_folder, ranker_train
 from cotrec.retriever.variants import parse_variant, variant_dir
+from cotrec.ranker.table2 import TrainRecord
 from cotrec.rundir import RunDir, write_json
+
+# An evaluation's `metrics.json` (`RankerMetrics`, what produced them, the lists' counts, and for a
+# fine-tuned ranker what trained it), as `ranker eval` returns it (`skipped`, `folder`) and as the grid
+# passes it on (`label`: the retriever's row label).
+EvalResult = TypedDict("EvalResult", {
+    "label": str, "skipped": bool, "folder": str, "retriever": str, "ranker": str, "prompt": str,
+    "fine_tuned": bool, "split": str, "not_run": str, "seed": int,
+    "hit@1": float, "ndcg@1": float, "hit@5": float, "ndcg@5": float, "hit@10": float, "ndcg@10": float,
+    "users": int, "ranked_users": int, "seconds": float, "lists_per_second": Optional[float], "mapb": float,
+    "mean_rank_by_position": list[float], "scoring_actors": int, "retriever_ndcg@10": float,
+    "model": Optional[str], "backend": Optional[str], "prompt_version": str, "shuffle_seed": int,
+    "sampled_users": Optional[int], "wall_seconds": float, "lists": int, "hits": int,
+    "lists_without_preference": int, "candidates_without_key_terms": int, "train": TrainRecord}, total=False)
 
 
 def scoring_model(config: Config, run: RunDir, variant: str, ranker: str) -> Optional[tuple[str, Optional[str]]]:
@@ -45,13 +60,13 @@ class PendingEval:
     model: Optional[tuple[str, Optional[str]]]  # (model, dtype) of the engine; None: a reference ranker
     stage: str
     fp: str
-    notes: dict[str, Any]
+    notes: dict[str, int]
     plan: Optional[RankingPlan]  # None: nothing is re-ranked
-    trained: Optional[dict[str, Any]]
+    trained: Optional[FinetuneSummary]
     started: float
 
 
-def plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool) -> dict[str, Any] | PendingEval:
+def plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool) -> EvalResult | PendingEval:
     """An evaluation up to date (its result), one scored here without an engine (written, its
     result), or one whose prompts an engine must score (pending). Fine-tunes first when needed."""
     prompt, fine_tuned = parse_ranker(ranker)
@@ -70,8 +85,8 @@ def plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: boo
         return {"skipped": True, "folder": str(run / stage), **json.loads((run / stage / "metrics.json").read_text())}
     started = time.perf_counter()
     if trained is not None and "not_trained" in trained:  # too few lists to fine-tune on: a row that says so
-        result = {"retriever": variant, "ranker": ranker, "prompt": prompt, "fine_tuned": True, "split": "test",
-                  "not_run": trained["not_trained"], "seed": config.seed}
+        result: EvalResult = {"retriever": variant, "ranker": ranker, "prompt": prompt, "fine_tuned": True,
+                              "split": "test", "not_run": trained["not_trained"], "seed": config.seed}
         with run.staged(stage, fp) as folder:
             write_json(folder / "metrics.json", result)
         log(f"ranker: {ranker} on {variant}: {trained['not_trained']}")
@@ -92,7 +107,7 @@ def plan_eval(config: Config, run: RunDir, variant: str, ranker: str, force: boo
     return _write_eval(config, run, pending, metrics, rankings)
 
 
-def score_and_write(config: Config, run: RunDir, pending: list[PendingEval]) -> list[dict[str, Any]]:
+def score_and_write(config: Config, run: RunDir, pending: list[PendingEval]) -> list[EvalResult]:
     """Score the prompts of evaluations of one model in one pass on the actor pool; write each.
     Each is credited with the pass's time in proportion to its prompts."""
     prompts: list[tuple[Any, int]] = []
@@ -117,18 +132,19 @@ def score_and_write(config: Config, run: RunDir, pending: list[PendingEval]) -> 
     return results
 
 
-def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, Any],
-                rankings: pd.DataFrame) -> dict[str, Any]:
+def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: RankerMetrics,
+                rankings: pd.DataFrame) -> EvalResult:
     prompt, fine_tuned = parse_ranker(p.ranker)
     rc = config.ranker
     model = p.model[0] if p.model else None
     retriever_metrics = json.loads(((run / variant_dir(config, *parse_variant(p.variant), config.seed))
                                     / "metrics.json").read_text())
-    result = {"retriever": p.variant, "ranker": p.ranker, "prompt": prompt, "fine_tuned": fine_tuned,
-              "split": "test", **metrics, "retriever_ndcg@10": retriever_metrics["ndcg@10"],
-              "model": model, "backend": config.llm.backend if model else None, "prompt_version": PROMPT_VERSION,
-              "seed": config.seed, "shuffle_seed": rc.shuffle_seed, "sampled_users": rc.max_eval_users,
-              "wall_seconds": round(time.perf_counter() - p.started, 3), **p.notes}
+    result: EvalResult = {"retriever": p.variant, "ranker": p.ranker, "prompt": prompt, "fine_tuned": fine_tuned,
+                          "split": "test", **metrics, "retriever_ndcg@10": retriever_metrics["ndcg@10"],
+                          "model": model, "backend": config.llm.backend if model else None,
+                          "prompt_version": PROMPT_VERSION, "seed": config.seed, "shuffle_seed": rc.shuffle_seed,
+                          "sampled_users": rc.max_eval_users, "wall_seconds": round(time.perf_counter() - p.started, 3),
+                          **p.notes}
     if p.trained is not None:
         result["train"] = {k: p.trained[k] for k in ("retriever", "train_lists", "held_out_lists", "valid_lists",
                                                      "prefix_lists", "masked_positives", "epochs", "best_epoch",
@@ -145,7 +161,7 @@ def _write_eval(config: Config, run: RunDir, p: PendingEval, metrics: dict[str, 
     return {"skipped": False, "folder": str(run / p.stage), **result}
 
 
-def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False) -> dict[str, Any]:
+def ranker_eval(config: Config, run: RunDir, variant: str, ranker: str, force: bool = False) -> EvalResult:
     """Rank the test lists of one retriever with one ranker: NDCG@K over all users, MAPB."""
     planned = plan_eval(config, run, variant, ranker, force)
     return planned if isinstance(planned, dict) else score_and_write(config, run, [planned])[0]

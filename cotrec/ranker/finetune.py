@@ -30,21 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 import numpy as np
 
 from cotrec.cluster import fit_torch_trainer, in_ray_job
 from cotrec.config import RankerConfig
 from cotrec.llm import letters
-from cotrec.llm.base import single_token_ids
+from cotrec.llm.base import Conversation, single_token_ids
 from cotrec.llm.placement import cpu_has_bf16
 from cotrec.metrics import ndcg_gains
 from cotrec.progress import worker_log
@@ -53,6 +52,9 @@ from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import predicted_ranks
 from cotrec.safeload import load_state
 from cotrec.storage import is_remote, local_copy, location, upload
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_STATE = "adapter_state.pt"
 
@@ -74,10 +76,10 @@ def epoch_examples(lists: list[CandidateList], ranker: LetterRanker, epochs: int
     return out
 
 
-def validation_prompts(lists: list[CandidateList], ranker: LetterRanker, seed: int) -> list[dict[str, Any]]:
+def validation_prompts(lists: list[CandidateList], ranker: LetterRanker, seed: int) -> list[ValidationPrompt]:
     """Each held-out list as the evaluation shows it (its shown order, one prompt): the conversation,
     and the position its target is shown at."""
-    prompts = []
+    prompts: list[ValidationPrompt] = []
     for lst in lists:
         order = shown_order(lst, seed)
         prompts.append({"conversation": ranker.conversation(lst, order),
@@ -132,9 +134,100 @@ def batch_shape(examples: int, workers: int, micro_batch: int, batch_size: int) 
     return BatchShape(world, micro, accumulation, steps, note)
 
 
-# One training example: {"conversation": chat messages, "answer": the target's letter}; one
-# held-out prompt: {"conversation": ..., "shown": the position its target is shown at}.
-Example = dict[str, Any]
+class Example(TypedDict):
+    """One training example: the chat messages and the target's letter."""
+
+    conversation: Conversation
+    answer: str
+
+
+class ValidationPrompt(TypedDict):
+    """One held-out prompt: the chat messages and the position its target is shown at."""
+
+    conversation: Conversation
+    shown: int
+
+
+class ShapeFields(TypedDict):
+    """A `BatchShape` as the loop's config mapping carries it."""
+
+    workers: int
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    note: str
+
+
+class LoopConfig(TypedDict):
+    """What `train_loop` reads: every `FinetuneJob` field (the shape as a mapping), where the adapter
+    goes, and whether the loop runs in this process and on a GPU."""
+
+    name: str
+    model_path: str
+    examples: list[list[Example]]
+    validation: list[ValidationPrompt]
+    candidates: int
+    seed: int
+    shape: ShapeFields
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: list[str]
+    lr: float
+    warmup_ratio: float
+    zero_stage: int
+    precision: str
+    max_tokens: int
+    trainer: str
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    gradient_checkpointing: bool
+    resources: dict[str, float]
+    adapter_out: str
+    local: bool
+    use_gpu: bool
+
+
+# One point of the held-out curve: entry 0 is the base model (no training keys, `loss` None), then
+# one per epoch with its training figures.
+EpochRecord = TypedDict("EpochRecord", {
+    "epoch": int, "val_ndcg@10": float, "val_ndcg@10_se": float, "val_hit@1": float, "val_lists": int,
+    "val_seconds": float, "val_mean_abs_dp": float, "loss": Optional[float], "examples": int,
+    "learning_rate": float, "optimiser_steps": int, "train_seconds": float, "examples_per_s": float},
+    total=False)
+
+
+class LoopResult(TypedDict):
+    """What `train_loop` returns (`FinetuneResult.from_loop` reads it)."""
+
+    curve: list[EpochRecord]
+    world_size: int
+    accumulation: int
+    micro_batch: int
+    steps_per_epoch: int
+    warmup_steps: int
+    best_epoch: int
+    seconds: float
+    precision: str
+    resumed_after_epoch: Optional[int]
+
+
+class Agreement(TypedDict):
+    """How far one model's letter probabilities are from the adapter's on the held-out prompts."""
+
+    max_abs_dp: float
+    same_first: float
+
+
+class MergeCheck(TypedDict):
+    """`merge_adapter`: the adapter's change to the letter probabilities, and what the saved
+    checkpoint (and a bfloat16 rounding of it) keeps of it."""
+
+    prompts: int
+    adapter_vs_base: Agreement
+    merged_saved: Agreement
+    merged_in_bfloat16: Agreement
 
 
 @dataclass(frozen=True)
@@ -145,7 +238,7 @@ class FinetuneJob:
     name: str
     model_path: str  # the base model's local folder
     examples: list[list[Example]]  # per epoch (`epoch_examples`)
-    validation: list[Example]  # the held-out lists (`validation_prompts`)
+    validation: list[ValidationPrompt]  # the held-out lists (`validation_prompts`)
     candidates: int  # letters per list
     seed: int
     shape: BatchShape  # `planned_shape` of the examples
@@ -167,7 +260,7 @@ class FinetuneJob:
 
     @classmethod
     def from_config(cls, rcfg: RankerConfig, *, name: str, model_path: str, examples: list[list[Example]],
-                    validation: list[Example], candidates: int, seed: int, max_tokens: int) -> FinetuneJob:
+                    validation: list[ValidationPrompt], candidates: int, seed: int, max_tokens: int) -> FinetuneJob:
         return cls(name=name, model_path=model_path, examples=examples, validation=validation, candidates=candidates,
                    seed=seed, shape=planned_shape(examples, rcfg), lora_r=rcfg.lora_r, lora_alpha=rcfg.lora_alpha,
                    lora_dropout=rcfg.lora_dropout, lora_targets=list(rcfg.lora_targets), lr=rcfg.lr,
@@ -181,11 +274,20 @@ class FinetuneJob:
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
-    def loop_config(self, adapter_out: str) -> dict[str, Any]:
+    def loop_config(self, adapter_out: str) -> LoopConfig:
         """What `train_loop` reads (Ray Train hands each worker a config mapping)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**fields, "shape": dataclasses.asdict(self.shape), "adapter_out": adapter_out,
-                "local": self.trainer == "local", "use_gpu": self.use_gpu}
+        shape = self.shape
+        return LoopConfig(
+            name=self.name, model_path=self.model_path, examples=self.examples, validation=self.validation,
+            candidates=self.candidates, seed=self.seed,
+            shape=ShapeFields(workers=shape.workers, micro_batch=shape.micro_batch, accumulation=shape.accumulation,
+                              steps_per_epoch=shape.steps_per_epoch, note=shape.note),
+            lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            lora_targets=self.lora_targets, lr=self.lr, warmup_ratio=self.warmup_ratio, zero_stage=self.zero_stage,
+            precision=self.precision, max_tokens=self.max_tokens, trainer=self.trainer,
+            cpus_per_worker=self.cpus_per_worker, gpus_per_worker=self.gpus_per_worker,
+            max_failures=self.max_failures, gradient_checkpointing=self.gradient_checkpointing,
+            resources=self.resources, adapter_out=adapter_out, local=self.trainer == "local", use_gpu=self.use_gpu)
 
 
 @dataclass(frozen=True)
@@ -193,7 +295,7 @@ class FinetuneResult:
     """What the fine-tune loop returns: the held-out curve (entry 0: the base model, then one per
     epoch), the best entry, and the shape it trained in."""
 
-    curve: list[dict[str, Any]]
+    curve: list[EpochRecord]
     best_epoch: int
     world_size: int
     micro_batch: int
@@ -205,11 +307,15 @@ class FinetuneResult:
     resumed_after_epoch: Optional[int]  # a restarted group's first epoch; None: not restarted
 
     @classmethod
-    def from_loop(cls, returned: dict[str, Any]) -> FinetuneResult:
-        return cls(**{f.name: returned[f.name] for f in dataclasses.fields(cls)})
+    def from_loop(cls, returned: LoopResult) -> FinetuneResult:
+        return cls(curve=returned["curve"], best_epoch=returned["best_epoch"], world_size=returned["world_size"],
+                   micro_batch=returned["micro_batch"], accumulation=returned["accumulation"],
+                   steps_per_epoch=returned["steps_per_epoch"], warmup_steps=returned["warmup_steps"],
+                   precision=returned["precision"], seconds=returned["seconds"],
+                   resumed_after_epoch=returned["resumed_after_epoch"])
 
 
-def _deepspeed_config(job: dict[str, Any], shape: BatchShape) -> dict[str, Any]:
+def _deepspeed_config(job: LoopConfig, shape: BatchShape) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": shape.micro_batch,
         "gradient_accumulation_steps": shape.accumulation,
@@ -244,7 +350,7 @@ class _Batcher:
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_tokens:]
 
-    def batch(self, sequences: list[list[int]]) -> dict[str, Any]:
+    def batch(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         import torch
 
         width = max(len(s) for s in sequences)
@@ -258,7 +364,7 @@ class _Batcher:
                 "position_ids": positions.to(self.device)}
 
 
-def _last_logits(model: Any, inputs: dict[str, Any]) -> Any:
+def _last_logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
 
 
@@ -292,7 +398,7 @@ def letter_loss(logits: Any, letter_ids: list[int], answers: Any) -> Any:
 STEP_LINE_EVERY = 60.0  # seconds between two progress lines within an epoch
 
 
-def train_loop(job: dict[str, Any]) -> dict[str, Any]:
+def train_loop(job: LoopConfig) -> LoopResult:
     """One worker's fine-tuning; returns the curve (rank 0 also saves the best adapter)."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -381,13 +487,13 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(trainable, modifier_rank=modifier_rank)
 
-    def adapter_state() -> dict[str, Any]:
+    def adapter_state() -> dict[str, torch.Tensor]:
         with gathered():
             return copy.deepcopy(get_peft_model_state_dict(model))
 
     base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's lists
 
-    def validation(epoch: int) -> dict[str, Any]:
+    def validation(epoch: int) -> EpochRecord:
         t0 = time.perf_counter()
         found, probs = _validate(forward, val_prompts, val_shown, letter_ids, batcher, micro)
         if not base_probs:
@@ -406,7 +512,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                 # how far the adapter has moved the held-out lists' letter probabilities from the base model's
                 "val_mean_abs_dp": float(sums[4] / max(float(sums[5]), 1.0))}
 
-    curve: list[dict[str, Any]] = []
+    curve: list[EpochRecord] = []
     best_key, best_adapter, first_epoch = None, None, 0
     if resumed is not None:
         curve, best_key, best_adapter, first_epoch = (resumed["curve"], resumed["best_key"], resumed["best_adapter"],
@@ -442,10 +548,10 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         sums = torch.tensor([sum(losses) * micro, float(len(mine))], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(sums)
-        record = {**validation(epoch + 1), "loss": float(sums[0] / sums[1]), "examples": int(sums[1]),
-                  "optimiser_steps": steps_per_epoch, "train_seconds": round(train_seconds, 2),
-                  "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
-                  "learning_rate": float(optimiser.param_groups[0]["lr"])}
+        record: EpochRecord = {**validation(epoch + 1), "loss": float(sums[0] / sums[1]), "examples": int(sums[1]),
+                               "optimiser_steps": steps_per_epoch, "train_seconds": round(train_seconds, 2),
+                               "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
+                               "learning_rate": float(optimiser.param_groups[0]["lr"])}
         curve.append(record)
         key = record["val_ndcg@10"]
         adapter = adapter_state()
@@ -466,10 +572,10 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
     best_epoch = max(range(len(curve)), key=lambda i: curve[i]["val_ndcg@10"])  # the first of equals
-    result = {"curve": curve, "world_size": world, "accumulation": accumulation, "micro_batch": micro,
-              "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
-              "seconds": time.perf_counter() - started, "precision": job["precision"],
-              "resumed_after_epoch": None if resumed is None else resumed["epoch"] + 1}
+    result: LoopResult = {"curve": curve, "world_size": world, "accumulation": accumulation, "micro_batch": micro,
+                          "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
+                          "seconds": time.perf_counter() - started, "precision": job["precision"],
+                          "resumed_after_epoch": None if resumed is None else resumed["epoch"] + 1}
     finished = None if local else {"adapter": adapter_state(), "epoch": len(epochs) - 1, "curve": curve,
                                    "best_key": best_key, "best_adapter": best_adapter}
     with tempfile.TemporaryDirectory() as folder:
@@ -522,14 +628,14 @@ def fit(job: FinetuneJob, storage: Path, adapter_out: Path) -> FinetuneResult:
 
 
 def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: list[list[dict[str, str]]],
-                      choices: list[str], rcfg: RankerConfig) -> dict[str, Any]:
+                      choices: list[str], rcfg: RankerConfig) -> MergeCheck:
     """`merge_adapter` (which also measures what the checkpoint keeps) on the device the fine-tune's
     workers had. In a Ray job it runs in a Ray task with a worker's CPUs, a GPU when they had one,
     and host memory sized from the model (`ranker.memory`), so the driver loads no model and a 7B
     merge lands on a node that holds it; without Ray, here."""
     on_gpu = rcfg.gpus_per_worker > 0
 
-    def merge_there() -> dict[str, Any]:
+    def merge_there() -> MergeCheck:
         import torch
 
         device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
@@ -555,7 +661,7 @@ def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: l
 
 
 def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str, conversations: list[list[dict[str, str]]],
-                  choices: list[str], device: str = "cpu") -> dict[str, Any]:
+                  choices: list[str], device: str = "cpu") -> MergeCheck:
     """Fold the LoRA adapter into the base weights in float32 and save a plain checkpoint in `dtype`
     that any backend loads (float32 keeps a small adapter's change, which bfloat16's three significant
     digits round much of away). The base is loaded once, on `device`; on held-out prompts it measures
@@ -596,7 +702,7 @@ def merge_adapter(base_path: str, adapter: Path, out: Path, dtype: str, conversa
         if (Path(base_path) / extra).is_file() and not (Path(out) / extra).exists():
             shutil.copy(Path(base_path) / extra, Path(out) / extra)
 
-    def against(p: np.ndarray) -> dict[str, float]:
+    def against(p: np.ndarray) -> Agreement:
         return {"max_abs_dp": round(float(np.abs(p - tuned).max()), 5),
                 "same_first": round(float((p.argmax(1) == tuned.argmax(1)).mean()), 3)}
 

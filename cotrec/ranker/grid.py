@@ -6,20 +6,32 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TypedDict
 
 import pandas as pd
 
 from cotrec.config import Config, parse_ranker
-from cotrec.ranker.evaluate import PendingEval, plan_eval, score_and_write, scoring_model
+from cotrec.ranker.evaluate import EvalResult, PendingEval, plan_eval, score_and_write, scoring_model
 from cotrec.ranker.stage import list_inputs, ranker_folder
-from cotrec.ranker.table2 import export_table2, read_table2, table2_figures
+from cotrec.ranker.table2 import (Comparison, Table2Figures, Table2Header, Table2Row, export_table2, read_table2,
+                                  table2_figures)
 from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position
 from cotrec.reporting.tables import TABLE2, table2_markdown
 from cotrec.rundir import RunDir, atomic_write_text
 
 
-def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+class Table2Summary(TypedDict):
+    """What `ranker grid` returns: Table 2's rows and comparisons, and where the report and plot are."""
+
+    skipped: bool
+    rows: list[Table2Row]
+    comparisons: list[Comparison]
+    report: str
+    plot: str
+    seconds: float
+
+
+def ranker_grid(config: Config, run: RunDir, force: bool = False) -> Table2Summary:
     """Every ranker.grid ranker on every ranker.retrievers variant; reports/table2.md and a plot."""
     rc = config.ranker
     for variant in rc.retrievers.values():  # fail in one line before any work
@@ -29,7 +41,7 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
     # pass ends before the next fine-tune, which then has the cores.
     jobs = [(label, variant, ranker) for label, variant in rc.retrievers.items() for ranker in rc.grid]
     jobs.sort(key=lambda j: (parse_ranker(j[2])[0] != "none", parse_ranker(j[2])[1], j[1], j[2]))
-    rows: list[dict[str, Any]] = []
+    rows: list[EvalResult] = []
     group: list[tuple[str, PendingEval]] = []
 
     def score_group() -> None:
@@ -51,17 +63,17 @@ def ranker_grid(config: Config, run: RunDir, force: bool = False) -> dict[str, A
              enumerate((label, ranker) for label in rc.retrievers for ranker in rc.grid)}
     rows.sort(key=lambda r: order[(r["label"], r["ranker"])])
     figures = write_table2_report(config, run, rows)
-    summary = {"skipped": all(r["skipped"] for r in rows), "rows": figures["rows"],
-               "comparisons": figures["comparisons"], "report": str(run / TABLE2), "plot": str(run / RANK_PLOT),
-               "seconds": round(time.perf_counter() - started, 3)}
+    summary = Table2Summary(skipped=all(r["skipped"] for r in rows), rows=figures["rows"],
+                            comparisons=figures["comparisons"], report=str(run / TABLE2), plot=str(run / RANK_PLOT),
+                            seconds=round(time.perf_counter() - started, 3))
     plot_rank_vs_position(run, rows)
     return summary
 
 
-def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
+def finished_table2(config: Config, run: RunDir) -> list[EvalResult]:
     """The ranker grid's finished evaluations (their metrics.json), in Table 2 order (nothing is
     evaluated here)."""
-    rows = []
+    rows: list[EvalResult] = []
     for label, variant in config.ranker.retrievers.items():
         for ranker in config.ranker.grid:
             stage = f"{ranker_folder(variant, ranker)}/eval"
@@ -70,13 +82,13 @@ def finished_table2(config: Config, run: RunDir) -> list[dict[str, Any]]:
     return rows
 
 
-def write_table2_report(config: Config, run: RunDir, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_table2_report(config: Config, run: RunDir, rows: list[EvalResult]) -> Table2Figures:
     """`reports/table2.md` and what it is computed from (`reports/table2.json`, `reports/rankings/`):
     the rows' per-list outputs, exported, then every figure recomputed from the export alone (what
     `cotrec report --check` does again). Returns the figures."""
     rc = config.ranker
-    header = {"dataset": config.data.source, "model": config.llm.model, "lora_r": rc.lora_r, "epochs": rc.epochs,
-              "seed": config.seed, "sampled_users": rc.max_eval_users}
+    header = Table2Header(dataset=config.data.source, model=config.llm.model, lora_r=rc.lora_r, epochs=rc.epochs,
+                          seed=config.seed, sampled_users=rc.max_eval_users)
     folder = run / "reports"
     export_table2(folder, rows, header, lambda row: pd.read_parquet(
         str(run / ranker_folder(row["retriever"], row["ranker"]) / "eval" / "rankings.parquet")))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -112,13 +112,37 @@ def plan_rankings(lists: list[CandidateList], seed: int, with_mapb: bool, rerank
     return RankingPlan(lists, with_mapb, ranked, shown)
 
 
+# A ranker's test metrics: `metrics.ranking_metrics` at the default cut-offs, counts and times, and with
+# the MAPB probe its MAPB; `scoring_actors` is the actor pool's size where one scored the prompts.
+RankerMetrics = TypedDict("RankerMetrics", {
+    "hit@1": float, "ndcg@1": float, "hit@5": float, "ndcg@5": float, "hit@10": float, "ndcg@10": float,
+    "users": int, "ranked_users": int, "seconds": float, "lists_per_second": Optional[float], "mapb": float,
+    "mean_rank_by_position": list[float], "scoring_actors": int}, total=False)
+
+
+class RankingRow(TypedDict, total=False):
+    """One list's row of `rankings.parquet`: what was shown, the scores, the target's ranks."""
+
+    user_idx: int
+    split: str
+    target_item: int
+    shown: list[int]
+    probs: list[float]
+    predicted: list[int]
+    target_position: int
+    target_rank: int
+    retriever_rank: int
+    ranks_by_position: list[int]
+    bias: float
+
+
 def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
-                         ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], pd.DataFrame]:
+                         ks: Sequence[int] = (1, 5, 10)) -> tuple[RankerMetrics, pd.DataFrame]:
     """Metrics and one rankings row per list, from the scores of `plan.queries()` in order."""
     lists, with_mapb = plan.lists, plan.with_mapb
     ranks = np.array([lst.retriever_rank for lst in lists], dtype=np.int64)
     per_user = plan.prompts_per_list if lists else 1
-    rows: list[dict[str, Any]] = []
+    rows: list[RankingRow] = []
     position_ranks: list[np.ndarray] = []
     for k, (i, (order, position, _)) in enumerate(zip(plan.ranked, plan.shown)):
         lst = lists[i]
@@ -127,10 +151,11 @@ def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
         target_ranks = np.array([predicted_ranks(p)[j] for p, j in zip(block, target_at)])
         shown_probs = block[position if with_mapb else 0]
         ranks[i] = target_ranks[position if with_mapb else 0]
-        row = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
-               "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
-               "predicted": [lst.candidates[order[j]] for j in ranked_order(shown_probs)],
-               "target_position": position, "target_rank": int(ranks[i]), "retriever_rank": lst.retriever_rank}
+        row: RankingRow = {"user_idx": lst.user_idx, "split": lst.split, "target_item": lst.target,
+                           "shown": [lst.candidates[j] for j in order], "probs": shown_probs.astype(float).tolist(),
+                           "predicted": [lst.candidates[order[j]] for j in ranked_order(shown_probs)],
+                           "target_position": position, "target_rank": int(ranks[i]),
+                           "retriever_rank": lst.retriever_rank}
         if with_mapb:
             row["ranks_by_position"] = target_ranks.tolist()
             row["bias"] = sample_bias(target_ranks)
@@ -144,9 +169,9 @@ def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
                          "target_position": lst.candidates.index(lst.target) if lst.hit else -1,
                          "target_rank": int(ranks[i]), "retriever_rank": lst.retriever_rank})
     ranked = len(plan.ranked)
-    metrics: dict[str, Any] = {**ranking_metrics(ranks, ks), "users": len(lists), "ranked_users": ranked,
-                               "seconds": round(seconds, 3),
-                               "lists_per_second": (ranked * per_user / seconds) if ranked and seconds > 0 else None}
+    metrics: RankerMetrics = {**ranking_metrics(ranks, ks), "users": len(lists), "ranked_users": ranked,
+                              "seconds": round(seconds, 3),
+                              "lists_per_second": (ranked * per_user / seconds) if ranked and seconds > 0 else None}
     if with_mapb and ranked:
         matrix = np.array(position_ranks, dtype=np.float64).reshape(-1, per_user)
         metrics["mapb"] = mapb(matrix)
@@ -155,7 +180,7 @@ def rankings_from_scores(plan: RankingPlan, probs: np.ndarray, seconds: float,
     return metrics, frame
 
 
-def unranked(frame: pd.DataFrame, seconds: float, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], pd.DataFrame]:
+def unranked(frame: pd.DataFrame, seconds: float, ks: Sequence[int] = (1, 5, 10)) -> tuple[RankerMetrics, pd.DataFrame]:
     """Metrics and rankings rows when no list is re-ranked (the `none` ranker), column-wise from
     candidates-table rows in user order: what `rankings_from_scores` gives for a plan without
     prompts, with no object per list, so the retriever-alone row costs little at any user count."""
@@ -168,13 +193,13 @@ def unranked(frame: pd.DataFrame, seconds: float, ks: Sequence[int] = (1, 5, 10)
                              "probs": [[]] * len(frame), "predicted": candidates,
                              "target_position": np.where(at_target.any(axis=1), at_target.argmax(axis=1), -1),
                              "target_rank": ranks, "retriever_rank": ranks})
-    metrics = {**ranking_metrics(ranks, ks), "users": len(frame), "ranked_users": 0, "seconds": round(seconds, 3),
-               "lists_per_second": None}
+    metrics: RankerMetrics = {**ranking_metrics(ranks, ks), "users": len(frame), "ranked_users": 0,
+                              "seconds": round(seconds, 3), "lists_per_second": None}
     return metrics, rankings
 
 
 def score_plan(plan: RankingPlan, scorer: Optional[ListScorer], lists_per_call: int = 64,
-               ks: Sequence[int] = (1, 5, 10), name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
+               ks: Sequence[int] = (1, 5, 10), name: str = "ranker") -> tuple[RankerMetrics, pd.DataFrame]:
     """Score a plan's prompts with a scorer in this process, whole lists per call; returns (metrics,
     one rankings row per list). (`cotrec.ranker.scoring` scores an LLM ranker's plan on a Ray Data
     actor pool instead.)"""
@@ -193,6 +218,6 @@ def score_plan(plan: RankingPlan, scorer: Optional[ListScorer], lists_per_call: 
 
 def evaluate_ranker(lists: list[CandidateList], scorer: Optional[ListScorer], seed: int, with_mapb: bool = True,
                     lists_per_call: int = 64, ks: Sequence[int] = (1, 5, 10),
-                    name: str = "ranker") -> tuple[dict[str, Any], pd.DataFrame]:
+                    name: str = "ranker") -> tuple[RankerMetrics, pd.DataFrame]:
     """Plan and rank every list with a scorer in this process (None: every list keeps its rank)."""
     return score_plan(plan_rankings(lists, seed, with_mapb, rerank=scorer is not None), scorer, lists_per_call, ks, name)

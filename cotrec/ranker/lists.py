@@ -104,7 +104,7 @@ def candidate_rows(config: Config, run: RunDir, variant: str, split: str, only_h
 
 
 def load_lists(config: Config, run: RunDir, variant: str, split: str, prompt: str,
-               only_hits: bool = False, limit: Optional[int] = None) -> tuple[list[CandidateList], dict[str, Any]]:
+               only_hits: bool = False, limit: Optional[int] = None) -> tuple[list[CandidateList], dict[str, int]]:
     """The candidate lists of one retriever variant and split, with what `prompt` shows.
 
     Returns the lists (every user in user order, or a seeded sample of `limit` of them) and
@@ -197,7 +197,7 @@ def attach_prompt_inputs(run: RunDir, lists: list[CandidateList], prompt: str, c
     return notes
 
 
-def ranked_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tuple[list[CandidateList], dict[str, Any]]:
+def ranked_lists(config: Config, run: RunDir, variant: str, prompt: str) -> tuple[list[CandidateList], dict[str, int]]:
     """The `test` lists the ranker is evaluated on: every user's, or a seeded sample of
     `ranker.max_eval_users` (the same users for every retriever and ranker)."""
     return load_lists(config, run, variant, "test", prompt, limit=config.ranker.max_eval_users)
@@ -259,7 +259,7 @@ class TrainingLists:
 
     train: list[CandidateList]
     held_out: list[CandidateList]
-    notes: dict[str, Any]
+    notes: dict[str, int]
 
     @property
     def every(self) -> list[CandidateList]:

@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 GIB = 1024 ** 3
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2,
@@ -158,7 +158,27 @@ def activation_bytes(shape: ModelShape, tokens: int, value_bytes: int, checkpoin
     return int(layers * per_layer)
 
 
-def finetune_memory(shape: ModelShape, ranker: Any, max_tokens: int, precision: str) -> dict[str, Any]:
+class FinetuneMemory(TypedDict):
+    """`finetune_memory`: one fine-tune worker's parameters and bytes (None: not on that device, or unknown)."""
+
+    parameters: int
+    lora_parameters: int
+    base_bytes: int
+    lora_state_bytes: int
+    activation_bytes: Optional[int]
+    tokens: int
+    gpu_bytes: Optional[int]
+    host_bytes: int
+
+
+class MergeMemory(TypedDict):
+    """`merge_memory`: bytes on the merge's GPU (None: it runs on the host) and host."""
+
+    gpu_bytes: Optional[int]
+    host_bytes: int
+
+
+def finetune_memory(shape: ModelShape, ranker: Any, max_tokens: int, precision: str) -> FinetuneMemory:
     """Bytes per GPU and per host of one fine-tune worker (`precision`: bf16 or fp32, resolved)."""
     workers, stage = max(1, ranker.num_workers), ranker.zero_stage
     weight_bytes = BYTES[precision]
@@ -174,7 +194,7 @@ def finetune_memory(shape: ModelShape, ranker: Any, max_tokens: int, precision: 
             "host_bytes": int(shape.parameters * weight_bytes if on_gpu else device)}
 
 
-def merge_memory(shape: ModelShape, merged_dtype: str, on_gpu: bool) -> dict[str, Any]:
+def merge_memory(shape: ModelShape, merged_dtype: str, on_gpu: bool) -> MergeMemory:
     """Bytes on the merge's device and host: the base in float32, and the checkpoint written."""
     merged = shape.parameters * 4
     written = shape.parameters * BYTES[merged_dtype]

@@ -17,12 +17,12 @@ position and its rank by the probe and by the zero-shot model (`lists.parquet`).
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 
 from cotrec.llm import letters
-from cotrec.metrics import ndcg_gains, paired_difference
+from cotrec.metrics import PairedDifference, ndcg_gains, paired_difference
 from cotrec.progress import Progress
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
@@ -116,7 +116,25 @@ def choose_weight_decay(states: np.ndarray, targets: np.ndarray, seed: int) -> t
     return best, scored
 
 
-def probe_reading(difference: dict[str, Any], beats: bool) -> str:
+class ProbeLists(TypedDict):
+    """Per test list (columns): its user, the target's shown position, its rank by the probe and by the
+    zero-shot model."""
+    user_idx: list[int]
+    shown_at: list[int]
+    probe_rank: list[int]
+    zero_shot_rank: list[int]
+
+
+# `run_probe`'s result: the lists, the probe's and the zero-shot model's NDCG@10 on the same test lists,
+# their paired difference and what it says.
+ProbeResult = TypedDict("ProbeResult", {
+    "train_lists": int, "test_lists": int, "hidden": int, "dtype": str, "probe_train_ndcg@10": float,
+    "probe_ndcg@10": float, "zero_shot_ndcg@10": float, "probe_minus_zero_shot": PairedDifference,
+    "weight_decay": float, "cross_validated_ndcg@10": dict[str, float], "probe_beats_zero_shot": bool,
+    "reading": str, "lists": ProbeLists, "seconds": float})
+
+
+def probe_reading(difference: PairedDifference, beats: bool) -> str:
     """What the probe against the zero-shot model says, and only what its interval can carry."""
     if not difference.get("interval"):
         return (f"no reading: {difference['why']}; the probe needs more test lists before it can say whether "
@@ -129,7 +147,7 @@ def probe_reading(difference: dict[str, Any], beats: bool) -> str:
 
 
 def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList], test: list[CandidateList],
-              zero_shot_ranks: np.ndarray, seed: int, dtype: str = "float32") -> dict[str, Any]:
+              zero_shot_ranks: np.ndarray, seed: int, dtype: str = "float32") -> ProbeResult:
     """Train the probe on `train` (each list in its shown order), rank `test` in the evaluation's shown
     order, and compare with the zero-shot model's ranks of the same targets in the same order. `dtype`:
     the one the zero-shot model was scored in, so that both read the same model."""
@@ -160,7 +178,7 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
     difference = paired_difference(probe_gains - zero_gains, seed=seed)
     beats = bool(difference.get("interval") and difference["low"] > 0)
     # per test list, what the figures are computed from
-    per_list = {"user_idx": [lst.user_idx for lst in test], "shown_at": test_targets.tolist(),
+    per_list: ProbeLists = {"user_idx": [lst.user_idx for lst in test], "shown_at": test_targets.tolist(),
                 "probe_rank": ranks.tolist(), "zero_shot_rank": np.asarray(zero_shot_ranks).tolist()}
     return {"train_lists": len(train), "test_lists": len(test), "hidden": int(train_states.shape[-1]), "dtype": dtype,
             "weight_decay": decay, "cross_validated_ndcg@10": cross_validated,

@@ -24,7 +24,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Optional, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -37,10 +37,12 @@ from cotrec.fingerprint import fingerprint
 from cotrec.llm import letters
 from cotrec.llm.embedded import resolve_model
 from cotrec.progress import log
-from cotrec.ranker.finetune import FinetuneJob, epoch_examples, fit, merge_and_measure, validation_prompts
+from cotrec.ranker.finetune import (EpochRecord, FinetuneJob, MergeCheck, epoch_examples, fit, merge_and_measure,
+                                    validation_prompts)
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import (attach_prompt_inputs, ranked_lists, shows_preference_when_trained, trained_on,
                                  training_lists)
+from cotrec.ranker.probe import ProbeResult
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
 from cotrec.reporting.plots import plot_training_curve
 from cotrec.retriever.variants import parse_variant, variant_dir
@@ -66,14 +68,43 @@ def merged_model(config: Config, run: RunDir, variant: str, prompt: str) -> Path
     return run / ranker_folder(trained_on(config, variant), prompt) / "model" / "merged"
 
 
-def list_inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str, Any]:
+# A fine-tune's `train.json` (and what `ranker train` returns: with `skipped` and `folder`): the lists
+# it trained and validated on (`TrainingLists.notes` and what their prompts lack), then either why it
+# was not trained or how it trained and what it kept.
+FinetuneSummary = TypedDict("FinetuneSummary", {
+    "skipped": bool, "folder": str, "retriever": str, "prompt": str,
+    "users": int, "valid_lists": int, "valid_misses": int, "prefix_lists": int, "prefix_positions_drawn": int,
+    "prefix_misses": int, "targets_inserted": int, "masked_positives": int, "train_lists": int,
+    "held_out_lists": int, "held_out_users": int, "lists_without_preference": int,
+    "candidates_without_key_terms": int, "held_out_lists_without_preference": int,
+    "held_out_candidates_without_key_terms": int, "not_trained": str,
+    "prompt_version": str, "base_model": str, "examples_per_epoch": int, "epochs": int, "shape_note": str,
+    "optimiser_steps": int, "warmup_steps": int, "micro_batch": int, "accumulation": int, "trainer": str,
+    "num_workers": int, "zero_stage": int, "precision": str, "curve": list[EpochRecord], "best_epoch": int,
+    "letter_loss_chance": float, "base_val_ndcg@10": float, "base_val_ndcg@10_se": float,
+    "best_val_ndcg@10": float, "best_val_ndcg@10_se": float, "first_epoch_loss": float, "last_epoch_loss": float,
+    "examples_per_s": float, "merged_dtype": str, "update_kept": MergeCheck,
+    "resumed_after_epoch": Optional[int], "train_seconds": float, "wall_seconds": float}, total=False)
+
+
+class ProbeSummary(ProbeResult, total=False):
+    """`ranker probe`'s `probe.json` (the probe's result, on which lists), and whether it was current."""
+
+    skipped: bool
+    folder: str
+    retriever: str
+    prompt: str
+    trained_on: str
+
+
+def list_inputs(config: Config, run: RunDir, variant: str, prompt: str) -> dict[str, Optional[str]]:
     """What the lists depend on: the retriever's candidates and the extraction the prompt shows."""
     user, item = parse_variant(variant)
     record = run.completion(variant_dir(config, user, item, config.seed))
     if record is None:
         raise DataError(f"{run / variant_dir(config, user, item, config.seed)}: no trained retriever; run "
                         f"`cotrec retriever train --variant {user}/{item}` first")
-    parts: dict[str, Any] = {"candidates": record.get("fingerprint"), "prompt": prompt, "prompt_version": PROMPT_VERSION}
+    parts: dict[str, Optional[str]] = {"candidates": record.get("fingerprint"), "prompt": prompt, "prompt_version": PROMPT_VERSION}
     for kind, used in (("users", uses_preference(prompt)), ("perceptions", uses_perceptions(prompt))):
         if used:
             parts[kind] = folder_digest(output_folder(run, kind))
@@ -89,7 +120,7 @@ def train_fingerprint(config: Config, run: RunDir, variant: str, prompt: str) ->
                         "retriever": config.retriever.top_m, "seed": config.seed, "inputs": inputs})
 
 
-def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> dict[str, Any]:
+def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False) -> FinetuneSummary:
     """Fine-tune a LoRA ranker on one retriever's training lists (`training_lists`: the same for every
     prompt); keep the adapter of the best held-out epoch; merge it. Skipped when current; not trained,
     with a record that says why, when there are too few lists."""
@@ -106,7 +137,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
     found = training_lists(config, run, variant)
     notes = {**attach_prompt_inputs(run, found.train, prompt, config),
              **{f"held_out_{k}": v for k, v in attach_prompt_inputs(run, found.held_out, prompt, config).items()}}
-    counts = {"retriever": variant, "prompt": prompt, **found.notes, **notes}
+    counts: FinetuneSummary = {"retriever": variant, "prompt": prompt, **found.notes, **notes}
     if len(found.train) < rc.min_train_lists or not found.held_out:
         reason = (f"not fine-tuned: the retriever found the target of {len(found.train)} training and "
                   f"{len(found.held_out)} held-out list(s) (ranker.min_train_lists {rc.min_train_lists}, at least "
@@ -135,21 +166,22 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
         kept = merge_and_measure(base, folder / "adapter", folder / "merged", shown, letters(candidates), rc)
         curve = result.curve
         best = curve[result.best_epoch]
-        summary = {**counts, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
-                   "examples_per_epoch": len(examples[0]), "epochs": rc.epochs, "shape_note": shape.note,
-                   "optimiser_steps": result.steps_per_epoch * rc.epochs, "warmup_steps": result.warmup_steps,
-                   "micro_batch": result.micro_batch, "accumulation": result.accumulation,
-                   "trainer": rc.trainer, "num_workers": result.world_size, "zero_stage": rc.zero_stage,
-                   "precision": result.precision, "curve": curve, "best_epoch": result.best_epoch,
-                   "letter_loss_chance": math.log(candidates),
-                   "base_val_ndcg@10": curve[0]["val_ndcg@10"], "base_val_ndcg@10_se": curve[0]["val_ndcg@10_se"],
-                   "best_val_ndcg@10": best["val_ndcg@10"], "best_val_ndcg@10_se": best["val_ndcg@10_se"],
-                   "first_epoch_loss": curve[1]["loss"], "last_epoch_loss": curve[-1]["loss"],
-                   "examples_per_s": round(float(np.mean([c["examples_per_s"] for c in curve[1:]])), 3),
-                   "merged_dtype": rc.merged_dtype, "update_kept": kept,
-                   "resumed_after_epoch": result.resumed_after_epoch,
-                   "train_seconds": round(result.seconds, 3),
-                   "wall_seconds": round(time.perf_counter() - started, 3)}
+        summary: FinetuneSummary = {
+            **counts, "prompt_version": PROMPT_VERSION, "base_model": config.llm.model,
+            "examples_per_epoch": len(examples[0]), "epochs": rc.epochs, "shape_note": shape.note,
+            "optimiser_steps": result.steps_per_epoch * rc.epochs, "warmup_steps": result.warmup_steps,
+            "micro_batch": result.micro_batch, "accumulation": result.accumulation,
+            "trainer": rc.trainer, "num_workers": result.world_size, "zero_stage": rc.zero_stage,
+            "precision": result.precision, "curve": curve, "best_epoch": result.best_epoch,
+            "letter_loss_chance": math.log(candidates),
+            "base_val_ndcg@10": curve[0]["val_ndcg@10"], "base_val_ndcg@10_se": curve[0]["val_ndcg@10_se"],
+            "best_val_ndcg@10": best["val_ndcg@10"], "best_val_ndcg@10_se": best["val_ndcg@10_se"],
+            "first_epoch_loss": curve[1]["loss"], "last_epoch_loss": curve[-1]["loss"],
+            "examples_per_s": round(float(np.mean([c["examples_per_s"] for c in curve[1:]])), 3),
+            "merged_dtype": rc.merged_dtype, "update_kept": kept,
+            "resumed_after_epoch": result.resumed_after_epoch,
+            "train_seconds": round(result.seconds, 3),
+            "wall_seconds": round(time.perf_counter() - started, 3)}
         write_json(folder / "train.json", summary)
         plot_training_curve(folder / "curve.png", summary)
         remove_tree(folder / ".ray")
@@ -162,7 +194,7 @@ def ranker_train(config: Config, run: RunDir, variant: str, prompt: str, force: 
 
 
 def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: bool = False,
-                 train_lists: int | None = None) -> dict[str, Any]:
+                 train_lists: int | None = None) -> ProbeSummary:
     """The frozen-feature probe (`cotrec.ranker.probe`) of the base model on `prompt`'s lists: trained on
     the lists its fine-tune trains on (a seeded sample of `train_lists` of them when given: one forward
     pass per list is what it costs), compared on `variant`'s re-ranked test lists with the zero-shot
@@ -198,11 +230,12 @@ def ranker_probe(config: Config, run: RunDir, variant: str, prompt: str, force: 
         f"{len(test):,} test lists of {variant} ({prompt})")
     result = run_probe(resolve_model(config.llm.model), LetterRanker.for_run(run, prompt), train, test,
                        rankings.loc[[lst.user_idx for lst in test]].to_numpy(), config.ranker.shuffle_seed, dtype)
-    result = {"retriever": variant, "prompt": prompt, "trained_on": trained_on(config, variant), **result}
-    lists = pd.DataFrame(result.pop("lists"))
+    record: ProbeSummary = {"retriever": variant, "prompt": prompt, "trained_on": trained_on(config, variant),
+                            **result}
+    lists = pd.DataFrame(record.pop("lists"))
     with run.staged(stage, fp) as folder:
-        write_json(folder / "probe.json", result)
+        write_json(folder / "probe.json", record)
         lists.to_parquet(folder / "lists.parquet", index=False)
-    log(f"ranker: probe {result['probe_ndcg@10']:.4f} vs zero-shot {result['zero_shot_ndcg@10']:.4f} NDCG@10: "
-        f"{result['reading']}")
-    return {"skipped": False, "folder": str(run / stage), **result}
+    log(f"ranker: probe {record['probe_ndcg@10']:.4f} vs zero-shot {record['zero_shot_ndcg@10']:.4f} NDCG@10: "
+        f"{record['reading']}")
+    return {"skipped": False, "folder": str(run / stage), **record}

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypedDict, Union
 
 import numpy as np
 import pandas as pd
 
-from cotrec.metrics import ndcg_gains, paired_difference
+from cotrec.metrics import PairedDifference, ndcg_gains, paired_difference
 from cotrec.rundir import write_json
 from cotrec.storage import as_path, replace_file
+
+if TYPE_CHECKING:
+    from cotrec.ranker.evaluate import EvalResult
 
 MANIFEST = "table2.json"
 RANKINGS = "rankings"
@@ -38,20 +41,86 @@ TRAIN_KEYS = ("retriever", "train_lists", "held_out_lists", "valid_lists", "pref
               "epochs", "best_epoch", "base_val_ndcg@10", "best_val_ndcg@10", "best_val_ndcg@10_se",
               "first_epoch_loss", "last_epoch_loss", "letter_loss_chance", "num_workers", "micro_batch",
               "shape_note", "precision", "train_seconds")
+# Those keys of a fine-tune's record (with `zero_stage`, which an evaluation's metrics.json also keeps).
+TrainRecord = TypedDict("TrainRecord", {
+    "retriever": str, "train_lists": int, "held_out_lists": int, "valid_lists": int, "prefix_lists": int,
+    "masked_positives": int, "epochs": int, "best_epoch": int, "base_val_ndcg@10": float, "best_val_ndcg@10": float,
+    "best_val_ndcg@10_se": float, "first_epoch_loss": float, "last_epoch_loss": float, "letter_loss_chance": float,
+    "num_workers": int, "micro_batch": int, "shape_note": str, "zero_stage": int, "precision": str,
+    "train_seconds": float}, total=False)
 
 
-def rankings_name(row: dict[str, Any]) -> str:
+class Table2Header(TypedDict):
+    """What every row of a report shares: the dataset, the ranker model and its fine-tune settings."""
+
+    dataset: str
+    model: str
+    lora_r: int
+    epochs: int
+    seed: int
+    sampled_users: Optional[int]
+
+
+class ManifestRow(TypedDict, total=False):
+    """One row of `table2.json`: which evaluation, and where its rankings are (none: `not_run`)."""
+
+    label: str
+    retriever: str
+    ranker: str
+    not_run: str
+    model: Optional[str]
+    backend: Optional[str]
+    users: int
+    ranked_users: int
+    train: TrainRecord
+    rankings: str
+
+
+class Manifest(TypedDict):
+    """`table2.json`."""
+
+    header: Table2Header
+    rows: list[ManifestRow]
+
+
+# A row's figures, recomputed from its rankings (`row_figures`).
+RowFigures = TypedDict("RowFigures", {
+    "users": int, "ranked": int, "ndcg@10": float, "hit@1": float, "ndcg@10_vs_retriever": PairedDifference,
+    "pf_ndcg@10": PairedDifference, "mapb": PairedDifference}, total=False)
+
+# A Table 2 row: its manifest entry and, where it was run, its figures.
+Table2Row = TypedDict("Table2Row", {
+    "label": str, "retriever": str, "ranker": str, "not_run": str, "model": Optional[str],
+    "backend": Optional[str], "users": int, "ranked_users": int, "train": TrainRecord, "rankings": str,
+    "ranked": int, "ndcg@10": float, "hit@1": float, "ndcg@10_vs_retriever": PairedDifference,
+    "pf_ndcg@10": PairedDifference, "mapb": PairedDifference}, total=False)
+
+# A paired comparison of two rankers on one retriever's lists: `a` minus `b` (`compare`).
+Comparison = TypedDict("Comparison", {
+    "label": str, "a": str, "b": str, "ndcg@10": PairedDifference, "pf_ndcg@10": PairedDifference,
+    "mapb": PairedDifference}, total=False)
+
+
+class Table2Figures(TypedDict):
+    """Every figure of Table 2 (`table2_figures`), what `reporting.tables.table2_markdown` renders."""
+
+    header: Table2Header
+    rows: list[Table2Row]
+    comparisons: list[Comparison]
+
+
+def rankings_name(row: Union[ManifestRow, EvalResult]) -> str:
     return f"{row['retriever'].replace('/', '-')}--{row['ranker'].replace('/', '-')}.parquet"
 
 
-def export_table2(folder: Path, rows: list[dict[str, Any]], header: dict[str, Any],
-                  rankings_of: Any) -> Path:
+def export_table2(folder: Path, rows: list[EvalResult], header: Table2Header,
+                  rankings_of: Callable[[EvalResult], pd.DataFrame]) -> Path:
     """Write a report folder's `table2.json` and per-row rankings (the columns the figures read).
     `rows`: finished evaluations (their metrics.json, with `label`); `rankings_of(row)`: its
     rankings table."""
-    entries = []
+    entries: list[ManifestRow] = []
     for row in rows:
-        entry = {k: row[k] for k in ("label", "retriever", "ranker") }
+        entry: ManifestRow = {"label": row["label"], "retriever": row["retriever"], "ranker": row["ranker"]}
         entry.update({k: row[k] for k in ("not_run", "model", "backend", "users", "ranked_users") if k in row})
         if row.get("train"):
             entry["train"] = {k: row["train"][k] for k in TRAIN_KEYS if k in row["train"]}
@@ -63,19 +132,19 @@ def export_table2(folder: Path, rows: list[dict[str, Any]], header: dict[str, An
             entry["rankings"] = f"{RANKINGS}/{rankings_name(row)}"
         entries.append(entry)
     path = as_path(folder) / MANIFEST
-    write_json(path, {"header": header, "rows": entries})
+    write_json(path, Manifest(header=header, rows=entries))
     return path
 
 
-def read_table2(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, pd.DataFrame]]:
+def read_table2(folder: Path) -> tuple[Table2Header, list[ManifestRow], dict[tuple[str, str], pd.DataFrame]]:
     """A report folder's manifest (header, rows) and each row's rankings, by ranker key."""
-    manifest = json.loads((as_path(folder) / MANIFEST).read_text())
+    manifest: Manifest = json.loads((as_path(folder) / MANIFEST).read_text())
     frames = {_key(row): pd.read_parquet(str(as_path(folder) / row["rankings"])).sort_values("user_idx")
               for row in manifest["rows"] if "rankings" in row}
     return manifest["header"], manifest["rows"], frames
 
 
-def _key(row: dict[str, Any]) -> tuple[str, str]:
+def _key(row: Union[ManifestRow, EvalResult]) -> tuple[str, str]:
     return row["label"], row["ranker"]
 
 
@@ -95,11 +164,11 @@ def list_bias(ranks_by_position: pd.Series) -> np.ndarray:
     return np.array([np.abs(np.asarray(r) - np.mean(r)).mean() for r in ranks_by_position], dtype=np.float64)
 
 
-def row_figures(frame: pd.DataFrame, seed: int) -> dict[str, Any]:
+def row_figures(frame: pd.DataFrame, seed: int) -> RowFigures:
     """One row's figures from its rankings."""
     gains = ndcg_gains(frame["target_rank"].to_numpy(), 10)
     reranked = _reranked(frame)
-    figures: dict[str, Any] = {
+    figures: RowFigures = {
         "users": len(frame), "ranked": len(reranked), "ndcg@10": float(gains.mean()),
         "hit@1": float((frame["target_rank"].to_numpy() == 0).mean()),
         "ndcg@10_vs_retriever": paired_difference(gains - ndcg_gains(frame["retriever_rank"].to_numpy(), 10),
@@ -110,12 +179,12 @@ def row_figures(frame: pd.DataFrame, seed: int) -> dict[str, Any]:
     return figures
 
 
-def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int) -> dict[str, Any]:
+def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int) -> Comparison:
     """`first` - `second` on the same users (NDCG@10) and the same re-ranked lists (position-free
     NDCG@10, MAPB)."""
     both = first.merge(second, on="user_idx", suffixes=("_a", "_b"))
     a, b = both["target_rank_a"].to_numpy(), both["target_rank_b"].to_numpy()
-    out: dict[str, Any] = {}
+    out: Comparison = {}
     if "ranks_by_position_a" in both.columns and "ranks_by_position_b" in both.columns:
         lists = both[both["ranks_by_position_a"].map(lambda r: r is not None and len(r) > 0)
                      & both["ranks_by_position_b"].map(lambda r: r is not None and len(r) > 0)]
@@ -127,11 +196,11 @@ def compare(first: pd.DataFrame, second: pd.DataFrame, seed: int) -> dict[str, A
     return out
 
 
-def comparisons(rows: list[dict[str, Any]], frames: dict[tuple[str, str], pd.DataFrame],
-                seed: int) -> list[dict[str, Any]]:
+def comparisons(rows: list[ManifestRow], frames: dict[tuple[str, str], pd.DataFrame],
+                seed: int) -> list[Comparison]:
     """The paper's comparison (LLM++ - LLM) and each fine-tuned ranker - its zero-shot model, per
     retriever, where both rows were evaluated."""
-    pairs = []
+    pairs: list[Comparison] = []
     for label in dict.fromkeys(row["label"] for row in rows):
         present = {row["ranker"] for row in rows if row["label"] == label and (label, row["ranker"]) in frames}
         wanted = [("llm++", "llm")] + [(r, f"{r}/zero-shot") for r in ("llm", "llm+", "llm++")]
@@ -143,15 +212,15 @@ def comparisons(rows: list[dict[str, Any]], frames: dict[tuple[str, str], pd.Dat
     return pairs
 
 
-def table2_figures(header: dict[str, Any], rows: list[dict[str, Any]],
-                   frames: dict[tuple[str, str], pd.DataFrame]) -> dict[str, Any]:
+def table2_figures(header: Table2Header, rows: list[ManifestRow],
+                   frames: dict[tuple[str, str], pd.DataFrame]) -> Table2Figures:
     """Every figure of Table 2, from the rows and their rankings alone."""
     seed = int(header.get("seed", 0))
-    figures = [{**row, **(row_figures(frames[_key(row)], seed) if _key(row) in frames else {})} for row in rows]
+    figures: list[Table2Row] = [{**row, **(row_figures(frames[_key(row)], seed) if _key(row) in frames else {})} for row in rows]
     return {"header": header, "rows": figures, "comparisons": comparisons(rows, frames, seed)}
 
 
-def check_report(folder: Path, render: Any) -> Optional[str]:
+def check_report(folder: Path, render: Callable[[Table2Figures], str]) -> Optional[str]:
     """None when `table2.md` is what its per-list outputs render to; else the first line that differs."""
     header, rows, frames = read_table2(folder)
     expected = render(table2_figures(header, rows, frames))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cotrec.reporting.tables import Table1, estimate, ranker_label, table2_console_cells
+
+if TYPE_CHECKING:  # the ranker imports the reporting modules
+    from cotrec.ranker.grid import Table2Summary
 
 
 def format_train_summary(summary: dict[str, Any]) -> str:
@@ -37,7 +40,7 @@ def format_grid_summary(summary: Table1) -> str:
     return "\n".join(lines)
 
 
-def format_table2_summary(summary: dict[str, Any]) -> str:
+def format_table2_summary(summary: Table2Summary) -> str:
     lines = [f"{'retriever':<28} {'ranker':<22} {'ndcg@10':>8} {'pf-ndcg':>8} {'mapb':>6} {'ranked':>6}"]
     for row in summary["rows"]:
         name = f"{row['label'] + ' ' + row['retriever']:<28} {ranker_label(row['ranker']):<22}"

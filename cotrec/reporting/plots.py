@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -11,6 +11,10 @@ from cotrec.reporting.figures import pyplot, save_figure
 from cotrec.reporting.tables import Table1Row, ranker_label
 from cotrec.rundir import RunDir
 from cotrec.storage import as_path
+
+if TYPE_CHECKING:  # the ranker imports this module
+    from cotrec.ranker.evaluate import EvalResult
+    from cotrec.ranker.stage import FinetuneSummary
 
 TABLE1_PLOT = "reports/table1.png"
 RANK_PLOT = "reports/rank_vs_position.png"
@@ -34,7 +38,7 @@ def plot_table1(run: RunDir, rows: list[Table1Row]) -> Optional[Path]:
     return save_figure(fig, run / TABLE1_PLOT)
 
 
-def plot_rank_vs_position(run: RunDir, rows: list[dict[str, Any]]) -> Optional[Path]:
+def plot_rank_vs_position(run: RunDir, rows: list[EvalResult]) -> Optional[Path]:
     """Mean predicted rank of the target against the position it was shown at, per ranker."""
     curves = [r for r in rows if r.get("mean_rank_by_position")]
     if not curves:
@@ -72,7 +76,7 @@ def plot_stages(run: RunDir, seconds: dict[str, float], generated_tokens: dict[s
     return save_figure(fig, run / STAGES_PLOT)
 
 
-def plot_training_curve(path: Path, train: dict[str, Any]) -> Path:
+def plot_training_curve(path: Path, train: FinetuneSummary) -> Path:
     """A fine-tune's curve: the letter loss per epoch against chance (ln M), and the held-out lists'
     NDCG@10 (± one standard error) from the base model (epoch 0) on, the kept epoch marked."""
     curve = train["curve"]

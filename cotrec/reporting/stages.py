@@ -9,13 +9,35 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence, TypedDict
 
 from cotrec.reporting.plots import plot_stages
 from cotrec.rundir import RunDir, atomic_write_text, write_json
 
 STAGES_JSON = "reports/stages.json"
 STAGES_MD = "reports/stages.md"
+
+
+class StageRecord(TypedDict, total=False):
+    """A stage's entry in `reports/stages.json`: its finished work's time, or its interrupted attempts'."""
+
+    seconds: float
+    skipped: bool
+    finished_at: float
+    of_which_interrupted_seconds: float
+    interrupted_seconds: float
+    last_checked_at: float
+    last_check_seconds: float
+
+
+class StageTiming(TypedDict, total=False):
+    """One stage of this run of the main job: its time, whether it was skipped, and why it was not
+    needed (`unneeded`, only then)."""
+
+    stage: str
+    seconds: float
+    skipped: bool
+    unneeded: str
 
 
 def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interrupted: bool = False) -> None:
@@ -39,19 +61,19 @@ def record_stage(run: RunDir, stage: str, seconds: float, skipped: bool, interru
     write_json(run / STAGES_JSON, records)
 
 
-def stage_records(run: RunDir) -> dict[str, dict[str, Any]]:
+def stage_records(run: RunDir) -> dict[str, StageRecord]:
     try:
         return json.loads((run / STAGES_JSON).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def finished_stage_seconds(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+def finished_stage_seconds(records: dict[str, StageRecord]) -> dict[str, float]:
     """Wall time of each stage that has finished (a stage only interrupted so far has none)."""
     return {stage: record["seconds"] for stage, record in records.items() if "seconds" in record}
 
 
-def write_stages(run: RunDir, records: dict[str, dict[str, Any]], usage: dict[str, dict[str, int]],
+def write_stages(run: RunDir, records: dict[str, StageRecord], usage: dict[str, dict[str, int]],
                  stage_names: Sequence[str]) -> Path:
     """`reports/stages.md` and `stages.png`: each stage of `stage_names` with its time and LLM usage."""
     finished = finished_stage_seconds(records)

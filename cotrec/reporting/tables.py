@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import TYPE_CHECKING, Optional, TypedDict
 
 from cotrec.config import Config, parse_ranker
-from cotrec.metrics import MIN_PAIRED_LISTS, POSITION_ONLY_NDCG
+from cotrec.metrics import MIN_PAIRED_LISTS, POSITION_ONLY_NDCG, PairedDifference
 from cotrec.rundir import RunDir, atomic_write_text
+
+if TYPE_CHECKING:  # the ranker imports this module
+    from cotrec.ranker.table2 import Table2Figures, Table2Row
 
 TABLE1 = "reports/table1.md"
 TABLE2 = "reports/table2.md"
@@ -46,9 +49,8 @@ def ranker_label(ranker: str) -> str:
     return prompt.upper() + ("" if fine_tuned else " (zero-shot)")
 
 
-def interval(row: dict[str, Any], key: str) -> str:
+def interval(found: Optional[dict[str, float]]) -> str:
     """`+0.0031 [-0.0012, +0.0075]`: a paired difference and its 95% bootstrap interval, or "-"."""
-    found = row.get(key)
     if not found:
         return "-"
     return f"{found['mean']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}]"
@@ -74,7 +76,7 @@ def write_table1(run: RunDir, config: Config, summary: Table1) -> Path:
         mark = " †" if row.get("stopped_by_max_epochs") else ""
         capped += [row["variant"]] if mark else []
         lines.append(f"| {user} | {item} | {row['hit@10']:.4f} ± {row['hit@10_std']:.4f} | "
-                     f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f} | {interval(row, 'ndcg@10_vs_baseline')} | "
+                     f"{row['ndcg@10']:.4f} ± {row['ndcg@10_std']:.4f} | {interval(row.get('ndcg@10_vs_baseline'))} | "
                      f"{row['best_epoch']:.1f}{mark} |")
     if capped:
         lines += ["", f"† stopped by retriever.max_epochs ({config.retriever.max_epochs}) before patience ran out, "
@@ -84,7 +86,7 @@ def write_table1(run: RunDir, config: Config, summary: Table1) -> Path:
     return path
 
 
-def table2_console_cells(row: dict[str, Any]) -> str:
+def table2_console_cells(row: Table2Row) -> str:
     """A Table 2 row's figures on one console line (NDCG@10, position-free NDCG@10, MAPB, re-ranked
     lists), or why the row was not run."""
     if "not_run" in row:
@@ -94,7 +96,7 @@ def table2_console_cells(row: dict[str, Any]) -> str:
     return f"{row['ndcg@10']:>8.4f} {pf:>8} {mapb:>6} {row['ranked']:>6}"
 
 
-def estimate(found: Optional[dict[str, Any]], signed: bool = True) -> str:
+def estimate(found: Optional[PairedDifference], signed: bool = True) -> str:
     """A mean with its 95% bootstrap interval (`metrics.paired_difference`), or the mean and why it
     has none."""
     if not found:
@@ -105,7 +107,7 @@ def estimate(found: Optional[dict[str, Any]], signed: bool = True) -> str:
     return f"{found['mean']:{sign}.4f} (no interval: {found['lists']} lists)"
 
 
-def table2_markdown(figures: dict[str, Any]) -> str:
+def table2_markdown(figures: Table2Figures) -> str:
     """Table 2 as markdown, from `ranker.table2.table2_figures` (the report folder's per-list outputs)."""
     header, rows = figures["header"], figures["rows"]
     users = next((row["users"] for row in rows if "users" in row), 0)
