@@ -84,6 +84,7 @@ def cmd_report(args: Args) -> int:
 
 
 def check_report_folder(folder: Path) -> int:
+    from cotrec.ranker.probe import check_probe
     from cotrec.ranker.table2 import MANIFEST, check_report
     from cotrec.reporting.tables import table2_markdown
 
@@ -93,6 +94,14 @@ def check_report_folder(folder: Path) -> int:
     if differs is not None:
         raise CotrecError(f"{folder / 'table2.md'}: not what its per-list outputs give: {differs}")
     print(f"{folder / 'table2.md'}: every figure recomputed from {folder / MANIFEST} and its rankings")
+    for record in sorted(folder.glob("probe-*.json")):  # a frozen-feature probe kept beside the table
+        lists = record.with_name(f"{record.stem}-lists.parquet")
+        if not lists.is_file():
+            raise CotrecError(f"{record}: no {lists.name} beside it (the probe's per-list ranks)")
+        differs = check_probe(record, lists)
+        if differs is not None:
+            raise CotrecError(f"{record}: not what its per-list ranks give: {differs}")
+        print(f"{record}: every figure recomputed from {lists.name}")
     return 0
 
 

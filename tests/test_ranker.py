@@ -54,6 +54,41 @@ class FirstLetterScorer:
         return np.stack([np.linspace(1.0, 0.1, len(order)) for _, order in queries])
 
 
+def test_a_probe_record_recomputes_from_its_per_list_ranks(tmp_path):
+    """`cotrec report --check` holds a frozen-feature probe's figures against the per-list ranks kept
+    beside them: the same ranks give the same figures; one list's rank changed is named."""
+    from cotrec.ranker.probe import check_probe, probe_figures
+    from cotrec.rundir import write_json
+
+    rng = np.random.default_rng(0)
+    lists = pd.DataFrame({"user_idx": np.arange(60), "shown_at": rng.integers(0, 10, 60),
+                          "probe_rank": rng.integers(0, 10, 60), "zero_shot_rank": rng.integers(0, 10, 60)})
+    lists.to_parquet(tmp_path / "lists.parquet")
+    write_json(tmp_path / "probe.json", {"seed": 3, "train_lists": 100, **probe_figures(lists, seed=3)})
+    assert check_probe(tmp_path / "probe.json", tmp_path / "lists.parquet") is None
+    lists.loc[0, "probe_rank"] = (lists.loc[0, "probe_rank"] + 5) % 10
+    lists.to_parquet(tmp_path / "lists.parquet")
+    assert check_probe(tmp_path / "probe.json", tmp_path / "lists.parquet").startswith("probe_ndcg@10: ")
+
+
+def test_the_committed_ml100k_table2_report_recomputes_and_a_changed_probe_list_is_refused(cli, tmp_path):
+    """`cotrec report --check` on docs/reports/ml-100k-table2: Table 2 and the probe kept beside it
+    recompute from their per-list outputs; a copy with one probe list's rank changed exits 2 in one line."""
+    from conftest import REPO
+
+    report = REPO / "docs" / "reports" / "ml-100k-table2"
+    good = cli("report", "--check", str(report))
+    assert good.returncode == 0, good.stderr
+    assert "table2.md: every figure recomputed" in good.stdout and "probe-crm++-llm.json: every figure" in good.stdout
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    lists = pd.read_parquet(copy / "probe-crm++-llm-lists.parquet")
+    lists.loc[0, "probe_rank"] = 9 if lists.loc[0, "probe_rank"] == 0 else 0
+    lists.to_parquet(copy / "probe-crm++-llm-lists.parquet")
+    bad = cli("report", "--check", str(copy))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "probe-crm++-llm.json: not what" in bad.stderr
+
+
 def test_probe_places_the_target_at_every_position_and_keeps_the_others_in_order():
     shown = np.array([3, 0, 7, 1, 9, 2, 8, 4, 6, 5])
     orders = probe_orders(shown, target_index=7)

@@ -16,10 +16,13 @@ position and its rank by the probe and by the zero-shot model (`lists.parquet`).
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Sequence, TypedDict
 
 import numpy as np
+import pandas as pd
 
 from cotrec.llm import letters
 from cotrec.metrics import PairedDifference, ndcg_gains, paired_difference
@@ -128,10 +131,28 @@ class ProbeLists(TypedDict):
 # `run_probe`'s result: the lists, the probe's and the zero-shot model's NDCG@10 on the same test lists,
 # their paired difference and what it says.
 ProbeResult = TypedDict("ProbeResult", {
-    "train_lists": int, "test_lists": int, "hidden": int, "dtype": str, "probe_train_ndcg@10": float,
+    "train_lists": int, "test_lists": int, "hidden": int, "dtype": str, "seed": int, "probe_train_ndcg@10": float,
     "probe_ndcg@10": float, "zero_shot_ndcg@10": float, "probe_minus_zero_shot": PairedDifference,
     "weight_decay": float, "cross_validated_ndcg@10": dict[str, float], "probe_beats_zero_shot": bool,
     "reading": str, "lists": ProbeLists, "seconds": float})
+
+
+def probe_figures(lists: pd.DataFrame, seed: int) -> dict[str, float | PairedDifference]:
+    """The probe's and the zero-shot model's NDCG@10 and their paired difference, from the per-list
+    ranks (`lists.parquet`) alone."""
+    probe_gains = ndcg_gains(lists["probe_rank"].to_numpy(), 10)
+    zero_gains = ndcg_gains(lists["zero_shot_rank"].to_numpy(), 10)
+    return {"probe_ndcg@10": float(probe_gains.mean()), "zero_shot_ndcg@10": float(zero_gains.mean()),
+            "probe_minus_zero_shot": paired_difference(probe_gains - zero_gains, seed=seed)}
+
+
+def check_probe(record: Path, lists: Path) -> str | None:
+    """None when a probe's JSON holds what its per-list ranks give; else the first figure that differs."""
+    written = json.loads(record.read_text())
+    for name, value in probe_figures(pd.read_parquet(lists), int(written["seed"])).items():
+        if written[name] != value:
+            return f"{name}: {written[name]!r} != recomputed {value!r}"
+    return None
 
 
 def probe_reading(difference: PairedDifference, beats: bool) -> str:
@@ -174,16 +195,17 @@ def run_probe(model_path: str, ranker: LetterRanker, train: list[CandidateList],
     weights = train_scorer(train_states, train_targets, weight_decay=decay, seed=seed)
     ranks = target_ranks(probe_scores(test_states, weights), test_targets)
     train_ranks = target_ranks(probe_scores(train_states, weights), train_targets)
-    probe_gains, zero_gains = ndcg_gains(ranks, 10), ndcg_gains(zero_shot_ranks, 10)
-    difference = paired_difference(probe_gains - zero_gains, seed=seed)
-    beats = bool(difference.get("interval") and difference["low"] > 0)
-    # per test list, what the figures are computed from
+    # per test list, what the figures are computed from (and recomputed: `check_probe`)
     per_list: ProbeLists = {"user_idx": [lst.user_idx for lst in test], "shown_at": test_targets.tolist(),
-                "probe_rank": ranks.tolist(), "zero_shot_rank": np.asarray(zero_shot_ranks).tolist()}
+                            "probe_rank": ranks.tolist(), "zero_shot_rank": np.asarray(zero_shot_ranks).tolist()}
+    figures = probe_figures(pd.DataFrame(per_list), seed)
+    difference = figures["probe_minus_zero_shot"]
+    beats = bool(difference.get("interval") and difference["low"] > 0)
     return {"train_lists": len(train), "test_lists": len(test), "hidden": int(train_states.shape[-1]), "dtype": dtype,
+            "seed": seed,
             "weight_decay": decay, "cross_validated_ndcg@10": cross_validated,
             "probe_train_ndcg@10": float(ndcg_gains(train_ranks, 10).mean()),
-            "probe_ndcg@10": float(probe_gains.mean()), "zero_shot_ndcg@10": float(zero_gains.mean()),
+            "probe_ndcg@10": figures["probe_ndcg@10"], "zero_shot_ndcg@10": figures["zero_shot_ndcg@10"],
             "probe_minus_zero_shot": difference, "probe_beats_zero_shot": beats,
             "reading": probe_reading(difference, beats), "lists": per_list,
             "seconds": round(time.perf_counter() - started, 1)}
