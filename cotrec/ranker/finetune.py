@@ -6,7 +6,10 @@ Read top to bottom:
    carries no information by itself, the model has to read the items); the held-out lists as the
    evaluation shows them (one prompt each). `batch_shape` sizes workers and micro-batches from the
    examples there are.
-2. `train_loop` (each Ray Train worker): load the base model, wrap it in a peft LoRA adapter, hand
+2. `train_loop` (each Ray Train worker, or in process), the `FinetuneRecipe`'s phases in order
+   (`setup_model`, `setup_data`, `setup_optimiser`, `load_checkpoint`, then per epoch `train_epoch`,
+   `validate`, `keep_best`, `save_checkpoint`, and `save`), in the harness's context
+   (`cotrec.training`): load the base model, wrap it in a peft LoRA adapter, hand
    it to DeepSpeed (ZeRO stage and precision from the config, a plain torch AdamW as the client
    optimiser so no optimiser op has to be compiled) with a linear warm-up and linear decay of the
    learning rate, and step through this worker's share of each epoch in left-padded micro-batches,
@@ -18,8 +21,9 @@ Read top to bottom:
    kept (the base model when no epoch beats it). Position bias (MAPB) is measured once, by the
    evaluation of the kept model. Each epoch ends with a Ray Train checkpoint (the adapter, the
    schedule's position, the curve), from which a restarted worker group resumes.
-3. `fit` launches it with Ray Train's TorchTrainer (gloo on CPU, nccl on GPU), or in-process with
-   `ranker.trainer: local` (the same loop with a plain optimiser and no DeepSpeed).
+3. `fit` launches it through the harness (`training.fit_loop`): Ray Train's TorchTrainer (gloo on
+   CPU, nccl on GPU), or in-process with `ranker.trainer: local` (the same loop with a plain
+   optimiser and no DeepSpeed).
 4. `merge_adapter` folds the adapter into a full checkpoint that any backend (vLLM) serves, merged
    in float32 and saved in `ranker.merged_dtype`, from one load of the base on the fine-tune's
    device; on held-out prompts it measures what the saved checkpoint keeps of the adapter's change
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 import numpy as np
 
-from cotrec.cluster import fit_torch_trainer, in_ray_job
+from cotrec.cluster import in_ray_job
 from cotrec.config import RankerConfig
 from cotrec.llm import letters
 from cotrec.llm.base import Conversation, single_token_ids
@@ -50,8 +54,8 @@ from cotrec.progress import worker_log
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import predicted_ranks
-from cotrec.safeload import load_state
 from cotrec.storage import is_remote, local_copy, location, upload
+from cotrec.training import fit_loop, save_state, training_context
 
 if TYPE_CHECKING:
     import torch
@@ -398,110 +402,152 @@ def letter_loss(logits: Any, letter_ids: list[int], answers: Any) -> Any:
 STEP_LINE_EVERY = 60.0  # seconds between two progress lines within an epoch
 
 
-def train_loop(job: LoopConfig) -> LoopResult:
-    """One worker's fine-tuning; returns the curve (rank 0 also saves the best adapter)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class FinetuneRecipe:
+    """One worker's fine-tune cut into phases, as torchtune's recipes are: `train_loop` calls them in
+    order (set up the model, the data, the optimiser; load a checkpoint; per epoch train, validate,
+    keep the best adapter, save a checkpoint; save the kept adapter), each reading what the earlier
+    ones set. Where it runs (in process or a Ray Train worker) is the harness's context."""
 
-    local = job.get("local", False)
-    if local:
-        rank, world = 0, 1
-        device = torch.device("cuda" if job["use_gpu"] and torch.cuda.is_available() else "cpu")
-        resumed = None
-    else:
-        import ray.train
-        import ray.train.torch
+    def __init__(self, job: LoopConfig):
+        import torch
 
-        context = ray.train.get_context()
-        rank, world = context.get_world_rank(), context.get_world_size()
-        device = ray.train.torch.get_device()
-        checkpoint = ray.train.get_checkpoint()
-        resumed = None
-        if checkpoint is not None:  # a worker died: carry on after the last finished epoch
-            with checkpoint.as_directory() as folder:
-                resumed = load_state(Path(folder) / ADAPTER_STATE)
-    torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
-    torch.manual_seed(job["seed"])
-    started = time.perf_counter()
+        self.job, self.name = job, job.get("name", "")
+        self.ctx = training_context(job.get("local", False), job.get("use_gpu", False), ADAPTER_STATE)
+        self.local, self.rank, self.world, self.device = (self.ctx.local, self.ctx.world_rank, self.ctx.world_size,
+                                                          self.ctx.device)
+        self.resumed = self.ctx.resume_state()  # a worker died: carry on after the last finished epoch
+        torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
+        torch.manual_seed(job["seed"])
+        self.started = time.perf_counter()
+        self.base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's lists
 
-    tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
-    dtype = torch.bfloat16 if job["precision"] == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=dtype)
-    model.config.use_cache = False
-    if job.get("gradient_checkpointing"):  # layers recomputed in the backward pass: activations of one at a time
-        # non-reentrant: gradients reach the adapter though the frozen embeddings' outputs need none
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=job["lora_r"], lora_alpha=job["lora_alpha"],
-                                             lora_dropout=job["lora_dropout"], target_modules=job["lora_targets"],
-                                             task_type="CAUSAL_LM"))
-    if resumed is not None:
-        set_peft_model_state_dict(model, resumed["adapter"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=0.0)
+    def setup_model(self) -> None:
+        """The base model in the job's precision wrapped in a LoRA adapter, a resumed run's adapter
+        loaded into it here, before an engine partitions its parameters."""
+        import torch
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    batcher = _Batcher(tokenizer, job["max_tokens"], device)
-    choices = letters(job["candidates"])
-    letter_ids = single_token_ids(tokenizer, choices)
-    epochs = [[(batcher.encode(e["conversation"]), choices.index(e["answer"])) for e in examples]
-              for examples in job["examples"]]
-    mine_val = job["validation"][rank::world]
-    val_prompts = [batcher.encode(v["conversation"]) for v in mine_val]
-    val_shown = [v["shown"] for v in mine_val]
+        job = self.job
+        self.tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
+        dtype = torch.bfloat16 if job["precision"] == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=dtype)
+        model.config.use_cache = False
+        if job.get("gradient_checkpointing"):  # layers recomputed in the backward pass: activations of one at a time
+            # non-reentrant: gradients reach the adapter though the frozen embeddings' outputs need none
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=job["lora_r"], lora_alpha=job["lora_alpha"],
+                                                 lora_dropout=job["lora_dropout"], target_modules=job["lora_targets"],
+                                                 task_type="CAUSAL_LM"))
+        if self.resumed is not None:
+            set_peft_model_state_dict(model, self.resumed["adapter"])
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
 
-    shape = BatchShape(**job["shape"])  # sized by the driver for this many workers (`batch_shape`)
-    micro, accumulation, steps_per_epoch, per_worker = (shape.micro_batch, shape.accumulation,
-                                                        shape.steps_per_epoch, shape.per_worker)
-    total_steps = steps_per_epoch * len(epochs)
-    warmup = max(1, round(job["warmup_ratio"] * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, total_steps, warmup))
+    def setup_data(self) -> None:
+        """Every epoch's examples and this worker's share of the held-out lists as token ids, once, and
+        the batch shape the driver sized for this many workers (`batch_shape`)."""
+        job = self.job
+        self.batcher = _Batcher(self.tokenizer, job["max_tokens"], self.device)
+        self.choices = letters(job["candidates"])
+        self.letter_ids = single_token_ids(self.tokenizer, self.choices)
+        self.epochs = [[(self.batcher.encode(e["conversation"]), self.choices.index(e["answer"])) for e in examples]
+                       for examples in job["examples"]]
+        mine_val = job["validation"][self.rank::self.world]
+        self.val_prompts = [self.batcher.encode(v["conversation"]) for v in mine_val]
+        self.val_shown = [v["shown"] for v in mine_val]
+        self.shape = BatchShape(**job["shape"])
 
-    if local:
-        model.to(device)
-        forward = model
+    def setup_optimiser(self) -> None:
+        """A plain torch AdamW over the adapter (no optimiser op to compile) with a linear warm-up and
+        decay; in process it steps itself, on Ray Train a DeepSpeed engine drives it (ZeRO stage,
+        precision, accumulation and clipping from the config)."""
+        import torch
 
-        def learn(loss: Any, micro_step: int) -> None:
-            (loss / accumulation).backward()
-            if (micro_step + 1) % accumulation == 0:
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimiser.step()
-                schedule.step()
-                optimiser.zero_grad(set_to_none=True)
-    else:
-        if device.type == "cpu":
+        job, shape = self.job, self.shape
+        self.optimiser = torch.optim.AdamW(self.trainable, lr=job["lr"], weight_decay=0.0)
+        total_steps = shape.steps_per_epoch * len(self.epochs)
+        warmup = self.warmup = max(1, round(job["warmup_ratio"] * total_steps))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimiser, lambda step: learning_rate_factor(step, total_steps, warmup))
+        self.engine = None
+        if self.local:
+            self.model.to(self.device)
+            self.forward = self.model
+            return
+        if self.device.type == "cpu":
             _start_deepspeed_on_cpu()
         import deepspeed
 
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimiser, model_parameters=trainable,
-                                               lr_scheduler=schedule,
-                                               config=_deepspeed_config(job, shape))
-        forward = engine
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimiser,
+                                                    model_parameters=self.trainable, lr_scheduler=self.schedule,
+                                                    config=_deepspeed_config(job, shape))
+        self.forward = self.engine
 
-        def learn(loss: Any, micro_step: int) -> None:
-            engine.backward(loss)
-            engine.step()
+    def learn(self, loss: Any, micro_step: int) -> None:
+        """One micro-batch's backward pass, and the optimiser step when it ends an accumulation."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        import torch
 
-    def gathered(modifier_rank: Optional[int] = None) -> Any:
+        (loss / self.shape.accumulation).backward()
+        if (micro_step + 1) % self.shape.accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.optimiser.step()
+            self.schedule.step()
+            self.optimiser.zero_grad(set_to_none=True)
+
+    def gathered(self, modifier_rank: Optional[int] = None) -> Any:
         """The adapter's parameters whole on every rank (ZeRO-3 partitions them); a collective."""
-        if local or job["zero_stage"] != 3:
+        if self.local or self.job["zero_stage"] != 3:
             return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(trainable, modifier_rank=modifier_rank)
+        import deepspeed
 
-    def adapter_state() -> dict[str, torch.Tensor]:
-        with gathered():
-            return copy.deepcopy(get_peft_model_state_dict(model))
+        return deepspeed.zero.GatheredParameters(self.trainable, modifier_rank=modifier_rank)
 
-    base_probs: list[np.ndarray] = []  # the base model's letter probabilities on this worker's lists
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter's weights (every rank takes part: a collective under ZeRO-3)."""
+        from peft import get_peft_model_state_dict
 
-    def validation(epoch: int) -> EpochRecord:
+        with self.gathered():
+            return copy.deepcopy(get_peft_model_state_dict(self.model))
+
+    def load_checkpoint(self) -> None:
+        """Where training starts: after a restarted group's last checkpoint (its curve, best adapter and
+        the schedule's position; the optimiser's moments start afresh), else at epoch 0 with the base
+        model scored as the curve's first entry."""
+        self.curve: list[EpochRecord] = []
+        self.best_key, self.best_adapter, self.first_epoch = None, None, 0
+        if self.resumed is not None:
+            resumed = self.resumed
+            self.curve, self.best_key, self.best_adapter, self.first_epoch = (
+                resumed["curve"], resumed["best_key"], resumed["best_adapter"], resumed["epoch"] + 1)
+            for _ in range(self.first_epoch * self.shape.steps_per_epoch):
+                self.schedule.step()  # the learning rate where the schedule stood
+            return
+        self.curve.append({**self.validate(0), "loss": None, "examples": 0, "learning_rate": 0.0})  # the base model
+        self.best_key = self.curve[0]["val_ndcg@10"]
+        if self.rank == 0:
+            worker_log(f"[ranker {self.name}] base model: val ndcg@10 {self.best_key:.4f} ± "
+                       f"{self.curve[0]['val_ndcg@10_se']:.4f} on {self.curve[0]['val_lists']} held-out lists "
+                       f"({self.curve[0]['val_seconds']:.0f} s)")
+
+    def validate(self, epoch: int) -> EpochRecord:
+        """The held-out lists scored by the model as it stands, over all workers: NDCG@10 with its
+        standard error, Hit@1, and how far the letter probabilities moved from the base model's."""
+        import torch
+
         t0 = time.perf_counter()
-        found, probs = _validate(forward, val_prompts, val_shown, letter_ids, batcher, micro)
-        if not base_probs:
-            base_probs.append(probs)
-        change = float(np.abs(probs - base_probs[0]).sum())
+        found, probs = _validate(self.forward, self.val_prompts, self.val_shown, self.letter_ids, self.batcher,
+                                 self.shape.micro_batch)
+        if not self.base_probs:
+            self.base_probs.append(probs)
+        change = float(np.abs(probs - self.base_probs[0]).sum())
         sums = torch.tensor([found[:, 0].sum(), (found[:, 0] ** 2).sum(), found[:, 1].sum(), float(len(found)),
                              change, float(probs.size)], dtype=torch.float64)
-        if world > 1:
+        if self.world > 1:
             torch.distributed.all_reduce(sums)
         lists = max(float(sums[3]), 1.0)
         mean = float(sums[0] / lists)
@@ -512,87 +558,113 @@ def train_loop(job: LoopConfig) -> LoopResult:
                 # how far the adapter has moved the held-out lists' letter probabilities from the base model's
                 "val_mean_abs_dp": float(sums[4] / max(float(sums[5]), 1.0))}
 
-    curve: list[EpochRecord] = []
-    best_key, best_adapter, first_epoch = None, None, 0
-    if resumed is not None:
-        curve, best_key, best_adapter, first_epoch = (resumed["curve"], resumed["best_key"], resumed["best_adapter"],
-                                                      resumed["epoch"] + 1)
-        for _ in range(first_epoch * steps_per_epoch):
-            schedule.step()  # the learning rate where the schedule stood (the optimiser's moments start afresh)
-    else:
-        curve.append({**validation(0), "loss": None, "examples": 0, "learning_rate": 0.0})  # the base model
-        best_key = curve[0]["val_ndcg@10"]
-        if rank == 0:
-            worker_log(f"[ranker {job.get('name', '')}] base model: val ndcg@10 {best_key:.4f} ± "
-                       f"{curve[0]['val_ndcg@10_se']:.4f} on {curve[0]['val_lists']} held-out lists "
-                       f"({curve[0]['val_seconds']:.0f} s)")
-    forward.train()
-    for epoch in range(first_epoch, len(epochs)):
+    def train_epoch(self, epoch: int) -> EpochRecord:
+        """This worker's share of the epoch's examples in micro-batches; the loss and throughput over
+        all workers, and the learning rate the epoch ended at."""
+        import torch
+
         t0 = time.perf_counter()
-        mine = epochs[epoch][rank::world][:per_worker]
+        micro = self.shape.micro_batch
+        mine = self.epochs[epoch][self.rank::self.world][:self.shape.per_worker]
         losses = []
         last_line = time.perf_counter()
         for micro_step, start in enumerate(range(0, len(mine), micro)):
             batch = mine[start:start + micro]
-            logits = _last_logits(forward, batcher.batch([ids for ids, _ in batch]))
-            loss = letter_loss(logits, letter_ids, torch.tensor([a for _, a in batch], device=device))
-            learn(loss, micro_step)
+            logits = _last_logits(self.forward, self.batcher.batch([ids for ids, _ in batch]))
+            loss = letter_loss(logits, self.letter_ids, torch.tensor([a for _, a in batch], device=self.device))
+            self.learn(loss, micro_step)
             losses.append(float(loss.detach()))
-            if rank == 0 and time.perf_counter() - last_line >= STEP_LINE_EVERY:  # an epoch can take an hour on a CPU
+            if self.rank == 0 and time.perf_counter() - last_line >= STEP_LINE_EVERY:  # an epoch can take an hour on a CPU
                 last_line = time.perf_counter()
                 done, rate = start + len(batch), (start + len(batch)) / (last_line - t0)
-                worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1}: {done}/{len(mine)} of this worker's "
+                worker_log(f"[ranker {self.name}] epoch {epoch + 1}: {done}/{len(mine)} of this worker's "
                            f"lists, letter loss so far {np.mean(losses):.4f}, {rate:.2f} lists/s, "
                            f"ETA {(len(mine) - done) / rate:.0f} s")
         train_seconds = time.perf_counter() - t0
         sums = torch.tensor([sum(losses) * micro, float(len(mine))], dtype=torch.float64)
-        if world > 1:
+        if self.world > 1:
             torch.distributed.all_reduce(sums)
-        record: EpochRecord = {**validation(epoch + 1), "loss": float(sums[0] / sums[1]), "examples": int(sums[1]),
-                               "optimiser_steps": steps_per_epoch, "train_seconds": round(train_seconds, 2),
-                               "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
-                               "learning_rate": float(optimiser.param_groups[0]["lr"])}
-        curve.append(record)
-        key = record["val_ndcg@10"]
-        adapter = adapter_state()
-        if key > best_key:
-            best_key, best_adapter = key, adapter
-        if rank == 0:
-            worker_log(f"[ranker {job.get('name', '')}] epoch {epoch + 1} letter loss {record['loss']:.4f} (chance "
-                       f"{math.log(len(choices)):.4f}) val ndcg@10 {record['val_ndcg@10']:.4f} ± "
-                       f"{record['val_ndcg@10_se']:.4f} hit@1 {record['val_hit@1']:.3f} ({record['examples_per_s']:.2f} "
-                       f"examples/s)")
-        if not local:  # the epoch's checkpoint: a restarted group resumes after it
-            state = {"adapter": adapter, "epoch": epoch, "curve": curve,
-                     "best_key": best_key, "best_adapter": best_adapter}
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    torch.save(state, Path(folder) / ADAPTER_STATE)
-                ray.train.report({"epoch": epoch + 1, "val_ndcg@10": record["val_ndcg@10"]},
-                                 checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+        return {"loss": float(sums[0] / sums[1]), "examples": int(sums[1]),
+                "optimiser_steps": self.shape.steps_per_epoch, "train_seconds": round(train_seconds, 2),
+                "examples_per_s": round(float(sums[1]) / max(train_seconds, 1e-9), 3),
+                "learning_rate": float(self.optimiser.param_groups[0]["lr"])}
 
-    best_epoch = max(range(len(curve)), key=lambda i: curve[i]["val_ndcg@10"])  # the first of equals
-    result: LoopResult = {"curve": curve, "world_size": world, "accumulation": accumulation, "micro_batch": micro,
-                          "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "best_epoch": best_epoch,
-                          "seconds": time.perf_counter() - started, "precision": job["precision"],
-                          "resumed_after_epoch": None if resumed is None else resumed["epoch"] + 1}
-    finished = None if local else {"adapter": adapter_state(), "epoch": len(epochs) - 1, "curve": curve,
-                                   "best_key": best_key, "best_adapter": best_adapter}
-    with tempfile.TemporaryDirectory() as folder:
-        if finished is not None and rank == 0:  # a group restarted after this point has nothing left to train
-            torch.save(finished, Path(folder) / ADAPTER_STATE)
-        with gathered(modifier_rank=0):  # the best adapter, or a zero update when no epoch beat the base model
-            if rank == 0:
-                if best_adapter is not None:
-                    set_peft_model_state_dict(model, best_adapter)
-                else:
-                    for name, parameter in model.named_parameters():
-                        if "lora_B" in name:
-                            parameter.data.zero_()
-                model.save_pretrained(job["adapter_out"] if local else folder)
-        if not local:  # the run's last checkpoint: the driver takes the adapter from it (the workers' disks are not its)
-            ray.train.report({"epoch": len(epochs), "best_epoch": best_epoch},
-                             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+    def keep_best(self, epoch: int, record: EpochRecord) -> dict[str, torch.Tensor]:
+        """The epoch's record onto the curve, its adapter kept when its held-out NDCG@10 beats the best
+        so far; returns that adapter (for the epoch's checkpoint)."""
+        self.curve.append(record)
+        key = record["val_ndcg@10"]
+        adapter = self.adapter_state()
+        if key > self.best_key:
+            self.best_key, self.best_adapter = key, adapter
+        if self.rank == 0:
+            worker_log(f"[ranker {self.name}] epoch {epoch + 1} letter loss {record['loss']:.4f} (chance "
+                       f"{math.log(len(self.choices)):.4f}) val ndcg@10 {record['val_ndcg@10']:.4f} ± "
+                       f"{record['val_ndcg@10_se']:.4f} hit@1 {record['val_hit@1']:.3f} "
+                       f"({record['examples_per_s']:.2f} examples/s)")
+        return adapter
+
+    def save_checkpoint(self, epoch: int, adapter: dict[str, torch.Tensor]) -> None:
+        """The epoch's checkpoint (the adapter, the epoch, the curve, the best so far), from which a
+        restarted group resumes after it (`load_checkpoint`); in process there is none."""
+        state = {"adapter": adapter, "epoch": epoch, "curve": self.curve,
+                 "best_key": self.best_key, "best_adapter": self.best_adapter}
+        self.ctx.report({"epoch": epoch + 1, "val_ndcg@10": self.curve[-1]["val_ndcg@10"]},
+                        state if self.rank == 0 else None)
+
+    def best_epoch(self) -> int:
+        return max(range(len(self.curve)), key=lambda i: self.curve[i]["val_ndcg@10"])  # the first of equals
+
+    def result(self) -> LoopResult:
+        """What the loop returns (`FinetuneResult.from_loop`): the curve, the best entry, the shape."""
+        shape = self.shape
+        return {"curve": self.curve, "world_size": self.world, "accumulation": shape.accumulation,
+                "micro_batch": shape.micro_batch, "steps_per_epoch": shape.steps_per_epoch,
+                "warmup_steps": self.warmup, "best_epoch": self.best_epoch(),
+                "seconds": time.perf_counter() - self.started, "precision": self.job["precision"],
+                "resumed_after_epoch": None if self.resumed is None else self.resumed["epoch"] + 1}
+
+    def save(self) -> None:
+        """The kept adapter (the best epoch's, or a zero update when no epoch beat the base model): in
+        process into `adapter_out`; on Ray Train into the run's last checkpoint, beside a finished
+        state after which a restarted group has nothing left to train, for the driver to take (the
+        workers' disks are not its)."""
+        from peft import set_peft_model_state_dict
+
+        finished = None if self.local else {"adapter": self.adapter_state(), "epoch": len(self.epochs) - 1,
+                                            "curve": self.curve, "best_key": self.best_key,
+                                            "best_adapter": self.best_adapter}
+        with tempfile.TemporaryDirectory() as folder:
+            if finished is not None and self.rank == 0:
+                save_state(finished, folder, ADAPTER_STATE)
+            with self.gathered(modifier_rank=0):
+                if self.rank == 0:
+                    if self.best_adapter is not None:
+                        set_peft_model_state_dict(self.model, self.best_adapter)
+                    else:
+                        for name, parameter in self.model.named_parameters():
+                            if "lora_B" in name:
+                                parameter.data.zero_()
+                    self.model.save_pretrained(self.job["adapter_out"] if self.local else folder)
+            self.ctx.report_folder({"epoch": len(self.epochs), "best_epoch": self.best_epoch()},
+                                   folder if self.rank == 0 else None)
+
+
+def train_loop(job: LoopConfig) -> LoopResult:
+    """One worker's fine-tuning, the recipe's phases in order; returns the curve (rank 0 also saves
+    the best adapter)."""
+    recipe = FinetuneRecipe(job)
+    recipe.setup_model()
+    recipe.setup_data()
+    recipe.setup_optimiser()
+    recipe.load_checkpoint()
+    recipe.forward.train()
+    for epoch in range(recipe.first_epoch, len(recipe.epochs)):
+        trained = recipe.train_epoch(epoch)
+        record: EpochRecord = {**recipe.validate(epoch + 1), **trained}
+        recipe.save_checkpoint(epoch, recipe.keep_best(epoch, record))
+    result = recipe.result()
+    recipe.save()
     return result
 
 
@@ -610,21 +682,13 @@ def fit(job: FinetuneJob, storage: Path, adapter_out: Path) -> FinetuneResult:
             upload(Path(local), adapter_out)
         return result
     loop_config = job.loop_config(str(Path(adapter_out).resolve()))
-    if job.trainer == "local":
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            return FinetuneResult.from_loop(train_loop(loop_config))
-        finally:
-            torch.set_num_threads(threads)
-    result = fit_torch_trainer(train_loop, loop_config, name="finetune", storage=location(storage),
-                               num_workers=job.shape.workers, cpus_per_worker=job.cpus_per_worker,
-                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures,
-                               resources=job.resources)
-    with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
-    return FinetuneResult.from_loop(result.return_value)
+    fitted = fit_loop(train_loop, loop_config, local=job.trainer == "local", name="finetune",
+                      storage=location(storage), num_workers=job.shape.workers, cpus_per_worker=job.cpus_per_worker,
+                      gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures, resources=job.resources)
+    if fitted.checkpoint is not None:  # on Ray Train rank 0 saved the adapter into the last checkpoint
+        with fitted.checkpoint.as_directory() as folder:
+            shutil.copytree(folder, adapter_out, dirs_exist_ok=True)
+    return FinetuneResult.from_loop(fitted.return_value)
 
 
 def merge_and_measure(base_path: str, adapter: Path, out: Path, conversations: list[list[dict[str, str]]],

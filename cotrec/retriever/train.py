@@ -16,9 +16,10 @@ that checkpoint (`ray.train.get_checkpoint`), not from epoch 0. At the end rank 
 state as `model.pt` in the stage's folder (on disk or on a store), so the weights never pass
 through the driver.
 
-`fit(job, histories, storage, model_out)` launches it: Ray Train's TorchTrainer with the rows'
-dataset (the job's workers, CPUs and GPUs per worker; gloo on CPU, nccl on GPU) or, with
-`trainer: local`, a plain call; it returns a `TrainingResult`.
+`fit(job, histories, storage, model_out)` launches it through the harness (`cotrec.training.fit_loop`):
+Ray Train's TorchTrainer with the rows' dataset (the job's workers, CPUs and GPUs per worker; gloo
+on CPU, nccl on GPU) or, with `trainer: local`, a plain call; it returns a `TrainingResult`. The
+loop's context (rank, device, resume state, reports) is the harness's `training_context`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import copy
 import dataclasses
 import math
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union
@@ -35,7 +35,7 @@ from typing import Any, Optional, TypedDict, Union
 import numpy as np
 import torch
 
-from cotrec.cluster import ensure_ray, fit_torch_trainer, from_object_store
+from cotrec.cluster import ensure_ray, from_object_store
 from cotrec.config import RetrieverConfig
 from cotrec.metrics import ranking_metrics
 from cotrec.progress import worker_log
@@ -45,8 +45,8 @@ from cotrec.retriever.histories import Histories
 from cotrec.retriever.ingest import epoch_batches, shuffled_batches
 from cotrec.retriever.loss import SampledSoftmax, full_softmax_loss
 from cotrec.retriever.sasrec import SASRec, SASRecConfig
-from cotrec.safeload import load_state
 from cotrec.storage import as_path, location
+from cotrec.training import fit_loop, training_context
 
 CHECKPOINT_FILE = "model.pt"
 # the per-epoch record of `TrainingResult.history` and history.json: JSON values by name
@@ -148,47 +148,6 @@ class TrainingResult:
     resumed_after_epoch: Optional[int]  # the checkpoint's epoch a restarted group went on from; None: not restarted
 
 
-class _Local:
-    """The single-process stand-in for Ray Train's context, report() and get_checkpoint()."""
-
-    world_rank, world_size = 0, 1
-
-    def report(self, metrics: Epoch, state: Optional[Checkpoint]) -> None:
-        pass
-
-    def resume_state(self) -> Optional[Checkpoint]:
-        return None
-
-
-class _RayTrain:
-    def __init__(self):
-        import ray.train
-
-        self.train = ray.train
-        context = ray.train.get_context()
-        self.world_rank, self.world_size = context.get_world_rank(), context.get_world_size()
-
-    def training_shard(self) -> Any:
-        """This worker's equal split of the training rows' dataset."""
-        return self.train.get_dataset_shard("train")
-
-    def report(self, metrics: Epoch, state: Optional[Checkpoint]) -> None:
-        if state is None:
-            self.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            self.train.report(metrics, checkpoint=self.train.Checkpoint.from_directory(folder))
-
-    def resume_state(self) -> Optional[Checkpoint]:
-        """The last checkpoint of this run, when the worker group was restarted after a failure."""
-        checkpoint = self.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_state(Path(folder) / CHECKPOINT_FILE)
-
-
 def _valid_sums(model: SASRec, queries: dict[str, np.ndarray], rank: int, world: int, job: TrainingJob,
                 device: torch.device) -> torch.Tensor:
     """(hit@10 sum, ndcg@10 sum, users) over this worker's slice of the valid users."""
@@ -244,14 +203,8 @@ def train_step(model: SASRec, wrapped: torch.nn.Module, optim: RetrieverOptimize
 
 def train_loop(job: TrainingJob) -> TrainingResult:
     """One worker's training. Returns (on every rank) the per-epoch history and the best epoch."""
-    ctx = _Local() if job.local else _RayTrain()
-    rank, world = ctx.world_rank, ctx.world_size
-    if job.local:
-        device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-    else:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
+    ctx = training_context(job.local, job.use_gpu, CHECKPOINT_FILE)
+    rank, world, device = ctx.world_rank, ctx.world_size, ctx.device
     seed = job.seed
     # One intra-op thread per CPU the worker was given: a small model gains nothing from more, and
     # oversubscribed threads on a busy machine stall every tiny op.
@@ -280,7 +233,7 @@ def train_loop(job: TrainingJob) -> TrainingResult:
         batches = lambda epoch: shuffled_batches(  # noqa: E731
             windows, per_worker, np.random.default_rng(seed * 100_003 + epoch), device)
     else:  # equal shards (Ray Train's split): the same number of steps on every worker
-        shard, rows = ctx.training_shard(), job.train_rows
+        shard, rows = ctx.dataset_shard("train"), job.train_rows
         batches = lambda epoch: epoch_batches(shard, per_worker, seed, epoch, rank, device)  # noqa: E731
     del seqs
     if rank == 0 and job.log:
@@ -371,18 +324,13 @@ def fit(job: TrainingJob, histories: Histories, storage: Path, model_out: Path) 
     best epoch's model is saved at `model_out` (by the worker of rank 0: the driver never holds the
     weights); returns the loop's result."""
     job = dataclasses.replace(job, model_out=location(model_out))
-    if job.local:
-        threads = torch.get_num_threads()
-        try:
-            return train_loop(job)
-        finally:
-            torch.set_num_threads(threads)
-    ensure_ray()
-    train_rows = histories.training_rows(job.model.max_len, job.model.user_token, job.train_stride)
-    job = dataclasses.replace(job, sequences=histories.for_ray_workers(), train_rows=train_rows.count())
-    result = fit_torch_trainer(train_loop, job, name="train", storage=location(storage),
-                               datasets={"train": train_rows},
-                               num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker,
-                               gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures,
-                               resources=job.resources)
-    return result.return_value
+    datasets = None
+    if not job.local:
+        ensure_ray()
+        train_rows = histories.training_rows(job.model.max_len, job.model.user_token, job.train_stride)
+        job = dataclasses.replace(job, sequences=histories.for_ray_workers(), train_rows=train_rows.count())
+        datasets = {"train": train_rows}
+    return fit_loop(train_loop, job, local=job.local, name="train", storage=location(storage), datasets=datasets,
+                    num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker,
+                    gpus_per_worker=job.gpus_per_worker, max_failures=job.max_failures,
+                    resources=job.resources).return_value
