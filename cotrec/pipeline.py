@@ -33,7 +33,8 @@ from cotrec.heap import return_freed_memory
 from cotrec.progress import log
 from cotrec.ranker.lists import candidate_pairs
 from cotrec.ranker.prompts import uses_perceptions, uses_preference
-from cotrec.ranker.grid import Table2Summary, ranker_grid
+from cotrec.ranker.grid import ranker_grid
+from cotrec.records import Table2Summary
 from cotrec.report import ReportSummary, write_reports
 from cotrec.reporting.console import format_grid_summary, format_table2_summary
 from cotrec.reporting.stages import StageTiming, record_stage

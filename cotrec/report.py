@@ -18,7 +18,8 @@ from cotrec.config import Config, parse_ranker
 from cotrec.extract.programs import stored_outputs
 from cotrec.ranker.grid import finished_table2, write_table2_report
 from cotrec.ranker.stage import ranker_folder
-from cotrec.ranker.table2 import MANIFEST, Table2Row
+from cotrec.records import Table2Row
+from cotrec.ranker.table2 import MANIFEST
 from cotrec.reporting.plots import plot_rank_vs_position, plot_table1
 from cotrec.reporting.stages import StageRecord, StageTiming, finished_stage_seconds, stage_records, write_stages
 from cotrec.reporting.tables import TABLE2, Table1, ranker_label, table2_console_cells, write_table1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, TypedDict
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,23 +22,11 @@ from cotrec.ranker.lists import candidate_rows, ranked_lists, trained_on
 from cotrec.ranker.mapb import PositionScorer, RandomScorer
 from cotrec.ranker.prompts import PROMPT_VERSION
 from cotrec.ranker.scoring import score_prompts
-from cotrec.ranker.stage import MEMORY_KEYS, FinetuneSummary, list_inputs, merged_model, ranker_folder, ranker_train
+from cotrec.records import EvalResult, FinetuneSummary
+from cotrec.ranker.stage import MEMORY_KEYS, list_inputs, merged_model, ranker_folder, ranker_train
 from cotrec.retriever.variants import parse_variant, variant_dir
-from cotrec.ranker.table2 import TrainRecord
 from cotrec.rundir import RunDir, write_json
 
-# An evaluation's `metrics.json` (`RankerMetrics`, what produced them, the lists' counts, and for a
-# fine-tuned ranker what trained it), as `ranker eval` returns it (`skipped`, `folder`) and as the grid
-# passes it on (`label`: the retriever's row label).
-EvalResult = TypedDict("EvalResult", {
-    "label": str, "skipped": bool, "folder": str, "retriever": str, "ranker": str, "prompt": str,
-    "fine_tuned": bool, "split": str, "not_run": str, "seed": int,
-    "hit@1": float, "ndcg@1": float, "hit@5": float, "ndcg@5": float, "hit@10": float, "ndcg@10": float,
-    "users": int, "ranked_users": int, "seconds": float, "lists_per_second": Optional[float], "mapb": float,
-    "mean_rank_by_position": list[float], "scoring_actors": int, "retriever_ndcg@10": float,
-    "model": Optional[str], "backend": Optional[str], "prompt_version": str, "shuffle_seed": int,
-    "sampled_users": Optional[int], "wall_seconds": float, "lists": int, "hits": int,
-    "lists_without_preference": int, "candidates_without_key_terms": int, "train": TrainRecord}, total=False)
 
 
 def scoring_model(config: Config, run: RunDir, variant: str, ranker: str) -> Optional[tuple[str, Optional[str]]]:

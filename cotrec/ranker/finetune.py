@@ -51,6 +51,7 @@ from cotrec.llm.base import Conversation, single_token_ids
 from cotrec.llm.placement import cpu_has_bf16
 from cotrec.metrics import ndcg_gains
 from cotrec.progress import worker_log
+from cotrec.records import Agreement, EpochRecord, MergeCheck
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import CandidateList, shown_order
 from cotrec.ranker.mapb import predicted_ranks
@@ -193,13 +194,6 @@ class LoopConfig(TypedDict):
     use_gpu: bool
 
 
-# One point of the held-out curve: entry 0 is the base model (no training keys, `loss` None), then
-# one per epoch with its training figures.
-EpochRecord = TypedDict("EpochRecord", {
-    "epoch": int, "val_ndcg@10": float, "val_ndcg@10_se": float, "val_hit@1": float, "val_lists": int,
-    "val_seconds": float, "val_mean_abs_dp": float, "loss": Optional[float], "examples": int,
-    "learning_rate": float, "optimiser_steps": int, "train_seconds": float, "examples_per_s": float},
-    total=False)
 
 
 class LoopResult(TypedDict):
@@ -217,21 +211,8 @@ class LoopResult(TypedDict):
     resumed_after_epoch: Optional[int]
 
 
-class Agreement(TypedDict):
-    """How far one model's letter probabilities are from the adapter's on the held-out prompts."""
-
-    max_abs_dp: float
-    same_first: float
 
 
-class MergeCheck(TypedDict):
-    """`merge_adapter`: the adapter's change to the letter probabilities, and what the saved
-    checkpoint (and a bfloat16 rounding of it) keeps of it."""
-
-    prompts: int
-    adapter_vs_base: Agreement
-    merged_saved: Agreement
-    merged_in_bfloat16: Agreement
 
 
 @dataclass(frozen=True)

@@ -6,29 +6,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TypedDict
 
 import pandas as pd
 
 from cotrec.config import Config, parse_ranker
-from cotrec.ranker.evaluate import EvalResult, PendingEval, plan_eval, score_and_write, scoring_model
+from cotrec.ranker.evaluate import PendingEval, plan_eval, score_and_write, scoring_model
 from cotrec.ranker.stage import list_inputs, ranker_folder
-from cotrec.ranker.table2 import (Comparison, Table2Figures, Table2Header, Table2Row, export_table2, read_table2,
-                                  table2_figures)
+from cotrec.ranker.table2 import export_table2, read_table2, table2_figures
+from cotrec.records import EvalResult, Table2Figures, Table2Header, Table2Summary
 from cotrec.reporting.plots import RANK_PLOT, plot_rank_vs_position
 from cotrec.reporting.tables import TABLE2, table2_markdown
 from cotrec.rundir import RunDir, atomic_write_text
-
-
-class Table2Summary(TypedDict):
-    """What `ranker grid` returns: Table 2's rows and comparisons, and where the report and plot are."""
-
-    skipped: bool
-    rows: list[Table2Row]
-    comparisons: list[Comparison]
-    report: str
-    plot: str
-    seconds: float
 
 
 def ranker_grid(config: Config, run: RunDir, force: bool = False) -> Table2Summary:

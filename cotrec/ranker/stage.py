@@ -24,7 +24,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, TypedDict
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -37,12 +37,12 @@ from cotrec.fingerprint import fingerprint
 from cotrec.llm import letters
 from cotrec.llm.embedded import resolve_model
 from cotrec.progress import log
-from cotrec.ranker.finetune import (EpochRecord, FinetuneJob, MergeCheck, epoch_examples, fit, merge_and_measure,
-                                    validation_prompts)
+from cotrec.ranker.finetune import FinetuneJob, epoch_examples, fit, merge_and_measure, validation_prompts
 from cotrec.ranker.letters import LetterRanker
 from cotrec.ranker.lists import (attach_prompt_inputs, ranked_lists, shows_preference_when_trained, trained_on,
                                  training_lists)
 from cotrec.ranker.probe import ProbeResult
+from cotrec.records import FinetuneSummary
 from cotrec.ranker.prompts import PROMPT_VERSION, uses_perceptions, uses_preference
 from cotrec.reporting.plots import plot_training_curve
 from cotrec.retriever.variants import parse_variant, variant_dir
@@ -66,25 +66,6 @@ def merged_model(config: Config, run: RunDir, variant: str, prompt: str) -> Path
     """Where `ranker train` leaves the fine-tuned checkpoint (adapter merged) of a prompt that re-ranks
     `variant`'s candidates (trained on its lists, or on those of `ranker.train_on`)."""
     return run / ranker_folder(trained_on(config, variant), prompt) / "model" / "merged"
-
-
-# A fine-tune's `train.json` (and what `ranker train` returns: with `skipped` and `folder`): the lists
-# it trained and validated on (`TrainingLists.notes` and what their prompts lack), then either why it
-# was not trained or how it trained and what it kept.
-FinetuneSummary = TypedDict("FinetuneSummary", {
-    "skipped": bool, "folder": str, "retriever": str, "prompt": str,
-    "users": int, "valid_lists": int, "valid_misses": int, "prefix_lists": int, "prefix_positions_drawn": int,
-    "prefix_misses": int, "targets_inserted": int, "masked_positives": int, "train_lists": int,
-    "held_out_lists": int, "held_out_users": int, "lists_without_preference": int,
-    "candidates_without_key_terms": int, "held_out_lists_without_preference": int,
-    "held_out_candidates_without_key_terms": int, "not_trained": str,
-    "prompt_version": str, "base_model": str, "examples_per_epoch": int, "epochs": int, "shape_note": str,
-    "optimiser_steps": int, "warmup_steps": int, "micro_batch": int, "accumulation": int, "trainer": str,
-    "num_workers": int, "zero_stage": int, "precision": str, "curve": list[EpochRecord], "best_epoch": int,
-    "letter_loss_chance": float, "base_val_ndcg@10": float, "base_val_ndcg@10_se": float,
-    "best_val_ndcg@10": float, "best_val_ndcg@10_se": float, "first_epoch_loss": float, "last_epoch_loss": float,
-    "examples_per_s": float, "merged_dtype": str, "update_kept": MergeCheck,
-    "resumed_after_epoch": Optional[int], "train_seconds": float, "wall_seconds": float}, total=False)
 
 
 class ProbeSummary(ProbeResult, total=False):

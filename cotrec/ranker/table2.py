@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, TypedDict, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
 
-from cotrec.metrics import PairedDifference, ndcg_gains, paired_difference
+from cotrec.metrics import ndcg_gains, paired_difference
 from cotrec.rundir import write_json
 from cotrec.storage import as_path, replace_file
 
-if TYPE_CHECKING:
-    from cotrec.ranker.evaluate import EvalResult
+from cotrec.records import (Comparison, EvalResult, Manifest, ManifestRow, RowFigures, Table2Figures,
+                                   Table2Header, Table2Row)
 
 MANIFEST = "table2.json"
 RANKINGS = "rankings"
@@ -41,72 +41,6 @@ TRAIN_KEYS = ("retriever", "train_lists", "held_out_lists", "valid_lists", "pref
               "epochs", "best_epoch", "base_val_ndcg@10", "best_val_ndcg@10", "best_val_ndcg@10_se",
               "first_epoch_loss", "last_epoch_loss", "letter_loss_chance", "num_workers", "micro_batch",
               "shape_note", "precision", "train_seconds")
-# Those keys of a fine-tune's record (with `zero_stage`, which an evaluation's metrics.json also keeps).
-TrainRecord = TypedDict("TrainRecord", {
-    "retriever": str, "train_lists": int, "held_out_lists": int, "valid_lists": int, "prefix_lists": int,
-    "masked_positives": int, "epochs": int, "best_epoch": int, "base_val_ndcg@10": float, "best_val_ndcg@10": float,
-    "best_val_ndcg@10_se": float, "first_epoch_loss": float, "last_epoch_loss": float, "letter_loss_chance": float,
-    "num_workers": int, "micro_batch": int, "shape_note": str, "zero_stage": int, "precision": str,
-    "train_seconds": float}, total=False)
-
-
-class Table2Header(TypedDict):
-    """What every row of a report shares: the dataset, the ranker model and its fine-tune settings."""
-
-    dataset: str
-    model: str
-    lora_r: int
-    epochs: int
-    seed: int
-    sampled_users: Optional[int]
-
-
-class ManifestRow(TypedDict, total=False):
-    """One row of `table2.json`: which evaluation, and where its rankings are (none: `not_run`)."""
-
-    label: str
-    retriever: str
-    ranker: str
-    not_run: str
-    model: Optional[str]
-    backend: Optional[str]
-    users: int
-    ranked_users: int
-    train: TrainRecord
-    rankings: str
-
-
-class Manifest(TypedDict):
-    """`table2.json`."""
-
-    header: Table2Header
-    rows: list[ManifestRow]
-
-
-# A row's figures, recomputed from its rankings (`row_figures`).
-RowFigures = TypedDict("RowFigures", {
-    "users": int, "ranked": int, "ndcg@10": float, "hit@1": float, "ndcg@10_vs_retriever": PairedDifference,
-    "pf_ndcg@10": PairedDifference, "mapb": PairedDifference}, total=False)
-
-# A Table 2 row: its manifest entry and, where it was run, its figures.
-Table2Row = TypedDict("Table2Row", {
-    "label": str, "retriever": str, "ranker": str, "not_run": str, "model": Optional[str],
-    "backend": Optional[str], "users": int, "ranked_users": int, "train": TrainRecord, "rankings": str,
-    "ranked": int, "ndcg@10": float, "hit@1": float, "ndcg@10_vs_retriever": PairedDifference,
-    "pf_ndcg@10": PairedDifference, "mapb": PairedDifference}, total=False)
-
-# A paired comparison of two rankers on one retriever's lists: `a` minus `b` (`compare`).
-Comparison = TypedDict("Comparison", {
-    "label": str, "a": str, "b": str, "ndcg@10": PairedDifference, "pf_ndcg@10": PairedDifference,
-    "mapb": PairedDifference}, total=False)
-
-
-class Table2Figures(TypedDict):
-    """Every figure of Table 2 (`table2_figures`), what `reporting.tables.table2_markdown` renders."""
-
-    header: Table2Header
-    rows: list[Table2Row]
-    comparisons: list[Comparison]
 
 
 def rankings_name(row: Union[ManifestRow, EvalResult]) -> str:

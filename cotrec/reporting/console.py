@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cotrec.records import Table2Summary
 from cotrec.reporting.tables import Table1, estimate, ranker_label, table2_console_cells
-
-if TYPE_CHECKING:  # the ranker imports the reporting modules
-    from cotrec.ranker.grid import Table2Summary
 
 
 def format_train_summary(summary: dict[str, Any]) -> str:

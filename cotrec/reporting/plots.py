@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
+from cotrec.records import EvalResult, FinetuneSummary
 from cotrec.reporting.figures import pyplot, save_figure
 from cotrec.reporting.tables import Table1Row, ranker_label
 from cotrec.rundir import RunDir
 from cotrec.storage import as_path
 
-if TYPE_CHECKING:  # the ranker imports this module
-    from cotrec.ranker.evaluate import EvalResult
-    from cotrec.ranker.stage import FinetuneSummary
 
 TABLE1_PLOT = "reports/table1.png"
 RANK_PLOT = "reports/rank_vs_position.png"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TypedDict
+from typing import Optional, TypedDict
 
 from cotrec.config import Config, parse_ranker
 from cotrec.metrics import MIN_PAIRED_LISTS, POSITION_ONLY_NDCG, PairedDifference
+from cotrec.records import Table2Figures, Table2Row
 from cotrec.rundir import RunDir, atomic_write_text
 
-if TYPE_CHECKING:  # the ranker imports this module
-    from cotrec.ranker.table2 import Table2Figures, Table2Row
 
 TABLE1 = "reports/table1.md"
 TABLE2 = "reports/table2.md"
