@@ -383,6 +383,16 @@ def letter_loss(logits: Any, letter_ids: list[int], answers: Any) -> Any:
 STEP_LINE_EVERY = 60.0  # seconds between two progress lines within an epoch
 
 
+class AdapterCheckpoint(TypedDict):
+    """`adapter_state.pt`: a fine-tune's state after an epoch (`FinetuneRecipe.checkpoint_state`)."""
+
+    adapter: dict[str, torch.Tensor]
+    epoch: int
+    curve: list[EpochRecord]
+    best_key: Optional[float]
+    best_adapter: Optional[dict[str, torch.Tensor]]
+
+
 class FinetuneRecipe:
     """One worker's fine-tune cut into phases, as torchtune's recipes are: `train_loop` calls them in
     order (set up the model, the data, the optimiser; load a checkpoint; per epoch train, validate,
@@ -585,13 +595,16 @@ class FinetuneRecipe:
                        f"({record['examples_per_s']:.2f} examples/s)")
         return adapter
 
+    def checkpoint_state(self, epoch: int, adapter: dict[str, torch.Tensor]) -> AdapterCheckpoint:
+        """What a restarted group resumes from after `epoch` (`load_checkpoint`): the adapter, the
+        epoch, the curve and the best so far."""
+        return {"adapter": adapter, "epoch": epoch, "curve": self.curve,
+                "best_key": self.best_key, "best_adapter": self.best_adapter}
+
     def save_checkpoint(self, epoch: int, adapter: dict[str, torch.Tensor]) -> None:
-        """The epoch's checkpoint (the adapter, the epoch, the curve, the best so far), from which a
-        restarted group resumes after it (`load_checkpoint`); in process there is none."""
-        state = {"adapter": adapter, "epoch": epoch, "curve": self.curve,
-                 "best_key": self.best_key, "best_adapter": self.best_adapter}
+        """The epoch's checkpoint (`checkpoint_state`); in process there is none."""
         self.ctx.report({"epoch": epoch + 1, "val_ndcg@10": self.curve[-1]["val_ndcg@10"]},
-                        state if self.rank == 0 else None)
+                        self.checkpoint_state(epoch, adapter) if self.rank == 0 else None)
 
     def best_epoch(self) -> int:
         return max(range(len(self.curve)), key=lambda i: self.curve[i]["val_ndcg@10"])  # the first of equals
@@ -612,9 +625,7 @@ class FinetuneRecipe:
         workers' disks are not its)."""
         from peft import set_peft_model_state_dict
 
-        finished = None if self.local else {"adapter": self.adapter_state(), "epoch": len(self.epochs) - 1,
-                                            "curve": self.curve, "best_key": self.best_key,
-                                            "best_adapter": self.best_adapter}
+        finished = None if self.local else self.checkpoint_state(len(self.epochs) - 1, self.adapter_state())
         with tempfile.TemporaryDirectory() as folder:
             if finished is not None and self.rank == 0:
                 save_state(finished, folder, ADAPTER_STATE)
