@@ -46,7 +46,7 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     # a stopping replica stays open this long for a load balancer to drop it; a local app has none
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-    # a proxy starting on a few busy cores can take longer than Serve's 5 s to say it is ready, and is
+    # a proxy starting on a few busy cores can take longer than Serve's default allows to say it is ready, and is
     # then killed and restarted until `serve.start` gives up
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
 }
