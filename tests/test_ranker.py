@@ -275,6 +275,38 @@ def test_an_llm_ranker_is_scored_on_a_ray_data_actor_pool_not_in_the_driver(rank
     assert np.allclose(np.stack(ranked.probs.to_list()), letter_ranker.score(queries), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_cotrec_ranker_probe_as_a_command_on_a_sample_of_the_training_lists(ranked_run, cli, tmp_path):
+    """`cotrec ranker probe` as a user runs it: refused in one line until the zero-shot evaluation it
+    compares with exists; then on a seeded `--train-lists` sample of the fine-tune's lists, writing
+    its record and the per-list ranks `cotrec report --check` recomputes it from; a rerun is skipped."""
+    from cotrec.ranker.probe import check_probe
+
+    root = tmp_path / "run"
+    shutil.copytree(ranked_run[1].root, root)
+    shutil.rmtree(root / "ranker", ignore_errors=True)  # no evaluation another test of the module left
+    sets = [a for s in (*SMALL, "llm.backend=transformers", "ranker.mapb=false", "ranker.max_eval_users=12",
+                        "ranker.max_train_users=8", "ranker.val_lists=2") for a in ("--set", s)]
+    lists = ["--run-dir", str(root), "--retriever", "none/random", "--prompt", "llm", *sets]
+    refused = cli("ranker", "probe", *lists, "--train-lists", "4")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "cotrec ranker eval --retriever none/random --prompt llm --zero-shot" in refused.stderr
+    evaluated = cli("ranker", "eval", *lists, "--zero-shot")
+    assert evaluated.returncode == 0, evaluated.stderr
+    probed = cli("ranker", "probe", *lists, "--train-lists", "4")
+    assert probed.returncode == 0, probed.stderr
+    folder = root / "ranker" / "none-random--llm-probe"
+    record = json.loads((folder / "probe.json").read_text())
+    per_list = pd.read_parquet(folder / "lists.parquet")
+    assert record["train_lists"] == 4 and "4 training lists" in probed.stdout
+    assert len(per_list) == record["test_lists"] > 0 and record["retriever"] == "none/random"
+    assert check_probe(folder / "probe.json", folder / "lists.parquet") is None
+    again = cli("ranker", "probe", *lists, "--train-lists", "4")
+    assert again.returncode == 0 and "[up to date, skipped]" in again.stdout, again.stderr
+    too_few = cli("ranker", "probe", *lists, "--train-lists", "1")
+    assert too_few.returncode == 2 and "--train-lists 1" in too_few.stderr, too_few.stderr
+
+
 def test_llm_plus_plus_without_perceptions_fails_in_one_line(tmp_path, cli):
     config, run = synthetic_run(tmp_path / "run", config_overrides=SMALL)
     train_variant(config, run, "none/random")
@@ -312,6 +344,7 @@ def _demo_sized(config, **overrides):
     return config
 
 
+@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm(ranked_run):
     """The demo's ranker stage in small and in the precision `auto` picks on this CPU (bfloat16 where
@@ -369,6 +402,7 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     assert "LLM++" in check_report(run / "reports", table2_markdown)
 
 
+@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_a_float32_fine_tune_on_two_ray_workers_moves_the_model_and_the_merge_keeps_it(ranked_run):
     """The same stage in float32 (what `auto` picks on a CPU without native bfloat16): the adapter moves
