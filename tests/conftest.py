@@ -49,6 +49,24 @@ def transformers_engine():
     engine.close()
 
 
+# `make test` runs the suite on two xdist workers (`--dist loadgroup`). Each test file is one unit of
+# work, so its module fixtures are built once. The tests marked `cpu_bound` keep both cores busy
+# with processes that wait on each other (Ray Train groups, DeepSpeed, the learnability fine-tunes):
+# two of them side by side each take several times as long, so they form one unit of their own,
+# queued first, and run one after another while the other worker takes the files.
+CPU_BOUND_GROUP = "cpu-bound"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the files' own order
+        return
+    for item in items:
+        heavy = item.get_closest_marker("cpu_bound") is not None
+        item.add_marker(pytest.mark.xdist_group(CPU_BOUND_GROUP if heavy else item.path.name))
+    items.sort(key=lambda item: item.get_closest_marker("cpu_bound") is None)  # stable: files keep their order
+
+
 # The test process holds native libraries' threads (vLLM, torch, Ray clients) until the interpreter
 # tears down, and that teardown can crash after every test has passed and the summary is printed
 # (CI of this change: "135 passed", then make: Segmentation fault). Once pytest is done, leave with
