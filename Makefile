@@ -14,7 +14,7 @@ STAMP := $(VENV)/.cotrec-installed
 TORCH := torch==2.13.0
 EXTRAS ?= cpu,dev
 RUN_DIR ?= runs/demo
-# The suite on TEST_WORKERS xdist workers: each test file whole on one worker, the cpu_bound tests
+# The suite on TEST_WORKERS xdist workers: each test file whole on one worker, the CPU-bound tests
 # one after another on one worker, queued first (tests/conftest.py says why).
 TEST_WORKERS ?= 2
 DRY_RUN ?= 0
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS)
 
 demo: venv
 	VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-WARNING} $(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)

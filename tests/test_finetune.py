@@ -60,7 +60,6 @@ def fine_tune(tmp_path, train: list[CandidateList], held_out: list[CandidateList
     return fit(job, tmp_path / ".ray", tmp_path / "adapter").curve
 
 
-@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_the_loop_learns_a_learnable_ranking_and_nothing_from_shuffled_answers(tmp_path):
     lists, labels = copy_task(80, seed=0)
@@ -87,7 +86,6 @@ def marked_task(lists: int, seed: int, marked: bool) -> tuple[list[CandidateList
     return out, labels
 
 
-@pytest.mark.cpu_bound
 @pytest.mark.slow
 @pytest.mark.parametrize("marked", [True, False], ids=["target-in-the-text", "target-at-random"])
 def test_the_probe_finds_what_the_frozen_model_encodes_and_says_nothing_it_cannot(marked):

@@ -344,7 +344,6 @@ def _demo_sized(config, **overrides):
     return config
 
 
-@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm(ranked_run):
     """The demo's ranker stage in small and in the precision `auto` picks on this CPU (bfloat16 where
@@ -402,7 +401,6 @@ def test_table2_fine_tunes_with_deepspeed_on_two_ray_workers_and_ranks_with_vllm
     assert "LLM++" in check_report(run / "reports", table2_markdown)
 
 
-@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_a_float32_fine_tune_on_two_ray_workers_moves_the_model_and_the_merge_keeps_it(ranked_run):
     """The same stage in float32 (what `auto` picks on a CPU without native bfloat16): the adapter moves

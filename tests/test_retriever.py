@@ -335,7 +335,6 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.mark.cpu_bound
 def test_ray_train_two_workers_match_one(tmp_path, ray_session):
     """2 DDP workers (gloo) reach the quality of 1 (same effective batch), under Ray Train."""
     results = {}
@@ -349,7 +348,6 @@ def test_ray_train_two_workers_match_one(tmp_path, ray_session):
     assert abs(results[1]["ndcg@10"] - results[2]["ndcg@10"]) < 0.15
 
 
-@pytest.mark.cpu_bound
 def test_ray_train_workers_read_equal_shards_of_the_training_rows_dataset(tmp_path, monkeypatch, ray_session):
     """The Ray trainer's rows come from a Ray Dataset: the dataset holds exactly the rows cut in
     process, in the same order on every build, and each of 2 workers trains on an equal half of
@@ -383,7 +381,6 @@ def test_ray_train_workers_read_equal_shards_of_the_training_rows_dataset(tmp_pa
     assert [h["steps"] for h in history] == [-(-(kept // 2) // per_worker)] * 2
 
 
-@pytest.mark.cpu_bound
 def test_the_grid_trains_two_at_once_and_each_learns_what_it_learns_alone(tmp_path, monkeypatch, ray_session):
     """With `concurrent_trainings: 2` Table 1's trainings overlap in time (each its own Ray Train
     worker group) and the driver reads the histories once for both; a seed trained beside another
@@ -434,7 +431,6 @@ def test_concurrent_trainings_stop_at_the_first_failure(tmp_path, monkeypatch):
     assert sorted(started) == [0, 1]
 
 
-@pytest.mark.cpu_bound
 def test_a_train_worker_killed_mid_fit_resumes_from_its_last_checkpoint(tmp_path, ray_session):
     """SIGKILL the Ray Train worker once a checkpoint is in: the group restarts and the loop carries on
     after that checkpoint's epoch (the history runs on without a gap or a restart from epoch 0)."""

@@ -252,7 +252,6 @@ def nodes_of(seen: list[dict[str, str]], what: str) -> set[str]:
     return {actor["node"] for actor in seen if what in actor["what"]}
 
 
-@pytest.mark.cpu_bound
 @pytest.mark.slow
 def test_the_main_job_on_a_multi_node_cluster_places_its_stages_survives_a_lost_node_resumes_after_a_kill_and_reruns_as_skips(
         bucket, monkeypatch, tmp_path):
