@@ -80,7 +80,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     files = {nodeid.split("::", 1)[0] for nodeid in collected}
     stale = [name for name in CPU_BOUND_TESTS if name.split("::", 1)[0] in files and name not in collected]
     if stale:
-        raise pytest.UsageError(f"tests/conftest.py: CPU_BOUND_TESTS names {stale[0]}, which is no test")
+        pytest.exit(f"tests/conftest.py: CPU_BOUND_TESTS names {stale[0]}, which is no test",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
     if hasattr(config, "workerinput"):  # an xdist worker; a plain run keeps the files' order
         items.sort(key=lambda item: not _cpu_bound(item.nodeid))  # stable: the files keep their order
 
