@@ -14,8 +14,8 @@ STAMP := $(VENV)/.cotrec-installed
 TORCH := torch==2.13.0
 EXTRAS ?= cpu,dev
 RUN_DIR ?= runs/demo
-# The suite on TEST_WORKERS xdist workers: each test file whole on one worker, the CPU-bound tests
-# one after another on one worker, queued first (tests/conftest.py says why).
+# The suite on TEST_WORKERS xdist workers, each test file whole on one worker (its module fixtures
+# built once): much of the suite waits on Ray, vLLM or a subprocess starting.
 TEST_WORKERS ?= 2
 DRY_RUN ?= 0
 
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: venv
 	VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-WARNING} $(VENV)/bin/cotrec run --config demo --run-dir $(RUN_DIR)
