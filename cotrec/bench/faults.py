@@ -43,6 +43,7 @@ from cotrec.bench.extract_scale import SCALE_SETTINGS, scale_config, synthetic_l
 from cotrec.cluster import ensure_ray
 from cotrec.config import Config
 from cotrec.data.prepare import prepare
+from cotrec.errors import CotrecError
 from cotrec.extract.programs import PROGRAMS
 from cotrec.extract.runner import run_programs
 from cotrec.extract.shards import compact, read_shards, shard_files
@@ -198,8 +199,10 @@ def finetune_worker_killed(config: Config, run: RunDir, variant: str = "none/ran
     once the first checkpoint is written: the group must resume after that epoch, not from the base model."""
     cfg = config.model_copy(deep=True)
     cfg.retriever.trainer = "local"
-    for key, value in {"trainer": "ray", "num_workers": 2, "epochs": 3, "max_train_users": 10, "val_lists": 2,
-                       "prefix_lists": 0, "batch_size": 2, "micro_batch": 1}.items():
+    # Every user and two prefix positions each: the fine-tune keeps only lists whose target the
+    # retriever found, and on a small real run that is a few of each user's lists.
+    for key, value in {"trainer": "ray", "num_workers": 2, "epochs": 3, "max_train_users": None, "val_lists": 2,
+                       "prefix_lists": 2, "min_train_lists": 4, "batch_size": 2, "micro_batch": 1}.items():
         setattr(cfg.ranker, key, value)
     tmp = _copy_prepared(cfg, run)
     try:
@@ -209,6 +212,8 @@ def finetune_worker_killed(config: Config, run: RunDir, variant: str = "none/ran
             summary = ranker_train(cfg, tmp, variant, "llm", force=True)
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
+    if "not_trained" in summary:
+        raise CotrecError(f"bench faults: finetune: {summary['not_trained']}")
     resumed = summary["resumed_after_epoch"]
     return {"variant": variant, "prompt": "llm", "killed": killer.killed, "seconds": round(time.perf_counter() - started, 2),
             "epochs": summary["epochs"], "curve_epochs": [c["epoch"] for c in summary["curve"]],
