@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-# `make test`'s xdist workers share the cores: an OpenMP thread that spins while it waits (the default
-# of torch's and vLLM's runtimes) holds a core the other worker's test needs. Set before torch loads,
-# and inherited by every Ray worker, engine and CLI process a test starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
