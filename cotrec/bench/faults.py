@@ -141,6 +141,9 @@ def engine_died(config: Config, run: RunDir, users: int = 24) -> dict[str, Any]:
     cfg = config.model_copy(deep=True)
     cfg.llm.backend = "vllm"
     cfg.extract.batch_size = max(1, users // 3)
+    # one batch's programs at a time: the first shard then lands with two batches still to run, so the
+    # kill finds the engine at work (with every batch in flight, the first shard came as the job ended)
+    cfg.extract.in_flight = cfg.extract.batch_size
     tmp = _copy_prepared(cfg, run)
     folder = Path(tmp / PROGRAMS["users"].folder)
     try:
@@ -200,9 +203,10 @@ def finetune_worker_killed(config: Config, run: RunDir, variant: str = "none/ran
     cfg = config.model_copy(deep=True)
     cfg.retriever.trainer = "local"
     # Every user and two prefix positions each: the fine-tune keeps only lists whose target the
-    # retriever found, and on a small real run that is a few of each user's lists.
+    # retriever found, and on a small real run that is a few of each user's lists; two lists are what
+    # two workers with micro-batches of 1 need to each take a step.
     for key, value in {"trainer": "ray", "num_workers": 2, "epochs": 3, "max_train_users": None, "val_lists": 2,
-                       "prefix_lists": 2, "min_train_lists": 4, "batch_size": 2, "micro_batch": 1}.items():
+                       "prefix_lists": 2, "min_train_lists": 2, "batch_size": 2, "micro_batch": 1}.items():
         setattr(cfg.ranker, key, value)
     tmp = _copy_prepared(cfg, run)
     try:
