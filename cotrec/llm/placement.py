@@ -38,6 +38,9 @@ def pick_device(requested: str) -> str:
 
 
 NATIVE_BF16_LEVELS = ("amx", "avx512_bf16")  # the cpu_isa levels that compute bfloat16 natively
+# each level with the /proc/cpuinfo flag that marks it, widest first; "other" is none of them
+ISA_FLAGS = (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))
+CPU_ISA_LEVELS = (*(level for level, _ in ISA_FLAGS), "other")
 
 
 def cpu_isa(flags: set[str] | None = None) -> str:
@@ -50,7 +53,7 @@ def cpu_isa(flags: set[str] | None = None) -> str:
         except OSError:
             line = ""
         flags = set(line.partition(":")[2].split())
-    for level, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+    for level, flag in ISA_FLAGS:
         if flag in flags:
             return level
     return "other"
