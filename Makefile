@@ -15,7 +15,8 @@ TORCH := torch==2.13.0
 EXTRAS ?= cpu,dev
 RUN_DIR ?= runs/demo
 # The suite on TEST_WORKERS xdist workers, each test file whole on one worker (its module fixtures
-# built once): much of the suite waits on Ray, vLLM or a subprocess starting.
+# built once): much of the suite waits on Ray, vLLM or a subprocess starting. Each worker runs on
+# its own share of the cores (tests/conftest.py), so two workers' threads never contend.
 TEST_WORKERS ?= 2
 DRY_RUN ?= 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    share_cores_among_xdist_workers()
+
+
+def share_cores_among_xdist_workers() -> None:
+    """Under `pytest -n N`, give each worker its own share of the cores this run may use. Each
+    worker's engines, trainers and Ray processes size their threads from the cores they are allowed
+    (OpenMP, vLLM's binding, Ray's CPU shares), so unshared, two workers run twice the threads the
+    cores have and OpenMP's barriers wait on threads the other worker has descheduled."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:  # fewer cores than workers: nothing to share out
+        return
+    os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -122,3 +122,17 @@ def test_the_cpu_level_is_the_widest_that_changes_bfloat16_and_benches_record_it
                                             text=True).stdout.strip()
     assert head["timestamp"].endswith("+00:00")
     assert common.spread([3.0, 1.0, 2.5]) == {"min": 1.0, "median": 2.5, "max": 3.0}
+
+
+def test_an_engine_gets_the_cores_its_process_may_run_on_not_the_machines():
+    # A cpuset or an xdist worker's share allows fewer cores than the machine has; OpenMP threads
+    # beyond them wait on each other. Run in a child so this process keeps its own affinity.
+    import subprocess
+    import sys
+
+    script = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+              "from cotrec.config import LLMConfig; from cotrec.llm.placement import give_engine_every_core, usable_cores; "
+              "give_engine_every_core(LLMConfig()); print(usable_cores(), os.environ['OMP_NUM_THREADS']); "
+              "give_engine_every_core(LLMConfig(threads=3)); print(os.environ['OMP_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split() == ["1", "1", "3"]

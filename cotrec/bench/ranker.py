@@ -22,7 +22,6 @@ difference of a letter's probability (the two compute the same thing up to numer
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from cotrec.config import Config
 from cotrec.errors import DataError
 from cotrec.llm import letters, make_engine
 from cotrec.llm.base import single_token_ids
-from cotrec.llm.placement import resolve_placement
+from cotrec.llm.placement import resolve_placement, usable_cores
 from cotrec.progress import log
 from cotrec.ranker.letters import LetterRanker, Query
 from cotrec.ranker.lists import CandidateList, load_lists, shown_order
@@ -158,7 +157,7 @@ def measure_transformers(config: Config, run: RunDir, queries: list[Query],
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placement = resolve_placement(config.llm)
-    threads = os.cpu_count() or 1
+    threads = usable_cores()
     if placement.device == "cpu":
         torch.set_num_threads(threads)
     log(f"bench ranker: transformers one at a time: {len(queries)} lists on {placement.device} ({placement.dtype})")

@@ -23,10 +23,17 @@ class Placement:
         return iter((self.path, self.device, self.dtype))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a cpuset or affinity mask can allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def give_engine_every_core(config: LLMConfig) -> None:
     """Call in a Ray actor before its engine starts: Ray caps an actor's OpenMP threads at its CPU
-    share, and an engine on CPU wants the cores (its processes inherit the setting)."""
-    os.environ["OMP_NUM_THREADS"] = str(config.threads or os.cpu_count() or 1)
+    share, and an engine on CPU wants the cores it may use (its processes inherit the setting)."""
+    os.environ["OMP_NUM_THREADS"] = str(config.threads or usable_cores())
 
 
 def pick_device(requested: str) -> str:
